@@ -1,0 +1,20 @@
+"""streamguard: flag AI-generated images on ingest streams.
+
+The names plugin authors need are re-exported here; torch is imported only by the backends that use it.
+"""
+
+from streamguard.detectors.spec import Calibration, DetectorInput, DetectorSpec, LoadContext
+from streamguard.hookspecs import hookimpl
+from streamguard.intake.contract import InputContract
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Calibration",
+    "DetectorInput",
+    "DetectorSpec",
+    "InputContract",
+    "LoadContext",
+    "__version__",
+    "hookimpl",
+]

@@ -1,0 +1,3 @@
+from streamguard.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Detector backends. Each implements `streamguard.detectors.spec.DetectorBackend`."""

@@ -1,0 +1,37 @@
+"""The ``streamguard`` command. Commands are thin: parse, build the objects the worker uses, print."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from streamguard import __version__
+from streamguard.cli.context import AppContext
+from streamguard.cli.info import config_group, plugins_command, schema_command
+from streamguard.cli.scan import scan_command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="STREAMGUARD_CONFIG",
+    help="TOML config file (also STREAMGUARD_CONFIG).",
+)
+@click.version_option(__version__, prog_name="streamguard")
+@click.pass_context
+def cli(ctx: click.Context, config_file: Path | None) -> None:
+    """Flag AI-generated images on ingest streams."""
+    ctx.obj = AppContext(config_file)
+
+
+cli.add_command(scan_command)
+cli.add_command(schema_command)
+cli.add_command(config_group)
+cli.add_command(plugins_command)
+
+
+def main() -> None:
+    cli(prog_name="streamguard")

@@ -1,0 +1,1 @@
+"""Detectors: the typed descriptor plugins register, and the runner that calls each in isolation."""

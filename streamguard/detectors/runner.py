@@ -1,0 +1,157 @@
+"""Calls one detector in isolation: its own thread, its own timeout, its own failure accounting.
+
+pluggy gives plugins no isolation, so each detector gets a runner. A call that raises, times out, returns
+the wrong number of logits, or hits an open circuit breaker becomes a `DetectorScore` with ``error`` for
+every image of the batch; other detectors and the verdict go on.
+
+A timed-out call cannot be cancelled (Python threads cannot be killed); its thread finishes in the
+background and, being the detector's only thread, delays that detector's next call. Repeated timeouts
+therefore open the breaker, which is the point: a hung detector stops costing latency.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+
+import structlog
+
+from streamguard.config import DetectorSettings
+from streamguard.detectors.spec import DetectorBackend, DetectorInput, DetectorSpec, LoadContext, sigmoid
+from streamguard.schemas import DetectorScore
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class DetectorStats:
+    calls: int = 0
+    images: int = 0
+    errors: int = 0
+    timeouts: int = 0
+    rejected_open: int = 0
+
+
+class CircuitBreaker:
+    """Closed -> open after ``failures`` consecutive failures -> one trial call after ``reset_s``."""
+
+    def __init__(self, failures: int, reset_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._threshold = failures
+        self._reset_s = reset_s
+        self._clock = clock
+        self._consecutive = 0
+        self._opened_at: float | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def is_open(self) -> bool:
+        with self._lock:
+            return self._opened_at is not None and self._clock() - self._opened_at < self._reset_s
+
+    def allow(self) -> bool:
+        with self._lock:
+            if self._opened_at is None:
+                return True
+            if self._clock() - self._opened_at >= self._reset_s:
+                self._opened_at = self._clock()  # half-open: this one call is the trial
+                return True
+            return False
+
+    def record(self, ok: bool) -> None:
+        with self._lock:
+            if ok:
+                self._consecutive = 0
+                self._opened_at = None
+                return
+            self._consecutive += 1
+            if self._consecutive >= self._threshold:
+                self._opened_at = self._clock()
+
+
+class DetectorRunner:
+    def __init__(self, spec: DetectorSpec, settings: DetectorSettings) -> None:
+        self.spec = spec
+        self.stats = DetectorStats()
+        self._timeout_s = settings.timeout_s
+        self._ctx = LoadContext(device=settings.device, options=settings.options.get(spec.name, {}))
+        self._breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"detector-{spec.name}")
+        self._backend: DetectorBackend | None = None
+        self.load_error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._backend is not None and not self._breaker.is_open
+
+    def start(self) -> None:
+        """Load the backend. A detector that fails to load reports an error score on every call."""
+        t0 = time.perf_counter()
+        try:
+            self._backend = self.spec.load(self._ctx)
+        except Exception as exc:  # noqa: BLE001 - a broken detector must not stop the others
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.error("detector.load_failed", detector=self.spec.name, error=self.load_error)
+            return
+        log.info("detector.loaded", detector=self.spec.name, version=self.spec.version,
+                 seconds=round(time.perf_counter() - t0, 3))
+
+    def submit(self, batch: Sequence[DetectorInput]) -> Future[list[float | None]] | str:
+        """Start a call; returns a future, or the error string when the call is refused up front."""
+        if self._backend is None:
+            return f"not loaded: {self.load_error or 'start() was not called'}"
+        if not self._breaker.allow():
+            self.stats.rejected_open += 1
+            return "circuit open after repeated failures"
+        backend = self._backend
+        return self._executor.submit(lambda: list(backend.predict(batch)))
+
+    def collect(self, pending: Future[list[float | None]] | str, n: int, started: float) -> list[DetectorScore]:
+        """Wait for a submitted call (up to the timeout, counted from ``started``) and build scores."""
+        self.stats.calls += 1
+        self.stats.images += n
+        error: str | None = pending if isinstance(pending, str) else None
+        logits: list[float | None] = []
+        if isinstance(pending, Future):
+            try:
+                remaining = self._timeout_s - (time.perf_counter() - started)
+                logits = pending.result(timeout=max(remaining, 0.0))
+                if len(logits) != n:
+                    error = f"returned {len(logits)} logits for {n} images"
+            except FutureTimeout:
+                self.stats.timeouts += 1
+                error = f"timed out after {self._timeout_s:g}s"
+            except Exception as exc:  # noqa: BLE001
+                error = f"{type(exc).__name__}: {exc}"
+            self._breaker.record(error is None)
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        if error is not None:
+            self.stats.errors += 1
+            log.warning("detector.failed", detector=self.spec.name, error=error, images=n)
+            return [self._score(None, latency_ms, error) for _ in range(n)]
+        return [self._score(raw, latency_ms, None) for raw in logits]
+
+    def _score(self, raw: float | None, latency_ms: float, error: str | None) -> DetectorScore:
+        if error is None and raw is not None and not math.isfinite(raw):
+            error, raw = "non-finite logit", None
+        logit = None if raw is None or error else self.spec.calibration.apply(float(raw))
+        return DetectorScore(
+            detector=self.spec.name,
+            version=self.spec.version,
+            logit=logit,
+            probability=None if logit is None else sigmoid(logit),
+            latency_ms=latency_ms,
+            error=error,
+        )
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._backend is not None:
+            try:
+                self._backend.close()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("detector.close_failed", detector=self.spec.name, error=str(exc))

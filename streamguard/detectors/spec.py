@@ -1,0 +1,93 @@
+"""The contract between streamguard and a detector plugin.
+
+A plugin hands over a `DetectorSpec` from its ``register_detectors`` hook. The spec is cheap to build;
+weights load only when the worker or a command calls ``spec.load``, once, at start-up.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from streamguard.intake.contract import InputContract
+from streamguard.intake.decode import DecodedImage
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class DetectorInput:
+    """One image as a detector receives it: ``pixels`` prepared to the detector's contract (None for
+    detectors that declared no contract), and the decoded image with its metadata."""
+
+    pixels: np.ndarray | None
+    image: DecodedImage
+
+
+@runtime_checkable
+class DetectorBackend(Protocol):
+    """Where a detector's model runs: in-process torch today, Triton in production."""
+
+    def predict(self, batch: Sequence[DetectorInput]) -> Sequence[float | None]:
+        """One raw logit per input, in order; None where the detector abstains (no evidence either way)."""
+        ...
+
+    def close(self) -> None:
+        """Release what the backend holds (threads, sessions, device memory)."""
+        ...
+
+
+@dataclass(frozen=True)
+class LoadContext:
+    """What a detector's loader may use: the torch device and its own options from the config."""
+
+    device: str = "cpu"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Platt scaling of the raw logit: calibrated = scale * logit + bias. Temperature T is scale = 1/T."""
+
+    scale: float = 1.0
+    bias: float = 0.0
+
+    def apply(self, logit: float) -> float:
+        return self.scale * logit + self.bias
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """A detector as registered by a plugin.
+
+    - ``name``: unique, lower case; used in config (weights, options, allow/deny) and in every score.
+    - ``version``: must change whenever the weights or the preprocessing change; dedupe keys and
+      verdicts record it.
+    - ``contract``: the input the model wants; None when it reads only the image's metadata.
+    - ``load``: builds the backend (loads weights); called once per process.
+    """
+
+    name: str
+    version: str
+    load: Callable[[LoadContext], DetectorBackend]
+    contract: InputContract | None = field(default_factory=InputContract)
+    calibration: Calibration = field(default_factory=Calibration)
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ValueError(f"detector name {self.name!r} must match {_NAME.pattern}")
+        if not self.version:
+            raise ValueError(f"detector {self.name!r} needs a version")
+
+
+def sigmoid(logit: float) -> float:
+    if logit >= 0:
+        return 1.0 / (1.0 + math.exp(-logit))
+    z = math.exp(logit)
+    return z / (1.0 + z)

@@ -1,0 +1,14 @@
+"""Image intake: bytes in, a normalised RGB image and each detector's input tensor out."""
+
+from streamguard.intake.contract import CLIP_MEAN, CLIP_STD, InputContract, decode_side, prepare
+from streamguard.intake.decode import DecodedImage, decode_image
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "DecodedImage",
+    "InputContract",
+    "decode_image",
+    "decode_side",
+    "prepare",
+]

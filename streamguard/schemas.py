@@ -1,0 +1,157 @@
+"""Wire-level records: what enters and leaves streamguard.
+
+These pydantic models are the edges of the system; everything inside works on dataclasses. Each record
+carries ``schema_version`` so consumers can route or reject records from a newer producer instead of
+misreading them. Bump the version on any breaking change and keep the old reader until producers move.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import (
+    AnyUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+
+SCHEMA_VERSION = 1
+
+Label = Literal["ai_generated", "real", "uncertain"]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Record(BaseModel):
+    # Unknown fields are refused: a typo in a producer is a dead letter, not silently dropped data.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ImageEvent(_Record):
+    """An image to judge: the bytes inline, or a URI the worker fetches."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: str = Field(min_length=1, max_length=256)
+    image: bytes | None = Field(
+        default=None,
+        description="Image bytes; base64 in JSON.",
+        json_schema_extra={"type": "string", "contentEncoding": "base64", "format": None},
+    )
+    uri: AnyUrl | None = Field(default=None, description="http(s) URI to fetch the image from.")
+    content_type: str | None = Field(default=None, max_length=128)
+    source: str | None = Field(default=None, max_length=256)
+    tenant: str | None = Field(default=None, max_length=256)
+    created_at: datetime = Field(default_factory=_now)
+    metadata: dict[str, JsonValue] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _exactly_one_payload(self) -> ImageEvent:
+        if (self.image is None) == (self.uri is None):
+            raise ValueError("exactly one of 'image' and 'uri' must be set")
+        return self
+
+    @field_validator("image", mode="before")
+    @classmethod
+    def _from_base64(cls, image: object) -> object:
+        # JSON carries text, so a str is base64; Python callers (and the binary wire format) pass bytes.
+        if isinstance(image, str):
+            try:
+                return base64.b64decode(image, validate=True)
+            except binascii.Error:
+                raise ValueError("image is not valid base64") from None
+        return image
+
+    @field_serializer("image", when_used="json")
+    def _to_base64(self, image: bytes | None) -> str | None:
+        return None if image is None else base64.b64encode(image).decode("ascii")
+
+    @field_validator("uri")
+    @classmethod
+    def _http_only(cls, uri: AnyUrl | None) -> AnyUrl | None:
+        if uri is not None and uri.scheme not in ("http", "https"):
+            raise ValueError(f"uri scheme must be http or https, not {uri.scheme!r}")
+        return uri
+
+
+class DetectorScore(_Record):
+    """One detector's opinion of one image.
+
+    ``probability`` and ``logit`` are both None when the detector failed (``error`` says why) or abstained
+    (no ``error``: it had no evidence either way, as a metadata detector on an image without metadata).
+    """
+
+    detector: str
+    version: str
+    probability: float | None = Field(default=None, ge=0.0, le=1.0)
+    logit: float | None = None
+    latency_ms: float = Field(ge=0.0)
+    error: str | None = None
+
+    @field_validator("logit")
+    @classmethod
+    def _finite(cls, logit: float | None) -> float | None:
+        if logit is not None and not math.isfinite(logit):
+            raise ValueError("logit must be finite")
+        return logit
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.logit is not None
+
+
+class Verdict(_Record):
+    """The judgement published for one event."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: str
+    content_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    label: Label
+    probability: float | None = Field(ge=0.0, le=1.0, description="Fused probability of AI generation.")
+    scores: list[DetectorScore]
+    policy_version: str
+    model_versions: dict[str, str]
+    duplicate_of: str | None = Field(
+        default=None, description="Event id whose verdict this one reuses (dedupe hit), if any."
+    )
+    timings_ms: dict[str, float] = Field(default_factory=dict, description="Milliseconds per stage.")
+    judged_at: datetime = Field(default_factory=_now)
+
+
+class DeadLetter(_Record):
+    """Why an input could not be judged. Published beside the original record bytes."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: str | None = None
+    error_type: str = Field(description="Error class, e.g. CorruptImage, SchemaError, FetchError.")
+    message: str
+    stage: str = Field(description="Pipeline stage that failed: parse, fetch, decode, detect, publish.")
+    original_topic: str | None = None
+    original_partition: int | None = None
+    original_offset: int | None = None
+    original_timestamp_ms: int | None = None
+    group_id: str | None = None
+    attempt: int = 1
+    failed_at: datetime = Field(default_factory=_now)
+
+
+RECORDS: dict[str, type[BaseModel]] = {
+    "image-event": ImageEvent,
+    "detector-score": DetectorScore,
+    "verdict": Verdict,
+    "dead-letter": DeadLetter,
+}
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    return {name: model.model_json_schema() for name, model in RECORDS.items()}

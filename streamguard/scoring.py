@@ -1,0 +1,160 @@
+"""Bytes to verdicts: hash -> decode -> prepare -> detect -> fuse -> policy -> observe.
+
+The `Scorer` is the one path every front end uses: ``scan`` calls it on files, the worker on Kafka
+records, ``eval`` on datasets. It knows nothing about where bytes come from or where verdicts go.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pluggy
+import structlog
+
+from streamguard.config import Settings
+from streamguard.detectors.runner import DetectorRunner
+from streamguard.detectors.spec import DetectorInput, DetectorSpec
+from streamguard.errors import StreamguardError
+from streamguard.fusion import FusedScore
+from streamguard.intake import DecodedImage, InputContract, decode_image, decode_side, prepare
+from streamguard.plugins import call_each
+from streamguard.policy import Decision
+from streamguard.registry import collect_detectors
+from streamguard.schemas import DetectorScore, Verdict
+
+log = structlog.get_logger(__name__)
+
+
+class ConfigurationError(Exception):
+    """The loaded plugins cannot form a pipeline (e.g. fusion or policy denied with no replacement)."""
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    key: str  # the event id (worker) or the path (scan)
+    data: bytes
+
+
+@dataclass
+class Outcome:
+    key: str
+    sha256: str
+    verdict: Verdict | None = None
+    error: StreamguardError | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Decoded:
+    index: int
+    image: DecodedImage
+
+
+def _ms(since: float) -> float:
+    return round((time.perf_counter() - since) * 1000.0, 3)
+
+
+class Scorer:
+    def __init__(self, settings: Settings, pm: pluggy.PluginManager) -> None:
+        self._settings = settings
+        self._pm = pm
+        for hook in ("fuse_scores", "decide_verdict"):
+            if not getattr(pm.hook, hook).get_hookimpls():
+                raise ConfigurationError(f"no plugin implements {hook}; allow builtin-* or install one")
+        self.specs: list[DetectorSpec] = collect_detectors(pm, settings)
+        self.runners = [DetectorRunner(spec, settings.detectors) for spec in self.specs]
+        self._decode_side = decode_side(spec.contract for spec in self.specs)
+        if not self.specs:
+            log.warning("scorer.no_detectors", hint="every verdict will be 'uncertain'")
+
+    @property
+    def model_versions(self) -> dict[str, str]:
+        return {spec.name: spec.version for spec in self.specs}
+
+    def start(self) -> Scorer:
+        for runner in self.runners:
+            runner.start()
+        return self
+
+    def close(self) -> None:
+        for runner in self.runners:
+            runner.close()
+
+    def __enter__(self) -> Scorer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def score(self, jobs: Sequence[ImageJob]) -> list[Outcome]:
+        outcomes, decoded = self._decode(jobs)
+        if decoded:
+            t0 = time.perf_counter()
+            scores = self._detect(decoded)
+            detect_ms = _ms(t0)
+            for item, item_scores in zip(decoded, scores, strict=True):
+                outcome = outcomes[item.index]
+                outcome.timings_ms["detect"] = detect_ms
+                outcome.verdict = self._judge(outcome, item_scores)
+        return outcomes
+
+    def _decode(self, jobs: Sequence[ImageJob]) -> tuple[list[Outcome], list[_Decoded]]:
+        outcomes: list[Outcome] = []
+        decoded: list[_Decoded] = []
+        for index, job in enumerate(jobs):
+            t0 = time.perf_counter()
+            outcome = Outcome(key=job.key, sha256=hashlib.sha256(job.data).hexdigest())
+            outcomes.append(outcome)
+            try:
+                image = decode_image(job.data, self._settings.intake, self._decode_side)
+            except StreamguardError as exc:
+                outcome.error = exc
+                continue
+            finally:
+                outcome.timings_ms["decode"] = _ms(t0)
+            decoded.append(_Decoded(index, image))
+        return outcomes, decoded
+
+    def _detect(self, decoded: list[_Decoded]) -> list[list[DetectorScore]]:
+        """Every detector on every image; detectors run concurrently, each in its own batches."""
+        size = self._settings.detectors.batch_size
+        started = time.perf_counter()
+        pending = []
+        prepared: dict[InputContract | None, list[DetectorInput]] = {}
+        for runner in self.runners:
+            contract = runner.spec.contract
+            if contract not in prepared:  # detectors with equal contracts share one preparation
+                prepared[contract] = [
+                    DetectorInput(pixels=prepare(item.image, contract) if contract else None, image=item.image)
+                    for item in decoded
+                ]
+            inputs = prepared[contract]
+            for lo in range(0, len(inputs), size):
+                chunk = inputs[lo : lo + size]
+                pending.append((runner, lo, len(chunk), runner.submit(chunk)))
+        per_image: list[list[DetectorScore]] = [[] for _ in decoded]
+        for runner, lo, n, future in pending:
+            for offset, score in enumerate(runner.collect(future, n, started)):
+                per_image[lo + offset].append(score)
+        return per_image
+
+    def _judge(self, outcome: Outcome, scores: list[DetectorScore]) -> Verdict:
+        t0 = time.perf_counter()
+        fused: FusedScore = self._pm.hook.fuse_scores(scores=scores, settings=self._settings.fusion)
+        decision: Decision = self._pm.hook.decide_verdict(fused=fused, scores=scores, settings=self._settings.policy)
+        outcome.timings_ms["fuse"] = _ms(t0)
+        verdict = Verdict(
+            event_id=outcome.key,
+            content_sha256=outcome.sha256,
+            label=decision.label,
+            probability=fused.probability,
+            scores=scores,
+            policy_version=decision.policy_version,
+            model_versions=self.model_versions,
+            timings_ms=dict(outcome.timings_ms),
+        )
+        call_each(self._pm, "verdict_ready", verdict=verdict)
+        return verdict
