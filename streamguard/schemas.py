@@ -11,7 +11,7 @@ import base64
 import binascii
 import math
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AnyUrl,
@@ -19,12 +19,16 @@ from pydantic import (
     ConfigDict,
     Field,
     JsonValue,
+    WithJsonSchema,
     field_serializer,
     field_validator,
     model_validator,
 )
 
 SCHEMA_VERSION = 1
+
+# Raw bytes inside Python; base64 text on the JSON wire (see ImageEvent's validator and serializer).
+Base64Image = Annotated[bytes, WithJsonSchema({"type": "string", "contentEncoding": "base64"})]
 
 Label = Literal["ai_generated", "real", "uncertain"]
 
@@ -43,11 +47,7 @@ class ImageEvent(_Record):
 
     schema_version: Literal[1] = SCHEMA_VERSION
     event_id: str = Field(min_length=1, max_length=256)
-    image: bytes | None = Field(
-        default=None,
-        description="Image bytes; base64 in JSON.",
-        json_schema_extra={"type": "string", "contentEncoding": "base64", "format": None},
-    )
+    image: Base64Image | None = Field(default=None, description="Image bytes; base64 in JSON.")
     uri: AnyUrl | None = Field(default=None, description="http(s) URI to fetch the image from.")
     content_type: str | None = Field(default=None, max_length=128)
     source: str | None = Field(default=None, max_length=256)

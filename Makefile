@@ -1,0 +1,33 @@
+# The two commands of the README: `make run` and `make test`. Everything they need installs from here.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# On machines that keep a local CPU build of torch on disk, pip must look there first: an unpinned or
+# PyPI torch is a multi-GB CUDA build.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
+PIP := $(PY) -m pip --disable-pip-version-check
+DEMO_DIR := .cache/demo
+SAMPLES ?= $(DEMO_DIR)
+
+.PHONY: setup run test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml plugins/streamguard-provenance/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip setuptools wheel
+	$(PIP) install --quiet $(FIND_LINKS) -e '.[test]' -e plugins/streamguard-provenance
+	touch $@
+
+# The embedded default: judge sample images locally (no broker, Redis or Triton). The demo set holds
+# bad files on purpose, so exit status 1 ("some files failed") is expected; anything above is a crash.
+run: setup
+	$(PY) scripts/demo_images.py $(DEMO_DIR)
+	$(VENV)/bin/streamguard scan $(SAMPLES); status=$$?; [ $$status -le 1 ]
+
+test: setup
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .hypothesis

@@ -1,0 +1,49 @@
+"""Images the tests make themselves (tests never read ../shared/data)."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image
+
+
+def solid(value: int, size: tuple[int, int] = (64, 48), mode: str = "RGB") -> Image.Image:
+    return Image.new(mode, size, (value,) * len(mode) if mode not in ("L", "1", "P") else value)
+
+
+def noise(size: tuple[int, int] = (64, 48), seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def encode(img: Image.Image, fmt: str, **kwargs: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def animated_gif(frames: int = 3, size: tuple[int, int] = (32, 32)) -> bytes:
+    images = [solid(40 + 80 * i, size) for i in range(frames)]
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=50, loop=0)
+    return buf.getvalue()
+
+
+def truncated_jpeg(size: tuple[int, int] = (256, 256)) -> bytes:
+    data = encode(noise(size), "JPEG", quality=90)
+    return data[: len(data) // 2]
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+
+def png_bomb(side: int = 100_000) -> bytes:
+    """A valid PNG header declaring side x side pixels with a few hundred bytes of data: decoding it fully
+    would need tens of GB."""
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    idat = zlib.compress(b"\x00" * 4096, 9)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
