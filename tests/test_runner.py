@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from streamguard.config import DetectorSettings
+from streamguard.detectors.runner import CircuitBreaker, DetectorRunner
+from streamguard.detectors.spec import Calibration, DetectorInput, DetectorSpec, sigmoid
+
+ITEM = DetectorInput(pixels=None, image=None)  # type: ignore[arg-type]
+
+
+class Scripted:
+    """A backend whose behaviour each test scripts: logits, an exception, or a hang."""
+
+    def __init__(self, logits: Sequence[float | None] = (1.0,), exc: Exception | None = None,
+                 hang: threading.Event | None = None) -> None:
+        self.logits, self.exc, self.hang, self.calls = list(logits), exc, hang, 0
+
+    def predict(self, batch: Sequence[DetectorInput]) -> list[float | None]:
+        self.calls += 1
+        if self.hang is not None:
+            self.hang.wait(5)
+        if self.exc is not None:
+            raise self.exc
+        return self.logits[: len(batch)] if len(self.logits) >= len(batch) else self.logits
+
+    def close(self) -> None:
+        pass
+
+
+def _runner(backend: Scripted, calibration: Calibration = Calibration(), **settings: float) -> DetectorRunner:
+    spec = DetectorSpec(name="d", version="v1", load=lambda ctx: backend, contract=None, calibration=calibration)
+    runner = DetectorRunner(spec, DetectorSettings(**settings))  # type: ignore[arg-type]
+    runner.start()
+    return runner
+
+
+def _call(runner: DetectorRunner, n: int = 1):  # type: ignore[no-untyped-def]
+    started = time.perf_counter()
+    return runner.collect(runner.submit([ITEM] * n), n, started)
+
+
+def test_scores_are_calibrated_logits() -> None:
+    runner = _runner(Scripted([2.0, None]), Calibration(scale=0.5, bias=-1.0))
+    ok, abstained = _call(runner, 2)
+    assert ok.logit == pytest.approx(0.0) and ok.probability == pytest.approx(0.5)
+    assert ok.error is None and ok.version == "v1"
+    assert abstained.logit is None and abstained.error is None
+
+
+def test_exception_becomes_error_score() -> None:
+    runner = _runner(Scripted(exc=RuntimeError("cuda oom")))
+    (score,) = _call(runner)
+    assert score.logit is None and "RuntimeError: cuda oom" in (score.error or "")
+    assert runner.stats.errors == 1
+
+
+def test_wrong_number_of_logits_is_an_error() -> None:
+    (a, b) = _call(_runner(Scripted([1.0])), 2)
+    assert a.error == b.error == "returned 1 logits for 2 images"
+
+
+def test_non_finite_logit_is_an_error_for_that_image() -> None:
+    nan, ok = _call(_runner(Scripted([float("nan"), 1.0])), 2)
+    assert nan.error == "non-finite logit" and ok.error is None
+
+
+def test_timeout_then_breaker_opens() -> None:
+    release = threading.Event()
+    backend = Scripted(hang=release)
+    runner = _runner(backend, timeout_s=0.05, breaker_failures=2, breaker_reset_s=60)
+    try:
+        first, second = _call(runner)[0], _call(runner)[0]
+        assert "timed out" in (first.error or "") and "timed out" in (second.error or "")
+        assert runner.stats.timeouts == 2 and not runner.ready
+        (third,) = _call(runner)
+        assert third.error == "circuit open after repeated failures"
+        assert runner.stats.rejected_open == 1
+    finally:
+        release.set()
+        runner.close()
+
+
+def test_load_failure_is_reported_on_every_call() -> None:
+    def explode(ctx):  # type: ignore[no-untyped-def]
+        raise FileNotFoundError("weights.safetensors")
+
+    runner = DetectorRunner(DetectorSpec(name="d", version="1", load=explode, contract=None), DetectorSettings())
+    runner.start()
+    assert not runner.ready and "weights.safetensors" in (runner.load_error or "")
+    (score,) = _call(runner)
+    assert score.error is not None and score.error.startswith("not loaded")
+
+
+def test_breaker_half_opens_after_reset_and_closes_on_success() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(failures=2, reset_s=10, clock=lambda: now[0])
+    breaker.record(False)
+    assert breaker.allow()
+    breaker.record(False)
+    assert breaker.is_open and not breaker.allow()
+    now[0] = 10.0
+    assert breaker.allow()  # the trial call
+    assert not breaker.allow()  # only one trial at a time
+    breaker.record(True)
+    assert not breaker.is_open and breaker.allow()
+
+
+def test_sigmoid_is_stable() -> None:
+    assert sigmoid(1000.0) == 1.0 and sigmoid(-1000.0) == 0.0 and sigmoid(0.0) == 0.5
