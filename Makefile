@@ -10,7 +10,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 DEMO_DIR := .cache/demo
 SAMPLES ?= $(DEMO_DIR)
 
-.PHONY: setup run test clean
+.PHONY: setup run test bench clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,9 @@ run: setup
 
 test: setup
 	$(PY) -m pytest
+
+bench: setup
+	$(PY) bench/bench_intake.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .hypothesis
