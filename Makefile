@@ -17,7 +17,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml plugins/streamguard-provenance/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip setuptools wheel
-	$(PIP) install --quiet $(FIND_LINKS) -e '.[test]' -e plugins/streamguard-provenance
+	$(PIP) install --quiet $(FIND_LINKS) -e '.[test,dev]' -e plugins/streamguard-provenance
 	touch $@
 
 # The embedded default: judge sample images locally (no broker, Redis or Triton). The demo set holds

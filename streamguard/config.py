@@ -82,6 +82,8 @@ class KafkaSettings(_Section):
 
 class RedisSettings(_Section):
     url: str = "redis://127.0.0.1:6379/0"
+    socket_timeout_s: float = Field(0.5, gt=0, description="Per Redis command; dedupe must never stall the stream.")
+    retry_interval_s: float = Field(1.0, gt=0, description="While Redis is down, how often to try it again.")
 
     @field_serializer("url")
     def _redact_password(self, url: str) -> str:
@@ -92,6 +94,54 @@ class RedisSettings(_Section):
         host = parts.hostname or ""
         netloc = f"{parts.username or ''}:{REDACTED}@{host}" + (f":{parts.port}" if parts.port else "")
         return urlunsplit(parts._replace(netloc=netloc))
+
+
+class FetchSettings(_Section):
+    """Fetching images named by URI. Private, loopback and link-local addresses are refused (SSRF)
+    unless allow-listed."""
+
+    connect_timeout_s: float = Field(3.0, gt=0)
+    timeout_s: float = Field(10.0, gt=0, description="Whole fetch, redirects included.")
+    max_redirects: int = Field(3, ge=0)
+    max_bytes: int | None = Field(None, gt=0, description="Defaults to intake.max_bytes.")
+    allow_networks: list[str] = Field(
+        default_factory=list, description="CIDRs allowed even when private/loopback, e.g. 10.1.0.0/16."
+    )
+    user_agent: str = "streamguard-fetch/1"
+
+
+class DedupeSettings(_Section):
+    enabled: bool = True
+    namespace: str = Field("sg", description="Key prefix, so several deployments can share a Redis.")
+    ttl_s: int = Field(7 * 24 * 3600, gt=0, description="How long a verdict is reused.")
+    lease_ms: int = Field(60_000, gt=0, description="In-flight lease while one worker scores content.")
+    near: bool = True
+    near_max_distance: int = Field(31, ge=0, le=64, description="PDQ Hamming distance for a near-duplicate.")
+    near_min_quality: int = Field(50, ge=0, le=100, description="PDQ hashes of lower quality are not used.")
+    near_action: Literal["reuse", "annotate"] = Field(
+        "annotate", description="reuse: publish the matched verdict; annotate: score anyway, note the match."
+    )
+
+
+class WorkerSettings(_Section):
+    group_id: str = "streamguard"
+    input_topic: str = "images"
+    output_topic: str = "verdicts"
+    dead_letter_topic: str = "images.dlq"
+    max_in_flight: int = Field(256, gt=0, description="Records polled but not yet committed, in total.")
+    max_in_flight_per_partition: int = Field(64, gt=0)
+    batch_size: int = Field(16, gt=0, description="Records scored together.")
+    batch_wait_ms: int = Field(20, ge=0, description="How long to wait to fill a batch.")
+    commit_interval_s: float = Field(1.0, gt=0)
+    poll_timeout_ms: int = Field(100, gt=0)
+    max_poll_interval_ms: int = Field(300_000, gt=0)
+    session_timeout_ms: int = Field(10_000, gt=0)
+    heartbeat_interval_ms: int = Field(3_000, gt=0)
+    drain_timeout_s: float = Field(20.0, gt=0, description="SIGTERM budget; keep below the pod's grace period.")
+    max_record_bytes: int = Field(25 * 1024 * 1024, gt=0)
+    health_host: str = "0.0.0.0"
+    health_port: int = Field(8080, ge=0, description="0 picks a free port.")
+    liveness_timeout_s: float = Field(30.0, gt=0, description="/healthz fails when the poll loop stalls this long.")
 
 
 class LogSettings(_Section):
@@ -117,6 +167,9 @@ class Settings(BaseSettings):
     policy: PolicySettings = Field(default_factory=PolicySettings)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
+    fetch: FetchSettings = Field(default_factory=FetchSettings)
+    dedupe: DedupeSettings = Field(default_factory=DedupeSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
     @classmethod
