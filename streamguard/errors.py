@@ -41,3 +41,25 @@ class EmptyImage(CorruptImage):
 
 class TooLarge(IntakeError):
     """Over the byte or pixel limit (a decompression bomb is one of these)."""
+
+
+class FetchError(StreamguardError):
+    """The image named by an event's URI could not be fetched."""
+
+    stage = "fetch"
+
+
+class FetchRefused(FetchError):
+    """The URI points at an address streamguard must not reach (loopback, private, link-local, ...)."""
+
+
+class FetchFailed(FetchError):
+    """Unreachable host, timeout, TLS failure, or an HTTP error status."""
+
+
+class FetchTooLarge(FetchError):
+    """The response exceeded the byte limit."""
+
+
+class TooManyRedirects(FetchError):
+    """More redirects than the configured limit."""
