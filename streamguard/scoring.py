@@ -42,15 +42,10 @@ class ImageJob:
 class Outcome:
     key: str
     sha256: str
+    image: DecodedImage | None = None
     verdict: Verdict | None = None
     error: StreamguardError | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class _Decoded:
-    index: int
-    image: DecodedImage
 
 
 def _ms(since: float) -> float:
@@ -90,35 +85,37 @@ class Scorer:
         self.close()
 
     def score(self, jobs: Sequence[ImageJob]) -> list[Outcome]:
-        outcomes, decoded = self._decode(jobs)
-        if decoded:
-            t0 = time.perf_counter()
-            scores = self._detect(decoded)
-            detect_ms = _ms(t0)
-            for item, item_scores in zip(decoded, scores, strict=True):
-                outcome = outcomes[item.index]
-                outcome.timings_ms["detect"] = detect_ms
-                outcome.verdict = self._judge(outcome, item_scores)
+        """Decode and judge ``jobs``; each outcome carries a verdict or the error that stopped it."""
+        outcomes = self.decode(jobs)
+        self.judge([o for o in outcomes if o.image is not None])
         return outcomes
 
-    def _decode(self, jobs: Sequence[ImageJob]) -> tuple[list[Outcome], list[_Decoded]]:
+    def decode(self, jobs: Sequence[ImageJob]) -> list[Outcome]:
+        """Hash and decode; an outcome has ``image`` set, or ``error`` for bad input."""
         outcomes: list[Outcome] = []
-        decoded: list[_Decoded] = []
-        for index, job in enumerate(jobs):
+        for job in jobs:
             t0 = time.perf_counter()
             outcome = Outcome(key=job.key, sha256=hashlib.sha256(job.data).hexdigest())
             outcomes.append(outcome)
             try:
-                image = decode_image(job.data, self._settings.intake, self._decode_side)
+                outcome.image = decode_image(job.data, self._settings.intake, self._decode_side)
             except StreamguardError as exc:
                 outcome.error = exc
-                continue
-            finally:
-                outcome.timings_ms["decode"] = _ms(t0)
-            decoded.append(_Decoded(index, image))
-        return outcomes, decoded
+            outcome.timings_ms["decode"] = _ms(t0)
+        return outcomes
 
-    def _detect(self, decoded: list[_Decoded]) -> list[list[DetectorScore]]:
+    def judge(self, decoded: Sequence[Outcome]) -> None:
+        """Run detectors, fusion and policy on decoded outcomes, setting each one's ``verdict``."""
+        if not decoded:
+            return
+        t0 = time.perf_counter()
+        scores = self._detect([o.image for o in decoded if o.image is not None])
+        detect_ms = _ms(t0)
+        for outcome, item_scores in zip(decoded, scores, strict=True):
+            outcome.timings_ms["detect"] = detect_ms
+            outcome.verdict = self._judge(outcome, item_scores)
+
+    def _detect(self, images: list[DecodedImage]) -> list[list[DetectorScore]]:
         """Every detector on every image; detectors run concurrently, each in its own batches."""
         size = self._settings.detectors.batch_size
         started = time.perf_counter()
@@ -128,14 +125,14 @@ class Scorer:
             contract = runner.spec.contract
             if contract not in prepared:  # detectors with equal contracts share one preparation
                 prepared[contract] = [
-                    DetectorInput(pixels=prepare(item.image, contract) if contract else None, image=item.image)
-                    for item in decoded
+                    DetectorInput(pixels=prepare(image, contract) if contract else None, image=image)
+                    for image in images
                 ]
             inputs = prepared[contract]
             for lo in range(0, len(inputs), size):
                 chunk = inputs[lo : lo + size]
                 pending.append((runner, lo, len(chunk), runner.submit(chunk)))
-        per_image: list[list[DetectorScore]] = [[] for _ in decoded]
+        per_image: list[list[DetectorScore]] = [[] for _ in images]
         for runner, lo, n, future in pending:
             for offset, score in enumerate(runner.collect(future, n, started)):
                 per_image[lo + offset].append(score)

@@ -1,0 +1,1 @@
+"""The streaming worker: Kafka in, verdicts and dead letters out, at-least-once."""
