@@ -139,6 +139,9 @@ class WorkerSettings(_Section):
     heartbeat_interval_ms: int = Field(3_000, gt=0)
     drain_timeout_s: float = Field(20.0, gt=0, description="SIGTERM budget; keep below the pod's grace period.")
     max_record_bytes: int = Field(25 * 1024 * 1024, gt=0)
+    dead_letter_max_value_bytes: int = Field(
+        1_000_000, ge=0, description="Larger original values are left out of the dead letter (headers say so)."
+    )
     health_host: str = "0.0.0.0"
     health_port: int = Field(8080, ge=0, description="0 picks a free port.")
     liveness_timeout_s: float = Field(30.0, gt=0, description="/healthz fails when the poll loop stalls this long.")

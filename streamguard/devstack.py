@@ -111,6 +111,7 @@ def redis_binary() -> Path:
 
 
 def _spawn(name: str, argv: Sequence[str], workdir: Path, port: int) -> Service:
+    workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"{name}-{port}.log"
     with open(log_path, "ab") as log_file:
@@ -152,6 +153,7 @@ def start_kafka(workdir: Path, port: int | None = None, timeout_s: float = 30.0)
 
 def start_redis(workdir: Path, port: int | None = None, timeout_s: float = 15.0) -> Service:
     port = port or free_port()
+    workdir = workdir.resolve()
     service = _spawn(
         "redis",
         [str(redis_binary()), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",

@@ -63,3 +63,9 @@ class FetchTooLarge(FetchError):
 
 class TooManyRedirects(FetchError):
     """More redirects than the configured limit."""
+
+
+class RecordTooLarge(StreamguardError):
+    """The Kafka record itself is over the worker's size limit."""
+
+    stage = "parse"

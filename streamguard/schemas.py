@@ -110,6 +110,12 @@ class DetectorScore(_Record):
         return self.error is None and self.logit is not None
 
 
+class NearDuplicate(_Record):
+    event_id: str
+    content_sha256: str
+    distance: int = Field(ge=0, description="PDQ Hamming distance.")
+
+
 class Verdict(_Record):
     """The judgement published for one event."""
 
@@ -123,6 +129,9 @@ class Verdict(_Record):
     model_versions: dict[str, str]
     duplicate_of: str | None = Field(
         default=None, description="Event id whose verdict this one reuses (dedupe hit), if any."
+    )
+    near_duplicate_of: NearDuplicate | None = Field(
+        default=None, description="A perceptually similar image judged before (reused or only noted)."
     )
     timings_ms: dict[str, float] = Field(default_factory=dict, description="Milliseconds per stage.")
     judged_at: datetime = Field(default_factory=_now)

@@ -64,6 +64,12 @@ class Scorer:
         self._decode_side = decode_side(spec.contract for spec in self.specs)
         if not self.specs:
             log.warning("scorer.no_detectors", hint="every verdict will be 'uncertain'")
+        # Dedupe keys need the policy version before anything is judged: ask the policy once, on an
+        # empty score. Policies must return the same version whatever the input (see docs/plugins.md).
+        probe: Decision = pm.hook.decide_verdict(
+            fused=FusedScore(probability=None, logit=None), scores=[], settings=settings.policy
+        )
+        self.policy_version = probe.policy_version
 
     @property
     def model_versions(self) -> dict[str, str]:

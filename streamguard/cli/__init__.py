@@ -8,8 +8,11 @@ import click
 
 from streamguard import __version__
 from streamguard.cli.context import AppContext
+from streamguard.cli.dev import dev_group
 from streamguard.cli.info import config_group, plugins_command, schema_command
 from streamguard.cli.scan import scan_command
+from streamguard.cli.stream import produce_command, tail_command
+from streamguard.cli.worker import worker_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,6 +34,10 @@ cli.add_command(scan_command)
 cli.add_command(schema_command)
 cli.add_command(config_group)
 cli.add_command(plugins_command)
+cli.add_command(worker_command)
+cli.add_command(produce_command)
+cli.add_command(tail_command)
+cli.add_command(dev_group)
 
 
 def main() -> None:

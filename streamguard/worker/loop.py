@@ -1,0 +1,319 @@
+"""The worker's poll loop: the one thread that owns the Kafka consumer.
+
+Threads and what they own:
+- the poll loop (this module): the consumer, the offset tracker writes, flow control, commits;
+- the processing thread: batches of records through `BatchProcessor` (detectors have their own threads);
+- kafka-python's IO threads: producer acknowledgements (only queued here) and rebalance callbacks
+  (which take the same lock as the poll loop, and never block on the network).
+
+Delivery is at-least-once: a partition's offset is committed only up to the first record whose verdict
+or dead letter the broker has not acknowledged yet (see `offsets.py`).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Any
+
+import pluggy
+import structlog
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from streamguard.config import Settings
+from streamguard.dedupe import DedupeStore, new_owner_id, open_store
+from streamguard.fetch import ImageFetcher
+from streamguard.scoring import Scorer
+from streamguard.worker.health import HealthServer, HealthState
+from streamguard.worker.metrics import WorkerMetrics
+from streamguard.worker.offsets import OffsetTracker
+from streamguard.worker.processor import BatchProcessor
+from streamguard.worker.publish import Ack, Publisher, producer_config
+from streamguard.worker.records import InRecord
+
+log = structlog.get_logger(__name__)
+
+_LAG_INTERVAL_S = 5.0
+
+
+def consumer_config(settings: Settings) -> dict[str, Any]:
+    w, kafka = settings.worker, settings.kafka
+    config: dict[str, Any] = {
+        "bootstrap_servers": kafka.bootstrap_servers,
+        "security_protocol": kafka.security_protocol,
+        "group_id": w.group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "max_poll_records": w.max_in_flight_per_partition,
+        "max_poll_interval_ms": w.max_poll_interval_ms,
+        "session_timeout_ms": w.session_timeout_ms,
+        "heartbeat_interval_ms": w.heartbeat_interval_ms,
+        "fetch_max_bytes": max(52_428_800, w.max_record_bytes),
+        "max_partition_fetch_bytes": w.max_record_bytes + 1024 * 1024,
+    }
+    if kafka.sasl_mechanism:
+        config |= {
+            "sasl_mechanism": kafka.sasl_mechanism,
+            "sasl_plain_username": kafka.sasl_username,
+            "sasl_plain_password": kafka.sasl_password.get_secret_value() if kafka.sasl_password else None,
+        }
+    return config
+
+
+class Worker:
+    def __init__(self, settings: Settings, pm: pluggy.PluginManager, dedupe: DedupeStore | None = None) -> None:
+        self._settings = settings
+        self.metrics = WorkerMetrics()
+        self.scorer = Scorer(settings, pm)
+        self.dedupe: DedupeStore = dedupe or open_store(settings.dedupe, settings.redis)
+        self._fetcher = ImageFetcher(settings.fetch, settings.intake.max_bytes)
+        self._acks: queue.SimpleQueue[Ack] = queue.SimpleQueue()
+        self._work: queue.Queue[InRecord | None] = queue.Queue()
+        self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+        self._lock = threading.Lock()  # tracker, epochs: shared with the rebalance callbacks
+        self._epochs: dict[TopicPartition, int] = {}
+        self._positions: dict[TopicPartition, int] = {}
+        self._paused: set[TopicPartition] = set()
+        self._detector_seen: dict[str, tuple[int, int]] = {}
+        self._stop = threading.Event()
+        self._fatal: Exception | None = None
+        self.health = HealthState(liveness_timeout_s=settings.worker.liveness_timeout_s)
+        self.health.readiness = self._readiness
+        self._consumer: KafkaConsumer | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the loop to drain and exit (signal handlers call this)."""
+        self._stop.set()
+
+    def run(self) -> int:
+        w = self._settings.worker
+        self.scorer.start()
+        server = HealthServer(self.health, self.metrics.render, w.health_host, w.health_port).start()
+        log.info("worker.health_listening", port=server.port)
+        producer = KafkaProducer(**producer_config(self._settings))
+        publisher = Publisher(self._settings, producer, self._acks)
+        processor = BatchProcessor(self._settings, self.scorer, self.dedupe, self._fetcher, publisher,
+                                   self.metrics, owner=new_owner_id())
+        consumer = KafkaConsumer(**consumer_config(self._settings))
+        self._consumer = consumer
+        consumer.subscribe([w.input_topic], listener=_Rebalance(self, consumer))
+        processing = threading.Thread(target=self._process_forever, args=(processor,), name="processing",
+                                      daemon=True)
+        processing.start()
+        log.info("worker.started", group=w.group_id, topic=w.input_topic)
+        try:
+            self._poll_until_stopped(consumer)
+            drained = self._drain(consumer)
+        finally:
+            self._work.put(None)
+            processing.join(timeout=5)
+            self._commit(consumer)
+            publisher.close(timeout_s=5)
+            consumer.close(autocommit=False)
+            processor.close()
+            self.scorer.close()
+            self.dedupe.close()
+            self._fetcher.close()
+            server.close()
+        if self._fatal is not None:
+            log.error("worker.stopped_on_error", error=f"{type(self._fatal).__name__}: {self._fatal}")
+            return 1
+        log.info("worker.stopped", drained=drained)
+        return 0
+
+    def _poll_until_stopped(self, consumer: KafkaConsumer) -> None:
+        w = self._settings.worker
+        last_commit = last_lag = time.monotonic()
+        while not self._stop.is_set() and self._fatal is None:
+            batch = consumer.poll(timeout_ms=w.poll_timeout_ms)
+            self.health.progress()
+            self._accept(batch)
+            self._drain_acks()
+            self._flow_control(consumer)
+            now = time.monotonic()
+            if now - last_commit >= w.commit_interval_s:
+                self._commit(consumer)
+                last_commit = now
+            if now - last_lag >= _LAG_INTERVAL_S:
+                self._update_lag(consumer)
+                last_lag = now
+
+    def _drain(self, consumer: KafkaConsumer) -> bool:
+        """Stop fetching, let in-flight work finish within the budget; poll keeps the membership alive."""
+        deadline = time.monotonic() + self._settings.worker.drain_timeout_s
+        log.info("worker.draining", in_flight=self._tracker.in_flight())
+        while time.monotonic() < deadline and self._fatal is None:
+            self._flow_control(consumer)
+            consumer.poll(timeout_ms=50)
+            self.health.progress()
+            self._drain_acks()
+            with self._lock:
+                if self._tracker.in_flight() == 0:
+                    return True
+        return False
+
+    # -- the poll loop's steps ------------------------------------------------------------------------
+
+    def _accept(self, batch: dict[TopicPartition, list[Any]]) -> None:
+        for tp, records in batch.items():
+            with self._lock:
+                epoch = self._epochs.get(tp, 0)
+                for record in records:
+                    self._tracker.add(tp, record.offset)
+                self._positions[tp] = records[-1].offset + 1
+            self.metrics.events_in.inc(len(records))
+            for record in records:
+                self._work.put(InRecord.from_consumer(record, epoch))
+
+    def _drain_acks(self) -> None:
+        while True:
+            try:
+                ack = self._acks.get_nowait()
+            except queue.Empty:
+                break
+            if ack.error is not None:
+                # Not acknowledged means not committable: stop here and let redelivery finish the job.
+                log.error("worker.publish_failed", offset=ack.record.offset, partition=ack.record.partition,
+                          error=f"{type(ack.error).__name__}: {ack.error}")
+                self._fatal = ack.error
+                continue
+            with self._lock:
+                if self._epochs.get(ack.record.tp, 0) == ack.record.epoch:
+                    self._tracker.done(ack.record.tp, ack.record.offset)
+        with self._lock:
+            self.metrics.in_flight.set(self._tracker.in_flight())
+
+    def _flow_control(self, consumer: KafkaConsumer) -> None:
+        w = self._settings.worker
+        assigned = consumer.assignment()
+        with self._lock:
+            total = self._tracker.in_flight()
+            want = {
+                tp for tp in assigned
+                if self._stop.is_set()
+                or total >= w.max_in_flight
+                or self._tracker.in_flight(tp) >= w.max_in_flight_per_partition
+            }
+        pause, resume = want - self._paused, (self._paused & assigned) - want
+        if pause:
+            consumer.pause(*pause)
+        if resume:
+            consumer.resume(*resume)
+        self._paused = want
+        self.metrics.paused_partitions.set(len(want))
+
+    def _commit(self, consumer: KafkaConsumer) -> None:
+        with self._lock:
+            points = self._tracker.commit_points(consumer.assignment())
+        if not points:
+            return
+        try:
+            consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in points.items()})
+        except KafkaError as exc:
+            # E.g. a rebalance in progress: the work stays uncommitted and is redelivered, never lost.
+            log.warning("worker.commit_failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        with self._lock:
+            self._tracker.mark_committed(points)
+        self.metrics.commits.inc()
+        log.debug("worker.committed", offsets={f"{tp.topic}-{tp.partition}": o for tp, o in points.items()})
+
+    def _update_lag(self, consumer: KafkaConsumer) -> None:
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            position = self._positions.get(tp)
+            if high is not None and position is not None:
+                self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, high - position))
+        for runner in self.scorer.runners:
+            # The runners count on their own; export the growth since the last look.
+            name, stats = runner.spec.name, runner.stats
+            seen_errors, seen_timeouts = self._detector_seen.get(name, (0, 0))
+            self.metrics.detector_errors.labels(name).inc(stats.errors - seen_errors)
+            self.metrics.detector_timeouts.labels(name).inc(stats.timeouts - seen_timeouts)
+            self._detector_seen[name] = (stats.errors, stats.timeouts)
+
+    # -- processing thread ----------------------------------------------------------------------------
+
+    def _process_forever(self, processor: BatchProcessor) -> None:
+        w = self._settings.worker
+        while True:
+            first = self._work.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.monotonic() + w.batch_wait_ms / 1000.0
+            while len(batch) < w.batch_size:
+                try:
+                    item = self._work.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._work.put(None)
+                    break
+                batch.append(item)
+            with self._lock:
+                current = [r for r in batch if self._epochs.get(r.tp, 0) == r.epoch]
+            if current:
+                try:
+                    processor.process(current)
+                except Exception as exc:  # noqa: BLE001 - the processor dead-letters per record; this is a bug
+                    log.exception("worker.batch_failed")
+                    self._fatal = exc
+                    self._stop.set()
+
+    # -- rebalance (called on kafka-python's IO thread) -----------------------------------------------
+
+    def _revoked(self, consumer: KafkaConsumer, partitions: set[TopicPartition], commit: bool) -> None:
+        with self._lock:
+            points = self._tracker.commit_points(partitions) if commit else {}
+            for tp in partitions:
+                self._epochs[tp] = self._epochs.get(tp, 0) + 1
+                self._positions.pop(tp, None)
+            self._tracker.forget(partitions)
+        self._paused -= partitions
+        if points:
+            # A blocking commit on the IO thread raises in kafka-python 3.x; an async one is queued ahead
+            # of the rebalance's JoinGroup on the same coordinator connection.
+            consumer.commit_async({tp: OffsetAndMetadata(o, "", -1) for tp, o in points.items()})
+        log.info("worker.partitions_revoked", partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in partitions),
+                 committed=len(points), lost=not commit)
+
+    def _assigned(self, partitions: set[TopicPartition]) -> None:
+        with self._lock:
+            for tp in partitions:
+                self._epochs[tp] = self._epochs.get(tp, 0) + 1
+        log.info("worker.partitions_assigned", partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in partitions))
+
+    def _readiness(self) -> dict[str, Any]:
+        consumer = self._consumer
+        assigned = len(consumer.assignment()) if consumer is not None else 0
+        detectors = {r.spec.name: r.ready for r in self.scorer.runners}
+        detectors_ok = not detectors or any(detectors.values())
+        return {
+            "ready": assigned > 0 and detectors_ok and not self._stop.is_set(),
+            "partitions_assigned": assigned,
+            "detectors": detectors,
+            "redis": "up" if self.dedupe.available else "down",
+            "stopping": self._stop.is_set(),
+        }
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, worker: Worker, consumer: KafkaConsumer) -> None:
+        self._worker = worker
+        self._consumer = consumer
+
+    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self._worker._revoked(self._consumer, set(revoked), commit=True)
+
+    def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
+        self._worker._revoked(self._consumer, set(lost), commit=False)
+
+    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._worker._assigned(set(assigned))

@@ -1,0 +1,40 @@
+"""Prometheus metrics of one worker, on a registry of its own (no process-global collectors)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.events_in = Counter("streamguard_events_in", "Records consumed.", registry=r)
+        self.verdicts_out = Counter("streamguard_verdicts", "Verdicts published, by label.", ["label"], registry=r)
+        self.dead_letters = Counter(
+            "streamguard_dead_letters", "Dead letters published, by error type.", ["reason"], registry=r
+        )
+        self.dedupe_hits = Counter("streamguard_dedupe_hits", "Dedupe hits by kind (exact, near, batch).",
+                                   ["kind"], registry=r)
+        self.dedupe_unavailable = Counter(
+            "streamguard_dedupe_unavailable", "Records processed without dedupe because Redis was down.",
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "streamguard_stage_seconds", "Time per pipeline stage.", ["stage"], buckets=_STAGE_BUCKETS, registry=r
+        )
+        self.in_flight = Gauge("streamguard_in_flight", "Records consumed but not yet committable.", registry=r)
+        self.consumer_lag = Gauge("streamguard_consumer_lag", "High watermark minus position.",
+                                  ["topic", "partition"], registry=r)
+        self.detector_errors = Counter("streamguard_detector_errors", "Detector calls that failed.",
+                                       ["detector"], registry=r)
+        self.detector_timeouts = Counter("streamguard_detector_timeouts", "Detector calls that timed out.",
+                                         ["detector"], registry=r)
+        self.paused_partitions = Gauge("streamguard_paused_partitions", "Partitions paused by flow control.",
+                                       registry=r)
+        self.commits = Counter("streamguard_commits", "Offset commits sent.", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

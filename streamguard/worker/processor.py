@@ -1,0 +1,286 @@
+"""One batch of records: parse -> fetch -> sha256 -> dedupe -> decode -> detect -> fuse -> publish.
+
+Every record leaves as exactly one published message, a verdict or a dead letter; the publisher's
+acknowledgement is what lets the loop commit it. Dedupe never blocks judging: with Redis down the
+store answers "not seen" and everything is scored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import structlog
+
+from streamguard.config import Settings
+from streamguard.dedupe.phash import PerceptualHash, perceptual_hash
+from streamguard.dedupe.store import CachedVerdict, DedupeStore, NearMatch, versions_key
+from streamguard.errors import RecordTooLarge, StreamguardError
+from streamguard.fetch import ImageFetcher, event_bytes
+from streamguard.schemas import DeadLetter, ImageEvent, NearDuplicate, Verdict
+from streamguard.scoring import ImageJob, Outcome, Scorer
+from streamguard.wire import decode_event
+from streamguard.worker.metrics import WorkerMetrics
+from streamguard.worker.publish import Publisher
+from streamguard.worker.records import InRecord
+
+log = structlog.get_logger(__name__)
+
+_LEASE_POLL_S = 0.05
+
+
+class InternalError(StreamguardError):
+    """An unexpected failure while processing one record; it is dead-lettered, never retried forever."""
+
+
+@dataclass
+class _Item:
+    record: InRecord
+    event: ImageEvent | None = None
+    data: bytes | None = None
+    sha256: str | None = None
+    outcome: Outcome | None = None
+    phash: PerceptualHash | None = None
+    near: NearMatch | None = None
+    leased: bool = False
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class BatchProcessor:
+    def __init__(self, settings: Settings, scorer: Scorer, dedupe: DedupeStore, fetcher: ImageFetcher,
+                 publisher: Publisher, metrics: WorkerMetrics, owner: str) -> None:
+        self._settings = settings
+        self._scorer = scorer
+        self._dedupe = dedupe
+        self._fetcher = fetcher
+        self._publisher = publisher
+        self._metrics = metrics
+        self._owner = owner
+        self._versions_key = versions_key(scorer.model_versions, scorer.policy_version)
+        self._fetch_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fetch")
+
+    def close(self) -> None:
+        self._fetch_pool.shutdown(wait=False, cancel_futures=True)
+
+    def process(self, records: Sequence[InRecord]) -> None:
+        items = [_Item(record) for record in records]
+        live = self._stage("parse", items, self._parse)
+        live = self._fetch_all(live)
+        live = self._reuse_exact(live)
+        live = self._decode(live)
+        live = self._reuse_near(live)
+        self._judge(live)
+
+    # -- stages ---------------------------------------------------------------------------------------
+
+    def _stage(self, name: str, items: list[_Item], fn) -> list[_Item]:  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        live = []
+        for item in items:
+            try:
+                fn(item)
+                live.append(item)
+            except StreamguardError as exc:
+                self._dead_letter(item, exc)
+            except Exception as exc:  # noqa: BLE001 - one record's bug must not stop the stream
+                log.exception("worker.record_failed", stage=name, offset=item.record.offset)
+                self._dead_letter(item, InternalError(f"{name}: {type(exc).__name__}: {exc}"))
+        self._observe(name, t0, items)
+        return live
+
+    def _parse(self, item: _Item) -> None:
+        value = item.record.value
+        limit = self._settings.worker.max_record_bytes
+        if value is not None and len(value) > limit:
+            raise RecordTooLarge(f"record of {len(value)} bytes exceeds the limit of {limit}")
+        item.event = decode_event(value, list(item.record.headers))
+
+    def _fetch_all(self, items: list[_Item]) -> list[_Item]:
+        t0 = time.perf_counter()
+        futures = [(item, self._fetch_pool.submit(event_bytes, item.event, self._fetcher)) for item in items]
+        live = []
+        for item, future in futures:
+            try:
+                item.data = future.result()
+            except StreamguardError as exc:
+                self._dead_letter(item, exc)
+                continue
+            except Exception as exc:  # noqa: BLE001
+                self._dead_letter(item, InternalError(f"fetch: {type(exc).__name__}: {exc}"))
+                continue
+            live.append(item)
+        self._observe("fetch", t0, items)
+        return live
+
+    def _reuse_exact(self, items: list[_Item]) -> list[_Item]:
+        """Exact duplicates by sha256: the cache first, then an in-flight lease so that two workers
+        never score the same content at once; duplicates inside the batch wait for their first copy."""
+        t0 = time.perf_counter()
+        live = []
+        for item in items:
+            assert item.data is not None
+            item.sha256 = hashlib.sha256(item.data).hexdigest()
+        if not self._settings.dedupe.enabled:
+            return items
+        if not self._dedupe.available:
+            self._metrics.dedupe_unavailable.inc(len(items))
+        for item in items:
+            cached = self._lookup_or_lease(item)
+            if cached is not None:
+                self._publish_cached(item, cached, "exact")
+            else:
+                live.append(item)
+        self._observe("dedupe", t0, items)
+        return live
+
+    def _lookup_or_lease(self, item: _Item) -> CachedVerdict | None:
+        assert item.sha256 is not None
+        deadline = time.monotonic() + self._settings.dedupe.lease_ms / 1000.0
+        while True:
+            cached = self._dedupe.get(item.sha256, self._versions_key)
+            if cached is not None:
+                return cached
+            if self._dedupe.acquire(item.sha256, self._owner):
+                item.leased = True
+                return None
+            if time.monotonic() > deadline:
+                log.warning("dedupe.lease_wait_timeout", sha256=item.sha256)
+                return None
+            time.sleep(_LEASE_POLL_S)
+
+    def _decode(self, items: list[_Item]) -> list[_Item]:
+        t0 = time.perf_counter()
+        jobs = [ImageJob(key=item.event.event_id, data=item.data) for item in items]  # type: ignore[union-attr,arg-type]
+        live = []
+        for item, outcome in zip(items, self._scorer.decode(jobs), strict=True):
+            item.outcome = outcome
+            if outcome.error is not None:
+                self._dead_letter(item, outcome.error)
+            else:
+                live.append(item)
+        self._observe("decode", t0, items)
+        return live
+
+    def _reuse_near(self, items: list[_Item]) -> list[_Item]:
+        settings = self._settings.dedupe
+        if not (settings.enabled and settings.near):
+            return items
+        t0 = time.perf_counter()
+        live = []
+        for item in items:
+            assert item.outcome is not None and item.outcome.image is not None
+            item.phash = perceptual_hash(item.outcome.image.rgb)
+            item.near = self._dedupe.find_near(item.phash, self._versions_key)
+            if item.near is not None and item.near.sha256 != item.sha256 and settings.near_action == "reuse":
+                self._publish_cached(item, item.near.cached, "near", near=item.near)
+            else:
+                live.append(item)
+        self._observe("near_dedupe", t0, items)
+        return live
+
+    def _judge(self, items: list[_Item]) -> None:
+        if not items:
+            return
+        t0 = time.perf_counter()
+        # Inside one batch, later copies of the same content reuse the first copy's verdict.
+        first: dict[str, _Item] = {}
+        unique = []
+        for item in items:
+            if item.sha256 in first:
+                continue
+            first[item.sha256] = item  # type: ignore[index]
+            unique.append(item)
+        try:
+            self._scorer.judge([item.outcome for item in unique])  # type: ignore[misc]
+        except Exception as exc:  # noqa: BLE001
+            log.exception("worker.judge_failed", records=len(unique))
+            for item in items:
+                self._dead_letter(item, InternalError(f"detect: {type(exc).__name__}: {exc}"))
+            return
+        self._observe("detect", t0, items)
+        for item in items:
+            owner = first[item.sha256]  # type: ignore[index]
+            verdict = owner.outcome.verdict  # type: ignore[union-attr]
+            assert verdict is not None
+            if owner is not item:
+                self._metrics.dedupe_hits.labels("batch").inc()
+                verdict = verdict.model_copy(update={"event_id": item.event.event_id,  # type: ignore[union-attr]
+                                                     "duplicate_of": owner.event.event_id})  # type: ignore[union-attr]
+            elif item.near is not None and item.near.sha256 != item.sha256:
+                self._metrics.dedupe_hits.labels("near").inc()
+                verdict = verdict.model_copy(update={"near_duplicate_of": _near(item.near)})
+            verdict = verdict.model_copy(update={"timings_ms": {**item.timings_ms, **verdict.timings_ms}})
+            self._publish(item, verdict)
+            if owner is item and item.sha256 is not None:
+                self._dedupe.put(item.sha256, self._versions_key, verdict, item.phash)
+            if item.leased and item.sha256 is not None:
+                self._dedupe.release(item.sha256, self._owner)
+
+    # -- outputs --------------------------------------------------------------------------------------
+
+    def _publish_cached(self, item: _Item, cached: CachedVerdict, kind: str, near: NearMatch | None = None) -> None:
+        self._metrics.dedupe_hits.labels(kind).inc()
+        original = Verdict.model_validate_json(cached.verdict_json)
+        update: dict[str, object] = {
+            "event_id": item.event.event_id,  # type: ignore[union-attr]
+            "duplicate_of": cached.event_id,
+            "content_sha256": item.sha256,
+            "timings_ms": dict(item.timings_ms),
+            "judged_at": datetime.now(UTC),
+        }
+        if near is not None:
+            update["near_duplicate_of"] = _near(near)
+        self._publish(item, original.model_copy(update=update))
+        if item.leased and item.sha256 is not None:
+            self._dedupe.release(item.sha256, self._owner)
+
+    def _publish(self, item: _Item, verdict: Verdict) -> None:
+        self._metrics.verdicts_out.labels(verdict.label).inc()
+        self._publisher.verdict(item.record, verdict)
+
+    def _dead_letter(self, item: _Item, exc: StreamguardError) -> None:
+        record = item.record
+        stage = exc.stage
+        letter = DeadLetter(
+            event_id=item.event.event_id if item.event else None,
+            error_type=exc.error_type,
+            message=str(exc) or exc.error_type,
+            stage=stage,
+            original_topic=record.topic,
+            original_partition=record.partition,
+            original_offset=record.offset,
+            original_timestamp_ms=record.timestamp_ms,
+            group_id=self._settings.worker.group_id,
+            attempt=_attempt(record) + 1,
+        )
+        self._metrics.dead_letters.labels(letter.error_type).inc()
+        log.info("worker.dead_letter", error_type=letter.error_type, stage=stage, offset=record.offset,
+                 partition=record.partition, reason=letter.message[:200])
+        if item.leased and item.sha256 is not None:
+            self._dedupe.release(item.sha256, self._owner)
+        self._publisher.dead_letter(record, letter)
+
+    def _observe(self, stage: str, t0: float, items: list[_Item]) -> None:
+        elapsed = time.perf_counter() - t0
+        self._metrics.stage_seconds.labels(stage).observe(elapsed)
+        for item in items:
+            item.timings_ms[stage] = round(elapsed * 1000.0, 3)
+
+
+def _near(match: NearMatch) -> NearDuplicate:
+    return NearDuplicate(event_id=match.cached.event_id, content_sha256=match.sha256, distance=match.distance)
+
+
+def _attempt(record: InRecord) -> int:
+    """A dead letter replayed into the input carries its attempt count; count on from there."""
+    for name, value in record.headers:
+        if name == "sg-dlt-attempt":
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0
