@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from streamguard.config import Settings, load_settings
+from streamguard.devstack import Service, start_kafka, start_redis
 from streamguard.plugins import build_plugin_manager
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,3 +57,23 @@ def settings() -> Settings:
 @pytest.fixture
 def pm(settings: Settings):  # type: ignore[no-untyped-def]
     return build_plugin_manager(settings.plugins)
+
+
+@pytest.fixture(scope="session")
+def services_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("services")
+
+
+@pytest.fixture(scope="session")
+def kafka(services_dir: Path) -> Iterator[Service]:
+    """A real Kafka-protocol broker (Tansu) on loopback, shared by the session; tests use their own topics."""
+    service = start_kafka(services_dir)
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_service(services_dir: Path) -> Iterator[Service]:
+    service = start_redis(services_dir)
+    yield service
+    service.stop()

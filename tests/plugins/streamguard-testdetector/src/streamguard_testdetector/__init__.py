@@ -1,10 +1,13 @@
 """A deterministic detector for tests: logit = gain * (mean brightness - 0.5).
 
 Bright images read as AI-generated, dark ones as real, so a test controls the verdict with the pixels it
-paints. It runs through the real in-process torch backend.
+paints. It runs through the real in-process torch backend. The ``delay_s`` option makes each batch slow,
+so stream tests can kill a worker while work is in flight.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -13,16 +16,19 @@ from streamguard.backends.torch_inprocess import torch_loader
 
 
 class Brightness(torch.nn.Module):
-    def __init__(self, gain: float) -> None:
+    def __init__(self, gain: float, delay_s: float = 0.0) -> None:
         super().__init__()
         self.gain = torch.nn.Parameter(torch.tensor(gain), requires_grad=False)
+        self.delay_s = delay_s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.delay_s:
+            time.sleep(self.delay_s)
         return self.gain * (x.mean(dim=(1, 2, 3)) - 0.5)
 
 
 def _build(ctx: LoadContext) -> torch.nn.Module:
-    return Brightness(float(ctx.options.get("gain", 10.0)))
+    return Brightness(float(ctx.options.get("gain", 10.0)), float(ctx.options.get("delay_s", 0.0)))
 
 
 @hookimpl

@@ -1,0 +1,236 @@
+"""The worker against a real broker and a real Redis: what goes in comes out, exactly once or more."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from images import encode, noise, solid, truncated_jpeg
+from stack import (
+    Topics,
+    WorkerProcess,
+    committed_offsets,
+    end_offsets,
+    image_events,
+    missing,
+    produce,
+    read_outcomes,
+    wait_for_outcomes,
+    worker_env,
+)
+from streamguard.devstack import Service, start_redis
+from streamguard.schemas import ImageEvent
+from streamguard.wire import encode_event
+
+
+def _distinct_images(n: int, seed: int = 0) -> list[bytes]:
+    return [encode(noise((48, 40), seed=seed * 10_000 + i), "PNG") for i in range(n)]
+
+
+@pytest.fixture
+def topics(kafka: Service) -> Topics:
+    return Topics(kafka.address).create()
+
+
+def _redis_url(service: Service) -> str:
+    return f"redis://{service.address}/0"
+
+
+def test_n_events_in_n_verdicts_out_and_duplicates_scored_once(topics: Topics, redis_service: Service,
+                                                                tmp_path: Path) -> None:
+    images = _distinct_images(20)
+    bright = encode(solid(250), "PNG")
+    events = image_events(images, "binary") + image_events([bright], "json", prefix="first")
+    worker = WorkerProcess(worker_env(topics, _redis_url(redis_service)), tmp_path)
+    try:
+        sent = produce(topics, events)
+        first = wait_for_outcomes(topics, sent)
+        # The same content again, after the first verdict is cached: reused, not rescored.
+        again = produce(topics, image_events([bright], "binary", prefix="again"))
+        outcomes = wait_for_outcomes(topics, sent + again)
+    finally:
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(60) == 0
+    assert not first.dead_letters
+    ids = outcomes.verdict_ids()
+    assert sorted(ids) == sorted([e[0] for e in events] + ["again-0"])  # exactly N, each with its id
+    by_id = {v["event_id"]: v for v in outcomes.verdicts}
+    assert by_id["first-0"]["label"] == "ai_generated" and by_id["first-0"]["duplicate_of"] is None
+    dup = by_id["again-0"]
+    assert dup["duplicate_of"] == "first-0"
+    assert dup["content_sha256"] == by_id["first-0"]["content_sha256"]
+    assert dup["scores"] == by_id["first-0"]["scores"]  # the cached scores: no detector ran again
+    assert "detect" not in dup["timings_ms"]
+    assert {s["detector"] for s in by_id["e-0"]["scores"]} == {"brightness", "provenance"}
+
+
+def test_poison_events_go_to_the_dead_letter_topic(topics: Topics, tmp_path: Path) -> None:
+    good = encode(solid(5), "PNG")
+    oversized = b"\xff\xd8" + b"\x00" * (300 * 1024)
+    uri_local = ImageEvent(event_id="uri-loopback", uri="http://127.0.0.1:9/secret.png")
+    uri_unreachable = ImageEvent(event_id="uri-unreachable", uri="http://unreachable.invalid/a.png")
+    records = [
+        ("bad-json", b'{"event_id": "bad-json", "image": ', [("sg-encoding", b"json")]),
+        ("schema", b'{"event_id": "schema", "image": "AAAA", "colour": "red"}', []),
+        ("corrupt", truncated_jpeg(), [("sg-encoding", b"binary"), ("sg-event-id", b"corrupt")]),
+        ("oversized", oversized, [("sg-encoding", b"binary"), ("sg-event-id", b"oversized")]),
+        ("uri-unreachable", encode_event(uri_unreachable)[0], []),
+        ("uri-loopback", encode_event(uri_local)[0], []),
+        ("good", *encode_event(ImageEvent(event_id="good", image=good), "binary")),
+    ]
+    env = worker_env(topics, None, STREAMGUARD_WORKER__MAX_RECORD_BYTES=str(256 * 1024),
+                     STREAMGUARD_WORKER__DEAD_LETTER_MAX_VALUE_BYTES=str(100 * 1024),
+                     STREAMGUARD_FETCH__TIMEOUT_S="2")
+    worker = WorkerProcess(env, tmp_path)
+    try:
+        sent = produce(topics, records)
+        outcomes = wait_for_outcomes(topics, sent)
+    finally:
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(60) == 0
+    assert outcomes.verdict_ids() == ["good"]
+    letters = {(d["original_partition"], d["original_offset"]): d for d in outcomes.dead_letters}
+    reasons = {s.event_id: letters[(s.partition, s.offset)] for s in sent if s.event_id != "good"}
+    assert reasons["bad-json"]["error_type"] == "SchemaError" and "JSON" in reasons["bad-json"]["message"]
+    assert reasons["schema"]["error_type"] == "SchemaError" and "colour" in reasons["schema"]["message"]
+    assert reasons["corrupt"]["error_type"] == "CorruptImage"
+    assert reasons["oversized"]["error_type"] == "RecordTooLarge"
+    assert reasons["oversized"]["value_len"] == 0  # too big to repeat in the letter; the headers say so
+    assert reasons["oversized"]["headers"]["sg-dlt-value-omitted-bytes"] == str(len(oversized))
+    assert reasons["uri-unreachable"]["error_type"] == "FetchFailed"
+    assert reasons["uri-loopback"]["error_type"] == "FetchRefused"
+    for letter in reasons.values():
+        headers = letter["headers"]
+        assert headers["sg-dlt-original-topic"] == topics.input
+        assert headers["sg-dlt-group"] == topics.group and headers["sg-dlt-attempt"] == "1"
+        assert {"sg-dlt-original-partition", "sg-dlt-original-offset", "sg-dlt-original-timestamp",
+                "sg-dlt-exception-class", "sg-dlt-exception-message"} <= set(headers)
+    assert reasons["corrupt"]["value_len"] > 0  # the original bytes, for replay
+
+
+def test_sigkill_mid_stream_loses_nothing(topics: Topics, tmp_path: Path) -> None:
+    env = worker_env(topics, None, STREAMGUARD_DETECTORS__OPTIONS='{"brightness": {"delay_s": 0.05}}')
+    sent = produce(topics, image_events(_distinct_images(120, seed=1)))
+    worker = WorkerProcess(env, tmp_path, "doomed")
+    try:
+        deadline = time.monotonic() + 90
+        while len(read_outcomes(topics).verdicts) < 20:
+            assert time.monotonic() < deadline, worker.log_path.read_text()[-2000:]
+            time.sleep(0.2)
+    finally:
+        worker.kill()
+    assert missing(sent, read_outcomes(topics)), "the worker finished before it was killed"
+    restarted = WorkerProcess(env, tmp_path, "restarted")
+    try:
+        outcomes = wait_for_outcomes(topics, sent, timeout=120)
+    finally:
+        restarted.signal(signal.SIGTERM)
+        assert restarted.wait(60) == 0
+    ids = outcomes.verdict_ids()
+    assert set(ids) == {s.event_id for s in sent}  # none missing; duplicates allowed
+
+
+def test_workers_joining_and_leaving_lose_nothing(topics: Topics, tmp_path: Path) -> None:
+    env = worker_env(topics, None, STREAMGUARD_DETECTORS__OPTIONS='{"brightness": {"delay_s": 0.03}}')
+    first, second = WorkerProcess(env, tmp_path, "w1"), WorkerProcess(env, tmp_path, "w2")
+    third = None
+    try:
+        first.wait_for_event("worker.partitions_assigned")
+        second.wait_for_event("worker.partitions_assigned")
+        sent = produce(topics, image_events(_distinct_images(80, seed=2), prefix="a"))
+        time.sleep(2)
+        third = WorkerProcess(env, tmp_path, "w3")
+        sent += produce(topics, image_events(_distinct_images(80, seed=3), prefix="b"))
+        third.wait_for_event("worker.partitions_assigned")
+        first.signal(signal.SIGTERM)
+        assert first.wait(60) == 0
+        sent += produce(topics, image_events(_distinct_images(40, seed=4), prefix="c"))
+        outcomes = wait_for_outcomes(topics, sent, timeout=150)
+    finally:
+        for worker in (second, third):
+            if worker is not None:
+                worker.signal(signal.SIGTERM)
+                worker.wait(60)
+        first.stop()
+    assert set(outcomes.verdict_ids()) == {s.event_id for s in sent}
+    # Both original workers held partitions at the same time: the group split the work.
+    split = [e["partitions"] for e in second.events() if e.get("event") == "worker.partitions_assigned"]
+    assert any(0 < len(p) < topics.partitions for p in split)
+
+
+def test_redis_outage_keeps_processing_and_dedupe_resumes(topics: Topics, tmp_path: Path) -> None:
+    redis = start_redis(tmp_path / "redis")
+    worker = WorkerProcess(worker_env(topics, _redis_url(redis), STREAMGUARD_REDIS__RETRY_INTERVAL_S="0.5"),
+                           tmp_path)
+    try:
+        before = produce(topics, image_events(_distinct_images(5, seed=5), prefix="before"))
+        wait_for_outcomes(topics, before)
+        redis.stop()
+        during = produce(topics, image_events(_distinct_images(5, seed=6), prefix="during"))
+        wait_for_outcomes(topics, during)
+        ready = json.loads(_get(worker.health_port, "/readyz", ok=(200, 503)))
+        assert ready["redis"] == "down"
+        redis = start_redis(tmp_path / "redis", port=redis.port)
+        time.sleep(1.0)
+        repeat = produce(topics, image_events(_distinct_images(1, seed=6), prefix="after-a"))
+        wait_for_outcomes(topics, repeat)
+        again = produce(topics, image_events(_distinct_images(1, seed=6), prefix="after-b"))
+        outcomes = wait_for_outcomes(topics, before + during + repeat + again)
+    finally:
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(60) == 0
+        redis.stop()
+    by_id = {v["event_id"]: v for v in outcomes.verdicts}
+    assert all(by_id[f"during-{i}"]["duplicate_of"] is None for i in range(5))  # scored without dedupe
+    assert by_id["after-b-0"]["duplicate_of"] == "after-a-0"  # dedupe is back
+    assert any(e.get("event") == "dedupe.redis_down" for e in worker.events())
+    assert any(e.get("event") == "dedupe.redis_up" for e in worker.events())
+
+
+def test_sigterm_drains_commits_and_exits_0(topics: Topics, tmp_path: Path) -> None:
+    env = worker_env(topics, None, STREAMGUARD_DETECTORS__OPTIONS='{"brightness": {"delay_s": 0.02}}')
+    worker = WorkerProcess(env, tmp_path)
+    worker.wait_for_event("worker.partitions_assigned")
+    sent = produce(topics, image_events(_distinct_images(40, seed=7)))
+    deadline = time.monotonic() + 60
+    while not read_outcomes(topics).verdicts:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    health = json.loads(_get(worker.health_port, "/healthz"))
+    assert health["alive"] is True
+    ready = json.loads(_get(worker.health_port, "/readyz"))
+    assert ready["ready"] is True and ready["partitions_assigned"] == topics.partitions
+    metrics = _get(worker.health_port, "/metrics")
+    assert "streamguard_events_in_total" in metrics and "streamguard_stage_seconds_bucket" in metrics
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(60) == 0
+    events = [e["event"] for e in worker.events()]
+    assert "worker.draining" in events and "worker.stopped" in events
+    outcomes = read_outcomes(topics)
+    # Whatever the worker had fetched, it finished and committed; nothing committed is unfinished.
+    committed = committed_offsets(topics)
+    done = {(s.partition, s.offset) for s in sent if s.event_id in set(outcomes.verdict_ids())}
+    for partition, offset in committed.items():
+        assert all((partition, o) in done for o in range(offset)), (partition, offset)
+    stopped = next(e for e in worker.events() if e["event"] == "worker.stopped")
+    if stopped["drained"]:
+        published = {s.event_id for s in sent} & set(outcomes.verdict_ids())
+        finished = {(s.partition, s.offset) for s in sent if s.event_id in published}
+        assert sum(committed.values()) == len(finished)
+    assert sum(committed.values()) > 0
+    assert end_offsets(topics)
+
+
+def _get(port: int, path: str, ok: tuple[int, ...] = (200,)) -> str:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.read().decode()
+    except urllib.error.HTTPError as exc:
+        if exc.code in ok:
+            return exc.read().decode()
+        raise
