@@ -20,11 +20,12 @@ $(STAMP): pyproject.toml plugins/streamguard-provenance/pyproject.toml
 	$(PIP) install --quiet $(FIND_LINKS) -e '.[test,dev]' -e plugins/streamguard-provenance
 	touch $@
 
-# The embedded default: judge sample images locally (no broker, Redis or Triton). The demo set holds
-# bad files on purpose, so exit status 1 ("some files failed") is expected; anything above is a crash.
+# The main job on the embedded default: a broker and Redis on loopback (`streamguard dev up`), the
+# sample images published, the worker judging them, every verdict and dead letter printed, then all
+# stopped. The demo set holds bad files on purpose: they come back as dead letters.
 run: setup
 	$(PY) scripts/demo_images.py $(DEMO_DIR)
-	$(VENV)/bin/streamguard scan $(SAMPLES); status=$$?; [ $$status -le 1 ]
+	VENV=$(VENV) scripts/run_demo.sh $(SAMPLES)
 
 test: setup
 	$(PY) -m pytest

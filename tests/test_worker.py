@@ -234,3 +234,54 @@ def _get(port: int, path: str, ok: tuple[int, ...] = (200,)) -> str:
         if exc.code in ok:
             return exc.read().decode()
         raise
+
+
+def test_content_leased_by_another_worker_is_not_scored_twice(topics: Topics, redis_service: Service,
+                                                               tmp_path: Path) -> None:
+    """Another worker holds the in-flight lease: this one defers the record (and keeps processing
+    others) until that worker's verdict lands in the cache, then reuses it."""
+    from streamguard.config import DedupeSettings, RedisSettings
+    from streamguard.dedupe import RedisDedupe, versions_key
+    from streamguard.schemas import Verdict
+
+    contested, other = encode(solid(240), "PNG"), encode(solid(20), "PNG")
+    sha = __import__("hashlib").sha256(contested).hexdigest()
+    store = RedisDedupe(DedupeSettings(namespace=topics.prefix), RedisSettings(url=_redis_url(redis_service)))
+    assert store.acquire(sha, "elsewhere")
+    worker = WorkerProcess(worker_env(topics, _redis_url(redis_service)), tmp_path)
+    try:
+        sent = produce(topics, image_events([contested], prefix="contested") + image_events([other], prefix="other"))
+        wait_for_outcomes(topics, [s for s in sent if s.event_id == "other-0"])
+        assert "contested-0" not in read_outcomes(topics).verdict_ids()  # deferred, not scored
+        # The other worker finishes: its verdict is cached under the key this worker computes.
+        vkey = versions_key({"brightness": "test-1", "provenance": "1.0.0"},
+                            "thresholds-1:ai>=0.8:real<=0.2")
+        theirs = Verdict(event_id="scored-elsewhere", content_sha256=sha, label="ai_generated", probability=0.97,
+                         scores=[], policy_version="thresholds-1:ai>=0.8:real<=0.2",
+                         model_versions={"brightness": "test-1", "provenance": "1.0.0"})
+        store.put(sha, vkey, theirs, None)
+        store.release(sha, "elsewhere")
+        outcomes = wait_for_outcomes(topics, sent)
+    finally:
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(60) == 0
+        store.close()
+    verdict = next(v for v in outcomes.verdicts if v["event_id"] == "contested-0")
+    assert verdict["duplicate_of"] == "scored-elsewhere" and verdict["probability"] == 0.97
+
+
+def test_copies_inside_one_batch_are_scored_once(topics: Topics, tmp_path: Path) -> None:
+    image = encode(noise((40, 40), seed=99), "PNG")
+    worker = WorkerProcess(worker_env(topics, None, STREAMGUARD_WORKER__BATCH_WAIT_MS="500"), tmp_path)
+    try:
+        worker.wait_for_event("worker.partitions_assigned")
+        # Sent together, so both copies are polled together and land in one batch.
+        sent = produce(topics, image_events([image, image], prefix="copy"))
+        outcomes = wait_for_outcomes(topics, sent)
+    finally:
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(60) == 0
+    by_id = {v["event_id"]: v for v in outcomes.verdicts}
+    # Whichever copy the batch met first was scored; the other reuses it (dedupe is off: no Redis).
+    assert sorted([by_id["copy-0"]["duplicate_of"] or "", by_id["copy-1"]["duplicate_of"] or ""]) in (
+        ["", "copy-0"], ["", "copy-1"])

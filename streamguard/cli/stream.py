@@ -67,38 +67,54 @@ def produce_command(app: AppContext, paths: tuple[str, ...], topic: str | None, 
 
 
 @click.command("tail")
-@click.option("--topic", help="Defaults to worker.output_topic.")
-@click.option("--count", type=int, help="Stop after this many records.")
+@click.option("--topic", "topics", multiple=True, help="Repeatable; defaults to the output and dead-letter topics.")
+@click.option("--count", type=int, help="Stop after this many records in all.")
 @click.option("--timeout", "timeout_s", type=float, default=30.0, show_default=True,
               help="Stop after this many seconds without a record.")
+@click.option("--json", "as_json", is_flag=True, help="Whole records as JSON lines instead of a summary.")
 @pass_app
-def tail_command(app: AppContext, topic: str | None, count: int | None, timeout_s: float) -> None:
-    """Print a topic's records from the beginning as JSON lines (verdicts by default)."""
+def tail_command(app: AppContext, topics: tuple[str, ...], count: int | None, timeout_s: float,
+                 as_json: bool) -> None:
+    """Print verdicts and dead letters (or any topics) from the beginning."""
     from kafka import KafkaConsumer, TopicPartition
 
     settings = app.settings
-    topic = topic or settings.worker.output_topic
+    topics = topics or (settings.worker.output_topic, settings.worker.dead_letter_topic)
     consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers,
                              security_protocol=settings.kafka.security_protocol, enable_auto_commit=False)
-    partitions = consumer.partitions_for_topic(topic) or set()
-    tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+    tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
     consumer.assign(tps)
     consumer.seek_to_beginning(*tps)
     seen, last = 0, time.monotonic()
     while (count is None or seen < count) and time.monotonic() - last < timeout_s:
         for records in consumer.poll(timeout_ms=200).values():
             for record in records:
-                headers = {name: value.decode("utf-8", "replace") for name, value in record.headers or ()
-                           if name.startswith("sg-dlt-")}
-                try:
-                    value = json.loads(record.value) if record.value else None
-                except ValueError:
-                    value = f"<{len(record.value)} bytes>"
-                click.echo(json.dumps({"partition": record.partition, "offset": record.offset,
-                                       "value": value, **({"headers": headers} if headers else {})}))
+                click.echo(_describe(record, as_json))
                 seen += 1
                 last = time.monotonic()
     consumer.close()
     if count is not None and seen < count:
         click.echo(f"only {seen} of {count} records within {timeout_s:g}s", err=True)
         sys.exit(1)
+
+
+def _describe(record: object, as_json: bool) -> str:
+    headers = {name: value.decode("utf-8", "replace") for name, value in getattr(record, "headers", None) or ()}
+    raw = getattr(record, "value", None)
+    try:
+        value = json.loads(raw) if raw else None
+    except ValueError:
+        value = None
+    where = f"{record.topic}[{record.partition}]@{record.offset}"  # type: ignore[attr-defined]
+    if as_json:
+        return json.dumps({"topic": record.topic, "partition": record.partition,  # type: ignore[attr-defined]
+                           "offset": record.offset, "value": value if value is not None else f"<{len(raw or b'')} bytes>",  # type: ignore[attr-defined]
+                           "headers": headers})
+    if "sg-dlt-exception-class" in headers:
+        return (f"{where}  dead letter  {headers['sg-dlt-exception-class']}: "
+                f"{headers.get('sg-dlt-exception-message', '')}")
+    if isinstance(value, dict) and "label" in value:
+        p = value.get("probability")
+        dup = f"  duplicate of {value['duplicate_of']}" if value.get("duplicate_of") else ""
+        return f"{where}  {value['event_id']}  {value['label']}  p={'-' if p is None else f'{p:.3f}'}{dup}"
+    return f"{where}  {len(raw or b'')} bytes"

@@ -38,6 +38,8 @@ from streamguard.worker.records import InRecord
 log = structlog.get_logger(__name__)
 
 _LAG_INTERVAL_S = 5.0
+_WAITING_RECHECK_S = 0.05
+_RECHECK: Any = object()  # a wake-up without a new record
 
 
 def consumer_config(settings: Settings) -> dict[str, Any]:
@@ -243,10 +245,14 @@ class Worker:
     def _process_forever(self, processor: BatchProcessor) -> None:
         w = self._settings.worker
         while True:
-            first = self._work.get()
+            try:
+                # With deferred records, wake up regularly to re-check their leases.
+                first = self._work.get(timeout=_WAITING_RECHECK_S if processor.waiting else None)
+            except queue.Empty:
+                first = _RECHECK
             if first is None:
                 return
-            batch = [first]
+            batch = [] if first is _RECHECK else [first]
             deadline = time.monotonic() + w.batch_wait_ms / 1000.0
             while len(batch) < w.batch_size:
                 try:
@@ -259,7 +265,8 @@ class Worker:
                 batch.append(item)
             with self._lock:
                 current = [r for r in batch if self._epochs.get(r.tp, 0) == r.epoch]
-            if current:
+                processor.drop_waiting(lambda r: self._epochs.get(r.tp, 0) != r.epoch)
+            if current or processor.waiting:
                 try:
                     processor.process(current)
                 except Exception as exc:  # noqa: BLE001 - the processor dead-letters per record; this is a bug

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,9 +30,6 @@ from streamguard.worker.records import InRecord
 
 log = structlog.get_logger(__name__)
 
-_LEASE_POLL_S = 0.05
-
-
 class InternalError(StreamguardError):
     """An unexpected failure while processing one record; it is dead-lettered, never retried forever."""
 
@@ -47,6 +44,7 @@ class _Item:
     phash: PerceptualHash | None = None
     near: NearMatch | None = None
     leased: bool = False
+    wait_until: float | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -62,6 +60,7 @@ class BatchProcessor:
         self._owner = owner
         self._versions_key = versions_key(scorer.model_versions, scorer.policy_version)
         self._fetch_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fetch")
+        self._waiting: list[_Item] = []
 
     def close(self) -> None:
         self._fetch_pool.shutdown(wait=False, cancel_futures=True)
@@ -117,40 +116,51 @@ class BatchProcessor:
         return live
 
     def _reuse_exact(self, items: list[_Item]) -> list[_Item]:
-        """Exact duplicates by sha256: the cache first, then an in-flight lease so that two workers
-        never score the same content at once; duplicates inside the batch wait for their first copy."""
+        """Exact duplicates by sha256: the cached verdict if there is one, else an in-flight lease so that
+        two workers never score the same content at once. Content leased by another worker is deferred,
+        not waited for, so one slow copy elsewhere does not stall this worker's other records."""
         t0 = time.perf_counter()
-        live = []
         for item in items:
             assert item.data is not None
             item.sha256 = hashlib.sha256(item.data).hexdigest()
         if not self._settings.dedupe.enabled:
             return items
-        if not self._dedupe.available:
+        if items and not self._dedupe.available:
             self._metrics.dedupe_unavailable.inc(len(items))
-        for item in items:
-            cached = self._lookup_or_lease(item)
-            if cached is not None:
-                self._publish_cached(item, cached, "exact")
-            else:
+        candidates, self._waiting = self._waiting + items, []
+        leaders: set[str] = set()  # content this pass will score; later copies reuse it in _judge
+        live = []
+        now = time.monotonic()
+        for item in candidates:
+            assert item.sha256 is not None
+            if item.sha256 in leaders:
                 live.append(item)
+            elif (cached := self._dedupe.get(item.sha256, self._versions_key)) is not None:
+                self._publish_cached(item, cached, "exact")
+            elif self._dedupe.acquire(item.sha256, self._owner):
+                item.leased = True
+                leaders.add(item.sha256)
+                live.append(item)
+            elif item.wait_until is not None and now >= item.wait_until:
+                # The other worker's lease outlived its own expiry check: score rather than wait forever.
+                log.warning("dedupe.lease_wait_timeout", sha256=item.sha256, event_id=item.event.event_id)  # type: ignore[union-attr]
+                leaders.add(item.sha256)
+                live.append(item)
+            else:
+                if item.wait_until is None:
+                    item.wait_until = now + self._settings.dedupe.lease_ms / 1000.0
+                self._waiting.append(item)
         self._observe("dedupe", t0, items)
         return live
 
-    def _lookup_or_lease(self, item: _Item) -> CachedVerdict | None:
-        assert item.sha256 is not None
-        deadline = time.monotonic() + self._settings.dedupe.lease_ms / 1000.0
-        while True:
-            cached = self._dedupe.get(item.sha256, self._versions_key)
-            if cached is not None:
-                return cached
-            if self._dedupe.acquire(item.sha256, self._owner):
-                item.leased = True
-                return None
-            if time.monotonic() > deadline:
-                log.warning("dedupe.lease_wait_timeout", sha256=item.sha256)
-                return None
-            time.sleep(_LEASE_POLL_S)
+    @property
+    def waiting(self) -> int:
+        """Records deferred because another worker holds their content's lease."""
+        return len(self._waiting)
+
+    def drop_waiting(self, stale: Callable[[InRecord], bool]) -> None:
+        """Forget deferred records of partitions this worker no longer owns."""
+        self._waiting = [item for item in self._waiting if not stale(item.record)]
 
     def _decode(self, items: list[_Item]) -> list[_Item]:
         t0 = time.perf_counter()

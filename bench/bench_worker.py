@@ -1,0 +1,491 @@
+"""Worker benchmark: the streaming worker's throughput against a raw kafka-python consume -> produce loop,
+same broker, same messages, same run.
+
+    .venv/bin/python bench/bench_worker.py [--messages 2000] [--partitions 4] [--encoding binary|json]
+                                           [--out bench/results/worker.json]
+
+One Tansu broker (in memory, loopback) is started for the run and stopped at the end. M seeded, distinct
+64x64 noise PNGs (~12 KB each) are pre-produced as `ImageEvent`s to an input topic with P partitions, then
+read twice, each time by a fresh consumer group from the beginning:
+
+- raw: kafka-python in this process; poll, `send` a small JSON value per record to an output topic, flush,
+  check every acknowledgement, commit; no processing. The floor of what any Python worker on
+  kafka-python can do with these records.
+- worker: the real `streamguard.worker.loop.Worker` in a thread of this process, with the built-in fusion
+  and policy plugins and one trivial detector (logit 0.0 per image, input contract 32 px), dedupe off
+  (no Redis), so the comparison is about the streaming path: parse, decode, prepare, detect, verdict,
+  publish, offsets.
+
+Both are timed from their consumer's partition assignment (group join excluded) to the moment the M-th
+output record is acknowledged by the broker: for raw, the last flush; for the worker, when the output
+topic's end offsets (polled every 20 ms from the main thread) reach M. The worker is also reported from
+its first verdict on. The per-stage times come from the worker's own `streamguard_stage_seconds`
+histogram (one observation per stage per batch).
+
+Prints events/s for both and their ratio; writes the numbers as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from PIL import Image
+
+from streamguard.config import Settings, load_settings
+from streamguard.detectors.spec import DetectorInput, DetectorSpec, LoadContext
+from streamguard.devstack import Service, create_topics, start_kafka
+from streamguard.hookspecs import hookimpl
+from streamguard.intake import InputContract
+from streamguard.plugins import build_plugin_manager
+from streamguard.schemas import ImageEvent
+from streamguard.wire import Encoding, encode_event
+
+AIM = 0.8  # the issue's target for ratio_vs_raw
+IMAGE_SIDE = 64
+END_POLL_S = 0.02
+EPOCH = datetime(2024, 1, 1, tzinfo=UTC)  # fixed created_at: the message bytes do not depend on the clock
+
+
+# -- messages -------------------------------------------------------------------------------------------
+
+
+def _png(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (IMAGE_SIDE, IMAGE_SIDE, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _messages(n: int, encoding: Encoding, seed: int) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]:
+    out = []
+    for i in range(n):
+        event = ImageEvent(event_id=f"bench-{seed}-{i:06d}", image=_png(seed * 1_000_003 + i), source="bench",
+                           created_at=EPOCH + timedelta(seconds=i))
+        value, headers = encode_event(event, encoding)
+        out.append((event.event_id.encode(), value, headers))
+    return out
+
+
+def _produce(bootstrap: str, topic: str, messages: Sequence[tuple[bytes, bytes, list[tuple[str, bytes]]]]) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5,
+                             max_request_size=30 * 1024 * 1024)
+    try:
+        futures = [producer.send(topic, key=key, value=value, headers=headers) for key, value, headers in messages]
+        producer.flush()
+        for future in futures:
+            future.get(timeout=30)
+    finally:
+        producer.close()
+
+
+# -- baseline: raw kafka-python -------------------------------------------------------------------------
+
+
+class _FirstAssignment(ConsumerRebalanceListener):
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        pass
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        if self.at is None and assigned:
+            self.at = time.perf_counter()
+
+
+def run_raw(bootstrap: str, topic: str, out_topic: str, group: str, m: int, timeout_s: float) -> dict[str, Any]:
+    listener = _FirstAssignment()
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
+                             auto_offset_reset="earliest")
+    # Same durability as the worker's producer (see worker/publish.py): acks from all replicas.
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    try:
+        consumer.subscribe([topic], listener=listener)
+        started = time.perf_counter()
+        first_record: float | None = None
+        done = polls = commits = 0
+        deadline = started + timeout_s
+        while done < m:
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"raw loop: {done} of {m} records in {timeout_s:g}s")
+            batch = consumer.poll(timeout_ms=100)
+            polls += 1
+            futures = []
+            for records in batch.values():
+                for record in records:
+                    value = json.dumps({"key": record.key.decode() if record.key else None,
+                                        "partition": record.partition, "offset": record.offset}).encode()
+                    futures.append(producer.send(out_topic, key=record.key, value=value))
+            if not futures:
+                continue
+            if first_record is None:
+                first_record = time.perf_counter()
+            producer.flush()
+            for future in futures:
+                future.get(timeout=30)  # raises if the broker refused it
+            consumer.commit()
+            commits += 1
+            done += len(futures)
+        finished = time.perf_counter()
+    finally:
+        producer.close()
+        consumer.close(autocommit=False)
+    assigned = listener.at if listener.at is not None else started
+    seconds = finished - assigned
+    return {
+        "events": done,
+        "seconds": round(seconds, 4),
+        "events_per_s": round(done / seconds, 2),
+        "startup_s": round(assigned - started, 4),
+        "first_record_after_assignment_s": round((first_record or assigned) - assigned, 4),
+        "polls": polls,
+        "commits": commits,
+    }
+
+
+# -- the worker -----------------------------------------------------------------------------------------
+
+
+class _ZeroBackend:
+    """A detector that costs nothing: logit 0.0 for every image."""
+
+    def predict(self, batch: Sequence[DetectorInput]) -> list[float]:
+        return [0.0] * len(batch)
+
+    def close(self) -> None:
+        pass
+
+
+class TrivialDetectorPlugin:
+    @hookimpl
+    def register_detectors(self, register: Callable[[DetectorSpec], None]) -> None:
+        register(DetectorSpec(name="bench-zero", version="1", load=self._load, contract=InputContract(size=32),
+                              description="benchmark detector: logit 0.0 for every image"))
+
+    @staticmethod
+    def _load(ctx: LoadContext) -> _ZeroBackend:
+        return _ZeroBackend()
+
+
+class _LogCapture:
+    """A structlog processor that notes when each event was logged (perf_counter), then renders it."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, str]] = []
+
+    def __call__(self, logger: Any, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+        self.events.append((time.perf_counter(), str(event_dict.get("event"))))
+        return event_dict
+
+    def first(self, name: str) -> float | None:
+        return next((t for t, event in self.events if event == name), None)
+
+    def count(self, name: str) -> int:
+        return sum(1 for _, event in self.events if event == name)
+
+
+def _configure_logs(capture: _LogCapture, log_file: Any) -> None:
+    structlog.configure(
+        processors=[capture, structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True),
+                    structlog.processors.format_exc_info, structlog.processors.JSONRenderer()],
+        wrapper_class=structlog.make_filtering_bound_logger(20),  # info
+        logger_factory=structlog.PrintLoggerFactory(file=log_file),
+        cache_logger_on_first_use=False,
+    )
+
+
+def worker_settings(bootstrap: str, topic: str, out_topic: str, dlq: str, group: str, batch_size: int | None) -> Settings:
+    worker: dict[str, Any] = {
+        "input_topic": topic, "output_topic": out_topic, "dead_letter_topic": dlq, "group_id": group,
+        "health_host": "127.0.0.1", "health_port": 0,
+    }
+    if batch_size is not None:
+        worker["batch_size"] = batch_size
+    return load_settings(
+        kafka={"bootstrap_servers": bootstrap},
+        worker=worker,
+        dedupe={"enabled": False},
+        plugins={"allow": ["builtin-fusion", "builtin-policy"]},
+    )
+
+
+def _end_total(consumer: KafkaConsumer, tps: list[TopicPartition]) -> int:
+    return sum(consumer.end_offsets(tps).values())
+
+
+def _topic_partitions(consumer: KafkaConsumer, topic: str) -> list[TopicPartition]:
+    deadline = time.monotonic() + 30
+    while not (parts := consumer.partitions_for_topic(topic)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no metadata for {topic}")
+        time.sleep(0.1)
+    return [TopicPartition(topic, p) for p in sorted(parts)]
+
+
+def run_worker(settings: Settings, m: int, timeout_s: float, log_path: Path,
+               profile: Path | None = None) -> dict[str, Any]:
+    from streamguard.worker.loop import Worker
+
+    w = settings.worker
+    pm = build_plugin_manager(settings.plugins)
+    pm.register(TrivialDetectorPlugin(), name="bench-trivial")
+    capture = _LogCapture()
+    watcher = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers)
+    with open(log_path, "a") as log_file:
+        _configure_logs(capture, log_file)
+        try:
+            outputs = _topic_partitions(watcher, w.output_topic)
+            dead = _topic_partitions(watcher, w.dead_letter_topic)
+            base_out, base_dead = _end_total(watcher, outputs), _end_total(watcher, dead)
+            worker = Worker(settings, pm)
+            if profile is not None:
+                _profile_threads(worker, profile)
+            exit_codes: list[int] = []
+            thread = threading.Thread(target=lambda: exit_codes.append(worker.run()), name="worker", daemon=True)
+            started = time.perf_counter()
+            thread.start()
+            first_verdict: float | None = None
+            try:
+                deadline = started + timeout_s
+                while True:
+                    verdicts = _end_total(watcher, outputs) - base_out
+                    letters = _end_total(watcher, dead) - base_dead
+                    now = time.perf_counter()
+                    if first_verdict is None and verdicts + letters > 0:
+                        first_verdict = now
+                    if verdicts + letters >= m:
+                        finished = now
+                        break
+                    if not thread.is_alive():
+                        raise RuntimeError(f"worker exited early ({exit_codes}); see {log_path}")
+                    if now > deadline:
+                        raise TimeoutError(f"worker: {verdicts + letters} of {m} outcomes in {timeout_s:g}s; see {log_path}")
+                    time.sleep(END_POLL_S)
+            finally:
+                worker.stop()
+                thread.join(timeout=w.drain_timeout_s + 15)
+        finally:
+            watcher.close()
+            structlog.reset_defaults()
+    if thread.is_alive():
+        raise RuntimeError("worker did not stop")
+    assigned = capture.first("worker.partitions_assigned") or started
+    seconds = finished - assigned
+    after_first = finished - (first_verdict or assigned)
+    return {
+        "events": verdicts + letters,
+        "verdicts": verdicts,
+        "dead_letters": letters,
+        "seconds": round(seconds, 4),
+        "events_per_s": round(m / seconds, 2),
+        "startup_s": round(assigned - started, 4),
+        "first_verdict_after_assignment_s": round((first_verdict or assigned) - assigned, 4),
+        "seconds_from_first_verdict": round(after_first, 4),
+        # The first verdict's own record is not in this interval, hence m - 1.
+        "events_per_s_from_first_verdict": round((m - 1) / after_first, 2) if after_first > 0 else None,
+        "rebalances": capture.count("worker.partitions_assigned"),
+        "exit_code": exit_codes[0] if exit_codes else None,
+        **_metrics(worker, m, seconds),
+    }
+
+
+def _metrics(worker: Any, m: int, wall_s: float) -> dict[str, Any]:
+    registry = worker.metrics.registry
+    stages: dict[str, dict[str, float]] = {}
+    labels: dict[str, float] = {}
+    batches = 0.0
+    for family in registry.collect():
+        if family.name == "streamguard_stage_seconds":
+            sums = {s.labels["stage"]: s.value for s in family.samples if s.name.endswith("_sum")}
+            counts = {s.labels["stage"]: s.value for s in family.samples if s.name.endswith("_count")}
+            for stage, total in sums.items():
+                count = counts.get(stage, 0.0)
+                batches = max(batches, count)
+                stages[stage] = {
+                    "batches": int(count),
+                    "total_s": round(total, 4),
+                    "ms_per_batch": round(1000.0 * total / count, 3) if count else 0.0,
+                    "ms_per_record": round(1000.0 * total / m, 4),
+                    "fraction_of_wall": round(total / wall_s, 4),
+                }
+        elif family.name == "streamguard_verdicts":
+            labels = {s.labels["label"]: s.value for s in family.samples if s.name.endswith("_total")}
+    timed = sum(s["total_s"] for s in stages.values())
+    return {
+        "batches": int(batches),
+        "records_per_batch": round(m / batches, 2) if batches else None,
+        "stages": stages,
+        "stages_total_s": round(timed, 4),
+        # The processing thread outside the timed stages: publishing (serialise + send), batch assembly, idle.
+        "untimed_fraction_of_wall": round(1.0 - timed / wall_s, 4),
+        "verdict_labels": labels,
+    }
+
+
+def _profile_threads(worker: Any, out_dir: Path) -> None:
+    """cProfile the processing thread and the poll loop (their own profilers, as cProfile is per thread)."""
+    import cProfile
+    import functools
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def wrap(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def profiled(*args: Any, **kwargs: Any) -> Any:
+            prof = cProfile.Profile()
+            try:
+                return prof.runcall(fn, *args, **kwargs)
+            finally:
+                prof.dump_stats(out_dir / f"{name}.pstats")
+        return profiled
+
+    worker._process_forever = wrap("processing", worker._process_forever)
+    worker._poll_until_stopped = wrap("poll", worker._poll_until_stopped)
+
+
+# -- main -----------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/worker.json"))
+    parser.add_argument("--messages", type=int, default=2000, help="M: events produced and consumed")
+    parser.add_argument("--partitions", type=int, default=4, help="P: partitions of the input topic")
+    parser.add_argument("--encoding", choices=["binary", "json"], default="binary", help="ImageEvent wire format")
+    parser.add_argument("--batch-size", type=int, default=None, help="worker.batch_size (default: the setting's)")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of raw then worker; the median is reported")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds allowed per measured run")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="write cProfile stats of the worker's processing and poll threads to this folder")
+    args = parser.parse_args()
+    for name in [n for n in os.environ if n.startswith("STREAMGUARD_")]:
+        del os.environ[name]  # the benchmark's settings are its own, whatever the shell exports
+
+    messages = _messages(args.messages, args.encoding, args.seed)
+    value_bytes = [len(value) for _, value, _ in messages]
+    with tempfile.TemporaryDirectory(prefix="sg-bench-worker-") as tmp:
+        workdir = Path(tmp)
+        broker: Service | None = None
+        try:
+            broker = start_kafka(workdir)
+            result = _measure(broker.address, messages, args, workdir)
+        except BaseException:
+            logs = sorted(workdir.glob("*.log"))
+            for path in logs:
+                print(f"--- {path.name} (tail)", file=sys.stderr)
+                print(path.read_text(errors="replace")[-2000:], file=sys.stderr)
+            raise
+        finally:
+            if broker is not None:
+                broker.stop()
+
+    raw, worker = result["raw"], result["worker"]
+    ratio = worker["events_per_s"] / raw["events_per_s"]
+    output = {
+        "benchmark": "worker_vs_raw_kafka_python",
+        "messages": args.messages,
+        "partitions": args.partitions,
+        "encoding": args.encoding,
+        "image": f"{IMAGE_SIDE}x{IMAGE_SIDE} noise PNG",
+        "record_value_bytes_mean": round(statistics.fmean(value_bytes), 1),
+        "seed": args.seed,
+        "repeat": args.repeat,
+        "timing": ("from the consumer's partition assignment (group join excluded) to the M-th output record "
+                   "acknowledged; worker end seen by polling output end offsets every 20 ms"),
+        "raw_events_per_s": raw["events_per_s"],
+        "worker_events_per_s": worker["events_per_s"],
+        "ratio_vs_raw": round(ratio, 3),
+        "worker_events_per_s_from_first_verdict": worker["events_per_s_from_first_verdict"],
+        "aim_ratio": AIM,
+        "meets_aim": ratio >= AIM,
+        "raw": raw,
+        "worker": worker,
+        "worker_settings": result["settings"],
+        "rounds": result["rounds"],
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(output, indent=2) + "\n")
+    _print(output)
+    print(f"-> {args.out}")
+
+
+def _measure(bootstrap: str, messages: list, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    prefix = f"bench{uuid.uuid4().hex[:6]}"
+    topic = f"{prefix}.images"
+    create_topics(bootstrap, {topic: args.partitions, f"{prefix}.raw-out": args.partitions,
+                              f"{prefix}.verdicts": args.partitions, f"{prefix}.dlq": 1})
+    t0 = time.perf_counter()
+    _produce(bootstrap, topic, messages)
+    print(f"produced {len(messages)} {args.encoding} events to {topic} ({args.partitions} partitions) "
+          f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    rounds = []
+    settings = None
+    for i in range(args.repeat):
+        raw = run_raw(bootstrap, topic, f"{prefix}.raw-out", f"{prefix}.raw-{i}", len(messages), args.timeout)
+        print(f"round {i + 1}: raw    {raw['events_per_s']:9.1f} events/s", file=sys.stderr)
+        settings = worker_settings(bootstrap, topic, f"{prefix}.verdicts", f"{prefix}.dlq", f"{prefix}.worker-{i}",
+                                   args.batch_size)
+        profile = args.profile if (args.profile is not None and i == args.repeat - 1) else None
+        worker = run_worker(settings, len(messages), args.timeout, workdir / "worker.log", profile)
+        print(f"round {i + 1}: worker {worker['events_per_s']:9.1f} events/s", file=sys.stderr)
+        rounds.append({"raw": raw, "worker": worker})
+    # The round with the median worker/raw ratio stands for the run.
+    ordered = sorted(rounds, key=lambda r: r["worker"]["events_per_s"] / r["raw"]["events_per_s"])
+    chosen = ordered[(len(ordered) - 1) // 2]
+    assert settings is not None
+    w = settings.worker
+    return {
+        "raw": chosen["raw"],
+        "worker": chosen["worker"],
+        "rounds": [{"raw_events_per_s": r["raw"]["events_per_s"], "worker_events_per_s": r["worker"]["events_per_s"]}
+                   for r in rounds],
+        "settings": {
+            "batch_size": w.batch_size, "batch_wait_ms": w.batch_wait_ms, "max_in_flight": w.max_in_flight,
+            "max_in_flight_per_partition": w.max_in_flight_per_partition, "commit_interval_s": w.commit_interval_s,
+            "poll_timeout_ms": w.poll_timeout_ms, "detector_batch_size": settings.detectors.batch_size,
+            "dedupe": settings.dedupe.enabled,
+        },
+    }
+
+
+def _print(out: dict[str, Any]) -> None:
+    raw, worker = out["raw"], out["worker"]
+    print(f"{out['messages']} {out['encoding']} events, {out['partitions']} partitions, "
+          f"{out['record_value_bytes_mean']:.0f} B/record; timed from partition assignment to last ack")
+    print(f"raw kafka-python : {raw['events_per_s']:9.1f} events/s  ({raw['seconds']:.2f}s, baseline)")
+    print(f"streamguard worker: {worker['events_per_s']:9.1f} events/s  ({worker['seconds']:.2f}s; "
+          f"{worker['events_per_s_from_first_verdict']} events/s from first verdict)")
+    print(f"ratio worker/raw  : {out['ratio_vs_raw']:9.3f}   (aim >= {out['aim_ratio']})")
+    print(f"worker batches    : {worker['batches']} ({worker['records_per_batch']} records/batch), "
+          f"{worker['verdicts']} verdicts, {worker['dead_letters']} dead letters")
+    print(f"{'stage':<12} {'ms/batch':>9} {'ms/record':>10} {'% of wall':>10}")
+    for stage, s in worker["stages"].items():
+        print(f"{stage:<12} {s['ms_per_batch']:9.3f} {s['ms_per_record']:10.4f} {100 * s['fraction_of_wall']:9.1f}%")
+    print(f"{'(untimed)':<12} {'':>9} {'':>10} {100 * worker['untimed_fraction_of_wall']:9.1f}%")
+
+
+if __name__ == "__main__":
+    main()

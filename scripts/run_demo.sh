@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# `make run`: the main job on the embedded default stack. Starts a broker and Redis on loopback, publishes
+# the sample images (twice, so the second copies are answered from the dedupe cache), runs the worker,
+# prints every verdict and dead letter, then stops everything.
+set -euo pipefail
+sg="${VENV:-.venv}/bin/streamguard"
+samples="${1:-.cache/demo}"
+workdir=.cache/dev
+
+cleanup() {
+    [ -n "${worker_pid:-}" ] && kill -TERM "$worker_pid" 2>/dev/null && wait "$worker_pid" || true
+    "$sg" dev down --workdir "$workdir" >/dev/null
+}
+trap cleanup EXIT
+
+eval "$("$sg" dev up --workdir "$workdir")"
+export STREAMGUARD_WORKER__HEALTH_PORT=0 STREAMGUARD_WORKER__HEALTH_HOST=127.0.0.1 STREAMGUARD_LOG__FORMAT=json
+first=$("$sg" produce "$samples")
+second=$("$sg" produce "$samples")
+sent=$(python3 -c 'import json,sys; print(sum(json.loads(l)["sent"] for l in sys.argv[1:]))' "$first" "$second")
+echo "published $sent events from $samples"
+
+"$sg" worker 2>"$workdir/worker.log" &
+worker_pid=$!
+"$sg" tail --count "$sent" --timeout 120
+kill -TERM "$worker_pid" && wait "$worker_pid"
+worker_pid=
+echo "worker drained and stopped (log: $workdir/worker.log)"
