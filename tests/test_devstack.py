@@ -1,0 +1,73 @@
+"""`streamguard dev up|down` as a developer runs it: real processes, real ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import redis
+from kafka import KafkaConsumer
+
+from streamguard.devstack import load_state
+from streamguard.worker.health import HealthServer, HealthState
+
+
+def _sg(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "streamguard", *args], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def test_dev_up_prints_exports_and_dev_down_stops_everything(tmp_path: Path) -> None:
+    up = _sg("dev", "up", "--workdir", str(tmp_path), "--partitions", "3")
+    assert up.returncode == 0, up.stderr
+    exports = dict(line.removeprefix("export ").split("=", 1) for line in up.stdout.splitlines())
+    services = load_state(tmp_path)
+    try:
+        bootstrap = exports["STREAMGUARD_KAFKA__BOOTSTRAP_SERVERS"]
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+        partitions = {t: len(consumer.partitions_for_topic(t) or ()) for t in ("images", "verdicts", "images.dlq")}
+        consumer.close()
+        assert partitions == {"images": 3, "verdicts": 3, "images.dlq": 1}
+        assert redis.Redis.from_url(exports["STREAMGUARD_REDIS__URL"]).ping()
+        # A second `up` reuses the running services.
+        again = _sg("dev", "up", "--workdir", str(tmp_path))
+        assert again.stdout == up.stdout
+        settings = json.loads(_sg("config", "show", env={**os.environ, **exports}).stdout)
+        assert settings["kafka"]["bootstrap_servers"] == bootstrap
+    finally:
+        down = _sg("dev", "down", "--workdir", str(tmp_path))
+    assert down.returncode == 0 and "stopped 2 services" in down.stdout
+    assert all(not s.alive() for s in services)
+    assert load_state(tmp_path) == []
+
+
+def test_health_endpoints() -> None:
+    state = HealthState(liveness_timeout_s=0.2)
+    state.readiness = lambda: {"ready": False, "partitions_assigned": 0}
+    server = HealthServer(state, lambda: b"# metrics\n", "127.0.0.1", 0).start()
+
+    def get(path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}", timeout=5) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    try:
+        state.progress()
+        assert get("/healthz")[0] == 200
+        status, body = get("/readyz")
+        assert status == 503 and json.loads(body)["partitions_assigned"] == 0
+        assert get("/metrics") == (200, b"# metrics\n")
+        assert get("/nope")[0] == 404
+        time.sleep(0.3)  # the poll loop stalls
+        status, body = get("/healthz")
+        assert status == 503 and json.loads(body)["alive"] is False
+    finally:
+        server.close()
