@@ -147,6 +147,20 @@ class WorkerSettings(_Section):
     liveness_timeout_s: float = Field(30.0, gt=0, description="/healthz fails when the poll loop stalls this long.")
 
 
+class BackboneSettings(_Section):
+    """The CLIP image encoder every built-in detector stands on."""
+
+    cache_dir: Path = Field(
+        default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "streamguard",
+        description="Where `streamguard backbone fetch` writes the converted weights.",
+    )
+    checkpoint: Path | None = Field(
+        None,
+        description="Operator-supplied weights instead of the cache: a transformers CLIP directory, or an "
+        "OpenAI / open_clip state dict file (ViT-L/14 included).",
+    )
+
+
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = Field(
@@ -173,6 +187,7 @@ class Settings(BaseSettings):
     fetch: FetchSettings = Field(default_factory=FetchSettings)
     dedupe: DedupeSettings = Field(default_factory=DedupeSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    backbone: BackboneSettings = Field(default_factory=BackboneSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
     @classmethod

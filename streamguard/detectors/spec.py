@@ -6,10 +6,12 @@ weights load only when the worker or a command calls ``spec.load``, once, at sta
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -50,15 +52,37 @@ class LoadContext:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
+CALIBRATION_FILE = "calibration.json"
+
+
 @dataclass(frozen=True)
 class Calibration:
-    """Platt scaling of the raw logit: calibrated = scale * logit + bias. Temperature T is scale = 1/T."""
+    """Platt scaling of the raw logit: calibrated = scale * logit + bias. Temperature T is scale = 1/T.
+
+    Stored beside a detector's weights as ``calibration.json`` (`save`/`load`), with how it was fitted.
+    """
 
     scale: float = 1.0
     bias: float = 0.0
+    method: str = "identity"
+    fitted_on: str = ""
 
     def apply(self, logit: float) -> float:
         return self.scale * logit + self.bias
+
+    def save(self, weights_dir: Path) -> Path:
+        path = weights_dir / CALIBRATION_FILE
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, weights_dir: Path) -> Calibration:
+        """The stored calibration, or identity when the detector has none yet."""
+        path = weights_dir / CALIBRATION_FILE
+        if not path.is_file():
+            return cls()
+        data = json.loads(path.read_text())
+        return cls(**{k: data[k] for k in ("scale", "bias", "method", "fitted_on") if k in data})
 
 
 @dataclass(frozen=True)
@@ -70,6 +94,7 @@ class DetectorSpec:
       verdicts record it.
     - ``contract``: the input the model wants; None when it reads only the image's metadata.
     - ``load``: builds the backend (loads weights); called once per process.
+    - ``weights_dir``: the detector's weights directory, where ``streamguard calibrate`` writes.
     """
 
     name: str
@@ -78,6 +103,7 @@ class DetectorSpec:
     contract: InputContract | None = field(default_factory=InputContract)
     calibration: Calibration = field(default_factory=Calibration)
     description: str = ""
+    weights_dir: Path | None = None  # where its weights and calibration.json live, for `calibrate`
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
