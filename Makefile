@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml plugins/streamguard-provenance/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip setuptools wheel
 	$(PIP) install --quiet $(FIND_LINKS) -e '.[test,dev]' -e plugins/streamguard-provenance
+	$(VENV)/bin/streamguard backbone fetch
 	touch $@
 
 # The main job on the embedded default: a broker and Redis on loopback (`streamguard dev up`), the
@@ -32,6 +33,7 @@ test: setup
 
 bench: setup
 	$(PY) bench/bench_intake.py
+	$(PY) bench/bench_worker.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .hypothesis

@@ -36,6 +36,7 @@ class ConfigurationError(Exception):
 class ImageJob:
     key: str  # the event id (worker) or the path (scan)
     data: bytes
+    sha256: str | None = None  # when the caller hashed the bytes already
 
 
 @dataclass
@@ -101,7 +102,7 @@ class Scorer:
         outcomes: list[Outcome] = []
         for job in jobs:
             t0 = time.perf_counter()
-            outcome = Outcome(key=job.key, sha256=hashlib.sha256(job.data).hexdigest())
+            outcome = Outcome(key=job.key, sha256=job.sha256 or hashlib.sha256(job.data).hexdigest())
             outcomes.append(outcome)
             try:
                 outcome.image = decode_image(job.data, self._settings.intake, self._decode_side)

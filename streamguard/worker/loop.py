@@ -50,7 +50,8 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
         "group_id": w.group_id,
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
-        "max_poll_records": w.max_in_flight_per_partition,
+        # Flow control bounds the work in flight; a poll may bring a partition's whole budget at once.
+        "max_poll_records": min(500, w.max_in_flight),
         "max_poll_interval_ms": w.max_poll_interval_ms,
         "session_timeout_ms": w.session_timeout_ms,
         "heartbeat_interval_ms": w.heartbeat_interval_ms,
@@ -133,10 +134,13 @@ class Worker:
         w = self._settings.worker
         last_commit = last_lag = time.monotonic()
         while not self._stop.is_set() and self._fatal is None:
-            batch = consumer.poll(timeout_ms=w.poll_timeout_ms)
+            # With every partition paused a poll would only sleep; wait for acknowledgements instead, so
+            # capacity frees up (and partitions resume) as soon as the broker confirms.
+            all_paused = bool(self._paused) and self._paused >= consumer.assignment()
+            batch = consumer.poll(timeout_ms=0 if all_paused else w.poll_timeout_ms)
             self.health.progress()
             self._accept(batch)
-            self._drain_acks()
+            self._drain_acks(wait_s=w.poll_timeout_ms / 1000.0 if all_paused else 0.0)
             self._flow_control(consumer)
             now = time.monotonic()
             if now - last_commit >= w.commit_interval_s:
@@ -173,12 +177,13 @@ class Worker:
             for record in records:
                 self._work.put(InRecord.from_consumer(record, epoch))
 
-    def _drain_acks(self) -> None:
+    def _drain_acks(self, wait_s: float = 0.0) -> None:
         while True:
             try:
-                ack = self._acks.get_nowait()
+                ack = self._acks.get(timeout=wait_s) if wait_s else self._acks.get_nowait()
             except queue.Empty:
                 break
+            wait_s = 0.0
             if ack.error is not None:
                 # Not acknowledged means not committable: stop here and let redelivery finish the job.
                 log.error("worker.publish_failed", offset=ack.record.offset, partition=ack.record.partition,
@@ -207,6 +212,8 @@ class Worker:
             consumer.pause(*pause)
         if resume:
             consumer.resume(*resume)
+        # Every time, not only on resume: the fetcher restores one parked partition per poll.
+        _unpark_resumed(consumer)
         self._paused = want
         self.metrics.paused_partitions.set(len(want))
 
@@ -309,6 +316,21 @@ class Worker:
             "redis": "up" if self.dedupe.available else "down",
             "stopping": self._stop.is_set(),
         }
+
+
+def _unpark_resumed(consumer: KafkaConsumer) -> None:
+    """Work around kafka-python 3.0.12 losing a paused partition's buffered records.
+
+    Records fetched for a partition that is then paused are parked; on resume the fetcher restores them
+    only when its in-line slot ``is None``, but after any poll that slot holds an exhausted (falsy) record
+    set, so the records stay parked and the partition is never fetched again: the worker stalls with
+    lag growing. Clearing the exhausted slot lets the fetcher's own restore path run. Guarded so that a
+    kafka-python without these attributes (a fixed release) is left alone.
+    """
+    fetcher = getattr(consumer, "_fetcher", None)
+    slot = getattr(fetcher, "_next_partition_records", None)
+    if slot is not None and not slot and getattr(fetcher, "_paused_partition_records", None):
+        fetcher._next_partition_records = None  # type: ignore[union-attr]
 
 
 class _Rebalance(ConsumerRebalanceListener):

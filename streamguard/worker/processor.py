@@ -100,11 +100,15 @@ class BatchProcessor:
 
     def _fetch_all(self, items: list[_Item]) -> list[_Item]:
         t0 = time.perf_counter()
-        futures = [(item, self._fetch_pool.submit(event_bytes, item.event, self._fetcher)) for item in items]
+        # Only URI events need the pool: a hand-off per inline image costs more than it saves.
+        futures = [
+            (item, self._fetch_pool.submit(event_bytes, item.event, self._fetcher) if item.event.uri else None)  # type: ignore[union-attr]
+            for item in items
+        ]
         live = []
         for item, future in futures:
             try:
-                item.data = future.result()
+                item.data = future.result() if future is not None else item.event.image  # type: ignore[union-attr]
             except StreamguardError as exc:
                 self._dead_letter(item, exc)
                 continue
@@ -124,6 +128,7 @@ class BatchProcessor:
             assert item.data is not None
             item.sha256 = hashlib.sha256(item.data).hexdigest()
         if not self._settings.dedupe.enabled:
+            self._observe("dedupe", t0, items)
             return items
         if items and not self._dedupe.available:
             self._metrics.dedupe_unavailable.inc(len(items))
@@ -164,7 +169,8 @@ class BatchProcessor:
 
     def _decode(self, items: list[_Item]) -> list[_Item]:
         t0 = time.perf_counter()
-        jobs = [ImageJob(key=item.event.event_id, data=item.data) for item in items]  # type: ignore[union-attr,arg-type]
+        jobs = [ImageJob(key=item.event.event_id, data=item.data, sha256=item.sha256)  # type: ignore[union-attr,arg-type]
+                for item in items]
         live = []
         for item, outcome in zip(items, self._scorer.decode(jobs), strict=True):
             item.outcome = outcome
