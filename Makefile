@@ -34,6 +34,7 @@ test: setup
 bench: setup
 	$(PY) bench/bench_intake.py
 	$(PY) bench/bench_worker.py
+	$(PY) bench/bench_features.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .hypothesis

@@ -23,6 +23,7 @@ ENTRY_POINT_GROUP = "streamguard.plugins"
 DEFAULT_PLUGINS: dict[str, str] = {
     "builtin-fusion": "streamguard.fusion",
     "builtin-policy": "streamguard.policy",
+    "builtin-univfd": "streamguard.builtin.univfd.plugin",
 }
 
 log = structlog.get_logger(__name__)

@@ -42,11 +42,17 @@ def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ["PYTHONPATH"] = old
 
 
+# The real CLIP detector costs ~0.7 s an image on this CPU: tests judge with the test detector unless they
+# are about univfd itself (tests/test_univfd.py), which clear this.
+WITHOUT_UNIVFD = '["builtin-univfd"]'
+
+
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("STREAMGUARD_"):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("STREAMGUARD_PLUGINS__DENY", WITHOUT_UNIVFD)
 
 
 @pytest.fixture

@@ -50,19 +50,20 @@ def test_entry_point_plugins_are_loaded(pm) -> None:  # type: ignore[no-untyped-
 
 
 def test_deny_list_removes_the_example_plugin() -> None:
-    settings = load_settings(plugins={"deny": ["provenance"]})
+    settings = load_settings(plugins={"deny": ["provenance", "builtin-univfd"]})
     pm = build_plugin_manager(settings.plugins)
     assert not pm.has_plugin("provenance")
     assert "provenance" not in {spec.name for spec in collect_detectors(pm, settings)}
 
 
-def test_deny_list_from_config_file_via_cli(tmp_path: Path) -> None:
+def test_deny_list_from_config_file_via_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
 
     from streamguard.cli import cli
 
     config = tmp_path / "streamguard.toml"
-    config.write_text('[plugins]\ndeny = ["provenance"]\n')
+    config.write_text('[plugins]\ndeny = ["provenance", "builtin-univfd"]\n')
+    monkeypatch.delenv("STREAMGUARD_PLUGINS__DENY")  # the environment would override the file
     listed = json.loads(CliRunner().invoke(cli, ["plugins"]).stdout)
     assert "provenance" in {p["name"] for p in listed["plugins"]}
     denied = json.loads(CliRunner().invoke(cli, ["--config", str(config), "plugins"]).stdout)
@@ -187,7 +188,7 @@ def test_hook_verdict_ready_observes_every_verdict(settings, pm) -> None:  # typ
 
 
 def test_denying_builtin_fusion_without_replacement_is_a_config_error(settings) -> None:  # type: ignore[no-untyped-def]
-    pm = build_plugin_manager(PluginSettings(deny=["builtin-fusion"]))
+    pm = build_plugin_manager(PluginSettings(deny=["builtin-fusion", "builtin-univfd"]))
     with pytest.raises(ConfigurationError, match="fuse_scores"):
         Scorer(settings, pm)
 
@@ -214,7 +215,7 @@ def test_plugin_registered_from_another_file(tmp_path: Path, settings, pm) -> No
         import third_party_plugin  # type: ignore[import-not-found]
 
         pm.register(third_party_plugin, name="third-party")
-        settings = load_settings(plugins={"deny": ["brightness", "provenance"]})
+        settings = load_settings(plugins={"deny": ["brightness", "provenance", "builtin-univfd"]})
         (verdict,) = _score(settings, pm, DARK)
     finally:
         sys.path.remove(str(tmp_path))

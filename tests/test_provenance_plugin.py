@@ -45,8 +45,8 @@ def test_scores_a_generator_png_through_the_pipeline(settings, pm) -> None:  # t
 
 def test_product_path_has_no_test_detector() -> None:
     """Without the tests' private plugin directory, only the product's plugins load."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "STREAMGUARD_PLUGINS__DENY")}
     proc = subprocess.run([sys.executable, "-m", "streamguard", "plugins"], capture_output=True, text=True,
                           env=env, timeout=120, check=True)
     names = {p["name"] for p in json.loads(proc.stdout)["plugins"]}
-    assert names == {"builtin-fusion", "builtin-policy", "provenance"}
+    assert names == {"builtin-fusion", "builtin-policy", "builtin-univfd", "provenance"}

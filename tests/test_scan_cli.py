@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -87,11 +88,12 @@ def test_scan_reads_paths_from_stdin_and_reports_missing(folder: Path) -> None:
 
 def test_scan_with_detector_denied_in_config(folder: Path, tmp_path: Path) -> None:
     config = tmp_path / "sg.toml"
-    config.write_text('[plugins]\ndeny = ["provenance"]\n')
+    config.write_text('[plugins]\ndeny = ["provenance", "builtin-univfd"]\n')
+    env = {k: v for k, v in os.environ.items() if k != "STREAMGUARD_PLUGINS__DENY"}  # env beats the file
     proc = subprocess.run(
         [sys.executable, "-m", "streamguard", "--config", str(config), "scan", "--format", "jsonl",
          str(folder / "bright.png")],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env=env,
     )
     (row,) = map(json.loads, proc.stdout.splitlines())
     assert [s["detector"] for s in row["verdict"]["scores"]] == ["brightness"]

@@ -7,11 +7,14 @@ from pathlib import Path
 import click
 
 from streamguard import __version__
+from streamguard.cli.backbone import backbone_group
 from streamguard.cli.context import AppContext
 from streamguard.cli.dev import dev_group
+from streamguard.cli.evaluate import calibrate_command, eval_command
 from streamguard.cli.info import config_group, plugins_command, schema_command
 from streamguard.cli.scan import scan_command
 from streamguard.cli.stream import produce_command, tail_command
+from streamguard.cli.train import train_group
 from streamguard.cli.worker import worker_command
 
 
@@ -38,6 +41,10 @@ cli.add_command(worker_command)
 cli.add_command(produce_command)
 cli.add_command(tail_command)
 cli.add_command(dev_group)
+cli.add_command(backbone_group)
+cli.add_command(eval_command)
+cli.add_command(calibrate_command)
+cli.add_command(train_group)
 
 
 def main() -> None:

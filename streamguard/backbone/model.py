@@ -1,0 +1,76 @@
+"""``ClipImageEncoder``: the CLIP image tower every built-in detector stands on."""
+
+from __future__ import annotations
+
+import torch
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from streamguard.backbone.digest import short_id
+
+
+class ClipImageEncoder(torch.nn.Module):
+    """Wraps ``CLIPVisionModelWithProjection``; input is CLIP-normalized pixels (``intake.contract``'s
+    ``CLIP_MEAN`` / ``CLIP_STD``), shape (N, 3, H, W).
+
+    Other sizes than ``image_size`` work (the position embedding is interpolated), at the cost of features
+    the model was not trained on. Parameters stay trainable: detectors fine-tune their own copy.
+    """
+
+    def __init__(self, model: CLIPVisionModelWithProjection, *, weights_sha256: str, source: str) -> None:
+        super().__init__()
+        self.model = model
+        self.weights_sha256 = weights_sha256
+        self.source = source
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Image embeddings (N, embed_dim): projected, not L2-normalized (CLIP normalizes before cosine)."""
+        out = self.model(pixel_values=self._check(pixels), interpolate_pos_encoding=self._resized(pixels))
+        return out.image_embeds
+
+    def tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Last hidden state (N, 1 + patches, hidden_size): the class token first, before post-layernorm."""
+        out = self.model.vision_model(pixel_values=self._check(pixels), interpolate_pos_encoding=self._resized(pixels))
+        return out.last_hidden_state
+
+    @property
+    def config(self) -> CLIPVisionConfig:
+        return self.model.config
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.config.projection_dim)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def image_size(self) -> int:
+        return _side(self.config.image_size)
+
+    @property
+    def patch_size(self) -> int:
+        return _side(self.config.patch_size)
+
+    @property
+    def version(self) -> str:
+        """Short id of the weights (first hex digits of their content checksum)."""
+        return short_id(self.weights_sha256)
+
+    def _check(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.ndim != 4 or pixels.shape[1] != self.config.num_channels:
+            channels = self.config.num_channels
+            raise ValueError(f"expected pixels of shape (N, {channels}, H, W), got {tuple(pixels.shape)}")
+        return pixels.to(dtype=self.model.dtype)
+
+    def _resized(self, pixels: torch.Tensor) -> bool:
+        return tuple(pixels.shape[-2:]) != (self.image_size, self.image_size)
+
+
+def _side(value: object) -> int:
+    # CLIPVisionConfig types sizes loosely (int or pair); CLIP's embeddings only build square ones.
+    if isinstance(value, int):
+        return value
+    if isinstance(value, list | tuple) and len(value) == 2 and value[0] == value[1]:
+        return int(value[0])
+    raise ValueError(f"CLIP needs square images and patches, not {value!r}")

@@ -1,0 +1,57 @@
+"""The UnivFD model: frozen CLIP encoder -> L2-normalised embedding -> linear head -> one logit."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+HEAD_FILE = "head.safetensors"
+META_FILE = "meta.json"
+
+
+class LinearProbe(torch.nn.Module):
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(embed_dim, 1)
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        # Normalising first makes the probe see direction only, as CLIP's own similarity does.
+        return self.linear(torch.nn.functional.normalize(embeddings, dim=-1)).squeeze(-1)
+
+
+class UnivFD(torch.nn.Module):
+    def __init__(self, encoder: torch.nn.Module, probe: LinearProbe) -> None:
+        super().__init__()
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.probe = probe
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.probe(self.encoder(pixels))
+
+
+def save_probe(probe: LinearProbe, weights_dir: Path, meta: dict[str, object]) -> None:
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in probe.state_dict().items()}, str(weights_dir / HEAD_FILE))
+    (weights_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def load_probe(weights_dir: Path) -> tuple[LinearProbe, dict[str, object]]:
+    path = weights_dir / HEAD_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no univfd head at {path}; train one with `streamguard train univfd --data DIR`")
+    state = load_file(str(path))
+    probe = LinearProbe(int(state["linear.weight"].shape[1]))
+    probe.load_state_dict(state, strict=True)
+    meta_path = weights_dir / META_FILE
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return probe.eval(), meta
+
+
+def weights_digest(weights_dir: Path) -> str:
+    """Changes whenever the head changes: part of the detector version, hence of dedupe keys."""
+    path = weights_dir / HEAD_FILE
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:10] if path.is_file() else "untrained"

@@ -1,0 +1,50 @@
+"""Registers the built-in `univfd` detector (plugin name ``builtin-univfd``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from streamguard.backbone import load_backbone
+from streamguard.backends.torch_inprocess import torch_loader
+from streamguard.builtin.univfd.model import UnivFD, load_probe, weights_digest
+from streamguard.config import Settings
+from streamguard.detectors.spec import Calibration, DetectorSpec, LoadContext
+from streamguard.hookspecs import hookimpl
+from streamguard.intake.contract import InputContract
+
+NAME = "univfd"
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+def weights_dir(settings: Settings) -> Path:
+    """The shipped head, unless ``detectors.options.univfd.weights_dir`` names another."""
+    return Path(settings.detectors.options.get(NAME, {}).get("weights_dir", WEIGHTS_DIR))
+
+
+@hookimpl
+def register_detectors(register, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    directory = weights_dir(settings)
+
+    def build(ctx: LoadContext) -> torch.nn.Module:
+        encoder = load_backbone(settings.backbone, ctx.device)
+        probe, _ = load_probe(directory)
+        if probe.linear.in_features != encoder.embed_dim:
+            raise ValueError(
+                f"the univfd head in {directory} expects {probe.linear.in_features}-d embeddings but the backbone "
+                f"gives {encoder.embed_dim}; retrain it with `streamguard train univfd` on this backbone"
+            )
+        return UnivFD(encoder, probe)
+
+    register(
+        DetectorSpec(
+            name=NAME,
+            version=f"univfd-1+{weights_digest(directory)}",
+            load=torch_loader(build),
+            contract=InputContract(size=224, fit="resize"),
+            calibration=Calibration.load(directory),
+            weights_dir=directory,
+            description="UnivFD baseline: linear probe on the frozen CLIP ViT image embedding.",
+        )
+    )
