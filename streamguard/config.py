@@ -79,6 +79,20 @@ class KafkaSettings(_Section):
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
 
+    def client_config(self) -> dict[str, Any]:
+        """Connection settings shared by every kafka-python client (consumer, producer, admin)."""
+        config: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "security_protocol": self.security_protocol,
+        }
+        if self.sasl_mechanism:
+            config |= {
+                "sasl_mechanism": self.sasl_mechanism,
+                "sasl_plain_username": self.sasl_username,
+                "sasl_plain_password": self.sasl_password.get_secret_value() if self.sasl_password else None,
+            }
+        return config
+
 
 class RedisSettings(_Section):
     url: str = "redis://127.0.0.1:6379/0"

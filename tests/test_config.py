@@ -62,3 +62,16 @@ def test_schema_command_prints_every_schema() -> None:
     assert set(json.loads(result.stdout)) == {"image-event", "detector-score", "verdict", "dead-letter"}
     one = json.loads(CliRunner().invoke(cli, ["schema", "verdict"]).stdout)
     assert one["title"] == "Verdict"
+
+
+def test_kafka_clients_share_connection_settings() -> None:
+    from streamguard.worker.loop import consumer_config
+    from streamguard.worker.publish import producer_config
+
+    settings = load_settings(kafka={"bootstrap_servers": "k:9093", "security_protocol": "SASL_SSL",
+                                    "sasl_mechanism": "SCRAM-SHA-512", "sasl_username": "sg",
+                                    "sasl_password": "hunter2"})
+    for config in (consumer_config(settings), producer_config(settings)):
+        assert config["bootstrap_servers"] == "k:9093" and config["security_protocol"] == "SASL_SSL"
+        assert config["sasl_mechanism"] == "SCRAM-SHA-512" and config["sasl_plain_password"] == "hunter2"
+    assert "sasl_mechanism" not in consumer_config(load_settings())

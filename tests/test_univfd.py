@@ -98,3 +98,25 @@ def test_train_univfd_end_to_end(tmp_path: Path) -> None:
     p_real = real.verdict.scores[0].probability  # type: ignore[union-attr]
     p_fake = fake.verdict.scores[0].probability  # type: ignore[union-attr]
     assert p_real is not None and p_fake is not None and p_fake > p_real
+
+
+def test_worker_uses_univfd_by_default(kafka, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import signal
+
+    from stack import Topics, WorkerProcess, image_events, produce, wait_for_outcomes, worker_env
+
+    topics = Topics(kafka.address).create()
+    env = worker_env(topics, None)
+    env.pop("STREAMGUARD_PLUGINS__DENY")
+    env.pop("PYTHONPATH", None)  # the product's plugins only
+    worker = WorkerProcess(env, tmp_path)
+    try:
+        sent = produce(topics, image_events([encode(_scene(5), "JPEG"), encode(noise((96, 96)), "PNG")]))
+        outcomes = wait_for_outcomes(topics, sent, timeout=120)
+    finally:
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(60) == 0
+    for verdict in outcomes.verdicts:
+        scores = {s["detector"]: s for s in verdict["scores"]}
+        assert set(scores) == {"univfd", "provenance"}
+        assert scores["univfd"]["error"] is None and scores["univfd"]["probability"] is not None

@@ -80,8 +80,7 @@ def tail_command(app: AppContext, topics: tuple[str, ...], count: int | None, ti
 
     settings = app.settings
     topics = topics or (settings.worker.output_topic, settings.worker.dead_letter_topic)
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers,
-                             security_protocol=settings.kafka.security_protocol, enable_auto_commit=False)
+    consumer = KafkaConsumer(**settings.kafka.client_config(), enable_auto_commit=False)
     tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
     consumer.assign(tps)
     consumer.seek_to_beginning(*tps)

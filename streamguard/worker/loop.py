@@ -43,10 +43,8 @@ _RECHECK: Any = object()  # a wake-up without a new record
 
 
 def consumer_config(settings: Settings) -> dict[str, Any]:
-    w, kafka = settings.worker, settings.kafka
-    config: dict[str, Any] = {
-        "bootstrap_servers": kafka.bootstrap_servers,
-        "security_protocol": kafka.security_protocol,
+    w = settings.worker
+    return settings.kafka.client_config() | {
         "group_id": w.group_id,
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
@@ -58,13 +56,6 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
         "fetch_max_bytes": max(52_428_800, w.max_record_bytes),
         "max_partition_fetch_bytes": w.max_record_bytes + 1024 * 1024,
     }
-    if kafka.sasl_mechanism:
-        config |= {
-            "sasl_mechanism": kafka.sasl_mechanism,
-            "sasl_plain_username": kafka.sasl_username,
-            "sasl_plain_password": kafka.sasl_password.get_secret_value() if kafka.sasl_password else None,
-        }
-    return config
 
 
 class Worker:

@@ -28,21 +28,11 @@ class Ack:
 
 
 def producer_config(settings: Settings) -> dict[str, Any]:
-    kafka = settings.kafka
-    config: dict[str, Any] = {
-        "bootstrap_servers": kafka.bootstrap_servers,
-        "security_protocol": kafka.security_protocol,
+    return settings.kafka.client_config() | {
         "acks": "all",
         "linger_ms": 5,
         "max_request_size": settings.worker.max_record_bytes + 1024 * 1024,
     }
-    if kafka.sasl_mechanism:
-        config |= {
-            "sasl_mechanism": kafka.sasl_mechanism,
-            "sasl_plain_username": kafka.sasl_username,
-            "sasl_plain_password": kafka.sasl_password.get_secret_value() if kafka.sasl_password else None,
-        }
-    return config
 
 
 class Publisher:
