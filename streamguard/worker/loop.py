@@ -127,7 +127,9 @@ class Worker:
         while not self._stop.is_set() and self._fatal is None:
             # With every partition paused a poll would only sleep; wait for acknowledgements instead, so
             # capacity frees up (and partitions resume) as soon as the broker confirms.
-            all_paused = bool(self._paused) and self._paused >= consumer.assignment()
+            assigned = consumer.assignment()
+            with self._lock:
+                all_paused = bool(self._paused) and self._paused >= assigned
             batch = consumer.poll(timeout_ms=0 if all_paused else w.poll_timeout_ms)
             self.health.progress()
             self._accept(batch)
@@ -198,14 +200,14 @@ class Worker:
                 or total >= w.max_in_flight
                 or self._tracker.in_flight(tp) >= w.max_in_flight_per_partition
             }
-        pause, resume = want - self._paused, (self._paused & assigned) - want
+            pause, resume = want - self._paused, (self._paused & assigned) - want
+            self._paused = want
         if pause:
             consumer.pause(*pause)
         if resume:
             consumer.resume(*resume)
         # Every time, not only on resume: the fetcher restores one parked partition per poll.
         _unpark_resumed(consumer)
-        self._paused = want
         self.metrics.paused_partitions.set(len(want))
 
     def _commit(self, consumer: KafkaConsumer) -> None:
@@ -281,7 +283,7 @@ class Worker:
                 self._epochs[tp] = self._epochs.get(tp, 0) + 1
                 self._positions.pop(tp, None)
             self._tracker.forget(partitions)
-        self._paused -= partitions
+            self._paused -= partitions
         if points:
             # A blocking commit on the IO thread raises in kafka-python 3.x; an async one is queued ahead
             # of the rebalance's JoinGroup on the same coordinator connection.
