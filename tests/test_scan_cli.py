@@ -103,3 +103,13 @@ def test_scan_logs_are_json_on_stderr_when_not_a_terminal(folder: Path) -> None:
     proc = scan(str(folder / "bright.png"), "--format", "jsonl")
     events = [json.loads(line)["event"] for line in proc.stderr.splitlines() if line.startswith("{")]
     assert "detector.loaded" in events
+
+
+def test_scan_progress_bar_goes_to_stderr(folder: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamguard", "scan", "--progress", "--format", "jsonl", str(folder)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1
+    assert "scanning" in proc.stderr  # the bar, drawn on stderr
+    assert len(proc.stdout.splitlines()) == 8  # stdout keeps one JSON line per file

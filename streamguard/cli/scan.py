@@ -59,7 +59,7 @@ def scan_command(app: AppContext, paths: tuple[str, ...], fmt: str, progress: bo
     results: list[ScanResult] = []
     emit = _jsonl_writer if fmt == "jsonl" else results.append
     failed = False
-    with Scorer(settings, app.plugin_manager) as scorer, _progress(show_progress, len(items)) as advance:
+    with Scorer(settings, app.plugin_manager) as scorer, _Progress(show_progress, len(items)) as advance:
         for batch in _batches(items, settings.detectors.batch_size):
             for result in _scan_batch(scorer, batch):
                 failed |= not result.ok
@@ -108,7 +108,7 @@ def _jsonl_writer(result: ScanResult) -> None:
     sys.stdout.flush()
 
 
-class _progress:
+class _Progress:
     def __init__(self, enabled: bool, total: int) -> None:
         self._bar = (
             Progress(

@@ -74,6 +74,3 @@ class OffsetTracker(Generic[P]):
         """Drop revoked or lost partitions: acks for them arriving later are ignored."""
         for tp in partitions:
             self._parts.pop(tp, None)
-
-    def partitions(self) -> set[P]:
-        return set(self._parts)

@@ -82,8 +82,5 @@ class Publisher:
         future.add_callback(lambda _meta: self._acks.put(Ack(record)))
         future.add_errback(lambda exc: self._acks.put(Ack(record, exc)))
 
-    def flush(self, timeout_s: float) -> None:
-        self._producer.flush(timeout=timeout_s)
-
     def close(self, timeout_s: float) -> None:
         self._producer.close(timeout=timeout_s)
