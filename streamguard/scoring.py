@@ -54,7 +54,9 @@ def _ms(since: float) -> float:
 
 
 class Scorer:
-    def __init__(self, settings: Settings, pm: pluggy.PluginManager) -> None:
+    def __init__(self, settings: Settings, pm: pluggy.PluginManager, min_decode_side: int | None = None) -> None:
+        """``min_decode_side``: a floor for reduced-size JPEG decoding, for callers that use the decoded
+        image beyond the detectors (the worker's perceptual hash)."""
         self._settings = settings
         self._pm = pm
         for hook in ("fuse_scores", "decide_verdict"):
@@ -63,6 +65,8 @@ class Scorer:
         self.specs: list[DetectorSpec] = collect_detectors(pm, settings)
         self.runners = [DetectorRunner(spec, settings.detectors) for spec in self.specs]
         self._decode_side = decode_side(spec.contract for spec in self.specs)
+        if self._decode_side is not None and min_decode_side is not None:
+            self._decode_side = max(self._decode_side, min_decode_side)
         if not self.specs:
             log.warning("scorer.no_detectors", hint="every verdict will be 'uncertain'")
         # Dedupe keys need the policy version before anything is judged: ask the policy once, on an

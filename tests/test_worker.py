@@ -301,3 +301,42 @@ def test_flow_control_pauses_and_resumes_without_stalling(topics: Topics, tmp_pa
         worker.signal(signal.SIGTERM)
         assert worker.wait(60) == 0
     assert set(outcomes.verdict_ids()) == {s.event_id for s in sent}
+
+
+@pytest.mark.parametrize("action", ["reuse", "annotate"])
+def test_near_duplicates_reuse_or_annotate(action: str, topics: Topics, redis_service: Service,
+                                          tmp_path: Path) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    # Overlapping rectangles: structure PDQ rates at full quality (flat or pure-noise images are not).
+    rng = np.random.default_rng(7)
+    original = Image.new("RGB", (512, 512), (90, 120, 160))
+    draw = ImageDraw.Draw(original)
+    for _ in range(40):
+        x0, y0 = (int(v) for v in rng.integers(0, 480, 2))
+        w, h = (int(v) for v in rng.integers(20, 160, 2))
+        draw.rectangle((x0, y0, x0 + w, y0 + h), fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    smaller = io.BytesIO()
+    original.resize((384, 384), Image.Resampling.BILINEAR).save(smaller, format="JPEG", quality=70)
+    env = worker_env(topics, _redis_url(redis_service), STREAMGUARD_DEDUPE__NEAR_ACTION=action)
+    worker = WorkerProcess(env, tmp_path)
+    try:
+        first = produce(topics, image_events([encode(original, "PNG")], prefix="orig"))
+        wait_for_outcomes(topics, first)
+        second = produce(topics, image_events([smaller.getvalue()], prefix="copy"))
+        outcomes = wait_for_outcomes(topics, first + second)
+    finally:
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(60) == 0
+    by_id = {v["event_id"]: v for v in outcomes.verdicts}
+    copy = by_id["copy-0"]
+    assert copy["near_duplicate_of"]["event_id"] == "orig-0"
+    assert copy["near_duplicate_of"]["distance"] <= 31
+    assert copy["content_sha256"] != by_id["orig-0"]["content_sha256"]
+    if action == "reuse":
+        assert copy["duplicate_of"] == "orig-0" and copy["scores"] == by_id["orig-0"]["scores"]
+    else:
+        assert copy["duplicate_of"] is None and "detect" in copy["timings_ms"]  # scored on its own

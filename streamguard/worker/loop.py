@@ -39,6 +39,7 @@ log = structlog.get_logger(__name__)
 
 _LAG_INTERVAL_S = 5.0
 _WAITING_RECHECK_S = 0.05
+_PDQ_MIN_SIDE = 128
 _RECHECK: Any = object()  # a wake-up without a new record
 
 
@@ -62,7 +63,9 @@ class Worker:
     def __init__(self, settings: Settings, pm: pluggy.PluginManager, dedupe: DedupeStore | None = None) -> None:
         self._settings = settings
         self.metrics = WorkerMetrics()
-        self.scorer = Scorer(settings, pm)
+        # PDQ works on a 64x64 reduction of a sharp image: a draft decode below ~128 px blurs the hash.
+        near = settings.dedupe.enabled and settings.dedupe.near
+        self.scorer = Scorer(settings, pm, min_decode_side=_PDQ_MIN_SIDE if near else None)
         self.dedupe: DedupeStore = dedupe or open_store(settings.dedupe, settings.redis)
         self._fetcher = ImageFetcher(settings.fetch, settings.intake.max_bytes)
         self._acks: queue.SimpleQueue[Ack] = queue.SimpleQueue()
