@@ -13,12 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient  # the dev extra, installed by `make`: missing means a broken set-up
+import tritonclient.http as httpclient
 
 from streamguard.devstack import ServiceError, TritonService, start_triton, triton_paths
-
-pytest.importorskip("pytriton", reason="nvidia-pytriton (dev extra) is not installed")
-grpcclient = pytest.importorskip("tritonclient.grpc")
-httpclient = pytest.importorskip("tritonclient.http")
 
 MODEL = "image_mean"
 
