@@ -287,7 +287,9 @@ def _prepare_triton_backends(paths: TritonPaths, workdir: Path) -> Path:
         version = importlib.metadata.version("nvidia-pytriton")
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
-    backends = workdir / "triton" / f"backends-{version}-py{paths.stub.parent.name}"
+    # Not named "triton": the Python backend's stub runs with the work directory on sys.path, where a
+    # `triton/` folder would shadow the OpenAI Triton package that torch imports.
+    backends = workdir / "tritonserver-backends" / f"{version}-py{paths.stub.parent.name}"
     if (backends / "python" / "triton_python_backend_stub").is_file():
         return backends
     backends.parent.mkdir(parents=True, exist_ok=True)

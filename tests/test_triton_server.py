@@ -160,11 +160,11 @@ def test_stop_ends_server_and_stub(tmp_path: Path) -> None:
 
 def test_a_second_server_in_the_same_workdir_reuses_the_backends(triton: TritonService, tmp_path: Path) -> None:
     workdir = Path(triton.log_path).parent
-    before = sorted(p.name for p in (workdir / "triton").iterdir())
+    before = sorted(p.name for p in (workdir / "tritonserver-backends").iterdir())
     second = start_triton(workdir, _repository(tmp_path / "models"), [MODEL], timeout_s=60)
     try:
         assert triton.alive() and second.alive()
-        assert sorted(p.name for p in (workdir / "triton").iterdir()) == before  # nothing rewritten under the first
+        assert sorted(p.name for p in (workdir / "tritonserver-backends").iterdir()) == before  # nothing rewritten under the first
         assert _get(f"{second.http_url}/v2/models/{MODEL}/ready")[0] == 200
     finally:
         second.stop()

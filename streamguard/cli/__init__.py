@@ -15,6 +15,7 @@ from streamguard.cli.info import config_group, plugins_command, schema_command
 from streamguard.cli.scan import scan_command
 from streamguard.cli.stream import produce_command, tail_command
 from streamguard.cli.train import train_group
+from streamguard.cli.triton import triton_group
 from streamguard.cli.worker import worker_command
 
 
@@ -45,6 +46,7 @@ cli.add_command(backbone_group)
 cli.add_command(eval_command)
 cli.add_command(calibrate_command)
 cli.add_command(train_group)
+cli.add_command(triton_group)
 
 
 def main() -> None:
