@@ -39,11 +39,7 @@ VERSIONS = versions_key({"clip-probe": "1.0", "exif": "2"}, "policy-1")
 # -- fixtures and helpers --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def redis_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    service = start_redis(tmp_path_factory.mktemp("redis"))
-    yield service
-    service.stop()
+# `redis_service` is the session's server from conftest.py; each test writes under its own namespace.
 
 
 @pytest.fixture(scope="module")
