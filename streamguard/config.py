@@ -22,6 +22,8 @@ from pydantic_settings import (
 CONFIG_ENV = "STREAMGUARD_CONFIG"
 REDACTED = "**********"
 
+Backend = Literal["inprocess", "triton"]
+
 ALL_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "HEIF")
 
 
@@ -54,6 +56,44 @@ class DetectorSettings(_Section):
     options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Per-detector options, keyed by detector name."
     )
+    backend: Backend = Field(
+        "inprocess", description="Where detectors run: in this process (torch) or on a Triton server (see [triton])."
+    )
+    backend_overrides: dict[str, Backend] = Field(
+        default_factory=dict, description="Per-detector exceptions to `backend`, keyed by detector name."
+    )
+
+    def backend_for(self, detector: str) -> Backend:
+        return self.backend_overrides.get(detector, self.backend)
+
+
+class TritonSettings(_Section):
+    """The Triton backend: how the worker talks to the model server (gRPC, asyncio)."""
+
+    url: str = Field("127.0.0.1:8001", description="Triton's gRPC address, host:port.")
+    models: dict[str, str] = Field(
+        default_factory=dict, description="Triton model name per detector, where it differs from the detector's own."
+    )
+    request_batch_size: int = Field(
+        4, gt=0, description="Images per request. Small requests, many in flight, let Triton's batcher fill batches."
+    )
+    max_requests_in_flight: int = Field(16, gt=0, description="Concurrent requests per model.")
+    request_timeout_s: float = Field(10.0, gt=0, description="Per request, queueing on the server included.")
+    retry_budget_s: float = Field(
+        10.0, gt=0, description="How long one call retries an unavailable server before the outage is declared. "
+        "Keep it plus request_timeout_s below detectors.timeout_s."
+    )
+    backoff_initial_s: float = Field(0.1, gt=0)
+    backoff_max_s: float = Field(2.0, gt=0)
+    breaker_failures: int = Field(3, gt=0, description="Failed calls in a row that open the model's breaker.")
+    breaker_reset_s: float = Field(5.0, gt=0, description="How long an open breaker answers without asking Triton.")
+    ready_cache_s: float = Field(1.0, ge=0, description="How long a model-readiness answer is reused.")
+
+    @model_validator(mode="after")
+    def _check_backoff(self) -> TritonSettings:
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("backoff_max_s must be at least backoff_initial_s")
+        return self
 
 
 class FusionSettings(_Section):
@@ -159,6 +199,9 @@ class WorkerSettings(_Section):
     health_host: str = "0.0.0.0"
     health_port: int = Field(8080, ge=0, description="0 picks a free port.")
     liveness_timeout_s: float = Field(30.0, gt=0, description="/healthz fails when the poll loop stalls this long.")
+    outage_check_s: float = Field(
+        1.0, gt=0, description="While a detector's server is unavailable, how often to ask whether it is back."
+    )
 
 
 class BackboneSettings(_Section):
@@ -202,6 +245,7 @@ class Settings(BaseSettings):
     dedupe: DedupeSettings = Field(default_factory=DedupeSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     backbone: BackboneSettings = Field(default_factory=BackboneSettings)
+    triton: TritonSettings = Field(default_factory=TritonSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
     @classmethod
@@ -218,6 +262,18 @@ class Settings(BaseSettings):
         if toml_file:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
         return tuple(sources)
+
+    @model_validator(mode="after")
+    def _triton_fits_in_the_detector_timeout(self) -> Settings:
+        uses_triton = self.detectors.backend == "triton" or "triton" in self.detectors.backend_overrides.values()
+        needed = self.triton.retry_budget_s + self.triton.request_timeout_s
+        if uses_triton and self.detectors.timeout_s <= needed:
+            # Else the runner's timeout fires first and an outage becomes error scores instead of a hold.
+            raise ValueError(
+                f"detectors.timeout_s ({self.detectors.timeout_s:g}) must exceed triton.retry_budget_s + "
+                f"triton.request_timeout_s ({needed:g})"
+            )
+        return self
 
     def redacted(self) -> dict[str, Any]:
         """The effective configuration as JSON-able data, secrets replaced."""

@@ -15,7 +15,7 @@ import pluggy
 import structlog
 
 from streamguard.config import Settings
-from streamguard.detectors.runner import DetectorRunner
+from streamguard.detectors.runner import DetectorRunner, DetectorUnavailable
 from streamguard.detectors.spec import DetectorInput, DetectorSpec
 from streamguard.errors import StreamguardError
 from streamguard.fusion import FusedScore
@@ -30,6 +30,15 @@ log = structlog.get_logger(__name__)
 
 class ConfigurationError(Exception):
     """The loaded plugins cannot form a pipeline (e.g. fusion or policy denied with no replacement)."""
+
+
+class DetectorsUnavailable(Exception):
+    """Some detector's server could not be reached: nothing in the batch was judged. Retry once
+    `Scorer.available()` says so; the images themselves are fine."""
+
+    def __init__(self, failures: Sequence[DetectorUnavailable]) -> None:
+        self.detectors = sorted({f.detector for f in failures})
+        super().__init__("; ".join(str(f) for f in failures))
 
 
 @dataclass(frozen=True)
@@ -63,7 +72,7 @@ class Scorer:
             if not getattr(pm.hook, hook).get_hookimpls():
                 raise ConfigurationError(f"no plugin implements {hook}; allow builtin-* or install one")
         self.specs: list[DetectorSpec] = collect_detectors(pm, settings)
-        self.runners = [DetectorRunner(spec, settings.detectors) for spec in self.specs]
+        self.runners = [DetectorRunner(spec, settings.detectors, settings.triton) for spec in self.specs]
         self._decode_side = decode_side(spec.contract for spec in self.specs)
         if self._decode_side is not None and min_decode_side is not None:
             self._decode_side = max(self._decode_side, min_decode_side)
@@ -95,6 +104,10 @@ class Scorer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def available(self) -> bool:
+        """Whether every detector's backend can answer (servers up and serving the expected models)."""
+        return all(runner.available() for runner in self.runners)
+
     def score(self, jobs: Sequence[ImageJob]) -> list[Outcome]:
         """Decode and judge ``jobs``; each outcome carries a verdict or the error that stopped it."""
         outcomes = self.decode(jobs)
@@ -116,7 +129,9 @@ class Scorer:
         return outcomes
 
     def judge(self, decoded: Sequence[Outcome]) -> None:
-        """Run detectors, fusion and policy on decoded outcomes, setting each one's ``verdict``."""
+        """Run detectors, fusion and policy on decoded outcomes, setting each one's ``verdict``.
+
+        Raises `DetectorsUnavailable`, with no verdict set, when a detector's server cannot be reached."""
         if not decoded:
             return
         t0 = time.perf_counter()
@@ -144,9 +159,17 @@ class Scorer:
                 chunk = inputs[lo : lo + size]
                 pending.append((runner, lo, len(chunk), runner.submit(chunk)))
         per_image: list[list[DetectorScore]] = [[] for _ in images]
+        unavailable: list[DetectorUnavailable] = []
         for runner, lo, n, future in pending:
-            for offset, score in enumerate(runner.collect(future, n, started)):
+            try:
+                scores = runner.collect(future, n, started)
+            except DetectorUnavailable as exc:
+                unavailable.append(exc)  # collect the rest first: no call is left running unobserved
+                continue
+            for offset, score in enumerate(scores):
                 per_image[lo + offset].append(score)
+        if unavailable:
+            raise DetectorsUnavailable(unavailable)
         return per_image
 
     def _judge(self, outcome: Outcome, scores: list[DetectorScore]) -> Verdict:

@@ -75,3 +75,13 @@ def test_kafka_clients_share_connection_settings() -> None:
         assert config["bootstrap_servers"] == "k:9093" and config["security_protocol"] == "SASL_SSL"
         assert config["sasl_mechanism"] == "SCRAM-SHA-512" and config["sasl_plain_password"] == "hunter2"
     assert "sasl_mechanism" not in consumer_config(load_settings())
+
+
+def test_triton_retries_must_fit_in_the_detector_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMGUARD_DETECTORS__TIMEOUT_S", "12")
+    assert load_settings().detectors.timeout_s == 12  # fine while everything runs in-process
+    monkeypatch.setenv("STREAMGUARD_DETECTORS__BACKEND", "triton")
+    with pytest.raises(ValueError, match="must exceed triton.retry_budget_s"):
+        load_settings()
+    monkeypatch.setenv("STREAMGUARD_TRITON__RETRY_BUDGET_S", "1")
+    assert load_settings().detectors.backend_for("univfd") == "triton"

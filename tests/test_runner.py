@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import pytest
 
 from streamguard.config import DetectorSettings
-from streamguard.detectors.runner import CircuitBreaker, DetectorRunner
+from streamguard.detectors.breaker import CircuitBreaker
+from streamguard.detectors.runner import DetectorRunner
 from streamguard.detectors.spec import Calibration, DetectorInput, DetectorSpec, sigmoid
 
 ITEM = DetectorInput(pixels=None, image=None)  # type: ignore[arg-type]

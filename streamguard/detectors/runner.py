@@ -7,22 +7,33 @@ every image of the batch; other detectors and the verdict go on.
 A timed-out call cannot be cancelled (Python threads cannot be killed); its thread finishes in the
 background and, being the detector's only thread, delays that detector's next call. Repeated timeouts
 therefore open the breaker, which is the point: a hung detector stops costing latency.
+
+The one failure that is not scored is `BackendUnavailable` (the model's server is away): `collect` raises
+`DetectorUnavailable` so the caller can hold the images until the backend is ready again. Whether a
+detector runs in-process or on Triton is configuration (``detectors.backend``), chosen here at start.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import structlog
 
-from streamguard.config import DetectorSettings
-from streamguard.detectors.spec import DetectorBackend, DetectorInput, DetectorSpec, LoadContext, sigmoid
+from streamguard.config import DetectorSettings, TritonSettings
+from streamguard.detectors.breaker import CircuitBreaker
+from streamguard.detectors.spec import (
+    BackendUnavailable,
+    DetectorBackend,
+    DetectorInput,
+    DetectorSpec,
+    LoadContext,
+    sigmoid,
+)
 from streamguard.schemas import DetectorScore
 
 log = structlog.get_logger(__name__)
@@ -35,48 +46,28 @@ class DetectorStats:
     errors: int = 0
     timeouts: int = 0
     rejected_open: int = 0
+    unavailable: int = 0
 
 
-class CircuitBreaker:
-    """Closed -> open after ``failures`` consecutive failures -> one trial call after ``reset_s``."""
+class DetectorUnavailable(Exception):
+    """A detector's backend could not be reached: the images were not judged and must be retried."""
 
-    def __init__(self, failures: int, reset_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self._threshold = failures
-        self._reset_s = reset_s
-        self._clock = clock
-        self._consecutive = 0
-        self._opened_at: float | None = None
-        self._lock = threading.Lock()
-
-    @property
-    def is_open(self) -> bool:
-        with self._lock:
-            return self._opened_at is not None and self._clock() - self._opened_at < self._reset_s
-
-    def allow(self) -> bool:
-        with self._lock:
-            if self._opened_at is None:
-                return True
-            if self._clock() - self._opened_at >= self._reset_s:
-                self._opened_at = self._clock()  # half-open: this one call is the trial
-                return True
-            return False
-
-    def record(self, ok: bool) -> None:
-        with self._lock:
-            if ok:
-                self._consecutive = 0
-                self._opened_at = None
-                return
-            self._consecutive += 1
-            if self._consecutive >= self._threshold:
-                self._opened_at = self._clock()
+    def __init__(self, detector: str, reason: str) -> None:
+        super().__init__(f"{detector}: {reason}")
+        self.detector = detector
+        self.reason = reason
 
 
 class DetectorRunner:
-    def __init__(self, spec: DetectorSpec, settings: DetectorSettings) -> None:
+    def __init__(self, spec: DetectorSpec, settings: DetectorSettings, triton: TritonSettings | None = None) -> None:
         self.spec = spec
         self.stats = DetectorStats()
+        self._triton = triton or TritonSettings()
+        self.backend_kind = settings.backend_for(spec.name)
+        if self.backend_kind == "triton" and spec.triton_model is None:
+            # A third-party detector with no Triton model still runs: in-process, and said so once.
+            log.warning("detector.no_triton_model", detector=spec.name, backend="inprocess")
+            self.backend_kind = "inprocess"
         self._timeout_s = settings.timeout_s
         self._ctx = LoadContext(device=settings.device, options=settings.options.get(spec.name, {}))
         self._breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s)
@@ -86,19 +77,33 @@ class DetectorRunner:
 
     @property
     def ready(self) -> bool:
-        return self._backend is not None and not self._breaker.is_open
+        return self._backend is not None and not self._breaker.is_open and self.available()
+
+    def available(self) -> bool:
+        """Whether the backend's server (if it has one) can answer now; in-process backends always can."""
+        probe = getattr(self._backend, "ready", None)
+        return self._backend is not None and (probe is None or bool(probe()))
 
     def start(self) -> None:
         """Load the backend. A detector that fails to load reports an error score on every call."""
         t0 = time.perf_counter()
         try:
-            self._backend = self.spec.load(self._ctx)
+            self._backend = self._load()
         except Exception as exc:  # noqa: BLE001 - a broken detector must not stop the others
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("detector.load_failed", detector=self.spec.name, error=self.load_error)
             return
-        log.info("detector.loaded", detector=self.spec.name, version=self.spec.version,
+        log.info("detector.loaded", detector=self.spec.name, version=self.spec.version, backend=self.backend_kind,
                  seconds=round(time.perf_counter() - t0, 3))
+
+    def _load(self) -> DetectorBackend:
+        if self.backend_kind == "triton":
+            from streamguard.backends.triton_grpc import TritonBackend
+
+            model = self._triton.models.get(self.spec.name, self.spec.triton_model)
+            assert model is not None
+            return TritonBackend(model, self._triton, expected_version=self.spec.version, detector=self.spec.name)
+        return self.spec.load(self._ctx)
 
     def submit(self, batch: Sequence[DetectorInput]) -> Future[list[float | None]] | str:
         """Start a call; returns a future, or the error string when the call is refused up front."""
@@ -125,6 +130,11 @@ class DetectorRunner:
             except FutureTimeout:
                 self.stats.timeouts += 1
                 error = f"timed out after {self._timeout_s:g}s"
+            except BackendUnavailable as exc:
+                # Not the detector's failure: its breaker is left alone, and nothing is scored.
+                self.stats.unavailable += 1
+                log.warning("detector.unavailable", detector=self.spec.name, images=n, reason=str(exc)[:300])
+                raise DetectorUnavailable(self.spec.name, str(exc)) from exc
             except Exception as exc:  # noqa: BLE001
                 error = f"{type(exc).__name__}: {exc}"
             self._breaker.record(error is None)

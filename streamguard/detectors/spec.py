@@ -31,12 +31,26 @@ class DetectorInput:
     image: DecodedImage
 
 
+class BackendUnavailable(Exception):
+    """The server a detector runs on cannot answer now (down, restarting, overloaded), retries included.
+
+    Not a verdict on the image and not the detector's fault: the worker holds the records, pauses
+    consumption and tries again once the backend reports ready, instead of publishing error scores.
+    """
+
+
 @runtime_checkable
 class DetectorBackend(Protocol):
-    """Where a detector's model runs: in-process torch today, Triton in production."""
+    """Where a detector's model runs: in-process torch, or a Triton server in production.
+
+    A backend that depends on a server may also define ``ready() -> bool`` (cheap, cached): the worker asks
+    it during an outage and for its readiness probe. Backends without it are always ready once loaded.
+    """
 
     def predict(self, batch: Sequence[DetectorInput]) -> Sequence[float | None]:
-        """One raw logit per input, in order; None where the detector abstains (no evidence either way)."""
+        """One raw logit per input, in order; None where the detector abstains (no evidence either way).
+
+        Raises `BackendUnavailable` when the serving infrastructure, not the input, is the problem."""
         ...
 
     def close(self) -> None:
@@ -95,6 +109,9 @@ class DetectorSpec:
     - ``contract``: the input the model wants; None when it reads only the image's metadata.
     - ``load``: builds the backend (loads weights); called once per process.
     - ``weights_dir``: the detector's weights directory, where ``streamguard calibrate`` writes.
+    - ``triton_model``: the model serving it on Triton, when ``detectors.backend`` selects Triton. The model
+      takes the contract's pixels as ``PIXELS`` and returns ``LOGITS``, and its config parameter
+      ``streamguard_version`` must equal ``version`` (else its logits would meet another calibration).
     """
 
     name: str
@@ -104,6 +121,8 @@ class DetectorSpec:
     calibration: Calibration = field(default_factory=Calibration)
     description: str = ""
     weights_dir: Path | None = None  # where its weights and calibration.json live, for `calibrate`
+    # Its model's name in a Triton repository (`streamguard triton build`); None: it runs in-process only.
+    triton_model: str | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):

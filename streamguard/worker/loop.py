@@ -31,6 +31,7 @@ from streamguard.scoring import Scorer
 from streamguard.worker.health import HealthServer, HealthState
 from streamguard.worker.metrics import WorkerMetrics
 from streamguard.worker.offsets import OffsetTracker
+from streamguard.worker.outage import OutageGate
 from streamguard.worker.processor import BatchProcessor
 from streamguard.worker.publish import Ack, Publisher, producer_config
 from streamguard.worker.records import InRecord
@@ -78,6 +79,7 @@ class Worker:
         self._detector_seen: dict[str, tuple[int, int]] = {}
         self._stop = threading.Event()
         self._fatal: Exception | None = None
+        self.outage = OutageGate(self._stop, self.metrics, settings.worker.outage_check_s)
         self.health = HealthState(liveness_timeout_s=settings.worker.liveness_timeout_s)
         self.health.readiness = self._readiness
         self._consumer: KafkaConsumer | None = None
@@ -96,7 +98,7 @@ class Worker:
         producer = KafkaProducer(**producer_config(self._settings))
         publisher = Publisher(self._settings, producer, self._acks)
         processor = BatchProcessor(self._settings, self.scorer, self.dedupe, self._fetcher, publisher,
-                                   self.metrics, owner=new_owner_id())
+                                   self.metrics, owner=new_owner_id(), outage=self.outage, is_current=self._is_current)
         consumer = KafkaConsumer(**consumer_config(self._settings))
         self._consumer = consumer
         consumer.subscribe([w.input_topic], listener=_Rebalance(self, consumer))
@@ -151,6 +153,10 @@ class Worker:
         deadline = time.monotonic() + self._settings.worker.drain_timeout_s
         log.info("worker.draining", in_flight=self._tracker.in_flight())
         while time.monotonic() < deadline and self._fatal is None:
+            if self.outage.active:
+                # The held batch is abandoned on stop: waiting out the budget would finish nothing.
+                log.info("worker.drain_skipped", reason="detector outage", in_flight=self._tracker.in_flight())
+                return False
             self._flow_control(consumer)
             consumer.poll(timeout_ms=50)
             self.health.progress()
@@ -200,6 +206,7 @@ class Worker:
             want = {
                 tp for tp in assigned
                 if self._stop.is_set()
+                or self.outage.active
                 or total >= w.max_in_flight
                 or self._tracker.in_flight(tp) >= w.max_in_flight_per_partition
             }
@@ -300,15 +307,21 @@ class Worker:
                 self._epochs[tp] = self._epochs.get(tp, 0) + 1
         log.info("worker.partitions_assigned", partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in partitions))
 
+    def _is_current(self, record: InRecord) -> bool:
+        with self._lock:
+            return self._epochs.get(record.tp, 0) == record.epoch
+
     def _readiness(self) -> dict[str, Any]:
         consumer = self._consumer
         assigned = len(consumer.assignment()) if consumer is not None else 0
         detectors = {r.spec.name: r.ready for r in self.scorer.runners}
         detectors_ok = not detectors or any(detectors.values())
+        outage = self.outage.active
         return {
-            "ready": assigned > 0 and detectors_ok and not self._stop.is_set(),
+            "ready": assigned > 0 and detectors_ok and not outage and not self._stop.is_set(),
             "partitions_assigned": assigned,
             "detectors": detectors,
+            "outage": outage,
             "redis": "up" if self.dedupe.available else "down",
             "stopping": self._stop.is_set(),
         }

@@ -35,6 +35,11 @@ class WorkerMetrics:
         self.paused_partitions = Gauge("streamguard_paused_partitions", "Partitions paused by flow control.",
                                        registry=r)
         self.commits = Counter("streamguard_commits", "Offset commits sent.", registry=r)
+        self.outage = Gauge("streamguard_detector_outage",
+                            "1 while the stream is held because a detector's server is unavailable.", registry=r)
+        self.outages = Counter("streamguard_detector_outages", "Detector-server outages survived.", registry=r)
+        self.outage_seconds = Counter("streamguard_detector_outage_seconds",
+                                      "Time spent holding the stream for a detector server.", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -22,9 +22,10 @@ from streamguard.dedupe.store import CachedVerdict, DedupeStore, NearMatch, vers
 from streamguard.errors import RecordTooLarge, StreamguardError
 from streamguard.fetch import ImageFetcher, event_bytes
 from streamguard.schemas import DeadLetter, ImageEvent, NearDuplicate, Verdict
-from streamguard.scoring import ImageJob, Outcome, Scorer
+from streamguard.scoring import DetectorsUnavailable, ImageJob, Outcome, Scorer
 from streamguard.wire import decode_event
 from streamguard.worker.metrics import WorkerMetrics
+from streamguard.worker.outage import OutageGate
 from streamguard.worker.publish import Publisher
 from streamguard.worker.records import InRecord
 
@@ -50,7 +51,10 @@ class _Item:
 
 class BatchProcessor:
     def __init__(self, settings: Settings, scorer: Scorer, dedupe: DedupeStore, fetcher: ImageFetcher,
-                 publisher: Publisher, metrics: WorkerMetrics, owner: str) -> None:
+                 publisher: Publisher, metrics: WorkerMetrics, owner: str, outage: OutageGate | None = None,
+                 is_current: Callable[[InRecord], bool] = lambda record: True) -> None:
+        """``outage``: where to hold while a detector's server is down (None: never hold, e.g. tests of
+        other stages). ``is_current``: whether this worker still owns a record's partition."""
         self._settings = settings
         self._scorer = scorer
         self._dedupe = dedupe
@@ -61,6 +65,8 @@ class BatchProcessor:
         self._versions_key = versions_key(scorer.model_versions, scorer.policy_version)
         self._fetch_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fetch")
         self._waiting: list[_Item] = []
+        self._outage = outage
+        self._is_current = is_current
 
     def close(self) -> None:
         self._fetch_pool.shutdown(wait=False, cancel_futures=True)
@@ -211,12 +217,17 @@ class BatchProcessor:
             first[item.sha256] = item  # type: ignore[index]
             unique.append(item)
         try:
-            self._scorer.judge([item.outcome for item in unique])  # type: ignore[misc]
+            unique = self._judge_holding(unique)
         except Exception as exc:  # noqa: BLE001
             log.exception("worker.judge_failed", records=len(unique))
             for item in items:
                 self._dead_letter(item, InternalError(f"detect: {type(exc).__name__}: {exc}"))
             return
+        judged = {id(item) for item in unique}
+        dropped = [item for item in items if id(first[item.sha256]) not in judged]  # type: ignore[index]
+        if dropped:
+            self._abandon(dropped)
+        items = [item for item in items if id(first[item.sha256]) in judged]  # type: ignore[index]
         self._observe("detect", t0, items)
         for item in items:
             owner = first[item.sha256]  # type: ignore[index]
@@ -233,6 +244,35 @@ class BatchProcessor:
             self._publish(item, verdict)
             if owner is item and item.sha256 is not None:
                 self._dedupe.put(item.sha256, self._versions_key, verdict, item.phash)
+            if item.leased and item.sha256 is not None:
+                self._dedupe.release(item.sha256, self._owner)
+
+    def _judge_holding(self, unique: list[_Item]) -> list[_Item]:
+        """Judge, holding through detector-server outages. Returns the items judged: all of them, or fewer
+        when a rebalance took partitions away during the wait, or none when the worker stopped first."""
+        while True:
+            if self._outage is not None and self._outage.abandoning:
+                return []
+            try:
+                self._scorer.judge([item.outcome for item in unique])  # type: ignore[misc]
+            except DetectorsUnavailable as exc:
+                if self._outage is None:
+                    raise
+                if not self._outage.hold(str(exc), self._scorer.available):
+                    return []
+                # Partitions revoked while we waited now belong to another worker, which will judge them.
+                unique = [item for item in unique if self._is_current(item.record)]
+                if not unique:
+                    return []
+                continue
+            if self._outage is not None:
+                self._outage.clear()
+            return unique
+
+    def _abandon(self, items: list[_Item]) -> None:
+        """Leave records unpublished, hence uncommitted: the next owner of their partition gets them again."""
+        log.warning("worker.records_abandoned", records=len(items))
+        for item in items:
             if item.leased and item.sha256 is not None:
                 self._dedupe.release(item.sha256, self._owner)
 

@@ -45,6 +45,7 @@ def register_detectors(register, settings: Settings) -> None:  # type: ignore[no
             contract=InputContract(size=224, fit="resize"),
             calibration=Calibration.load(directory),
             weights_dir=directory,
+            triton_model=NAME,  # `streamguard triton build` names the model after the detector
             description="UnivFD baseline: linear probe on the frozen CLIP ViT image embedding.",
         )
     )
