@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# `make run`: the main job on the embedded default stack. Starts a broker and Redis on loopback, publishes
+# `make run`: the main job on the embedded default stack. Starts a broker, Redis and Triton on loopback, publishes
 # the sample images (twice, so the second copies are answered from the dedupe cache), runs the worker,
-# prints every verdict and dead letter, then stops everything.
+# prints every verdict and dead letter, then stops everything. The detectors run on Triton, as in production.
 set -euo pipefail
 sg="${VENV:-.venv}/bin/streamguard"
 samples="${1:-.cache/demo}"
@@ -14,6 +14,7 @@ cleanup() {
 trap cleanup EXIT
 
 eval "$("$sg" dev up --workdir "$workdir")"
+export STREAMGUARD_DETECTORS__BACKEND=triton
 export STREAMGUARD_WORKER__HEALTH_PORT=0 STREAMGUARD_WORKER__HEALTH_HOST=127.0.0.1 STREAMGUARD_LOG__FORMAT=json
 first=$("$sg" produce "$samples")
 second=$("$sg" produce "$samples")

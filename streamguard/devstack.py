@@ -206,7 +206,9 @@ def load_state(workdir: Path) -> list[Service]:
     path = workdir / STATE_FILE
     if not path.is_file():
         return []
-    return [Service(**item) for item in json.loads(path.read_text())]
+    # Services of a richer kind (Triton's extra ports) come back as that kind.
+    kinds: dict[str, type[Service]] = {"triton": TritonService}
+    return [kinds.get(item["name"], Service)(**item) for item in json.loads(path.read_text())]
 
 
 def stop_all(workdir: Path) -> list[Service]:

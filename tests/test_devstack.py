@@ -12,9 +12,10 @@ import urllib.request
 from pathlib import Path
 
 import redis
+import tritonclient.grpc as grpcclient
 from kafka import KafkaConsumer
 
-from streamguard.devstack import load_state
+from streamguard.devstack import TritonService, load_state
 from streamguard.worker.health import HealthServer, HealthState
 
 
@@ -35,6 +36,15 @@ def test_dev_up_prints_exports_and_dev_down_stops_everything(tmp_path: Path) -> 
         consumer.close()
         assert partitions == {"images": 3, "verdicts": 3, "images.dlq": 1}
         assert redis.Redis.from_url(exports["STREAMGUARD_REDIS__URL"]).ping()
+        # Triton serves the built univfd repository, and comes back from the state file with its ports.
+        triton = next(s for s in services if s.name == "triton")
+        assert isinstance(triton, TritonService) and triton.grpc_address == exports["STREAMGUARD_TRITON__URL"]
+        client = grpcclient.InferenceServerClient(triton.grpc_address)
+        try:
+            index = {m["name"]: m.get("state") for m in client.get_model_repository_index(as_json=True)["models"]}
+        finally:
+            client.close()
+        assert index == {"univfd": "READY"}
         # A second `up` reuses the running services.
         again = _sg("dev", "up", "--workdir", str(tmp_path))
         assert again.stdout == up.stdout
@@ -42,7 +52,7 @@ def test_dev_up_prints_exports_and_dev_down_stops_everything(tmp_path: Path) -> 
         assert settings["kafka"]["bootstrap_servers"] == bootstrap
     finally:
         down = _sg("dev", "down", "--workdir", str(tmp_path))
-    assert down.returncode == 0 and "stopped 2 services" in down.stdout
+    assert down.returncode == 0 and "stopped 3 services" in down.stdout
     assert all(not s.alive() for s in services)
     assert load_state(tmp_path) == []
 
