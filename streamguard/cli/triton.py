@@ -23,15 +23,17 @@ def triton_group() -> None:
               help="Instance kind: KIND_CPU or KIND_GPU.")
 @click.option("--weights-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="univfd head directory (default: the shipped one).")
+@click.option("--format", "fmt", type=click.Choice(["python", "onnx"]), default="python", show_default=True,
+              help="python: torch in the Python backend; onnx: ONNX export, TensorRT fp16 on GPU.")
 @pass_app
-def triton_build_command(app: AppContext, out: Path, device: str, weights_dir: Path | None) -> None:
-    """Write OUT/univfd (config.pbtxt + 1/model.py) with absolute weight paths and the detector version."""
+def triton_build_command(app: AppContext, out: Path, device: str, weights_dir: Path | None, fmt: str) -> None:
+    """Write OUT/univfd: config.pbtxt plus 1/model.py (python) or 1/model.onnx (onnx), with the detector version."""
     from streamguard.triton.build import build_repository
 
     try:
         result = build_repository(out, device=device, weights_dir=weights_dir,  # type: ignore[arg-type]
-                                  backbone=app.settings.backbone)
+                                  backbone=app.settings.backbone, fmt=fmt)  # type: ignore[arg-type]
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps({"repository": str(result.repository), "model": result.model,
-                           "version": result.version, "device": result.device}))
+                           "version": result.version, "device": result.device, "format": result.format}))

@@ -1,0 +1,84 @@
+"""`streamguard triton build --format onnx`: the exported graph computes what the torch model computes (ONNX
+Runtime, dynamic batch), and the config Triton would read parses as a ModelConfig with the ONNX Runtime
+platform, the TensorRT fp16 accelerator on GPU and none on CPU, and the detector's version.
+
+Serving it needs Triton's ONNX Runtime backend, which the CPU wheel used here does not carry; the GPU check
+runs on a lent GPU machine (see triton_repo/README.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+from google.protobuf import text_format
+from test_backbone import tiny_model
+from tritonclient.grpc import model_config_pb2
+
+from streamguard.backbone import load_backbone
+from streamguard.builtin.univfd.model import LinearProbe, UnivFD, load_probe, save_probe, weights_digest
+from streamguard.cli import cli
+from streamguard.config import BackboneSettings
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[BackboneSettings, Path]:
+    root = tmp_path_factory.mktemp("onnx")
+    tiny_model(seed=3).save_pretrained(root / "clip")
+    backbone = BackboneSettings(cache_dir=root / "cache", checkpoint=root / "clip")
+    torch.manual_seed(0)
+    probe = LinearProbe(16)
+    save_probe(probe, root / "head", {"test": True})
+    return backbone, root / "head"
+
+
+def _config(path: Path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+@pytest.mark.parametrize("device", ["gpu", "cpu"])
+def test_onnx_build(tiny: tuple[BackboneSettings, Path], tmp_path: Path, device: str,
+                    monkeypatch: pytest.MonkeyPatch) -> None:
+    backbone, head = tiny
+    monkeypatch.setenv("STREAMGUARD_BACKBONE__CHECKPOINT", str(backbone.checkpoint))
+    result = CliRunner().invoke(cli, ["triton", "build", "--format", "onnx", "--device", device,
+                                       "--weights-dir", str(head), str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert summary["format"] == "onnx" and summary["version"] == f"univfd-1+{weights_digest(head)}"
+    model_dir = tmp_path / "univfd"
+    assert sorted(p.name for p in model_dir.rglob("*") if p.is_file()) == ["config.pbtxt", "model.onnx"]
+
+    config = _config(model_dir / "config.pbtxt")
+    assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 32
+    assert config.parameters["streamguard_version"].string_value == summary["version"]
+    assert [tuple(i.dims) for i in config.input] == [(3, 224, 224)] and config.input[0].name == "PIXELS"
+    kind = model_config_pb2.ModelInstanceGroup.KIND_GPU if device == "gpu" else model_config_pb2.ModelInstanceGroup.KIND_CPU
+    assert [g.kind for g in config.instance_group] == [kind]
+    accelerators = list(config.optimization.execution_accelerators.gpu_execution_accelerator)
+    if device == "gpu":
+        assert [a.name for a in accelerators] == ["tensorrt"]
+        assert accelerators[0].parameters["precision_mode"] == "FP16"
+    else:
+        assert accelerators == []
+
+    model = UnivFD(load_backbone(backbone), load_probe(head)[0]).eval()
+    pixels = np.random.default_rng(1).normal(size=(5, 3, 224, 224)).astype(np.float32)
+    session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(["LOGITS"], {"PIXELS": pixels})[0]
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(pixels)).numpy()
+    assert got.shape == (5, 1)
+    np.testing.assert_allclose(got[:, 0], expected, atol=1e-4, rtol=0)
+
+
+def test_python_build_leaves_the_onnx_template_out(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["triton", "build", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert files == ["univfd/1/model.py", "univfd/config.pbtxt"]
+    assert _config(tmp_path / "univfd" / "config.pbtxt").backend == "python"
