@@ -35,6 +35,7 @@ bench: setup
 	$(PY) bench/bench_intake.py
 	$(PY) bench/bench_worker.py
 	$(PY) bench/bench_features.py
+	$(PY) bench/bench_triton.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .hypothesis
