@@ -68,13 +68,14 @@ def is_unavailable(exc: BaseException) -> bool:
 def channel_args() -> list[tuple[str, Any]]:
     """tritonclient's defaults plus a short reconnect backoff: gRPC's default grows to two minutes, which
     would keep a worker paused long after Triton came back."""
+    # Keepalive as tritonclient sets it: Triton answers more frequent pings with GOAWAY "too_many_pings".
     return [
         ("grpc.max_send_message_length", 2**31 - 1),
         ("grpc.max_receive_message_length", 2**31 - 1),
-        ("grpc.keepalive_time_ms", 10_000),
-        ("grpc.keepalive_timeout_ms", 5_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_time_ms", 2**31 - 1),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.http2.max_pings_without_data", 2),
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.min_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 2_000),
