@@ -24,6 +24,8 @@ DEFAULT_PLUGINS: dict[str, str] = {
     "builtin-fusion": "streamguard.fusion",
     "builtin-policy": "streamguard.policy",
     "builtin-univfd": "streamguard.builtin.univfd.plugin",
+    "builtin-pinclip": "streamguard.builtin.pinclip.plugin",
+    "builtin-mpft": "streamguard.builtin.mpft.plugin",
 }
 
 log = structlog.get_logger(__name__)

@@ -42,9 +42,9 @@ def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ["PYTHONPATH"] = old
 
 
-# The real CLIP detector costs ~0.7 s an image on this CPU: tests judge with the test detector unless they
+# The CLIP detectors cost ~0.7 s an image on this CPU: tests judge with the test detector unless they
 # are about univfd itself (tests/test_univfd.py), which clear this.
-WITHOUT_UNIVFD = '["builtin-univfd"]'
+WITHOUT_UNIVFD = '["builtin-univfd", "builtin-pinclip", "builtin-mpft"]'
 
 
 @pytest.fixture(autouse=True)

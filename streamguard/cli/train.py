@@ -1,9 +1,11 @@
-"""``streamguard train``: train a built-in detector's weights from labelled data."""
+"""``streamguard train``: train a built-in detector's weights from labelled data (univfd, pin-clip, mpft)."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -40,3 +42,119 @@ def train_univfd_command(app: AppContext, data: tuple[str, ...], out: Path | Non
         if split in report:
             summary[split] = report[split]["overall"]  # type: ignore[index]
     click.echo(json.dumps(summary, indent=2))
+
+
+def _tune_blocks(value: str) -> int | None:
+    if value == "all":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a number of blocks nor 'all'") from None
+
+
+def _finetune_options(modes: tuple[str, ...], default_mode: str):  # type: ignore[no-untyped-def]
+    """The options `train pin-clip` and `train mpft` share; ``--mode`` lists the method's ablations."""
+    options = [
+        click.option("--data", "data", multiple=True, required=True,
+                     help="Dataset (any layout `eval` reads); repeatable."),
+        click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Weights directory (default: the shipped one)."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--epochs", type=int, default=10, show_default=True),
+        click.option("--batch-size", type=int, default=16, show_default=True),
+        click.option("--lr", type=float, default=1e-3, show_default=True, help="Learning rate of the adapters."),
+        click.option("--head-lr", type=float, default=None, help="Learning rate of the head (default: 10 x --lr)."),
+        click.option("--patience", type=int, default=3, show_default=True,
+                     help="Epochs without a better val AUC before stopping."),
+        click.option("--tune-blocks", default="2", show_default=True,
+                     help="LoRA on the last N encoder blocks, or 'all' (GPU)."),
+        click.option("--lora-rank", type=int, default=8, show_default=True),
+        click.option("--lora-targets", default="q_proj,v_proj", show_default=True,
+                     help="Attention projections to adapt, among q_proj,k_proj,v_proj,out_proj."),
+        click.option("--mode", type=click.Choice(modes), default=default_mode, show_default=True,
+                     help="The method or one of its ablations."),
+        click.option("--device", default="cpu", show_default=True),
+        click.option("--limit-per-group", type=int, default=None,
+                     help="Seeded subsample per (label, generator/source)."),
+        click.option("--holdout-generator", "holdout_generators", multiple=True,
+                     help="Keep this generator out of train/val and report it as test; repeatable."),
+        click.option("--holdout-source", "holdout_sources", multiple=True,
+                     help="Keep this source out of train/val and report it as test; repeatable."),
+        click.option("--no-augment", is_flag=True, help="Train on images as they are (shortcut-prone; ablations)."),
+        click.option("--augment-variants", type=int, default=2, show_default=True,
+                     help="Augmented copies per image; epoch e trains on copy e mod N."),
+        click.option("--no-prefix-cache", is_flag=True,
+                     help="Run the frozen blocks at every step instead of caching their output."),
+        click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".cache/train"),
+                     show_default=True, help="Prefix cache and checkpoints."),
+        click.option("--resume", is_flag=True, help="Continue from the last epoch's checkpoint."),
+        click.option("--progress/--no-progress", default=None,
+                     help="Progress bars on stderr (default: on a terminal)."),
+    ]
+
+    def decorate(fn):  # type: ignore[no-untyped-def]
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
+def _run_finetune(app: AppContext, method: str, default_out: Path, options: dict[str, Any],
+                  method_config: dict[str, Any]) -> None:
+    from streamguard.training.lora import LoraConfig
+    from streamguard.training.mpft import MpftConfig
+    from streamguard.training.pinclip import PinClipConfig
+    from streamguard.training.recipe import Recipe, train_detector
+
+    progress = options["progress"] if options["progress"] is not None else sys.stderr.isatty()
+    try:
+        lora = LoraConfig(rank=options["lora_rank"], alpha=2.0 * options["lora_rank"],
+                          targets=tuple(t.strip() for t in options["lora_targets"].split(",") if t.strip()))
+        recipe = Recipe(
+            method=method,  # type: ignore[arg-type]
+            data=options["data"], out=options["out"] or default_out, seed=options["seed"],
+            epochs=options["epochs"], batch_size=options["batch_size"], lr=options["lr"], head_lr=options["head_lr"],
+            patience=options["patience"], tune_blocks=_tune_blocks(options["tune_blocks"]), lora=lora,
+            limit_per_group=options["limit_per_group"], holdout_generators=options["holdout_generators"],
+            holdout_sources=options["holdout_sources"], augment=not options["no_augment"],
+            augment_variants=options["augment_variants"], prefix_cache=not options["no_prefix_cache"],
+            device=options["device"], cache_dir=options["cache_dir"], resume=options["resume"], progress=progress,
+            pinclip=PinClipConfig(mode=options["mode"], **method_config) if method == "pin-clip" else PinClipConfig(),
+            mpft=MpftConfig(mode=options["mode"], **method_config) if method == "mpft" else MpftConfig(),
+        )
+        report = train_detector(app.settings, recipe)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+    keys = ("version", "method", "mode", "best_epoch", "stopped_early", "counts")
+    summary: dict[str, Any] = {k: report[k] for k in keys}
+    for split in ("val", "test"):
+        if split in report:
+            summary[split] = report[split]["overall"]
+    click.echo(json.dumps(summary, indent=2))
+
+
+@train_group.command("pin-clip")
+@_finetune_options(("learned", "gaussian", "none"), "learned")
+@click.option("--beta", type=float, default=1e-3, show_default=True, help="Weight of the noise's KL term.")
+@click.option("--class-embeddings", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="(2, embed_dim) real/fake text embeddings (.safetensors or .npy), frozen; default: learned.")
+@pass_app
+def train_pinclip_command(app: AppContext, beta: float, class_embeddings: Path | None, **options: Any) -> None:
+    """Fine-tune CLIP with LoRA and positive-incentive noise (PiN-CLIP); writes the detector's files."""
+    from streamguard.builtin.pinclip.plugin import WEIGHTS_DIR
+
+    _run_finetune(app, "pin-clip", WEIGHTS_DIR, options, {"beta": beta, "class_embeddings": class_embeddings})
+
+
+@train_group.command("mpft")
+@_finetune_options(("texture", "random", "none"), "texture")
+@click.option("--rho-min", type=float, default=0.3, show_default=True, help="Smallest share of patches masked.")
+@click.option("--rho-max", type=float, default=0.7, show_default=True, help="Largest share of patches masked.")
+@pass_app
+def train_mpft_command(app: AppContext, rho_min: float, rho_max: float, **options: Any) -> None:
+    """Fine-tune CLIP with LoRA under Texture-Aware Masking (MPFT); writes the detector's files."""
+    from streamguard.builtin.mpft.plugin import WEIGHTS_DIR
+
+    _run_finetune(app, "mpft", WEIGHTS_DIR, options, {"rho_min": rho_min, "rho_max": rho_max})

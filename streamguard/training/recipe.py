@@ -1,0 +1,239 @@
+"""A training run from start to end: the recipe (configuration), then data, model, loop, calibration,
+report and the detector's files.
+
+CPU defaults: the last 2 blocks tuned with rank-8 LoRA on q and v, the frozen prefix cached, batches of 16,
+two augmentation variants per image. ``tune_blocks=None`` (``--tune-blocks all``) adapts every block and
+caches only the token embeddings (the GPU recipe; MPFT then masks at the input, as in the paper).
+Temperature scaling is fitted on validation after training; test (or the held-out groups) is only reported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import structlog
+
+from streamguard.backbone import load_backbone
+from streamguard.config import Settings
+from streamguard.detectors.spec import Calibration
+from streamguard.training import vit
+from streamguard.training.artifacts import CONTRACT, TRAINING_FILE, detector_version, save_detector
+from streamguard.training.data import Entry, Feed, Splits, augmentation_key, split_samples
+from streamguard.training.lora import LoraConfig
+from streamguard.training.model import TunedClip, tuned_start
+from streamguard.training.mpft import MpftConfig, MpftObjective
+from streamguard.training.objective import Objective
+from streamguard.training.pinclip import PinClipConfig, PinClipObjective
+from streamguard.training.prefix_cache import PrefixCache
+from streamguard.training.trainer import Bars, LoopConfig, fit, predict
+
+log = structlog.get_logger(__name__)
+
+Method = Literal["pin-clip", "mpft"]
+METHODS: tuple[Method, ...] = ("pin-clip", "mpft")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    method: Method
+    data: tuple[str, ...]
+    out: Path
+    seed: int = 0
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 1e-3
+    head_lr: float | None = None  # None: 10 x lr
+    weight_decay: float = 1e-4
+    patience: int = 3
+    tune_blocks: int | None = 2  # None: every block
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    limit_per_group: int | None = None
+    holdout_generators: tuple[str, ...] = ()
+    holdout_sources: tuple[str, ...] = ()
+    augment: bool = True
+    augment_variants: int = 2
+    prefix_cache: bool = True
+    device: str = "cpu"
+    cache_dir: Path = Path(".cache/train")
+    checkpoint_dir: Path | None = None  # default: under cache_dir, per method and output folder
+    resume: bool = False
+    progress: bool = False
+    pinclip: PinClipConfig = field(default_factory=PinClipConfig)
+    mpft: MpftConfig = field(default_factory=MpftConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, not {self.method!r}")
+        if min(self.epochs, self.batch_size, self.patience, self.augment_variants) < 1:
+            raise ValueError("epochs, batch_size, patience and augment_variants must be at least 1")
+
+    @property
+    def resolved_head_lr(self) -> float:
+        return self.head_lr if self.head_lr is not None else 10 * self.lr
+
+    @property
+    def mode(self) -> str:
+        return self.pinclip.mode if self.method == "pin-clip" else self.mpft.mode
+
+    def method_config(self) -> dict[str, Any]:
+        return asdict(self.pinclip) if self.method == "pin-clip" else asdict(self.mpft)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What defines the trained weights: a checkpoint resumes only under the same fingerprint.
+
+        Left out: the epoch budget (resuming to train longer is the point), where files go, the device and
+        whether bars are drawn.
+        """
+        return json.loads(json.dumps({
+            "method": self.method, "data": list(self.data), "seed": self.seed, "batch_size": self.batch_size,
+            "lr": self.lr, "head_lr": self.resolved_head_lr, "weight_decay": self.weight_decay,
+            "patience": self.patience,
+            "tune_blocks": self.tune_blocks, "lora": asdict(self.lora), "limit_per_group": self.limit_per_group,
+            "holdout_generators": list(self.holdout_generators), "holdout_sources": list(self.holdout_sources),
+            "augment": self.augment, "augment_variants": self.augment_variants, "prefix_cache": self.prefix_cache,
+            "config": self.method_config(),
+        }, default=str))
+
+    def resolved_checkpoint_dir(self) -> Path:
+        if self.checkpoint_dir is not None:
+            return self.checkpoint_dir
+        key = hashlib.sha256(str(self.out.resolve()).encode()).hexdigest()[:10]
+        return self.cache_dir / "checkpoints" / f"{self.method}-{key}"
+
+    def command(self) -> str:
+        """The ``streamguard train`` command line that reproduces this recipe's weights."""
+        args = ["streamguard", "train", self.method]
+        for root in self.data:
+            args += ["--data", root]
+        args += ["--seed", str(self.seed), "--epochs", str(self.epochs), "--batch-size", str(self.batch_size),
+                 "--lr", repr(self.lr), "--head-lr", repr(self.resolved_head_lr), "--patience", str(self.patience),
+                 "--tune-blocks", "all" if self.tune_blocks is None else str(self.tune_blocks),
+                 "--lora-rank", str(self.lora.rank), "--lora-targets", ",".join(self.lora.targets),
+                 "--mode", self.mode, "--augment-variants", str(self.augment_variants)]
+        if self.method == "pin-clip":
+            args += ["--beta", repr(self.pinclip.beta)]
+            if self.pinclip.class_embeddings is not None:
+                args += ["--class-embeddings", str(self.pinclip.class_embeddings)]
+        else:
+            args += ["--rho-min", repr(self.mpft.rho_min), "--rho-max", repr(self.mpft.rho_max)]
+        if self.limit_per_group is not None:
+            args += ["--limit-per-group", str(self.limit_per_group)]
+        for generator in self.holdout_generators:
+            args += ["--holdout-generator", generator]
+        for source in self.holdout_sources:
+            args += ["--holdout-source", source]
+        if not self.augment:
+            args.append("--no-augment")
+        if not self.prefix_cache:
+            args.append("--no-prefix-cache")
+        return shlex.join(args)
+
+
+def build_objective(recipe: Recipe, embed_dim: int) -> Objective:
+    if recipe.method == "pin-clip":
+        return PinClipObjective(recipe.pinclip, embed_dim, recipe.seed + 2)
+    return MpftObjective(recipe.mpft)
+
+
+def _check_splits(splits: Splits) -> None:
+    for name in ("train", "val"):
+        labels = {s.label for s in getattr(splits, name)}
+        if labels != {0, 1}:
+            raise ValueError(f"training needs real and generated images in the {name} split, found labels "
+                             f"{sorted(labels)} in {len(getattr(splits, name))} samples")
+
+
+def _grouped(entries: list[Entry], logits: np.ndarray, calibration: Calibration) -> dict[str, Any]:
+    from streamguard.evaluation.metrics import grouped_metrics
+
+    scores = (1 / (1 + np.exp(-(calibration.scale * logits + calibration.bias)))).tolist()
+    samples = [e.sample for e in entries]
+    return grouped_metrics([s.label for s in samples], [s.generator for s in samples],
+                           [s.source for s in samples], scores).as_dict()
+
+
+def train_detector(settings: Settings, recipe: Recipe) -> dict[str, Any]:
+    """Train, calibrate and write the detector to ``recipe.out``; returns the report (``training.json``)."""
+    from streamguard.evaluation import load_samples
+    from streamguard.evaluation.calibrate import fit_calibration, quality
+
+    started = time.perf_counter()
+    samples = load_samples(recipe.data, seed=recipe.seed, limit_per_group=recipe.limit_per_group)
+    splits = split_samples(samples, recipe.holdout_generators, recipe.holdout_sources)
+    _check_splits(splits)
+    encoder = load_backbone(settings.backbone, recipe.device)
+    start = tuned_start(encoder, recipe.tune_blocks)
+    model = TunedClip(encoder, start, recipe.lora, recipe.seed)
+    objective = build_objective(recipe, encoder.embed_dim)
+    objective.module.to(recipe.device)
+    cache = PrefixCache(recipe.cache_dir, encoder.version, start, CONTRACT.size) if recipe.prefix_cache else None
+    variants = recipe.augment_variants if recipe.augment else 1
+    first = augmentation_key(recipe.seed, 0, recipe.augment)
+    train = [[Entry(s, augmentation_key(recipe.seed, v, recipe.augment)) for s in splits.train]
+             for v in range(variants)]
+    val = [Entry(s, first) for s in splits.val]
+    test = [Entry(s, first) for s in splits.test]
+    log.info("train.start", method=recipe.method, mode=recipe.mode, backbone=encoder.version,
+             tuned_blocks=f"{start}..{vit.num_layers(encoder) - 1}", train=len(splits.train), val=len(val),
+             test=len(test), held_out=len(splits.held_out), cache=str(cache.directory) if cache else None)
+    bars = Bars(recipe.progress)
+    checkpoint_dir = recipe.resolved_checkpoint_dir()
+    with Feed(model, settings.intake, cache, recipe.device, recipe.batch_size) as feed, bars.running():
+        warm_started = time.perf_counter()
+        everything = [e for variant in train for e in variant] + val + test
+        advance = bars.task("prefix cache" if cache else "checking images", len(everything))
+        usable = set(feed.warm(everything, advance))
+        warm_seconds = time.perf_counter() - warm_started
+        log.info("train.inputs_ready", entries=len(everything), usable=len(usable), seconds=round(warm_seconds, 1))
+        train = [[e for e in variant if e in usable] for variant in train]
+        val, test = [e for e in val if e in usable], [e for e in test if e in usable]
+        loop = LoopConfig(recipe.epochs, recipe.batch_size, recipe.lr, recipe.weight_decay, recipe.patience,
+                          recipe.seed, recipe.resolved_head_lr)
+        result = fit(model, objective, feed, train, val, loop, checkpoint_dir, recipe.fingerprint(),
+                     resume=recipe.resume, bars=bars)
+        model.load_weights(result.best_weights)
+        val_logits = predict(model, objective, feed, val, recipe.batch_size)
+        test_logits = predict(model, objective, feed, test, recipe.batch_size)
+    val_labels = [e.sample.label for e in val]
+    calibration = fit_calibration(val_logits.tolist(), val_labels, method="temperature",
+                                  fitted_on=f"val split of {', '.join(recipe.data)} (seed {recipe.seed})")
+    report: dict[str, Any] = {
+        "method": recipe.method,
+        "mode": recipe.mode,
+        "command": recipe.command(),
+        "counts": {"train": len(train[0]), "val": len(val), "test": len(test), "held_out": len(splits.held_out)},
+        "holdout": {"generators": list(recipe.holdout_generators), "sources": list(recipe.holdout_sources)},
+        "epochs": result.state.history,
+        "best_epoch": result.state.best_epoch,
+        "stopped_early": result.state.stopped_early,
+        "calibration": {"scale": calibration.scale, "bias": calibration.bias,
+                        "val_before": asdict(quality(val_logits.tolist(), val_labels, Calibration())),
+                        "val_after": asdict(quality(val_logits.tolist(), val_labels, calibration))},
+        "val": _grouped(val, val_logits, calibration),
+        "timing": {"inputs_s": round(warm_seconds, 1), "total_s": round(time.perf_counter() - started, 1)},
+    }
+    if test:
+        report["test"] = _grouped(test, test_logits, calibration)
+    meta = {
+        "method": recipe.method,
+        "backbone": encoder.version,
+        "embed_dim": encoder.embed_dim,
+        "tuned_blocks": list(range(start, vit.num_layers(encoder))),
+        "lora": asdict(recipe.lora),
+        "recipe": recipe.fingerprint(),
+        "command": recipe.command(),
+    }
+    save_detector(recipe.out, result.best_weights, recipe.lora, encoder, meta)
+    calibration.save(recipe.out)
+    report["version"] = detector_version(recipe.method, recipe.out)
+    (recipe.out / TRAINING_FILE).write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+    log.info("train.done", method=recipe.method, version=report["version"], best_epoch=result.state.best_epoch,
+             out=str(recipe.out), seconds=report["timing"]["total_s"])
+    return report
