@@ -143,7 +143,7 @@ def main() -> None:
         from streamguard.triton.build import build_repository
 
         workdir = tempfile.TemporaryDirectory(prefix="bench-triton-")
-        built = build_repository(Path(workdir.name) / "models", device="cpu")
+        built = build_repository(Path(workdir.name) / "models", device="cpu", models=[MODEL])
         server = start_triton(Path(workdir.name) / "work", built.repository, [MODEL])
         url, metrics_url = server.grpc_address, server.metrics_url
     try:

@@ -44,7 +44,9 @@ def test_dev_up_prints_exports_and_dev_down_stops_everything(tmp_path: Path) -> 
             index = {m["name"]: m.get("state") for m in client.get_model_repository_index(as_json=True)["models"]}
         finally:
             client.close()
-        assert index == {"univfd": "READY"}
+        from streamguard.triton.build import default_models
+
+        assert index == dict.fromkeys(default_models(), "READY")
         # A second `up` reuses the running services.
         again = _sg("dev", "up", "--workdir", str(tmp_path))
         assert again.stdout == up.stdout

@@ -31,8 +31,9 @@ MODEL = "univfd"
 @pytest.fixture(scope="module")
 def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonService]:
     root = tmp_path_factory.mktemp("triton-backend")
+    # Every built-in detector with weights: the parity test covers each one's served model.
     result = build_repository(root / "models", device="cpu")
-    service = start_triton(root / "work", result.repository, [MODEL], timeout_s=120)
+    service = start_triton(root / "work", result.repository, list(result.models), timeout_s=180)
     try:
         yield service
     finally:
@@ -53,7 +54,7 @@ def _scorer(monkeypatch: pytest.MonkeyPatch, **env: str) -> Scorer:
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     settings = load_settings()
-    settings.plugins.allow = ["builtin-fusion", "builtin-policy", "builtin-univfd"]
+    settings.plugins.allow = ["builtin-fusion", "builtin-policy", "builtin-univfd", "builtin-pinclip", "builtin-mpft"]
     return Scorer(settings, build_plugin_manager(settings.plugins))
 
 
@@ -71,19 +72,21 @@ def test_probabilities_through_triton_equal_in_process(triton: TritonService, mo
     jobs = [ImageJob(key=f"img{i}", data=_jpeg(i, (240 + 40 * i, 200))) for i in range(5)]
     with _scorer(monkeypatch) as local:
         expected = local.score(jobs)
-        local_kind = local.runners[0].backend_kind
+        assert {r.backend_kind for r in local.runners} == {"inprocess"}
     with _scorer(monkeypatch, STREAMGUARD_DETECTORS__BACKEND="triton",
                  STREAMGUARD_TRITON__URL=triton.grpc_address) as remote:
-        runner = remote.runners[0]
-        assert (local_kind, runner.backend_kind) == ("inprocess", "triton")
-        assert runner.ready
+        assert sorted(r.spec.name for r in remote.runners) == sorted(triton.models)
+        assert {r.backend_kind for r in remote.runners} == {"triton"}
+        assert all(r.ready for r in remote.runners)
         got = remote.score(jobs)
     for a, b in zip(expected, got, strict=True):
         assert a.verdict is not None and b.verdict is not None
-        (sa,), (sb,) = a.verdict.scores, b.verdict.scores
-        assert sa.error is None and sb.error is None, (sa.error, sb.error)
-        assert sb.version == sa.version and sb.detector == MODEL
-        assert sb.probability == pytest.approx(sa.probability, abs=1e-3)
+        assert [s.detector for s in b.verdict.scores] == [s.detector for s in a.verdict.scores]
+        for sa, sb in zip(a.verdict.scores, b.verdict.scores, strict=True):
+            assert sa.error is None and sb.error is None, (sa.error, sb.error)
+            assert sb.version == sa.version
+            assert sb.probability == pytest.approx(sa.probability, abs=1e-3), sa.detector
+        assert b.verdict.probability == pytest.approx(a.verdict.probability, abs=1e-3)
         assert b.verdict.label == a.verdict.label
 
 

@@ -45,17 +45,18 @@ def test_onnx_build(tiny: tuple[BackboneSettings, Path], tmp_path: Path, device:
                     monkeypatch: pytest.MonkeyPatch) -> None:
     backbone, head = tiny
     monkeypatch.setenv("STREAMGUARD_BACKBONE__CHECKPOINT", str(backbone.checkpoint))
-    result = CliRunner().invoke(cli, ["triton", "build", "--format", "onnx", "--device", device,
-                                       "--weights-dir", str(head), str(tmp_path)])
+    result = CliRunner().invoke(cli, ["triton", "build", "--format", "onnx", "--device", device, "--model", "univfd",
+                                       "--weights", f"univfd={head}", str(tmp_path)])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output.strip().splitlines()[-1])
-    assert summary["format"] == "onnx" and summary["version"] == f"univfd-1+{weights_digest(head)}"
+    assert summary["format"] == "onnx" and summary["models"] == {"univfd": f"univfd-1+{weights_digest(head)}"}
     model_dir = tmp_path / "univfd"
     assert sorted(p.name for p in model_dir.rglob("*") if p.is_file()) == ["config.pbtxt", "model.onnx"]
 
     config = _config(model_dir / "config.pbtxt")
     assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 32
-    assert config.parameters["streamguard_version"].string_value == summary["version"]
+    assert config.name == "univfd"
+    assert config.parameters["streamguard_version"].string_value == summary["models"]["univfd"]
     assert [tuple(i.dims) for i in config.input] == [(3, 224, 224)] and config.input[0].name == "PIXELS"
     kind = model_config_pb2.ModelInstanceGroup.KIND_GPU if device == "gpu" else model_config_pb2.ModelInstanceGroup.KIND_CPU
     assert [g.kind for g in config.instance_group] == [kind]
@@ -76,9 +77,23 @@ def test_onnx_build(tiny: tuple[BackboneSettings, Path], tmp_path: Path, device:
     np.testing.assert_allclose(got[:, 0], expected, atol=1e-4, rtol=0)
 
 
-def test_python_build_leaves_the_onnx_template_out(tmp_path: Path) -> None:
+def test_python_build_has_one_model_per_detector_with_weights(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["triton", "build", str(tmp_path)])
     assert result.exit_code == 0, result.output
+    models = json.loads(result.output.strip().splitlines()[-1])["models"]
+    assert "univfd" in models and set(models) <= {"univfd", "pin-clip", "mpft"}
     files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
-    assert files == ["univfd/1/model.py", "univfd/config.pbtxt"]
-    assert _config(tmp_path / "univfd" / "config.pbtxt").backend == "python"
+    assert files == sorted(f"{name}/{leaf}" for name in models for leaf in ("1/model.py", "config.pbtxt"))
+    for name, version in models.items():
+        config = _config(tmp_path / name / "config.pbtxt")
+        assert config.name == name and config.backend == "python"
+        assert config.parameters["detector"].string_value == name
+        assert config.parameters["streamguard_version"].string_value == version
+
+
+def test_unknown_or_untrained_models_are_refused(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["triton", "build", "--model", "nope", str(tmp_path)])
+    assert result.exit_code != 0 and "no served detector 'nope'" in result.output
+    result = CliRunner().invoke(cli, ["triton", "build", "--model", "mpft", "--weights", f"mpft={tmp_path}",
+                                      str(tmp_path / "out")])
+    assert result.exit_code != 0 and "no mpft weights" in result.output

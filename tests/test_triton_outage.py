@@ -51,13 +51,14 @@ def _outages(worker: WorkerProcess) -> list[dict]:
 
 
 def test_worker_survives_a_triton_restart(kafka: Service, tmp_path: Path) -> None:
-    repository = build_repository(tmp_path / "models", device="cpu").repository
+    repository = build_repository(tmp_path / "models", device="cpu", models=[MODEL]).repository
     triton = start_triton(tmp_path / "triton-1", repository, [MODEL])
     ports = {"http_port": triton.port, "grpc_port": triton.grpc_port, "metrics_port": triton.metrics_port}
     topics = Topics(kafka.address).create()
     env = worker_env(
         topics, None,
-        STREAMGUARD_PLUGINS__DENY="[]",
+        # univfd alone: the other CLIP detectors would only add CPU time here.
+        STREAMGUARD_PLUGINS__DENY='["builtin-pinclip", "builtin-mpft"]',
         STREAMGUARD_DETECTORS__BACKEND="triton",
         STREAMGUARD_TRITON__URL=triton.grpc_address,
         STREAMGUARD_TRITON__RETRY_BUDGET_S="2",

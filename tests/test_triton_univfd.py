@@ -59,8 +59,8 @@ def _metrics(service: TritonService) -> str:
 @pytest.fixture(scope="module")
 def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonService]:
     root = tmp_path_factory.mktemp("triton-univfd")
-    result = build_repository(root / "models", device="cpu")
-    assert result.version == f"univfd-1+{weights_digest(WEIGHTS_DIR)}"
+    result = build_repository(root / "models", device="cpu", models=[MODEL])
+    assert result.models == {MODEL: f"univfd-1+{weights_digest(WEIGHTS_DIR)}"}
     started = time.monotonic()
     service = start_triton(root / "work", result.repository, [MODEL], timeout_s=120)
     print(f"univfd on triton ready in {time.monotonic() - started:.1f}s")
@@ -80,12 +80,13 @@ def expected() -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_build_fills_parameters_and_device(tmp_path: Path) -> None:
-    result = build_repository(tmp_path, device="gpu", backbone=BackboneSettings(cache_dir=tmp_path / "cache"))
+    result = build_repository(tmp_path, device="gpu", backbone=BackboneSettings(cache_dir=tmp_path / "cache"),
+                              models=[MODEL])
     config = (tmp_path / MODEL / "config.pbtxt").read_text()
     assert "KIND_GPU" in config and "KIND_CPU" not in config
     assert f'string_value: "{WEIGHTS_DIR.resolve()}"' in config
     assert f'string_value: "{(tmp_path / "cache").resolve()}"' in config
-    assert f'string_value: "{result.version}"' in config
+    assert f'string_value: "{result.models[MODEL]}"' in config
     assert (tmp_path / MODEL / "1" / "model.py").is_file()
 
 

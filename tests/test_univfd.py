@@ -21,9 +21,13 @@ from streamguard.plugins import build_plugin_manager
 from streamguard.scoring import ImageJob, Scorer
 
 
+# univfd on, the other CLIP detectors off: this file is about univfd (they have tests of their own).
+OTHER_CLIP = ["builtin-pinclip", "builtin-mpft"]
+
+
 @pytest.fixture(autouse=True)
 def _with_univfd(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("STREAMGUARD_PLUGINS__DENY", raising=False)
+    monkeypatch.setenv("STREAMGUARD_PLUGINS__DENY", json.dumps(OTHER_CLIP))
 
 
 def _scene(seed: int, size: int = 256) -> Image.Image:
@@ -35,7 +39,7 @@ def _scene(seed: int, size: int = 256) -> Image.Image:
 
 def test_shipped_weights_load_and_score() -> None:
     assert (WEIGHTS_DIR / "head.safetensors").is_file() and (WEIGHTS_DIR / "MODEL_CARD.md").is_file()
-    settings = load_settings(plugins={"deny": ["brightness", "provenance"]})
+    settings = load_settings(plugins={"deny": ["brightness", "provenance", *OTHER_CLIP]})
     with Scorer(settings, build_plugin_manager(settings.plugins)) as scorer:
         (spec,) = scorer.specs
         assert spec.name == "univfd" and spec.version.startswith("univfd-1+")
@@ -60,7 +64,7 @@ def test_scan_uses_univfd_by_default(tmp_path: Path) -> None:
 
 def test_head_of_the_wrong_width_is_a_clear_error(tmp_path: Path) -> None:
     save_probe(LinearProbe(768), tmp_path, {"embed_dim": 768})
-    settings = load_settings(plugins={"deny": ["brightness", "provenance"]},
+    settings = load_settings(plugins={"deny": ["brightness", "provenance", *OTHER_CLIP]},
                              detectors={"options": {"univfd": {"weights_dir": str(tmp_path)}}})
     with Scorer(settings, build_plugin_manager(settings.plugins)) as scorer:
         (runner,) = scorer.runners
@@ -90,7 +94,7 @@ def test_train_univfd_end_to_end(tmp_path: Path) -> None:
     assert {"head.safetensors", "meta.json", "calibration.json", "training.json"} <= {p.name for p in out.iterdir()}
     calibration = Calibration.load(out)
     assert calibration.method == "temperature" and calibration.scale > 0
-    settings = load_settings(plugins={"deny": ["brightness", "provenance"]},
+    settings = load_settings(plugins={"deny": ["brightness", "provenance", *OTHER_CLIP]},
                              detectors={"options": {"univfd": {"weights_dir": str(out)}}})
     with Scorer(settings, build_plugin_manager(settings.plugins)) as scorer:
         real, fake = scorer.score([ImageJob("r", encode(_scene(999, 128), "PNG")),
@@ -106,8 +110,7 @@ def test_worker_uses_univfd_by_default(kafka, tmp_path: Path) -> None:  # type: 
     from stack import Topics, WorkerProcess, image_events, produce, wait_for_outcomes, worker_env
 
     topics = Topics(kafka.address).create()
-    env = worker_env(topics, None)
-    env.pop("STREAMGUARD_PLUGINS__DENY")
+    env = worker_env(topics, None, STREAMGUARD_PLUGINS__DENY=json.dumps(OTHER_CLIP))
     env.pop("PYTHONPATH", None)  # the product's plugins only
     worker = WorkerProcess(env, tmp_path)
     try:

@@ -73,7 +73,7 @@ def _start_triton(app: AppContext, workdir: Path) -> TritonService:
         result = build_repository(workdir / "models", device="cpu", backbone=app.settings.backbone)
     except (FileNotFoundError, ValueError) as exc:
         raise ServiceError(f"cannot build the Triton repository: {exc}") from exc
-    return start_triton(workdir / "tritonserver", result.repository, [result.model])
+    return start_triton(workdir / "tritonserver", result.repository, list(result.models))
 
 
 @dev_group.command("down")

@@ -1,4 +1,4 @@
-"""``streamguard triton build``: a Triton model repository serving the built-in univfd detector."""
+"""``streamguard triton build``: a Triton model repository serving the built-in detectors."""
 
 from __future__ import annotations
 
@@ -17,23 +17,37 @@ def triton_group() -> None:
     """Triton Inference Server model repositories."""
 
 
+def _weights(values: tuple[str, ...]) -> dict[str, Path]:
+    out = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"{value!r} is not NAME=DIR", param_hint="--weights")
+        out[name] = Path(path)
+    return out
+
+
 @triton_group.command("build")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
               help="Instance kind: KIND_CPU or KIND_GPU.")
-@click.option("--weights-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="univfd head directory (default: the shipped one).")
 @click.option("--format", "fmt", type=click.Choice(["python", "onnx"]), default="python", show_default=True,
               help="python: torch in the Python backend; onnx: ONNX export, TensorRT fp16 on GPU.")
+@click.option("--model", "models", multiple=True,
+              help="Detector to include (repeatable; default: every built-in detector that has weights).")
+@click.option("--weights", "weights", multiple=True, metavar="NAME=DIR",
+              help="A detector's weights directory instead of the shipped one (repeatable).")
 @pass_app
-def triton_build_command(app: AppContext, out: Path, device: str, weights_dir: Path | None, fmt: str) -> None:
-    """Write OUT/univfd: config.pbtxt plus 1/model.py (python) or 1/model.onnx (onnx), with the detector version."""
+def triton_build_command(app: AppContext, out: Path, device: str, fmt: str, models: tuple[str, ...],
+                         weights: tuple[str, ...]) -> None:
+    """Write OUT/<detector>: config.pbtxt plus 1/model.py (python) or 1/model.onnx (onnx), with its version."""
     from streamguard.triton.build import build_repository
 
     try:
-        result = build_repository(out, device=device, weights_dir=weights_dir,  # type: ignore[arg-type]
-                                  backbone=app.settings.backbone, fmt=fmt)  # type: ignore[arg-type]
+        result = build_repository(out, device=device, weights=_weights(weights),  # type: ignore[arg-type]
+                                  backbone=app.settings.backbone, fmt=fmt,  # type: ignore[arg-type]
+                                  models=list(models) or None)
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(json.dumps({"repository": str(result.repository), "model": result.model,
-                           "version": result.version, "device": result.device, "format": result.format}))
+    click.echo(json.dumps({"repository": str(result.repository), "device": result.device,
+                           "format": result.format, "models": result.models}))

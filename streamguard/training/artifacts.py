@@ -156,6 +156,7 @@ def detector_spec(name: str, directory: Path, settings: Settings, description: s
         calibration=Calibration.load(directory),
         weights_dir=directory,
         description=description,
+        triton_model=name,  # `streamguard triton build` names the model after the detector
     )
 
 
