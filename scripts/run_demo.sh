@@ -15,6 +15,8 @@ trap cleanup EXIT
 
 eval "$("$sg" dev up --workdir "$workdir")"
 export STREAMGUARD_DETECTORS__BACKEND=triton
+# Every CLIP detector on two CPU cores is slow next to a GPU: give requests time rather than fail them.
+export STREAMGUARD_TRITON__REQUEST_TIMEOUT_S=120 STREAMGUARD_DETECTORS__TIMEOUT_S=300
 export STREAMGUARD_WORKER__HEALTH_PORT=0 STREAMGUARD_WORKER__HEALTH_HOST=127.0.0.1 STREAMGUARD_LOG__FORMAT=json
 first=$("$sg" produce "$samples")
 second=$("$sg" produce "$samples")

@@ -73,8 +73,9 @@ def test_probabilities_through_triton_equal_in_process(triton: TritonService, mo
     with _scorer(monkeypatch) as local:
         expected = local.score(jobs)
         assert {r.backend_kind for r in local.runners} == {"inprocess"}
-    with _scorer(monkeypatch, STREAMGUARD_DETECTORS__BACKEND="triton",
-                 STREAMGUARD_TRITON__URL=triton.grpc_address) as remote:
+    # Three CLIP models share this machine's two cores with the in-process ones: generous timeouts.
+    with _scorer(monkeypatch, STREAMGUARD_DETECTORS__BACKEND="triton", STREAMGUARD_TRITON__URL=triton.grpc_address,
+                 STREAMGUARD_TRITON__REQUEST_TIMEOUT_S="120", STREAMGUARD_DETECTORS__TIMEOUT_S="300") as remote:
         assert sorted(r.spec.name for r in remote.runners) == sorted(triton.models)
         assert {r.backend_kind for r in remote.runners} == {"triton"}
         assert all(r.ready for r in remote.runners)

@@ -50,18 +50,6 @@ def test_shipped_weights_load_and_score() -> None:
         assert score.error is None and score.probability is not None and 0.0 < score.probability < 1.0
 
 
-def test_scan_uses_univfd_by_default(tmp_path: Path) -> None:
-    image = tmp_path / "scene.jpg"
-    _scene(2).save(image, quality=90)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the product's plugins only
-    proc = subprocess.run([sys.executable, "-m", "streamguard", "scan", "--format", "jsonl", str(image)],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr
-    verdict = json.loads(proc.stdout)["verdict"]
-    assert {s["detector"] for s in verdict["scores"]} == {"univfd", "provenance"}
-    assert verdict["model_versions"]["univfd"].startswith("univfd-1+")
-
-
 def test_head_of_the_wrong_width_is_a_clear_error(tmp_path: Path) -> None:
     save_probe(LinearProbe(768), tmp_path, {"embed_dim": 768})
     settings = load_settings(plugins={"deny": ["brightness", "provenance", *OTHER_CLIP]},
