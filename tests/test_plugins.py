@@ -50,7 +50,7 @@ def test_entry_point_plugins_are_loaded(pm) -> None:  # type: ignore[no-untyped-
 
 
 def test_deny_list_removes_the_example_plugin() -> None:
-    settings = load_settings(plugins={"deny": ["provenance", "builtin-univfd"]})
+    settings = load_settings(plugins={"deny": ["provenance", "builtin-univfd", "builtin-pinclip", "builtin-mpft"]})
     pm = build_plugin_manager(settings.plugins)
     assert not pm.has_plugin("provenance")
     assert "provenance" not in {spec.name for spec in collect_detectors(pm, settings)}
@@ -62,7 +62,7 @@ def test_deny_list_from_config_file_via_cli(tmp_path: Path, monkeypatch: pytest.
     from streamguard.cli import cli
 
     config = tmp_path / "streamguard.toml"
-    config.write_text('[plugins]\ndeny = ["provenance", "builtin-univfd"]\n')
+    config.write_text('[plugins]\ndeny = ["provenance", "builtin-univfd", "builtin-pinclip", "builtin-mpft"]\n')
     monkeypatch.delenv("STREAMGUARD_PLUGINS__DENY")  # the environment would override the file
     listed = json.loads(CliRunner().invoke(cli, ["plugins"]).stdout)
     assert "provenance" in {p["name"] for p in listed["plugins"]}
@@ -188,7 +188,7 @@ def test_hook_verdict_ready_observes_every_verdict(settings, pm) -> None:  # typ
 
 
 def test_denying_builtin_fusion_without_replacement_is_a_config_error(settings) -> None:  # type: ignore[no-untyped-def]
-    pm = build_plugin_manager(PluginSettings(deny=["builtin-fusion", "builtin-univfd"]))
+    pm = build_plugin_manager(PluginSettings(deny=["builtin-fusion", "builtin-univfd", "builtin-pinclip", "builtin-mpft"]))
     with pytest.raises(ConfigurationError, match="fuse_scores"):
         Scorer(settings, pm)
 
@@ -215,7 +215,7 @@ def test_plugin_registered_from_another_file(tmp_path: Path, settings, pm) -> No
         import third_party_plugin  # type: ignore[import-not-found]
 
         pm.register(third_party_plugin, name="third-party")
-        settings = load_settings(plugins={"deny": ["brightness", "provenance", "builtin-univfd"]})
+        settings = load_settings(plugins={"deny": ["brightness", "provenance", "builtin-univfd", "builtin-pinclip", "builtin-mpft"]})
         (verdict,) = _score(settings, pm, DARK)
     finally:
         sys.path.remove(str(tmp_path))

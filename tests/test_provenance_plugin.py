@@ -49,4 +49,5 @@ def test_product_path_has_no_test_detector() -> None:
     proc = subprocess.run([sys.executable, "-m", "streamguard", "plugins"], capture_output=True, text=True,
                           env=env, timeout=120, check=True)
     names = {p["name"] for p in json.loads(proc.stdout)["plugins"]}
-    assert names == {"builtin-fusion", "builtin-policy", "builtin-univfd", "provenance"}
+    assert names == {"builtin-fusion", "builtin-policy", "builtin-univfd", "builtin-pinclip", "builtin-mpft",
+                     "provenance"}

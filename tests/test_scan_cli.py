@@ -88,7 +88,7 @@ def test_scan_reads_paths_from_stdin_and_reports_missing(folder: Path) -> None:
 
 def test_scan_with_detector_denied_in_config(folder: Path, tmp_path: Path) -> None:
     config = tmp_path / "sg.toml"
-    config.write_text('[plugins]\ndeny = ["provenance", "builtin-univfd"]\n')
+    config.write_text('[plugins]\ndeny = ["provenance", "builtin-univfd", "builtin-pinclip", "builtin-mpft"]\n')
     env = {k: v for k, v in os.environ.items() if k != "STREAMGUARD_PLUGINS__DENY"}  # env beats the file
     proc = subprocess.run(
         [sys.executable, "-m", "streamguard", "--config", str(config), "scan", "--format", "jsonl",

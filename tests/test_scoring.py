@@ -140,7 +140,7 @@ def test_no_detectors_means_uncertain() -> None:
 
 @pytest.mark.parametrize("gain", [10.0, 40.0])
 def test_testdetector_uses_the_torch_backend(gain: float) -> None:
-    settings = load_settings(detectors={"options": {"brightness": {"gain": gain}}}, plugins={"deny": ["provenance", "builtin-univfd"]})
+    settings = load_settings(detectors={"options": {"brightness": {"gain": gain}}}, plugins={"deny": ["provenance", "builtin-univfd", "builtin-pinclip", "builtin-mpft"]})
     pm = build_plugin_manager(settings.plugins)
     with Scorer(settings, pm) as scorer:
         (outcome,) = scorer.score([ImageJob("a", encode(solid(191), "PNG"))])
