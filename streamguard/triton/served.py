@@ -25,18 +25,10 @@ class ServedDetector:
 
 
 def _univfd() -> ServedDetector:
-    from streamguard.builtin.univfd.model import HEAD_FILE, UnivFD, load_probe, weights_digest
+    from streamguard.builtin.univfd.model import HEAD_FILE, build_univfd, detector_version
     from streamguard.builtin.univfd.plugin import NAME, WEIGHTS_DIR
 
-    def build(encoder: ClipImageEncoder, weights: Path) -> torch.nn.Module:
-        probe, _ = load_probe(weights)
-        if probe.linear.in_features != encoder.embed_dim:
-            raise ValueError(f"the univfd head in {weights} expects {probe.linear.in_features}-d embeddings but "
-                             f"the backbone gives {encoder.embed_dim}")
-        return UnivFD(encoder, probe)
-
-    return ServedDetector(NAME, WEIGHTS_DIR, lambda d: (d / HEAD_FILE).is_file(),
-                          lambda d: f"univfd-1+{weights_digest(d)}", build)
+    return ServedDetector(NAME, WEIGHTS_DIR, lambda d: (d / HEAD_FILE).is_file(), detector_version, build_univfd)
 
 
 def _fine_tuned(name: str, default: Path) -> ServedDetector:

@@ -55,3 +55,19 @@ def weights_digest(weights_dir: Path) -> str:
     """Changes whenever the head changes: part of the detector version, hence of dedupe keys."""
     path = weights_dir / HEAD_FILE
     return hashlib.sha256(path.read_bytes()).hexdigest()[:10] if path.is_file() else "untrained"
+
+
+def detector_version(weights_dir: Path) -> str:
+    return f"univfd-1+{weights_digest(weights_dir)}"
+
+
+def build_univfd(encoder: torch.nn.Module, weights_dir: Path) -> UnivFD:
+    """The served model from a loaded encoder and a head directory; refuses a head of another width."""
+    probe, _ = load_probe(weights_dir)
+    embed_dim = int(encoder.embed_dim)  # type: ignore[arg-type]
+    if probe.linear.in_features != embed_dim:
+        raise ValueError(
+            f"the univfd head in {weights_dir} expects {probe.linear.in_features}-d embeddings but the backbone "
+            f"gives {embed_dim}; retrain it with `streamguard train univfd` on this backbone"
+        )
+    return UnivFD(encoder, probe)

@@ -8,7 +8,7 @@ import torch
 
 from streamguard.backbone import load_backbone
 from streamguard.backends.torch_inprocess import torch_loader
-from streamguard.builtin.univfd.model import UnivFD, load_probe, weights_digest
+from streamguard.builtin.univfd.model import build_univfd, detector_version
 from streamguard.config import Settings
 from streamguard.detectors.spec import Calibration, DetectorSpec, LoadContext
 from streamguard.hookspecs import hookimpl
@@ -28,19 +28,12 @@ def register_detectors(register, settings: Settings) -> None:  # type: ignore[no
     directory = weights_dir(settings)
 
     def build(ctx: LoadContext) -> torch.nn.Module:
-        encoder = load_backbone(settings.backbone, ctx.device)
-        probe, _ = load_probe(directory)
-        if probe.linear.in_features != encoder.embed_dim:
-            raise ValueError(
-                f"the univfd head in {directory} expects {probe.linear.in_features}-d embeddings but the backbone "
-                f"gives {encoder.embed_dim}; retrain it with `streamguard train univfd` on this backbone"
-            )
-        return UnivFD(encoder, probe)
+        return build_univfd(load_backbone(settings.backbone, ctx.device), directory)
 
     register(
         DetectorSpec(
             name=NAME,
-            version=f"univfd-1+{weights_digest(directory)}",
+            version=detector_version(directory),
             load=torch_loader(build),
             contract=InputContract(size=224, fit="resize"),
             calibration=Calibration.load(directory),

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from streamguard.backbone import load_backbone
-from streamguard.builtin.univfd.model import LinearProbe, save_probe, weights_digest
+from streamguard.builtin.univfd.model import LinearProbe, detector_version, save_probe
 from streamguard.config import Settings
 from streamguard.detectors.spec import Calibration
 from streamguard.intake import InputContract, decode_image, prepare
@@ -171,6 +171,6 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
     }
     save_probe(probe, cfg.out, meta)
     calibration.save(cfg.out)
-    report["version"] = f"univfd-1+{weights_digest(cfg.out)}"
+    report["version"] = detector_version(cfg.out)
     (cfg.out / "training.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
     return report
