@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from streamguard.plugins import build_plugin_manager
 from streamguard.registry import collect_detectors
 from streamguard.scoring import Scorer
 from streamguard.training.artifacts import HEAD_FILE, LORA_FILE, META_FILE, TRAINING_FILE
+from streamguard.training.held_out import load_held_out
 from test_training_units import tiny_clip
 
 DETECTOR_FILES = {LORA_FILE, HEAD_FILE, META_FILE, TRAINING_FILE, "calibration.json"}
@@ -202,6 +204,13 @@ def test_train_pinclip_with_a_held_out_generator_then_scan(dataset: Path, backbo
     textured(2002).save(tmp_path / "fake.jpg", quality=90)
     probabilities = scan(backbone, "pin-clip", out, tmp_path / "real.jpg", tmp_path / "fake.jpg")
     assert probabilities["fake.jpg"] > probabilities["real.jpg"]
+    # The held-out images' scores are what the detector says of their original bytes in production.
+    holdout, held = load_held_out(out)
+    assert holdout == {"generators": ["blockgen"], "sources": []} and len(held) == 6
+    assert {s.generator for s in held} == {"blockgen"} and {s.split for s in held} == {"train", "test"}
+    served = scan(backbone, "pin-clip", out, *(dataset / "blockgen" / Path(s.id).name for s in held))
+    for s in held:
+        assert 1 / (1 + math.exp(-s.logit)) == pytest.approx(served[Path(s.id).name], abs=1e-4)
 
 
 def test_plugins_register_nothing_until_weights_exist(tmp_path: Path) -> None:

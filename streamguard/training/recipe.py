@@ -25,7 +25,8 @@ from streamguard.config import Settings
 from streamguard.detectors.spec import Calibration
 from streamguard.training import vit
 from streamguard.training.artifacts import CONTRACT, TRAINING_FILE, detector_version, save_detector
-from streamguard.training.data import Entry, Feed, Splits, augmentation_key, split_samples
+from streamguard.training.data import NO_AUGMENTATION, Entry, Feed, Splits, augmentation_key, split_samples
+from streamguard.training.held_out import HELD_OUT_FILE, held_out_scores, save_held_out
 from streamguard.training.lora import LoraConfig
 from streamguard.training.model import TunedClip, tuned_start
 from streamguard.training.mpft import MpftConfig, MpftObjective
@@ -180,6 +181,7 @@ def train_detector(settings: Settings, recipe: Recipe) -> dict[str, Any]:
              for v in range(variants)]
     val = [Entry(s, first) for s in splits.val]
     test = [Entry(s, first) for s in splits.test]
+    held = [Entry(s, NO_AUGMENTATION) for s in splits.held_out]
     log.info("train.start", method=recipe.method, mode=recipe.mode, backbone=encoder.version,
              tuned_blocks=f"{start}..{vit.num_layers(encoder) - 1}", train=len(splits.train), val=len(val),
              test=len(test), held_out=len(splits.held_out), cache=str(cache.directory) if cache else None)
@@ -187,13 +189,14 @@ def train_detector(settings: Settings, recipe: Recipe) -> dict[str, Any]:
     checkpoint_dir = recipe.resolved_checkpoint_dir()
     with Feed(model, settings.intake, cache, recipe.device, recipe.batch_size) as feed, bars.running():
         warm_started = time.perf_counter()
-        everything = [e for variant in train for e in variant] + val + test
+        everything = [e for variant in train for e in variant] + val + test + held
         advance = bars.task("prefix cache" if cache else "checking images", len(everything))
         usable = set(feed.warm(everything, advance))
         warm_seconds = time.perf_counter() - warm_started
         log.info("train.inputs_ready", entries=len(everything), usable=len(usable), seconds=round(warm_seconds, 1))
         train = [[e for e in variant if e in usable] for variant in train]
         val, test = [e for e in val if e in usable], [e for e in test if e in usable]
+        held = [e for e in held if e in usable]
         loop = LoopConfig(recipe.epochs, recipe.batch_size, recipe.lr, recipe.weight_decay, recipe.patience,
                           recipe.seed, recipe.resolved_head_lr)
         result = fit(model, objective, feed, train, val, loop, checkpoint_dir, recipe.fingerprint(),
@@ -201,6 +204,7 @@ def train_detector(settings: Settings, recipe: Recipe) -> dict[str, Any]:
         model.load_weights(result.best_weights)
         val_logits = predict(model, objective, feed, val, recipe.batch_size)
         test_logits = predict(model, objective, feed, test, recipe.batch_size)
+        held_logits = predict(model, objective, feed, held, recipe.batch_size)
     val_labels = [e.sample.label for e in val]
     calibration = fit_calibration(val_logits.tolist(), val_labels, method="temperature",
                                   fitted_on=f"val split of {', '.join(recipe.data)} (seed {recipe.seed})")
@@ -221,6 +225,8 @@ def train_detector(settings: Settings, recipe: Recipe) -> dict[str, Any]:
     }
     if test:
         report["test"] = _grouped(test, test_logits, calibration)
+    if held:
+        report["held_out_original"] = _grouped(held, held_logits, calibration)
     meta = {
         "method": recipe.method,
         "backbone": encoder.version,
@@ -233,6 +239,11 @@ def train_detector(settings: Settings, recipe: Recipe) -> dict[str, Any]:
     save_detector(recipe.out, result.best_weights, recipe.lora, encoder, meta)
     calibration.save(recipe.out)
     report["version"] = detector_version(recipe.method, recipe.out)
+    if held:
+        save_held_out(recipe.out, held_out_scores([e.sample for e in held], held_logits, calibration),
+                      report["holdout"], report["version"])
+    else:
+        (recipe.out / HELD_OUT_FILE).unlink(missing_ok=True)  # a stale one would pass for this run's
     (recipe.out / TRAINING_FILE).write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
     log.info("train.done", method=recipe.method, version=report["version"], best_epoch=result.state.best_epoch,
              out=str(recipe.out), seconds=report["timing"]["total_s"])

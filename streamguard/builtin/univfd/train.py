@@ -44,6 +44,8 @@ class TrainConfig:
     device: str = "cpu"
     augment: bool = True
     cache_dir: Path = Path(".cache/train")
+    holdout_generators: tuple[str, ...] = ()
+    holdout_sources: tuple[str, ...] = ()
 
 
 def augment(data: bytes, rng: random.Random) -> bytes:
@@ -60,12 +62,14 @@ def augment(data: bytes, rng: random.Random) -> bytes:
 
 
 def embed(samples: Sequence, settings: Settings, cfg: TrainConfig, encoder: torch.nn.Module,  # type: ignore[type-arg]
-          tag: str) -> tuple[np.ndarray, np.ndarray, list]:  # type: ignore[type-arg]
-    """Embeddings of ``samples`` (augmented per sample, seeded), cached on disk by content of the request."""
+          tag: str, augmented: bool | None = None) -> tuple[np.ndarray, np.ndarray, list]:  # type: ignore[type-arg]
+    """Embeddings of ``samples`` (augmented per sample, seeded, unless ``augmented`` is False), cached on disk by
+    content of the request."""
     from streamguard.evaluation import read_samples
 
+    augmented = cfg.augment if augmented is None else augmented
     key = hashlib.sha256(json.dumps(
-        [tag, cfg.seed, cfg.augment, encoder.version, [s.id for s in samples]]  # type: ignore[attr-defined]
+        [tag, cfg.seed, augmented, encoder.version, [s.id for s in samples]]  # type: ignore[attr-defined]
     ).encode()).hexdigest()[:16]
     cache = cfg.cache_dir / f"univfd-{tag}-{key}.npz"
     if cache.is_file():
@@ -86,7 +90,7 @@ def embed(samples: Sequence, settings: Settings, cfg: TrainConfig, encoder: torc
     for sample, data in read_samples(samples):
         rng = random.Random(f"{cfg.seed}:{sample.id}")
         try:
-            raw = augment(data, rng) if cfg.augment else data
+            raw = augment(data, rng) if augmented else data
             batch.append(prepare(decode_image(raw, settings.intake, CONTRACT.size), CONTRACT))
         except Exception as exc:  # noqa: BLE001 - a bad training image is skipped, not fatal
             log.warning("train.sample_skipped", sample=sample.id, error=f"{type(exc).__name__}: {exc}")
@@ -105,23 +109,39 @@ def embed(samples: Sequence, settings: Settings, cfg: TrainConfig, encoder: torc
     return x, y, kept_samples
 
 
+def _without(embedded: tuple[np.ndarray, np.ndarray, list], ids: set[str]) -> tuple[np.ndarray, np.ndarray, list]:  # type: ignore[type-arg]
+    x, y, kept = embedded
+    keep = [i for i, s in enumerate(kept) if s.id not in ids]
+    return x[keep], y[keep], [kept[i] for i in keep]
+
+
 def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
+    """Fit, calibrate and write the probe to ``cfg.out``; returns the report (``training.json``).
+
+    Held-out groups (``cfg.holdout_*``) leave train and val, and are scored on their original bytes into
+    ``held_out.json``. Splits are embedded whole whatever is held out, so every fold of a
+    leave-one-source-out run reuses one embedding cache.
+    """
     from sklearn.linear_model import LogisticRegression
 
     from streamguard.evaluation import load_samples
     from streamguard.evaluation.calibrate import fit_calibration, quality
     from streamguard.evaluation.metrics import binary_metrics, grouped_metrics
+    from streamguard.training.data import split_samples
+    from streamguard.training.held_out import HELD_OUT_FILE, held_out_scores, save_held_out
 
     samples = load_samples(cfg.data, seed=cfg.seed, limit_per_group=cfg.limit_per_group)
+    held_ids = {s.id for s in split_samples(samples, cfg.holdout_generators, cfg.holdout_sources).held_out}
     splits = {name: [s for s in samples if s.split == name] for name in ("train", "val", "test")}
-    if not splits["train"] or not splits["val"]:
+    if not [s for s in splits["train"] if s.id not in held_ids] or not [s for s in splits["val"] if s.id not in held_ids]:
         raise ValueError("training needs samples in the train and val splits")
     encoder = load_backbone(settings.backbone, cfg.device)
-    data = {name: embed(split, settings, cfg, encoder, name) for name, split in splits.items() if split}
+    data = {name: _without(embed(split, settings, cfg, encoder, name), held_ids)
+            for name, split in splits.items() if split}
     x_train, y_train, _ = data["train"]
     x_val, y_val, val_samples = data["val"]
 
@@ -149,6 +169,7 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
     report: dict[str, object] = {
         "C": chosen_c,
         "counts": {name: int(len(d[1])) for name, d in data.items()},
+        "holdout": {"generators": list(cfg.holdout_generators), "sources": list(cfg.holdout_sources)},
         "calibration": {"scale": calibration.scale, "bias": calibration.bias,
                         "val_before": asdict(quality(logits(x_val).tolist(), y_val.tolist(), Calibration())),
                         "val_after": asdict(quality(logits(x_val).tolist(), y_val.tolist(), calibration))},
@@ -172,5 +193,16 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
     save_probe(probe, cfg.out, meta)
     calibration.save(cfg.out)
     report["version"] = detector_version(cfg.out)
+    held = [s for s in samples if s.id in held_ids]
+    if held:
+        x_held, y_held, held = embed(held, settings, cfg, encoder, "original", augmented=False)
+        raw = logits(x_held)
+        scores = (1 / (1 + np.exp(-(calibration.scale * raw + calibration.bias)))).tolist()
+        report["held_out_original"] = grouped_metrics(
+            y_held.tolist(), [s.generator for s in held], [s.source for s in held], scores).as_dict()
+        save_held_out(cfg.out, held_out_scores(held, raw, calibration), report["holdout"],  # type: ignore[arg-type]
+                      str(report["version"]))
+    else:
+        (cfg.out / HELD_OUT_FILE).unlink(missing_ok=True)  # a stale one would pass for this run's
     (cfg.out / "training.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
     return report

@@ -1,0 +1,54 @@
+"""Per-image scores of the held-out groups of a training run, on their original bytes.
+
+A run with ``--holdout-generator/--holdout-source`` writes them next to its weights (``held_out.json``);
+leave-one-source-out validation pools them over folds to report per source and to choose fusion weights and
+thresholds. Original bytes, not the training augmentation: the thresholds are for what the worker sees.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from streamguard.detectors.spec import Calibration
+from streamguard.evaluation.datasets import Sample
+
+HELD_OUT_FILE = "held_out.json"
+
+
+@dataclass(frozen=True)
+class HeldOutScore:
+    """``logit`` is calibrated: the fusion hook averages exactly these."""
+
+    id: str
+    label: int
+    generator: str
+    source: str
+    split: str
+    logit: float
+
+    @property
+    def group(self) -> str:
+        return self.generator if self.label == 1 else self.source
+
+
+def held_out_scores(samples: Sequence[Sample], raw_logits: np.ndarray, calibration: Calibration) -> list[HeldOutScore]:
+    calibrated = calibration.scale * np.asarray(raw_logits, np.float64) + calibration.bias
+    return [HeldOutScore(s.id, s.label, s.generator, s.source, s.split, float(z))
+            for s, z in zip(samples, calibrated, strict=True)]
+
+
+def save_held_out(out: Path, scores: Sequence[HeldOutScore], holdout: dict[str, list[str]], version: str) -> Path:
+    path = out / HELD_OUT_FILE
+    payload = {"version": version, "holdout": holdout, "scores": [asdict(s) for s in scores]}
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    return path
+
+
+def load_held_out(out: Path) -> tuple[dict[str, list[str]], list[HeldOutScore]]:
+    payload = json.loads((out / HELD_OUT_FILE).read_text())
+    return payload["holdout"], [HeldOutScore(**row) for row in payload["scores"]]
