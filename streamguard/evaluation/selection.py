@@ -1,0 +1,152 @@
+"""Choosing fusion weights and policy thresholds from validation scores, and reporting them per group.
+
+Every number here weighs groups (a real-photo source, a generator) equally, not images: on unseen data
+the question is how the worst and the typical source fare, and the shared data's groups differ in size by
+7x. The fused score is the default fusion hook's (`streamguard.fusion`): the weighted mean of calibrated
+logits.
+
+Thresholds follow the costs a platform has:
+- ``ai_threshold`` is the lowest at which no real source has more than ``max_false_flag`` of its photos
+  called AI-generated. Flagging a real photo is the costly error, so the worst source bounds it.
+- ``real_threshold`` is the highest at which generators, on average, have at most ``max_false_clear`` of
+  their images cleared as real. Missing part of one unseen generator is expected; clearing many across
+  generators is not. Between the two the verdict is ``uncertain`` (human review).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+THRESHOLD_GRID = np.round(np.arange(0.01, 1.0, 0.01), 2)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """Validation images with one calibrated logit per detector (``logits[name][i]``)."""
+
+    labels: np.ndarray  # (N,) 0 real, 1 fake
+    groups: tuple[str, ...]  # the source of a real image, the generator of a fake one
+    logits: Mapping[str, np.ndarray]
+
+    def __post_init__(self) -> None:
+        n = len(self.labels)
+        if len(self.groups) != n or any(len(v) != n for v in self.logits.values()):
+            raise ValueError("labels, groups and every detector's logits must have one entry per image")
+        if not self.logits:
+            raise ValueError("no detector scores")
+
+
+def group_weights(labels: np.ndarray, groups: Sequence[str]) -> np.ndarray:
+    counts: dict[tuple[int, str], int] = {}
+    for label, group in zip(labels.tolist(), groups, strict=True):
+        counts[(label, group)] = counts.get((label, group), 0) + 1
+    return np.array([1.0 / counts[(label, group)] for label, group in zip(labels.tolist(), groups, strict=True)])
+
+
+def balanced_auc(labels: np.ndarray, groups: Sequence[str], scores: np.ndarray) -> float | None:
+    """ROC-AUC with each group weighing the same; None without both classes."""
+    if len(set(labels.tolist())) < 2:
+        return None
+    return float(roc_auc_score(labels, scores, sample_weight=group_weights(labels, groups)))
+
+
+def fuse(logits: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
+    """The default fusion hook's logit: weighted mean of calibrated logits (weights need not sum to 1)."""
+    total = sum(weights.get(name, 0.0) for name in logits)
+    if total <= 0:
+        raise ValueError("fusion weights must give some detector a positive weight")
+    return sum(weights.get(name, 0.0) * z for name, z in logits.items()) / total  # type: ignore[return-value]
+
+
+def simplex(names: Sequence[str], step: float) -> list[dict[str, float]]:
+    """Every weighting of ``names`` on a grid of ``step`` summing to 1."""
+    parts = round(1 / step)
+    out = []
+    for combo in itertools.product(range(parts + 1), repeat=len(names)):
+        if sum(combo) == parts:
+            out.append({name: round(k / parts, 6) for name, k in zip(names, combo, strict=True)})
+    return out
+
+
+@dataclass(frozen=True)
+class WeightChoice:
+    weights: dict[str, float]
+    auc: float
+    equal_auc: float  # the equal weighting, for comparison
+
+
+def choose_weights(scored: Scored, step: float = 0.1) -> WeightChoice:
+    """The grid weighting with the highest group-balanced AUC; ties go to the one nearest equal weights."""
+    names = sorted(scored.logits)
+    equal = {name: 1.0 / len(names) for name in names}
+
+    def auc(weights: Mapping[str, float]) -> float:
+        return balanced_auc(scored.labels, scored.groups, fuse(scored.logits, weights)) or 0.0
+
+    def distance(weights: Mapping[str, float]) -> float:
+        return sum((weights[n] - equal[n]) ** 2 for n in names)
+
+    best = max(simplex(names, step), key=lambda w: (round(auc(w), 9), -distance(w)))
+    return WeightChoice(best, auc(best), auc(equal))
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def _by_group(labels: np.ndarray, groups: Sequence[str], label: int) -> dict[str, np.ndarray]:
+    names = sorted({g for g, y in zip(groups, labels.tolist(), strict=True) if y == label})
+    index = np.asarray(groups)
+    return {name: (index == name) & (labels == label) for name in names}
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    ai_threshold: float
+    real_threshold: float
+    worst_false_flag: float  # the worst real source's share called ai_generated
+    mean_false_clear: float  # generators' mean share called real
+    ai_target_met: bool
+    real_target_met: bool
+
+
+def choose_thresholds(labels: np.ndarray, groups: Sequence[str], probs: np.ndarray, max_false_flag: float = 0.05,
+                      max_false_clear: float = 0.10) -> ThresholdChoice:
+    """See the module docstring. A target no threshold meets gets the strictest grid value, and says so."""
+    reals, fakes = _by_group(labels, groups, 0), _by_group(labels, groups, 1)
+    if not reals or not fakes:
+        raise ValueError("choosing thresholds needs real and generated images")
+
+    def worst_flag(t: float) -> float:
+        return max(float(np.mean(probs[m] >= t)) for m in reals.values())
+
+    def mean_clear(t: float) -> float:
+        return float(np.mean([np.mean(probs[m] <= t) for m in fakes.values()]))
+
+    ai_ok = [t for t in THRESHOLD_GRID if t >= 0.5 and worst_flag(t) <= max_false_flag]
+    ai = float(ai_ok[0]) if ai_ok else float(THRESHOLD_GRID[-1])
+    real_ok = [t for t in THRESHOLD_GRID if t < min(ai, 0.5 + 1e-9) and mean_clear(t) <= max_false_clear]
+    real = float(real_ok[-1]) if real_ok else float(THRESHOLD_GRID[0])
+    return ThresholdChoice(ai, real, round(worst_flag(ai), 6), round(mean_clear(real), 6), bool(ai_ok), bool(real_ok))
+
+
+def verdict_rates(labels: np.ndarray, groups: Sequence[str], probs: np.ndarray, ai_threshold: float,
+                  real_threshold: float) -> dict[str, dict[str, float | int | str]]:
+    """Per group: how many images, and the shares judged ai_generated / uncertain / real, plus accuracy
+    at 0.5 (the share on the right side of even odds, whatever the policy)."""
+    out: dict[str, dict[str, float | int | str]] = {}
+    for label, kind in ((0, "real"), (1, "ai")):
+        for name, mask in _by_group(labels, groups, label).items():
+            p = probs[mask]
+            ai = float(np.mean(p >= ai_threshold))
+            real = float(np.mean(p <= real_threshold))
+            correct = p < 0.5 if label == 0 else p >= 0.5
+            out[name] = {"kind": kind, "n": int(mask.sum()), "ai_generated": round(ai, 4),
+                         "uncertain": round(1 - ai - real, 4), "real": round(real, 4),
+                         "accuracy_at_0.5": round(float(np.mean(correct)), 4)}
+    return out

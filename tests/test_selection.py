@@ -1,0 +1,105 @@
+"""Choosing fusion weights and thresholds on validation scores (`streamguard.evaluation.selection`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streamguard.config import FusionSettings
+from streamguard.evaluation.selection import (
+    Scored,
+    balanced_auc,
+    choose_thresholds,
+    choose_weights,
+    fuse,
+    simplex,
+    verdict_rates,
+)
+from streamguard.fusion import fuse_scores
+from streamguard.schemas import DetectorScore
+
+
+def test_balanced_auc_weighs_each_group_the_same() -> None:
+    # A big real source ranked perfectly and a small one ranked entirely wrong: pooled AUC hides the small
+    # one's failure, the balanced one gives it half the say.
+    labels = np.array([0] * 90 + [0] * 10 + [1] * 100)
+    groups = ["big"] * 90 + ["small"] * 10 + ["gen"] * 100
+    scores = np.array([0.1] * 90 + [0.9] * 10 + [0.5] * 100)
+    assert balanced_auc(labels, groups, scores) == pytest.approx(0.5)
+    assert balanced_auc(labels[:90], groups[:90], scores[:90]) is None
+
+
+def test_fuse_is_the_fusion_hooks_weighted_logit_mean() -> None:
+    logits = {"a": np.array([2.0, -1.0]), "b": np.array([0.5, 3.0])}
+    weights = {"a": 0.7, "b": 0.3}
+    ours = fuse(logits, weights)
+    for i in range(2):
+        scores = [DetectorScore(detector=name, version="1", probability=0.5, logit=float(z[i]), latency_ms=1.0)
+                  for name, z in logits.items()]
+        hook = fuse_scores(scores, FusionSettings(weights=weights))
+        assert hook.logit == pytest.approx(ours[i])
+    with pytest.raises(ValueError, match="positive weight"):
+        fuse(logits, {"a": 0.0})
+
+
+def test_simplex_grid_sums_to_one() -> None:
+    grid = simplex(["a", "b", "c"], 0.5)
+    assert len(grid) == 6 and all(sum(w.values()) == pytest.approx(1.0) for w in grid)
+
+
+def test_choose_weights_favours_the_detector_that_separates_and_reports_equal_weights() -> None:
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 50 + [1] * 50)
+    groups = ["r"] * 50 + ["g"] * 50
+    good = np.where(labels == 1, 2.0, -2.0) + rng.normal(0, 1.0, 100)
+    noise = rng.normal(0, 3.0, 100)
+    choice = choose_weights(Scored(labels, tuple(groups), {"good": good, "noise": noise}), step=0.1)
+    assert choice.weights["good"] > choice.weights["noise"]
+    assert choice.auc >= choice.equal_auc
+    assert choice.auc == pytest.approx(balanced_auc(labels, groups, fuse({"good": good, "noise": noise},
+                                                                         choice.weights)))
+
+
+def test_choose_weights_prefers_equal_weights_among_ties() -> None:
+    labels = np.array([0, 0, 1, 1])
+    same = np.array([-1.0, -2.0, 1.0, 2.0])
+    choice = choose_weights(Scored(labels, ("r", "r", "g", "g"), {"a": same, "b": same.copy()}), step=0.25)
+    assert choice.weights == {"a": 0.5, "b": 0.5}
+
+
+def test_thresholds_bound_the_worst_real_source_and_the_mean_generator() -> None:
+    # Source "hard" has its photos spread up to 0.9; the ai threshold must clear all but 5% of them.
+    hard = np.linspace(0.0, 0.9, 100)
+    easy = np.full(100, 0.05)
+    gen_a = np.linspace(0.3, 1.0, 100)
+    gen_b = np.full(100, 0.95)
+    probs = np.concatenate([hard, easy, gen_a, gen_b])
+    labels = np.array([0] * 200 + [1] * 200)
+    groups = ["hard"] * 100 + ["easy"] * 100 + ["a"] * 100 + ["b"] * 100
+    choice = choose_thresholds(labels, groups, probs, max_false_flag=0.05, max_false_clear=0.10)
+    assert choice.ai_target_met and choice.real_target_met
+    assert np.mean(hard >= choice.ai_threshold) <= 0.05
+    assert np.mean(hard >= choice.ai_threshold - 0.01) > 0.05  # the lowest threshold that meets the target
+    def mean_clear(t: float) -> float:
+        return float(np.mean(gen_a <= t) + np.mean(gen_b <= t)) / 2
+
+    assert mean_clear(choice.real_threshold) <= 0.10 < mean_clear(choice.real_threshold + 0.01)  # the highest
+    assert choice.real_threshold < choice.ai_threshold
+    rates = verdict_rates(labels, groups, probs, choice.ai_threshold, choice.real_threshold)
+    assert rates["hard"]["ai_generated"] == pytest.approx(choice.worst_false_flag, abs=1e-4)
+    for row in rates.values():
+        assert row["ai_generated"] + row["uncertain"] + row["real"] == pytest.approx(1.0)
+    assert rates["easy"]["real"] == 1.0 and rates["b"]["ai_generated"] == 1.0
+
+
+def test_an_unmeetable_target_takes_the_strictest_threshold_and_says_so() -> None:
+    labels = np.array([0, 0, 1, 1])
+    probs = np.array([0.999, 0.1, 0.002, 0.9])
+    choice = choose_thresholds(labels, ["r", "r", "g", "g"], probs, max_false_flag=0.0, max_false_clear=0.0)
+    assert not choice.ai_target_met and choice.ai_threshold == 0.99
+    assert not choice.real_target_met and choice.real_threshold == 0.01
+
+
+def test_scored_checks_lengths() -> None:
+    with pytest.raises(ValueError, match="one entry per image"):
+        Scored(np.array([0, 1]), ("r", "g"), {"a": np.array([0.0])})
