@@ -27,16 +27,25 @@ def train_group() -> None:
 @click.option("--limit-per-group", type=int, default=None, help="Seeded subsample per (label, generator/source).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--no-augment", is_flag=True, help="Embed images as they are (shortcut-prone; for ablations).")
+@click.option("--holdout-generator", "holdout_generators", multiple=True,
+              help="Keep this generator out of train/val; scored on original bytes into held_out.json; repeatable.")
+@click.option("--holdout-source", "holdout_sources", multiple=True,
+              help="Keep this source out of train/val; scored on original bytes into held_out.json; repeatable.")
 @pass_app
 def train_univfd_command(app: AppContext, data: tuple[str, ...], out: Path | None, seed: int,
-                         limit_per_group: int | None, device: str, no_augment: bool) -> None:
+                         limit_per_group: int | None, device: str, no_augment: bool,
+                         holdout_generators: tuple[str, ...], holdout_sources: tuple[str, ...]) -> None:
     """Fit the UnivFD linear probe on frozen CLIP embeddings; writes head, calibration and a report."""
     from streamguard.builtin.univfd.plugin import WEIGHTS_DIR
     from streamguard.builtin.univfd.train import TrainConfig, train_univfd
 
     cfg = TrainConfig(data=data, out=out or WEIGHTS_DIR, seed=seed, limit_per_group=limit_per_group,
-                      device=device, augment=not no_augment)
-    report = train_univfd(app.settings, cfg)
+                      device=device, augment=not no_augment, holdout_generators=holdout_generators,
+                      holdout_sources=holdout_sources)
+    try:
+        report = train_univfd(app.settings, cfg)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     summary = {k: report[k] for k in ("version", "C", "counts")}
     for split in ("val", "test"):
         if split in report:
@@ -158,3 +167,79 @@ def train_mpft_command(app: AppContext, rho_min: float, rho_max: float, **option
     from streamguard.builtin.mpft.plugin import WEIGHTS_DIR
 
     _run_finetune(app, "mpft", WEIGHTS_DIR, options, {"rho_min": rho_min, "rho_max": rho_max})
+
+
+@train_group.command("loso")
+@click.option("--data", "data", multiple=True, required=True,
+              help="Training data (any layout `eval` reads); repeatable.")
+@click.option("--loso-data", "loso_data", multiple=True, required=True,
+              help="The --data roots whose generators and real sources are held out in turn; repeatable.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path(".cache/loso"),
+              show_default=True, help="Fold runs and loso.json.")
+@click.option("--method", "methods", multiple=True, type=click.Choice(("univfd", "pin-clip", "mpft")),
+              help="Detectors to validate (default: all three; two or more also choose fusion weights).")
+@click.option("--folds", type=int, default=None,
+              help="Pack the groups into this many folds (default: one fold per group).")
+@click.option("--fold", "fold_names", multiple=True, help="Train only this fold (see the plan in the log).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--limit-per-group", type=int, default=None, help="Seeded subsample per (label, generator/source).")
+@click.option("--epochs", type=int, default=5, show_default=True, help="Epochs of pin-clip and mpft per fold.")
+@click.option("--max-false-flag", type=float, default=0.05, show_default=True,
+              help="Most real photos of any one source the ai threshold may flag.")
+@click.option("--max-false-clear", type=float, default=0.10, show_default=True,
+              help="Most images of a generator (mean over generators) the real threshold may clear.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".cache/train"),
+              show_default=True, help="Embedding and prefix caches, shared with `train`.")
+@click.option("--progress/--no-progress", default=None, help="Progress bars on stderr (default: on a terminal).")
+@pass_app
+def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[str, ...], out: Path,
+                       methods: tuple[str, ...], folds: int | None, fold_names: tuple[str, ...], seed: int,
+                       limit_per_group: int | None, epochs: int, max_false_flag: float, max_false_clear: float,
+                       device: str, cache_dir: Path, progress: bool | None) -> None:
+    """Leave-one-source-out validation: per-source results on unseen sources, fusion weights and thresholds."""
+    from streamguard.training.loso import LOSO_METHODS, LosoConfig, run_loso
+
+    try:
+        cfg = LosoConfig(data=data, loso_data=loso_data, out=out, methods=methods or LOSO_METHODS, folds=folds,
+                         seed=seed, limit_per_group=limit_per_group, epochs=epochs, device=device,
+                         cache_dir=cache_dir, progress=progress if progress is not None else sys.stderr.isatty(),
+                         max_false_flag=max_false_flag, max_false_clear=max_false_clear, fold_names=fold_names)
+        report = run_loso(app.settings, cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if "detectors" not in report:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(render_loso(report))
+
+
+def render_loso(report: dict[str, Any]) -> str:
+    """The report as Markdown: per-detector summary, then per-group verdict shares under the chosen policy."""
+    t = report["thresholds"]
+    lines = [f"Folds: {', '.join(f['name'] for f in report['folds'])}; {report['images']} held-out images.",
+             f"Policy chosen: ai >= {t['ai_threshold']}, real <= {t['real_threshold']} "
+             f"(worst real source flagged {t['worst_false_flag']:.1%}, generators cleared {t['mean_false_clear']:.1%} "
+             "on average).", ""]
+    if report["weights"]:
+        w = report["weights"]
+        lines += [f"Fusion weights: {w['weights']} (balanced AUC {w['auc']:.4f}; equal weights {w['equal_auc']:.4f}).",
+                  ""]
+    names = list(report["detectors"])
+    lines += ["| detector | balanced AUC | worst real acc @0.5 | mean fake acc @0.5 |", "|---|---|---|---|"]
+    for name in names:
+        d = report["detectors"][name]
+        lines.append(f"| {name} | {d['balanced_auc']} | {d['worst_real_accuracy_at_0.5']} | "
+                     f"{d['mean_fake_accuracy_at_0.5']} |")
+    groups = report["detectors"][names[0]]["groups"]
+    lines += ["", "Accuracy at 0.5 per held-out group:", "",
+              "| group | kind | n | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+    for group, row in groups.items():
+        accs = " | ".join(str(report["detectors"][n]["groups"][group]["accuracy_at_0.5"]) for n in names)
+        lines.append(f"| {group} | {row['kind']} | {row['n']} | {accs} |")
+    final = "fused" if "fused" in report["detectors"] else names[0]
+    lines += ["", f"Verdicts of {final} under the chosen policy:", "", "| group | ai_generated | uncertain | real |",
+              "|---|---|---|---|"]
+    for group, row in report["detectors"][final]["groups"].items():
+        lines.append(f"| {group} | {row['ai_generated']} | {row['uncertain']} | {row['real']} |")
+    return "\n".join(lines)

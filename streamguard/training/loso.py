@@ -1,0 +1,238 @@
+"""Leave-one-source-out validation of the built-in detectors, and the fusion weights and thresholds chosen there.
+
+The groups of the ``loso_data`` roots (each generator of their fakes, each source of their real photos) are
+packed into folds. Each fold trains every method with that fold's groups held out and scores them on their
+original bytes (``held_out.json``); pooled over folds, every image is scored by a model that never saw its
+generator or its camera source. Groups of other roots (CIFAKE) are never held out: they are training data.
+
+Only the train and val splits of a held-out group count. The test split stays untouched, so the shipped
+models' test results are still a test of settings chosen here.
+
+A finished fold is not trained again: rerunning the command after a crash carries on where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from streamguard.config import Settings
+from streamguard.evaluation.datasets import FAKE, Sample
+from streamguard.evaluation.selection import (
+    Scored,
+    balanced_auc,
+    choose_thresholds,
+    choose_weights,
+    fuse,
+    sigmoid,
+    verdict_rates,
+)
+from streamguard.training.held_out import HELD_OUT_FILE, HeldOutScore, load_held_out
+
+log = structlog.get_logger(__name__)
+
+LOSO_METHODS = ("univfd", "pin-clip", "mpft")
+REPORT_FILE = "loso.json"
+
+
+@dataclass(frozen=True)
+class Fold:
+    name: str
+    generators: tuple[str, ...] = ()
+    sources: tuple[str, ...] = ()
+
+    def holdout(self) -> dict[str, list[str]]:
+        return {"generators": list(self.generators), "sources": list(self.sources)}
+
+
+def groups_of(samples: Sequence[Sample]) -> dict[str, tuple[str, int]]:
+    """``{group: (kind, images outside the test split)}``, kind ``generator`` or ``source``."""
+    out: dict[str, tuple[str, int]] = {}
+    for s in samples:
+        kind = "generator" if s.label == FAKE else "source"
+        _, n = out.get(s.group, (kind, 0))
+        out[s.group] = (kind, n + (s.split != "test"))
+    return out
+
+
+def _slug(names: Sequence[str]) -> str:
+    return "+".join(re.sub(r"[^A-Za-z0-9.-]+", "_", n) for n in names)
+
+
+def plan_folds(groups: dict[str, tuple[str, int]], n_folds: int | None = None) -> list[Fold]:
+    """Pack groups into ``n_folds`` folds (default: one per group), balanced by image count.
+
+    Real sources go to different folds first, so each fold keeps other real photos to train on; then each
+    generator, largest first, joins the fold with fewest images. Deterministic for given groups.
+    """
+    names = sorted(groups, key=lambda g: (groups[g][0] != "source", -groups[g][1], g))
+    n = len(names) if n_folds is None else n_folds
+    if not 1 <= n <= len(names):
+        raise ValueError(f"folds must be between 1 and the number of groups ({len(names)}), not {n}")
+    bins: list[list[str]] = [[] for _ in range(n)]
+    sizes = [0] * n
+    for name in names:
+        i = min(range(n), key=lambda k: (sizes[k], k))
+        bins[i].append(name)
+        sizes[i] += groups[name][1]
+    return [Fold(_slug(b), tuple(g for g in b if groups[g][0] == "generator"),
+                 tuple(g for g in b if groups[g][0] == "source")) for b in bins]
+
+
+@dataclass(frozen=True)
+class LosoConfig:
+    data: tuple[str, ...]
+    loso_data: tuple[str, ...]
+    out: Path
+    methods: tuple[str, ...] = LOSO_METHODS
+    folds: int | None = None
+    seed: int = 0
+    limit_per_group: int | None = None
+    epochs: int = 5
+    device: str = "cpu"
+    cache_dir: Path = Path(".cache/train")
+    progress: bool = False
+    max_false_flag: float = 0.05
+    max_false_clear: float = 0.10
+    weight_step: float = 0.1
+    fold_names: tuple[str, ...] = field(default=())  # run only these folds (the report needs all)
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in LOSO_METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"methods must be among {LOSO_METHODS}, not {list(self.methods)}")
+        if not self.loso_data:
+            raise ValueError("name the data whose sources are held out (loso_data)")
+        missing = [d for d in self.loso_data if d not in self.data]
+        if missing:
+            raise ValueError(f"held-out data must also be training data: {missing}")
+
+
+def fold_dir(cfg: LosoConfig, method: str, fold: Fold) -> Path:
+    return cfg.out / method / fold.name
+
+
+def _done(directory: Path, fold: Fold) -> bool:
+    if not (directory / HELD_OUT_FILE).is_file():
+        return False
+    holdout, _ = load_held_out(directory)
+    return holdout == fold.holdout()
+
+
+def train_fold(settings: Settings, cfg: LosoConfig, method: str, fold: Fold) -> Path:
+    """Train ``method`` with ``fold`` held out (unless already done); returns its directory."""
+    directory = fold_dir(cfg, method, fold)
+    if _done(directory, fold):
+        log.info("loso.fold_done_before", method=method, fold=fold.name)
+        return directory
+    log.info("loso.fold_start", method=method, fold=fold.name, generators=list(fold.generators),
+             sources=list(fold.sources))
+    if method == "univfd":
+        from streamguard.builtin.univfd.train import TrainConfig, train_univfd
+
+        train_univfd(settings, TrainConfig(
+            data=cfg.data, out=directory, seed=cfg.seed, limit_per_group=cfg.limit_per_group, device=cfg.device,
+            cache_dir=cfg.cache_dir, holdout_generators=fold.generators, holdout_sources=fold.sources))
+    else:
+        from streamguard.training.recipe import Recipe, train_detector
+
+        train_detector(settings, Recipe(
+            method=method, data=cfg.data, out=directory, seed=cfg.seed, epochs=cfg.epochs,  # type: ignore[arg-type]
+            limit_per_group=cfg.limit_per_group, holdout_generators=fold.generators, holdout_sources=fold.sources,
+            device=cfg.device, cache_dir=cfg.cache_dir, progress=cfg.progress))
+    return directory
+
+
+def pooled_scores(cfg: LosoConfig, method: str, folds: Sequence[Fold]) -> list[HeldOutScore]:
+    """The method's held-out scores over every fold, outside the test split."""
+    out: list[HeldOutScore] = []
+    for fold in folds:
+        directory = fold_dir(cfg, method, fold)
+        if not _done(directory, fold):
+            raise ValueError(f"{method} has no finished run for fold {fold.name} in {directory}")
+        out.extend(s for s in load_held_out(directory)[1] if s.split != "test")
+    return out
+
+
+def scored_together(pooled: dict[str, list[HeldOutScore]]) -> tuple[Scored, list[str]]:
+    """The images every method scored, in one order, with each method's calibrated logit."""
+    by_method = {m: {s.id: s for s in scores} for m, scores in pooled.items()}
+    ids = sorted(set.intersection(*(set(v) for v in by_method.values())))
+    first = by_method[next(iter(by_method))]
+    labels = np.array([first[i].label for i in ids], np.int64)
+    groups = tuple(first[i].group for i in ids)
+    logits = {m: np.array([v[i].logit for i in ids]) for m, v in by_method.items()}
+    return Scored(labels, groups, logits), ids
+
+
+def summarise(scored: Scored, probs: np.ndarray, ai_threshold: float, real_threshold: float) -> dict[str, Any]:
+    rates = verdict_rates(scored.labels, scored.groups, probs, ai_threshold, real_threshold)
+    reals = [r for r in rates.values() if r["kind"] == "real"]
+    fakes = [r for r in rates.values() if r["kind"] == "ai"]
+    auc = balanced_auc(scored.labels, scored.groups, probs)
+    return {
+        "balanced_auc": None if auc is None else round(auc, 4),
+        "worst_real_accuracy_at_0.5": min(float(r["accuracy_at_0.5"]) for r in reals),
+        "mean_fake_accuracy_at_0.5": round(float(np.mean([float(r["accuracy_at_0.5"]) for r in fakes])), 4),
+        "groups": rates,
+    }
+
+
+def run_loso(settings: Settings, cfg: LosoConfig) -> dict[str, Any]:
+    """Train every fold that is not done, then pool, choose and write ``loso.json``; returns the report."""
+    from streamguard.evaluation import load_samples
+
+    folds = plan_folds(groups_of(load_samples(cfg.loso_data, seed=cfg.seed, limit_per_group=cfg.limit_per_group)),
+                       cfg.folds)
+    chosen = [f for f in folds if not cfg.fold_names or f.name in cfg.fold_names]
+    unknown = set(cfg.fold_names) - {f.name for f in folds}
+    if unknown:
+        raise ValueError(f"no fold named {sorted(unknown)}: folds are {[f.name for f in folds]}")
+    log.info("loso.plan", folds=[f.name for f in folds], methods=list(cfg.methods))
+    for fold in chosen:
+        for method in cfg.methods:
+            train_fold(settings, cfg, method, fold)
+    if len(chosen) < len(folds):
+        return {"folds": [asdict(f) for f in folds], "trained": [f.name for f in chosen]}
+    report = build_report(cfg, folds)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def build_report(cfg: LosoConfig, folds: Sequence[Fold]) -> dict[str, Any]:
+    pooled = {m: pooled_scores(cfg, m, folds) for m in cfg.methods}
+    scored, ids = scored_together(pooled)
+    weights = choose_weights(scored, cfg.weight_step) if len(cfg.methods) > 1 else None
+    fused = sigmoid(fuse(scored.logits, weights.weights if weights else {cfg.methods[0]: 1.0}))
+    thresholds = choose_thresholds(scored.labels, scored.groups, fused, cfg.max_false_flag, cfg.max_false_clear)
+    detectors = {m: summarise(scored, sigmoid(scored.logits[m]), thresholds.ai_threshold, thresholds.real_threshold)
+                 for m in cfg.methods}
+    if weights is not None:
+        equal = sigmoid(fuse(scored.logits, {m: 1.0 for m in cfg.methods}))
+        detectors["fused-equal"] = summarise(scored, equal, thresholds.ai_threshold, thresholds.real_threshold)
+        detectors["fused"] = summarise(scored, fused, thresholds.ai_threshold, thresholds.real_threshold)
+    return {
+        "folds": [asdict(f) for f in folds],
+        "data": list(cfg.data),
+        "loso_data": list(cfg.loso_data),
+        "seed": cfg.seed,
+        "limit_per_group": cfg.limit_per_group,
+        "epochs": cfg.epochs,
+        "images": len(ids),
+        "targets": {"max_false_flag": cfg.max_false_flag, "max_false_clear": cfg.max_false_clear},
+        "weights": None if weights is None else asdict(weights),
+        "thresholds": asdict(thresholds),
+        "detectors": detectors,
+        "settings": {
+            "fusion": {"weights": weights.weights if weights else {cfg.methods[0]: 1.0}},
+            "policy": {"ai_threshold": thresholds.ai_threshold, "real_threshold": thresholds.real_threshold},
+        },
+    }

@@ -1,0 +1,149 @@
+"""Leave-one-source-out validation (`streamguard train loso`) on a tiny CLIP and images the tests make."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from click.testing import CliRunner, Result
+
+from streamguard.cli import cli
+from streamguard.config import load_settings
+from streamguard.training.held_out import load_held_out
+from streamguard.training.loso import Fold, groups_of, plan_folds
+from test_training_cli import _env, scan, smooth, textured
+from test_training_units import _sample, tiny_clip
+
+# Two real sources and two generators; the 2 test images of each must never reach the LOSO pools.
+GROUPS = (("photos", "real"), ("scans", "real"), ("noisegen", "ai"), ("blockgen", "ai"))
+COUNTS = {"train": 8, "val": 3, "test": 2}
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-clip")
+    tiny_clip(0).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("loso-data")
+    rows = []
+    seed = 5000
+    for name, label in GROUPS:
+        (root / name).mkdir()
+        for split, count in COUNTS.items():
+            for _ in range(count):
+                seed += 1
+                if label == "real":
+                    image = smooth(seed, size=64 if name == "scans" else 96)
+                else:
+                    image = textured(seed, block=1 if name == "noisegen" else 4)
+                image.save(root / name / f"{seed}.png")
+                rows.append({"path": f"{name}/{seed}.png", "label": label, "generator": name, "split": split})
+    with (root / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "label", "generator", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def loso(dataset: Path, out: Path, cache: Path, backbone: Path, *extra: str) -> Result:
+    args = ["train", "loso", "--data", str(dataset), "--loso-data", str(dataset), "--out", str(out),
+            "--cache-dir", str(cache), "--method", "univfd", "--method", "mpft", "--folds", "2", "--epochs", "2",
+            "--no-progress", *extra]
+    return CliRunner().invoke(cli, args, env=_env(backbone, STREAMGUARD_LOG__LEVEL="info"))
+
+
+def _events(result: Result, name: str) -> list[dict[str, Any]]:
+    out = []
+    for line in result.stderr.splitlines():
+        if line.startswith("{") and json.loads(line).get("event") == name:
+            out.append(json.loads(line))
+    return out
+
+
+def test_folds_keep_real_sources_apart_and_balance_sizes() -> None:
+    groups = {"imagenet": ("source", 130), "bsd": ("source", 90), "ld": ("generator", 135),
+              "dalle": ("generator", 136), "sg2": ("generator", 54), "vq": ("generator", 38)}
+    folds = plan_folds(groups, 3)
+    assert sorted(g for f in folds for g in (*f.generators, *f.sources)) == sorted(groups)
+    assert all(len(f.sources) <= 1 for f in folds)
+    sizes = [sum(groups[g][1] for g in (*f.generators, *f.sources)) for f in folds]
+    assert max(sizes) - min(sizes) <= 60
+    assert plan_folds(groups, 3) == folds
+    # By default one group per fold: real sources first, then generators by size.
+    assert plan_folds(groups) == [Fold("imagenet", sources=("imagenet",)), Fold("bsd", sources=("bsd",)),
+                                  Fold("dalle", ("dalle",)), Fold("ld", ("ld",)), Fold("sg2", ("sg2",)),
+                                  Fold("vq", ("vq",))]
+    with pytest.raises(ValueError, match="folds must be between 1 and"):
+        plan_folds(groups, 7)
+
+
+def test_groups_count_images_outside_the_test_split() -> None:
+    samples = [_sample("r1", 0, "real", "photos", "train"), _sample("r2", 0, "real", "photos", "test"),
+               _sample("f1", 1, "gan", "set", "val")]
+    assert groups_of(samples) == {"photos": ("source", 1), "gan": ("generator", 1)}
+
+
+def test_loso_end_to_end(dataset: Path, backbone: Path, tmp_path: Path) -> None:
+    out, cache = tmp_path / "loso", tmp_path / "cache"
+    # One fold first, as after a crash: the full run then trains only the other fold.
+    first = loso(dataset, out, cache, backbone, "--fold", "photos+blockgen")
+    assert first.exit_code == 0, f"{first.output}\n{first.stderr}\n{first.exception!r}"
+    assert json.loads(first.stdout)["trained"] == ["photos+blockgen"]
+    assert not (out / "loso.json").exists()
+    result = loso(dataset, out, cache, backbone)
+    assert result.exit_code == 0, f"{result.output}\n{result.stderr}\n{result.exception!r}"
+    assert {(e["method"], e["fold"]) for e in _events(result, "loso.fold_done_before")} == {
+        ("univfd", "photos+blockgen"), ("mpft", "photos+blockgen")}
+    assert {(e["method"], e["fold"]) for e in _events(result, "loso.fold_start")} == {
+        ("univfd", "scans+noisegen"), ("mpft", "scans+noisegen")}
+
+    report = json.loads((out / "loso.json").read_text())
+    assert [f["name"] for f in report["folds"]] == ["photos+blockgen", "scans+noisegen"]
+    # Every non-test image of every group, each scored once by the fold that held its group out.
+    assert report["images"] == 4 * (COUNTS["train"] + COUNTS["val"])
+    for method in ("univfd", "mpft"):
+        for fold in report["folds"]:
+            holdout, scores = load_held_out(out / method / fold["name"])
+            held = set(fold["generators"]) | set(fold["sources"])
+            assert holdout == {"generators": fold["generators"], "sources": fold["sources"]}
+            assert {s.group for s in scores} == held
+            assert len(scores) == len(held) * sum(COUNTS.values())  # test split scored, left out of the pools
+            training = json.loads((out / method / fold["name"] / "training.json").read_text())
+            assert training["holdout"] == holdout
+    for name in ("univfd", "mpft", "fused", "fused-equal"):
+        groups = report["detectors"][name]["groups"]
+        assert {g: r["n"] for g, r in groups.items()} == {g: 11 for g, _ in GROUPS}
+    weights = report["weights"]["weights"]
+    assert set(weights) == {"univfd", "mpft"} and sum(weights.values()) == pytest.approx(1.0)
+    t = report["thresholds"]
+    fused = report["detectors"]["fused"]["groups"]
+    worst = max(fused[g]["ai_generated"] for g in ("photos", "scans"))
+    assert worst == pytest.approx(t["worst_false_flag"], abs=1e-4)
+    assert worst <= 0.05 or not t["ai_target_met"]
+    # The chosen settings load as the product's own configuration.
+    settings = load_settings(**report["settings"])
+    assert settings.policy.ai_threshold == t["ai_threshold"] and settings.fusion.weights == weights
+    assert "Verdicts of fused under the chosen policy" in result.stdout
+    # univfd's held-out scores are what its fold's probe says of the original bytes through `scan`.
+    _, held = load_held_out(out / "univfd" / "scans+noisegen")
+    files = {Path(s.id).name: s for s in held[:6]}
+    served = scan(backbone, "univfd", out / "univfd" / "scans+noisegen",
+                  *(dataset / s.group / name for name, s in files.items()))
+    for name, s in files.items():
+        assert 1 / (1 + math.exp(-s.logit)) == pytest.approx(served[name], abs=1e-4)
+    assert np.isfinite(report["detectors"]["fused"]["balanced_auc"])
+
+
+def test_loso_refuses_held_out_data_it_does_not_train_on(dataset: Path, backbone: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["train", "loso", "--data", str(dataset), "--loso-data", str(tmp_path),
+                                      "--out", str(tmp_path / "o")], env=_env(backbone))
+    assert result.exit_code != 0 and "held-out data must also be training data" in result.output
