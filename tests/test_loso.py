@@ -131,7 +131,10 @@ def test_loso_end_to_end(dataset: Path, backbone: Path, tmp_path: Path) -> None:
     assert worst <= 0.05 or not t["ai_target_met"]
     # The chosen settings load as the product's own configuration.
     settings = load_settings(**report["settings"])
-    assert settings.policy.ai_threshold == t["ai_threshold"] and settings.fusion.weights == weights
+    chosen = settings.fusion.weights
+    assert settings.policy.ai_threshold == t["ai_threshold"]
+    assert chosen["univfd"] + chosen["mpft"] == pytest.approx(2.0)  # scaled to average 1, the default weight
+    assert chosen["univfd"] / 2 == pytest.approx(weights["univfd"], abs=1e-4)
     assert "Verdicts of fused under the chosen policy" in result.stdout
     # univfd's held-out scores are what its fold's probe says of the original bytes through `scan`.
     _, held = load_held_out(out / "univfd" / "scans+noisegen")

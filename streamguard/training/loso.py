@@ -207,6 +207,13 @@ def run_loso(settings: Settings, cfg: LosoConfig) -> dict[str, Any]:
     return report
 
 
+def _mean_one(weights: dict[str, float]) -> dict[str, float]:
+    """The same fusion, scaled so the weights average 1: the weight every other detector gets by default
+    (``fusion.default_weight``) then keeps its meaning, an average detector's say."""
+    mean = sum(weights.values()) / len(weights)
+    return {name: round(w / mean, 4) for name, w in weights.items()}
+
+
 def build_report(cfg: LosoConfig, folds: Sequence[Fold]) -> dict[str, Any]:
     pooled = {m: pooled_scores(cfg, m, folds) for m in cfg.methods}
     scored, ids = scored_together(pooled)
@@ -232,7 +239,7 @@ def build_report(cfg: LosoConfig, folds: Sequence[Fold]) -> dict[str, Any]:
         "thresholds": asdict(thresholds),
         "detectors": detectors,
         "settings": {
-            "fusion": {"weights": weights.weights if weights else {cfg.methods[0]: 1.0}},
+            "fusion": {"weights": _mean_one(weights.weights) if weights else {cfg.methods[0]: 1.0}},
             "policy": {"ai_threshold": thresholds.ai_threshold, "real_threshold": thresholds.real_threshold},
         },
     }
