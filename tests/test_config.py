@@ -7,12 +7,15 @@ import pytest
 from click.testing import CliRunner
 
 from streamguard.cli import cli
-from streamguard.config import load_settings
+from streamguard.config import VALIDATED_AI_THRESHOLD, VALIDATED_REAL_THRESHOLD, VALIDATED_WEIGHTS, load_settings
 
 
 def test_defaults() -> None:
     settings = load_settings()
-    assert settings.policy.ai_threshold == 0.8 and settings.plugins.allow is None
+    assert settings.plugins.allow is None
+    assert settings.policy.ai_threshold == VALIDATED_AI_THRESHOLD
+    assert settings.policy.real_threshold == VALIDATED_REAL_THRESHOLD
+    assert settings.fusion.weights == VALIDATED_WEIGHTS
     assert "JPEG" in settings.intake.formats
 
 
@@ -27,7 +30,9 @@ def test_toml_file_and_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     config = tmp_path / "sg.toml"
     config.write_text("[policy]\nai_threshold = 0.7\nreal_threshold = 0.1\n[fusion.weights]\nunivfd = 2.0\n")
     settings = load_settings(config)
-    assert settings.policy.ai_threshold == 0.7 and settings.fusion.weights == {"univfd": 2.0}
+    assert settings.policy.ai_threshold == 0.7
+    # Weighting one detector keeps the validated weights of the others.
+    assert settings.fusion.weights == {**VALIDATED_WEIGHTS, "univfd": 2.0}
     monkeypatch.setenv("STREAMGUARD_POLICY__AI_THRESHOLD", "0.75")
     assert load_settings(config).policy.ai_threshold == 0.75  # the environment beats the file
     monkeypatch.setenv("STREAMGUARD_CONFIG", str(config))

@@ -51,13 +51,14 @@ def test_fused_logit_lies_between_the_inputs(pairs: list[tuple[float, float]]) -
     [(0.95, "ai_generated"), (0.8, "ai_generated"), (0.5, "uncertain"), (0.2, "real"), (0.01, "real"),
      (None, "uncertain")],
 )
-def test_default_policy_thresholds(p: float | None, label: str) -> None:
-    decision = decide_verdict(FusedScore(probability=p, logit=None), PolicySettings())
+def test_policy_thresholds(p: float | None, label: str) -> None:
+    decision = decide_verdict(FusedScore(probability=p, logit=None), PolicySettings(ai_threshold=0.8,
+                                                                                     real_threshold=0.2))
     assert decision.label == label
 
 
 def test_policy_version_changes_with_thresholds() -> None:
-    assert policy_version(PolicySettings()) != policy_version(PolicySettings(ai_threshold=0.9))
+    assert policy_version(PolicySettings(ai_threshold=0.8)) != policy_version(PolicySettings(ai_threshold=0.9))
 
 
 def test_thresholds_must_be_ordered() -> None:

@@ -131,11 +131,11 @@ def test_hook_fuse_scores_replaced_by_plugin(settings, pm) -> None:  # type: ign
         @hookimpl
         def fuse_scores(self, scores):  # type: ignore[no-untyped-def]
             seen.append([s.detector for s in scores])
-            return FusedScore(probability=0.42, logit=None, method="test")
+            return FusedScore(probability=0.7, logit=None, method="test")  # between the default thresholds
 
     pm.register(MaxFusion(), name="max-fusion")
     (verdict,) = _score(settings, pm, BRIGHT)
-    assert verdict.probability == 0.42 and verdict.label == "uncertain"
+    assert verdict.probability == 0.7 and verdict.label == "uncertain"
     assert seen == [["brightness", "provenance"]]
 
 
@@ -201,7 +201,7 @@ def test_plugin_registered_from_another_file(tmp_path: Path, settings, pm) -> No
 
         class Backend:
             def predict(self, batch):
-                return [3.0 for _ in batch]
+                return [6.0 for _ in batch]
             def close(self):
                 pass
 

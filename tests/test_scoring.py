@@ -99,7 +99,7 @@ def test_a_failing_detector_does_not_stop_the_verdict() -> None:
 
     class Sure:
         def predict(self, batch):  # type: ignore[no-untyped-def]
-            return [4.0] * len(batch)
+            return [6.0] * len(batch)
 
         def close(self) -> None:
             pass

@@ -242,6 +242,8 @@ def test_content_leased_by_another_worker_is_not_scored_twice(topics: Topics, re
     others) until that worker's verdict lands in the cache, then reuses it."""
     from streamguard.config import DedupeSettings, RedisSettings
     from streamguard.dedupe import RedisDedupe, versions_key
+    from streamguard.config import PolicySettings
+    from streamguard.policy import policy_version
     from streamguard.schemas import Verdict
 
     contested, other = encode(solid(240), "PNG"), encode(solid(20), "PNG")
@@ -254,10 +256,10 @@ def test_content_leased_by_another_worker_is_not_scored_twice(topics: Topics, re
         wait_for_outcomes(topics, [s for s in sent if s.event_id == "other-0"])
         assert "contested-0" not in read_outcomes(topics).verdict_ids()  # deferred, not scored
         # The other worker finishes: its verdict is cached under the key this worker computes.
-        vkey = versions_key({"brightness": "test-1", "provenance": "1.0.0"},
-                            "thresholds-1:ai>=0.8:real<=0.2")
+        policy = policy_version(PolicySettings())  # the worker runs the default policy
+        vkey = versions_key({"brightness": "test-1", "provenance": "1.0.0"}, policy)
         theirs = Verdict(event_id="scored-elsewhere", content_sha256=sha, label="ai_generated", probability=0.97,
-                         scores=[], policy_version="thresholds-1:ai>=0.8:real<=0.2",
+                         scores=[], policy_version=policy,
                          model_versions={"brightness": "test-1", "provenance": "1.0.0"})
         store.put(sha, vkey, theirs, None)
         store.release(sha, "elsewhere")
