@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
+from PIL import Image
 
 from streamguard.cli import cli
 from streamguard.config import load_settings
 from streamguard.training.held_out import load_held_out
 from streamguard.training.loso import Fold, groups_of, plan_folds
-from test_training_cli import _env, scan, smooth, textured
-from test_training_units import _sample, tiny_clip
+from test_training_cli import _env, backbone, scan, smooth, textured, write_dataset  # noqa: F401 - the fixture
+from test_training_units import _sample
 
 # Two real sources and two generators; the 2 test images of each must never reach the LOSO pools.
 GROUPS = (("photos", "real"), ("scans", "real"), ("noisegen", "ai"), ("blockgen", "ai"))
@@ -25,33 +26,20 @@ COUNTS = {"train": 8, "val": 3, "test": 2}
 
 
 @pytest.fixture(scope="module")
-def backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-clip")
-    tiny_clip(0).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("loso-data")
-    rows = []
-    seed = 5000
-    for name, label in GROUPS:
-        (root / name).mkdir()
-        for split, count in COUNTS.items():
-            for _ in range(count):
-                seed += 1
-                if label == "real":
-                    image = smooth(seed, size=64 if name == "scans" else 96)
-                else:
-                    image = textured(seed, block=1 if name == "noisegen" else 4)
-                image.save(root / name / f"{seed}.png")
-                rows.append({"path": f"{name}/{seed}.png", "label": label, "generator": name, "split": split})
-    with (root / "manifest.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["path", "label", "generator", "split"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return root
+    def images() -> Iterator[tuple[str, str, str, int, Image.Image]]:
+        seed = 5000
+        for name, label in GROUPS:
+            for split, count in COUNTS.items():
+                for _ in range(count):
+                    seed += 1
+                    if label == "real":
+                        image = smooth(seed, size=64 if name == "scans" else 96)
+                    else:
+                        image = textured(seed, block=1 if name == "noisegen" else 4)
+                    yield name, label, split, seed, image
+
+    return write_dataset(tmp_path_factory.mktemp("loso-data"), images())
 
 
 def loso(dataset: Path, out: Path, cache: Path, backbone: Path, *extra: str) -> Result:

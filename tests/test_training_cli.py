@@ -7,6 +7,7 @@ import csv
 import json
 import math
 from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -52,24 +53,32 @@ def backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
+def write_dataset(root: Path, images: Iterable[tuple[str, str, str, int, Image.Image]]) -> Path:
+    """A manifest dataset of ``(group, label, split, seed, image)``: ``group/seed.png`` and ``manifest.csv``."""
     rows = []
-    seed = 0
-    for name, label, counts in GROUPS:
-        (root / name).mkdir()
-        for split, count in counts.items():
-            for _ in range(count):
-                seed += 1
-                image = smooth(seed) if label == "real" else textured(seed, block=1 if name == "noisegen" else 4)
-                image.save(root / name / f"{seed}.png")
-                rows.append({"path": f"{name}/{seed}.png", "label": label, "generator": name, "split": split})
+    for name, label, split, seed, image in images:
+        (root / name).mkdir(exist_ok=True)
+        image.save(root / name / f"{seed}.png")
+        rows.append({"path": f"{name}/{seed}.png", "label": label, "generator": name, "split": split})
     with (root / "manifest.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["path", "label", "generator", "split"])
         writer.writeheader()
         writer.writerows(rows)
     return root
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    def images() -> Iterator[tuple[str, str, str, int, Image.Image]]:
+        seed = 0
+        for name, label, counts in GROUPS:
+            for split, count in counts.items():
+                for _ in range(count):
+                    seed += 1
+                    image = smooth(seed) if label == "real" else textured(seed, block=1 if name == "noisegen" else 4)
+                    yield name, label, split, seed, image
+
+    return write_dataset(tmp_path_factory.mktemp("data"), images())
 
 
 def _env(backbone: Path, **extra: str) -> dict[str, str]:

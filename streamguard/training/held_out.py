@@ -37,9 +37,8 @@ class HeldOutScore:
 
 
 def held_out_scores(samples: Sequence[Sample], raw_logits: np.ndarray, calibration: Calibration) -> list[HeldOutScore]:
-    calibrated = calibration.scale * np.asarray(raw_logits, np.float64) + calibration.bias
-    return [HeldOutScore(s.id, s.label, s.generator, s.source, s.split, float(z))
-            for s, z in zip(samples, calibrated, strict=True)]
+    return [HeldOutScore(s.id, s.label, s.generator, s.source, s.split, calibration.apply(float(z)))
+            for s, z in zip(samples, raw_logits, strict=True)]
 
 
 def save_held_out(out: Path, scores: Sequence[HeldOutScore], holdout: dict[str, list[str]], version: str) -> Path:

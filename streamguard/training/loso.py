@@ -119,17 +119,18 @@ def fold_dir(cfg: LosoConfig, method: str, fold: Fold) -> Path:
     return cfg.out / method / fold.name
 
 
-def _done(directory: Path, fold: Fold) -> bool:
+def _finished(directory: Path, fold: Fold) -> list[HeldOutScore] | None:
+    """The held-out scores of a finished run of ``fold`` in ``directory``; None when there is none."""
     if not (directory / HELD_OUT_FILE).is_file():
-        return False
-    holdout, _ = load_held_out(directory)
-    return holdout == fold.holdout()
+        return None
+    holdout, scores = load_held_out(directory)
+    return scores if holdout == fold.holdout() else None
 
 
 def train_fold(settings: Settings, cfg: LosoConfig, method: str, fold: Fold) -> Path:
     """Train ``method`` with ``fold`` held out (unless already done); returns its directory."""
     directory = fold_dir(cfg, method, fold)
-    if _done(directory, fold):
+    if _finished(directory, fold) is not None:
         log.info("loso.fold_done_before", method=method, fold=fold.name)
         return directory
     log.info("loso.fold_start", method=method, fold=fold.name, generators=list(fold.generators),
@@ -155,9 +156,10 @@ def pooled_scores(cfg: LosoConfig, method: str, folds: Sequence[Fold]) -> list[H
     out: list[HeldOutScore] = []
     for fold in folds:
         directory = fold_dir(cfg, method, fold)
-        if not _done(directory, fold):
+        scores = _finished(directory, fold)
+        if scores is None:
             raise ValueError(f"{method} has no finished run for fold {fold.name} in {directory}")
-        out.extend(s for s in load_held_out(directory)[1] if s.split != "test")
+        out.extend(s for s in scores if s.split != "test")
     return out
 
 
