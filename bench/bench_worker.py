@@ -2,11 +2,12 @@
 same broker, same messages, same run.
 
     .venv/bin/python bench/bench_worker.py [--messages 2000] [--partitions 4] [--encoding binary|json]
-        [--repeat 3] [--profile DIR] [--out bench/results/worker.json]
+        [--compression none|gzip|snappy|lz4|zstd] [--repeat 3] [--profile DIR] [--out bench/results/worker.json]
 
 One Tansu broker (in memory, loopback) is started for the run and stopped at the end, also on error. M seeded,
 distinct 64x64 noise PNGs (~12 KB each) are pre-produced as `ImageEvent`s to an input topic with P
-partitions, then read three times, each time by a fresh consumer group from the beginning:
+partitions (produced, like the outcomes read back, with `streamguard.streamio`, the harness the stream tests
+and `streamguard produce` use), then read three times, each time by a fresh consumer group from the beginning:
 
 - raw: kafka-python in this process with its default settings (but short group timeouts, as every group
   here); poll, `send` a small JSON value per record to an output topic (acks=all, linger 5 ms, as the
@@ -57,7 +58,7 @@ from typing import Any
 
 import numpy as np
 import structlog
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer
 from kafka import __version__ as kafka_version
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from PIL import Image
@@ -69,18 +70,19 @@ from streamguard.hookspecs import hookimpl
 from streamguard.intake import InputContract, decode_image, prepare
 from streamguard.plugins import build_plugin_manager
 from streamguard.schemas import ImageEvent
-from streamguard.wire import Encoding, decode_event, encode_event
+from streamguard.streamio import Message, TopicReader, committed_offsets, event_message, partition_ends, produce
+from streamguard.wire import Encoding, decode_event
 
 AIM = 0.8  # the issue's target for ratio_vs_raw
 IMAGE_SIDE = 64
 END_POLL_S = 0.02
+CODECS = ("gzip", "snappy", "lz4", "zstd")
+METADATA_WAIT_S = 30.0  # for topics created just before they are read
 # Short group timeouts (as the stream tests use) for every group here: Tansu holds a first JoinGroup for
 # about half the session timeout, 23 s with kafka-python's default of 45 s. No effect on the steady state.
 GROUP_TIMEOUTS_MS = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}
 EPOCH = datetime(2024, 1, 1, tzinfo=UTC)  # fixed created_at: the message bytes do not depend on the clock
 
-
-Message = tuple[bytes, bytes, list[tuple[str, bytes]]]  # key, value, headers
 
 
 # -- messages -------------------------------------------------------------------------------------------
@@ -99,25 +101,15 @@ def _messages(n: int, encoding: Encoding, seed: int) -> list[Message]:
     for i in range(n):
         event = ImageEvent(event_id=f"bench-{seed}-{i:06d}", image=_png(seed * 1_000_003 + i), source="bench",
                            created_at=EPOCH + timedelta(seconds=i))
-        value, headers = encode_event(event, encoding)
-        out.append((event.event_id.encode(), value, headers))
+        out.append(event_message(event, encoding))
     return out
 
 
-def _produce(bootstrap: str, topic: str, messages: Sequence[Message]) -> dict[int, int]:
+def _produce(bootstrap: str, topic: str, messages: Sequence[Message], compression: str | None) -> dict[int, int]:
     """Send every message; returns each partition's end offset (from the acknowledgements)."""
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5,
-                             max_request_size=30 * 1024 * 1024)
-    ends: dict[int, int] = {}
-    try:
-        futures = [producer.send(topic, key=key, value=value, headers=headers) for key, value, headers in messages]
-        producer.flush()
-        for future in futures:
-            meta = future.get(timeout=30)
-            ends[meta.partition] = max(ends.get(meta.partition, 0), meta.offset + 1)
-    finally:
-        producer.close()
-    return ends
+    config = {"bootstrap_servers": bootstrap, "acks": "all", "linger_ms": 5, "max_request_size": 30 * 1024 * 1024,
+              "compression_type": compression}
+    return partition_ends(produce(config, topic, messages))
 
 
 # -- baseline: raw kafka-python -------------------------------------------------------------------------
@@ -151,12 +143,12 @@ def _image_work() -> Callable[[Any], dict[str, Any]]:
 
 
 def run_raw(bootstrap: str, topic: str, out_topic: str, group: str, m: int, timeout_s: float,
-            work: Callable[[Any], dict[str, Any]] | None = None) -> dict[str, Any]:
+            work: Callable[[Any], dict[str, Any]] | None = None, compression: str | None = None) -> dict[str, Any]:
     listener = _FirstAssignment()
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
                              auto_offset_reset="earliest", **GROUP_TIMEOUTS_MS)
-    # Same durability as the worker's producer (see worker/publish.py): acks from all replicas.
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    # Same durability and codec as the worker's producer (see worker/publish.py): acks from all replicas.
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, compression_type=compression)
     try:
         consumer.subscribe([topic], listener=listener)
         started = time.perf_counter()
@@ -255,7 +247,7 @@ def _configure_logs(capture: _LogCapture, log_file: Any) -> None:
 
 
 def worker_settings(bootstrap: str, topic: str, out_topic: str, dlq: str, group: str,
-                    batch_size: int | None) -> Settings:
+                    batch_size: int | None, compression: str | None = None) -> Settings:
     worker: dict[str, Any] = {
         "input_topic": topic, "output_topic": out_topic, "dead_letter_topic": dlq, "group_id": group,
         "health_host": "127.0.0.1", "health_port": 0, **GROUP_TIMEOUTS_MS,
@@ -263,7 +255,7 @@ def worker_settings(bootstrap: str, topic: str, out_topic: str, dlq: str, group:
     if batch_size is not None:
         worker["batch_size"] = batch_size
     return load_settings(
-        kafka={"bootstrap_servers": bootstrap},
+        kafka={"bootstrap_servers": bootstrap, "compression_type": compression},
         worker=worker,
         dedupe={"enabled": False},
         plugins={"allow": ["builtin-fusion", "builtin-policy"]},
@@ -278,36 +270,17 @@ class _OutcomeWatcher:
     verdicts, published with linger, come in such batches."""
 
     def __init__(self, bootstrap: str, topics: Sequence[str]) -> None:
-        self._consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=20)
-        tps = [tp for topic in topics for tp in _topic_partitions(self._consumer, topic)]
-        self._consumer.assign(tps)
-        self._consumer.seek_to_beginning(*tps)
+        self._reader = TopicReader({"bootstrap_servers": bootstrap}, topics, wait_s=METADATA_WAIT_S,
+                                   fetch_max_wait_ms=20)
         self.counts: dict[str, int] = dict.fromkeys(topics, 0)
 
     def poll(self, timeout_ms: int) -> int:
-        for tp, records in self._consumer.poll(timeout_ms=timeout_ms).items():
-            self.counts[tp.topic] += len(records)
+        for record in self._reader.poll(timeout_ms=timeout_ms):
+            self.counts[record.topic] += 1
         return sum(self.counts.values())
 
     def close(self) -> None:
-        self._consumer.close()
-
-
-def _topic_partitions(consumer: KafkaConsumer, topic: str) -> list[TopicPartition]:
-    deadline = time.monotonic() + 30
-    while not (parts := consumer.partitions_for_topic(topic)):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no metadata for {topic}")
-        time.sleep(0.1)
-    return [TopicPartition(topic, p) for p in sorted(parts)]
-
-
-def _committed(bootstrap: str, group: str, topic: str) -> dict[int, int | None]:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    try:
-        return {tp.partition: consumer.committed(tp) for tp in _topic_partitions(consumer, topic)}
-    finally:
-        consumer.close()
+        self._reader.close()
 
 
 def run_worker(settings: Settings, m: int, input_ends: dict[int, int], timeout_s: float, stall_s: float,
@@ -378,7 +351,8 @@ def run_worker(settings: Settings, m: int, input_ends: dict[int, int], timeout_s
         **_metrics(worker, seen, seconds),
     }
     if stalled:
-        committed = _committed(settings.kafka.bootstrap_servers, w.group_id, w.input_topic)
+        committed = committed_offsets({"bootstrap_servers": settings.kafka.bootstrap_servers}, w.group_id,
+                                      w.input_topic, wait_s=METADATA_WAIT_S)
         result["stall"] = {
             "no_new_outcome_for_s": stall_s,
             "records_consumed": int(events_in),
@@ -451,6 +425,8 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=2000, help="M: events produced and consumed")
     parser.add_argument("--partitions", type=int, default=4, help="P: partitions of the input topic")
     parser.add_argument("--encoding", choices=["binary", "json"], default="binary", help="ImageEvent wire format")
+    parser.add_argument("--compression", choices=["none", *CODECS], default="none",
+                        help="codec of every producer here: the input's, raw's and the worker's (kafka.compression_type)")
     parser.add_argument("--batch-size", type=int, default=None, help="worker.batch_size (default: the setting's)")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of raw then worker; the median is reported")
     parser.add_argument("--seed", type=int, default=0)
@@ -465,6 +441,7 @@ def main() -> int:
         del os.environ[name]  # the benchmark's settings are its own, whatever the shell exports
 
     messages = _messages(args.messages, args.encoding, args.seed)
+    args.compression = None if args.compression == "none" else args.compression
     value_bytes = [len(value) for _, value, _ in messages]
     with tempfile.TemporaryDirectory(prefix="sg-bench-worker-") as tmp:
         workdir = Path(tmp)
@@ -488,6 +465,7 @@ def main() -> int:
         "messages": args.messages,
         "partitions": args.partitions,
         "encoding": args.encoding,
+        "compression": args.compression,
         "image": f"{IMAGE_SIDE}x{IMAGE_SIDE} noise PNG",
         "record_value_bytes_mean": round(statistics.fmean(value_bytes), 1),
         "seed": args.seed,
@@ -533,19 +511,20 @@ def _measure(bootstrap: str, messages: list[Message], args: argparse.Namespace, 
                    f"{prefix}.dlq-{i}": 1}
     create_topics(bootstrap, topics)
     t0 = time.perf_counter()
-    ends = _produce(bootstrap, topic, messages)
+    ends = _produce(bootstrap, topic, messages, args.compression)
     print(f"produced {len(messages)} {args.encoding} events to {topic} ({args.partitions} partitions) "
           f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     rounds = []
     settings = None
     for i in range(args.repeat):
-        raw = run_raw(bootstrap, topic, f"{prefix}.raw-out-{i}", f"{prefix}.raw-{i}", len(messages), args.timeout)
+        raw = run_raw(bootstrap, topic, f"{prefix}.raw-out-{i}", f"{prefix}.raw-{i}", len(messages), args.timeout,
+                      compression=args.compression)
         print(f"round {i + 1}: raw    {raw['events_per_s']:9.1f} events/s", file=sys.stderr)
         raw_decode = run_raw(bootstrap, topic, f"{prefix}.raw-decode-out-{i}", f"{prefix}.raw-decode-{i}",
-                             len(messages), args.timeout, work=_image_work())
+                             len(messages), args.timeout, work=_image_work(), compression=args.compression)
         print(f"round {i + 1}: raw+decode {raw_decode['events_per_s']:5.1f} events/s", file=sys.stderr)
         settings = worker_settings(bootstrap, topic, f"{prefix}.verdicts-{i}", f"{prefix}.dlq-{i}",
-                                   f"{prefix}.worker-{i}", args.batch_size)
+                                   f"{prefix}.worker-{i}", args.batch_size, args.compression)
         profile = args.profile if (args.profile is not None and i == args.repeat - 1) else None
         worker = run_worker(settings, len(messages), ends, args.timeout, args.stall, workdir / "worker.log", profile)
         state = f"STALLED after {worker['events']} of {len(messages)}" if worker["stalled"] else "done"
@@ -575,7 +554,8 @@ def _measure(bootstrap: str, messages: list[Message], args: argparse.Namespace, 
 
 def _print(out: dict[str, Any]) -> None:
     raw, worker = out["raw"], out["worker"]
-    print(f"{out['messages']} {out['encoding']} events, {out['partitions']} partitions, "
+    print(f"{out['messages']} {out['encoding']} events ({out['compression'] or 'uncompressed'}), "
+          f"{out['partitions']} partitions, "
           f"{out['record_value_bytes_mean']:.0f} B/record; timed from partition assignment to the last outcome")
     print(f"raw kafka-python  : {raw['events_per_s']:9.1f} events/s  ({raw['seconds']:.2f}s, baseline)")
     print(f"streamguard worker: {worker['events_per_s']:9.1f} events/s  ({worker['seconds']:.2f}s; "

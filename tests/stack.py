@@ -1,4 +1,5 @@
-"""Helpers for the stream tests: worker processes, producing events, and reading every outcome back.
+"""Helpers for the stream tests: topics, worker processes, and the stream harness of `streamguard.streamio`
+bound to a test's topics (producing events, reading every outcome back, offsets).
 
 Services come from `streamguard.devstack`, the same code as `streamguard dev up`.
 """
@@ -15,12 +16,18 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-
+from streamguard import streamio
 from streamguard.devstack import create_topics, free_port
-from streamguard.schemas import ImageEvent
-from streamguard.wire import Encoding, encode_event
+from streamguard.streamio import (
+    Message,
+    Outcomes,
+    Sent,
+    image_messages,
+    missing,  # noqa: F401 - the stream tests import it from here
+)
+from streamguard.wire import Encoding
 
 
 @dataclass
@@ -128,103 +135,33 @@ class WorkerProcess:
         raise AssertionError(f"no {name} within {timeout}s:\n{self.log_path.read_text()[-3000:]}")
 
 
-@dataclass
-class Sent:
-    event_id: str | None
-    partition: int
-    offset: int
+def _config(topics: Topics) -> dict[str, Any]:
+    return {"bootstrap_servers": topics.bootstrap}
 
 
-def produce(topics: Topics, items: Iterable[tuple[str | None, bytes, list[tuple[str, bytes]]]]) -> list[Sent]:
-    """Send raw (key, value, headers) records; returns where each landed."""
-    producer = KafkaProducer(bootstrap_servers=topics.bootstrap, max_request_size=30 * 1024 * 1024)
-    futures = []
-    for event_id, value, headers in items:
-        key = event_id.encode() if event_id else None
-        futures.append((event_id, producer.send(topics.input, key=key, value=value, headers=headers)))
-    producer.flush()
-    sent = []
-    for event_id, future in futures:
-        meta = future.get(timeout=30)
-        sent.append(Sent(event_id, meta.partition, meta.offset))
-    producer.close()
-    return sent
+def produce(topics: Topics, items: Iterable[Message], compression_type: str | None = None) -> list[Sent]:
+    """Send raw (event id, value, headers) records to the input topic; returns where each landed."""
+    config = {**_config(topics), "max_request_size": 30 * 1024 * 1024, "compression_type": compression_type}
+    return streamio.produce(config, topics.input, items)
 
 
-def image_events(images: Iterable[bytes], encoding: Encoding = "binary", prefix: str = "e") -> list[tuple[str, bytes, list]]:
-    out = []
-    for i, data in enumerate(images):
-        event = ImageEvent(event_id=f"{prefix}-{i}", image=data)
-        value, headers = encode_event(event, encoding)
-        out.append((event.event_id, value, headers))
-    return out
-
-
-@dataclass
-class Outcomes:
-    verdicts: list[dict]
-    dead_letters: list[dict]  # the DeadLetter JSON from the header, plus "value_len"
-
-    def verdict_ids(self) -> list[str]:
-        return [v["event_id"] for v in self.verdicts]
-
-    def dead_positions(self) -> set[tuple[int, int]]:
-        return {(d["original_partition"], d["original_offset"]) for d in self.dead_letters}
+def image_events(images: Iterable[bytes], encoding: Encoding = "binary", prefix: str = "e") -> list[Message]:
+    return image_messages(images, encoding, prefix)
 
 
 def read_outcomes(topics: Topics) -> Outcomes:
-    consumer = KafkaConsumer(bootstrap_servers=topics.bootstrap, enable_auto_commit=False)
-    tps = [TopicPartition(t, p) for t in (topics.output, topics.dlq)
-           for p in sorted(consumer.partitions_for_topic(t) or ())]
-    consumer.assign(tps)
-    consumer.seek_to_beginning(*tps)
-    ends = consumer.end_offsets(tps)
-    verdicts, dead = [], []
-    deadline = time.monotonic() + 30
-    while any(consumer.position(tp) < ends[tp] for tp in tps) and time.monotonic() < deadline:
-        for tp, records in consumer.poll(timeout_ms=200).items():
-            for record in records:
-                if tp.topic == topics.output:
-                    verdicts.append(json.loads(record.value))
-                else:
-                    headers = dict(record.headers or ())
-                    letter = json.loads(headers["sg-dead-letter"])
-                    letter["value_len"] = len(record.value or b"")
-                    letter["headers"] = {k: v.decode("utf-8", "replace") for k, v in headers.items()}
-                    dead.append(letter)
-    consumer.close()
-    return Outcomes(verdicts, dead)
+    return streamio.read_outcomes(_config(topics), topics.output, topics.dlq)
 
 
 def wait_for_outcomes(topics: Topics, sent: list[Sent], timeout: float = 90) -> Outcomes:
     """Until every sent record has a verdict (by event id) or a dead letter (by position)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        outcomes = read_outcomes(topics)
-        if not missing(sent, outcomes):
-            return outcomes
-        if time.monotonic() > deadline:
-            raise AssertionError(f"missing outcomes for {missing(sent, outcomes)[:10]}")
-        time.sleep(0.5)
-
-
-def missing(sent: list[Sent], outcomes: Outcomes) -> list[Sent]:
-    ids, dead = set(outcomes.verdict_ids()), outcomes.dead_positions()
-    return [s for s in sent if s.event_id not in ids and (s.partition, s.offset) not in dead]
+    return streamio.wait_for_outcomes(_config(topics), topics.output, topics.dlq, sent, timeout)
 
 
 def committed_offsets(topics: Topics) -> dict[int, int]:
-    consumer = KafkaConsumer(bootstrap_servers=topics.bootstrap, group_id=topics.group, enable_auto_commit=False)
-    out = {}
-    for p in sorted(consumer.partitions_for_topic(topics.input) or ()):
-        out[p] = consumer.committed(TopicPartition(topics.input, p)) or 0
-    consumer.close()
-    return out
+    committed = streamio.committed_offsets(_config(topics), topics.group, topics.input)
+    return {p: offset or 0 for p, offset in committed.items()}
 
 
 def end_offsets(topics: Topics) -> dict[int, int]:
-    consumer = KafkaConsumer(bootstrap_servers=topics.bootstrap)
-    tps = [TopicPartition(topics.input, p) for p in sorted(consumer.partitions_for_topic(topics.input) or ())]
-    ends = consumer.end_offsets(tps)
-    consumer.close()
-    return {tp.partition: offset for tp, offset in ends.items()}
+    return streamio.end_offsets(_config(topics), topics.input)

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 import uuid
-from pathlib import Path
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import click
 
 from streamguard.cli.context import AppContext
 from streamguard.scan_inputs import Missing, expand
 from streamguard.schemas import ImageEvent
-from streamguard.wire import encode_event
+
+if TYPE_CHECKING:  # kafka-python is imported only by the commands that talk to a broker
+    from streamguard.streamio import Message
+    from streamguard.wire import Encoding
 
 pass_app = click.make_pass_decorator(AppContext)
 
@@ -34,36 +37,40 @@ def produce_command(app: AppContext, paths: tuple[str, ...], topic: str | None, 
     """Publish image files (files, directories, globs, -) as events, for demos and load."""
     from kafka import KafkaProducer
 
+    from streamguard.streamio import Failed, send_all
     from streamguard.worker.publish import producer_config
 
     settings = app.settings
     topic = topic or settings.worker.input_topic
+    not_found: list[str] = []
     producer = KafkaProducer(**producer_config(settings))
-    futures, missing = [], 0
+    results = send_all(producer, topic, _messages(paths, encoding, repeat, source, not_found))  # type: ignore[arg-type]
+    producer.close()
+    failed = [r for r in results if isinstance(r, Failed)]
+    for failure in failed:
+        click.echo(f"failed: {failure.event_id}: {failure.error}", err=True)
+    click.echo(json.dumps({"topic": topic, "sent": len(results) - len(failed), "failed": len(failed),
+                           "missing": len(not_found)}))
+    sys.exit(1 if failed or not_found else 0)
+
+
+def _messages(paths: tuple[str, ...], encoding: Encoding, repeat: int, source: str,
+              not_found: list[str]) -> Iterator[Message]:
+    """Events for the files named, read one at a time as the producer takes them; reports (and appends to
+    ``not_found``) each argument that names nothing."""
+    from streamguard.streamio import event_message
+
     for item in expand(paths, sys.stdin):
         if isinstance(item, Missing):
             click.echo(f"not found: {item.argument}", err=True)
-            missing += 1
+            not_found.append(item.argument)
             continue
         data = item.read_bytes()
         for _ in range(repeat):
             event = ImageEvent(event_id=f"{item.stem}-{uuid.uuid4().hex[:12]}", image=data,
                                content_type=_CONTENT_TYPES.get(item.suffix.lower()), source=source,
                                metadata={"path": str(item)})
-            value, headers = encode_event(event, encoding)  # type: ignore[arg-type]
-            futures.append((event.event_id, producer.send(topic, key=event.event_id.encode(), value=value,
-                                                          headers=headers)))
-    producer.flush()
-    failed = 0
-    for event_id, future in futures:
-        try:
-            future.get(timeout=30)
-        except Exception as exc:  # noqa: BLE001 - report each failed send, as flush() does not
-            click.echo(f"failed: {event_id}: {exc}", err=True)
-            failed += 1
-    producer.close()
-    click.echo(json.dumps({"topic": topic, "sent": len(futures) - failed, "failed": failed, "missing": missing}))
-    sys.exit(1 if failed or missing else 0)
+            yield event_message(event, encoding)
 
 
 @click.command("tail")
@@ -76,22 +83,15 @@ def produce_command(app: AppContext, paths: tuple[str, ...], topic: str | None, 
 def tail_command(app: AppContext, topics: tuple[str, ...], count: int | None, timeout_s: float,
                  as_json: bool) -> None:
     """Print verdicts and dead letters (or any topics) from the beginning."""
-    from kafka import KafkaConsumer, TopicPartition
+    from streamguard.streamio import TopicReader
 
     settings = app.settings
     topics = topics or (settings.worker.output_topic, settings.worker.dead_letter_topic)
-    consumer = KafkaConsumer(**settings.kafka.client_config(), enable_auto_commit=False)
-    tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
-    consumer.assign(tps)
-    consumer.seek_to_beginning(*tps)
-    seen, last = 0, time.monotonic()
-    while (count is None or seen < count) and time.monotonic() - last < timeout_s:
-        for records in consumer.poll(timeout_ms=200).values():
-            for record in records:
-                click.echo(_describe(record, as_json))
-                seen += 1
-                last = time.monotonic()
-    consumer.close()
+    seen = 0
+    with TopicReader(settings.kafka.client_config(), topics) as reader:
+        for record in reader.records(count, idle_s=timeout_s):
+            click.echo(_describe(record, as_json))
+            seen += 1
     if count is not None and seen < count:
         click.echo(f"only {seen} of {count} records within {timeout_s:g}s", err=True)
         sys.exit(1)
