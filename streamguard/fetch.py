@@ -14,7 +14,10 @@ private network. Every hop of a fetch is therefore checked where it matters, at 
   through the same backend.
 * One deadline (``timeout_s``) covers the whole fetch: every socket connect, read and write is clamped to
   what is left of it, so a server that drips one byte at a time cannot hold a worker longer.
-* The body is streamed and abandoned as soon as it passes the byte limit.
+* The body is streamed and abandoned as soon as it passes the byte limit. It is read raw: a server may
+  send ``Content-Encoding: gzip`` although ``identity`` was asked for, and httpx would inflate each chunk
+  whole before any limit applied (1.8 KB of ``gzip, gzip`` becomes gigabytes). Encodings are undone
+  here instead, each layer's output capped at the same limit.
 
 Known limit: ``socket.getaddrinfo`` has no timeout, so a hanging resolver can outlast the deadline; the
 system resolver's own timeouts (resolv.conf) bound it.
@@ -26,6 +29,7 @@ import ipaddress
 import socket
 import ssl
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -54,6 +58,29 @@ _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _METADATA = frozenset({ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")})
 # RFC 6052 well-known NAT64 prefix: on a NAT64 network 64:ff9b::a00:1 *is* 10.0.0.1.
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# IANA special-purpose ranges that are not globally reachable but that Python 3.11's ipaddress calls
+# global (it lists only 192.0.0.0/29 of 192.0.0.0/24, knows nothing of fec0::/10 or 3fff::/20), or that
+# later Pythons classify differently (2001::/23 gained exceptions). Listed here so the answer does not
+# depend on the interpreter. The whole of 2001::/23 is refused, its few global anycast services (TURN,
+# AS112, AMT, ORCHIDv2) included: none of them serves images.
+_NOT_GLOBAL: tuple[tuple[IPNetwork, str], ...] = tuple(
+    (ipaddress.ip_network(cidr), reason)
+    for cidr, reason in (
+        ("100.64.0.0/10", "shared address space (carrier-grade NAT)"),
+        ("192.0.0.0/24", "IETF protocol assignments"),
+        ("192.88.99.0/24", "6to4 relay anycast"),
+        ("198.18.0.0/15", "benchmarking"),
+        ("fec0::/10", "site-local"),
+        ("64:ff9b:1::/48", "local-use IPv4/IPv6 translation"),
+        ("100::/64", "discard-only"),
+        ("2001::/23", "IETF protocol assignments"),
+        ("2001:db8::/32", "documentation"),
+        ("3fff::/20", "documentation"),
+        ("5f00::/16", "segment routing (SRv6) SIDs"),
+    )
+)
+# Inside 192.0.0.0/24, the two anycast services IANA marks globally reachable (PCP, TURN).
+_GLOBAL_EXCEPTIONS = frozenset({ipaddress.ip_address("192.0.0.9"), ipaddress.ip_address("192.0.0.10")})
 # Order matters only for the reason reported: the most specific first.
 _BLOCKED_PROPERTIES = (
     ("is_unspecified", "unspecified"),
@@ -63,6 +90,13 @@ _BLOCKED_PROPERTIES = (
     ("is_private", "private"),
     ("is_reserved", "reserved"),
 )
+# Content-Encodings undone after the raw body is read, as zlib window bits to try in order. HTTP's
+# "deflate" is meant to be zlib-wrapped, but some servers send raw deflate.
+_DECODERS: dict[str, tuple[int, ...]] = {
+    "gzip": (16 + zlib.MAX_WBITS,),
+    "x-gzip": (16 + zlib.MAX_WBITS,),
+    "deflate": (zlib.MAX_WBITS, -zlib.MAX_WBITS),
+}
 _LOG_EVENTS: dict[type[FetchError], str] = {
     FetchRefused: "fetch.refused",
     FetchTooLarge: "fetch.too_large",
@@ -109,7 +143,12 @@ def blocked_reason(ip: IPAddress) -> str | None:
     for prop, reason in _BLOCKED_PROPERTIES:
         if getattr(ip, prop):
             return reason
-    if not ip.is_global:  # e.g. 100.64.0.0/10 carrier-grade NAT
+    if ip in _GLOBAL_EXCEPTIONS:
+        return None
+    for network, what in _NOT_GLOBAL:
+        if ip in network:
+            return f"not globally routable ({what}, {network})"
+    if not ip.is_global:
         return "not globally routable"
     return None
 
@@ -263,8 +302,8 @@ class ImageFetcher:
             timeout=httpx.Timeout(settings.timeout_s, connect=settings.connect_timeout_s),
             headers={
                 "User-Agent": settings.user_agent,
-                # Images are already compressed; asking for identity keeps Content-Length meaningful and
-                # leaves no decompression step between the wire and the byte limit.
+                # Images are already compressed; asking for identity keeps Content-Length meaningful. A
+                # server that encodes anyway is decoded by _decoded, under the byte limit.
                 "Accept-Encoding": "identity",
             },
         )
@@ -341,12 +380,13 @@ class ImageFetcher:
         if declared.isdigit() and int(declared) > limit:
             raise FetchTooLarge(f"host {url.host!r} declared {declared} bytes, over the limit of {limit}")
         body = bytearray()
-        for chunk in response.iter_bytes():
+        # iter_raw, not iter_bytes: the limit must see bytes before any decompression does.
+        for chunk in response.iter_raw():
             body += chunk
             if len(body) > limit:
                 # Leaving the `with` closes the connection instead of draining the rest of the body.
                 raise FetchTooLarge(f"host {url.host!r} sent more than the limit of {limit} bytes")
-        return bytes(body)
+        return _decoded(url, bytes(body), response.headers.get("content-encoding", ""), limit)
 
     @contextmanager
     def _transport_errors(self, url: httpx.URL) -> Iterator[None]:
@@ -362,6 +402,47 @@ class ImageFetcher:
             raise FetchFailed(f"could not connect to host {url.host!r}: {exc}") from exc
         except httpx.HTTPError as exc:
             raise FetchFailed(f"fetching from host {url.host!r} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _decoded(url: httpx.URL, body: bytes, content_encoding: str, limit: int) -> bytes:
+    """``body`` with its Content-Encoding layers undone (the last applied first), each capped at ``limit``."""
+    codings = [c.strip().lower() for c in content_encoding.split(",")]
+    for coding in reversed([c for c in codings if c and c != "identity"]):
+        if coding not in _DECODERS:
+            raise FetchFailed(f"host {url.host!r} sent an unsupported Content-Encoding {coding!r}")
+        body = _decode_layer(url, body, coding, limit)
+    return body
+
+
+def _decode_layer(url: httpx.URL, data: bytes, coding: str, limit: int) -> bytes:
+    error: zlib.error | None = None
+    for wbits in _DECODERS[coding]:
+        try:
+            inflated = _inflate(data, wbits, limit)
+        except zlib.error as exc:
+            error = exc
+            continue
+        if inflated is None:
+            raise FetchTooLarge(
+                f"host {url.host!r} sent a {coding} body of more than the limit of {limit} bytes once decoded"
+            )
+        return inflated
+    raise FetchFailed(f"host {url.host!r} sent a corrupt {coding} body: {error}")
+
+
+def _inflate(data: bytes, wbits: int, limit: int) -> bytes | None:
+    """``data`` decompressed, or None as soon as the output passes ``limit``; zlib.error when corrupt."""
+    out = bytearray()
+    while data:
+        inflater = zlib.decompressobj(wbits)
+        # max_length bounds the allocation itself: a bomb never gets further than limit + 1 bytes.
+        out += inflater.decompress(data, limit + 1 - len(out))
+        if len(out) > limit:
+            return None
+        if not inflater.eof:
+            raise zlib.error("truncated stream")
+        data = inflater.unused_data  # gzip allows several members one after another
+    return bytes(out)
 
 
 def _host_of(uri: str) -> str | None:
