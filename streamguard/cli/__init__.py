@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
+import structlog
 
 from streamguard import __version__
 from streamguard.cli.backbone import backbone_group
@@ -18,8 +20,46 @@ from streamguard.cli.train import train_group
 from streamguard.cli.triton import triton_group
 from streamguard.cli.worker import worker_command
 
+log = structlog.get_logger(__name__)
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Exit status when the broker cannot be reached: not a crash (1), and worth telling apart from one.
+KAFKA_UNREACHABLE_EXIT = 2
+
+
+class _Cli(click.Group):
+    """Turns Kafka being unreachable into one error line and exit 2, for every command that talks to it
+    (worker, produce, tail): otherwise it is a sixty-line traceback whose one useful fact is its last line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            if not _kafka_unreachable(exc):
+                raise
+            app = ctx.find_object(AppContext)
+            log.error(
+                "kafka.unreachable",
+                command=ctx.invoked_subcommand,
+                bootstrap_servers=app.settings.kafka.bootstrap_servers if app else None,
+                reason=f"{type(exc).__name__}: {exc}",
+            )
+            ctx.exit(KAFKA_UNREACHABLE_EXIT)
+
+
+# kafka-python 3 raises KafkaTimeoutError when bootstrap runs out of time; 2.x raised NoBrokersAvailable,
+# which 3.0 no longer has. Names, looked up when needed, so either version is understood.
+_UNREACHABLE_ERRORS = ("NoBrokersAvailable", "KafkaConnectionError", "KafkaTimeoutError")
+
+
+def _kafka_unreachable(exc: BaseException) -> bool:
+    # Imported here, on failure only: kafka-python costs every command's start, and most never touch it.
+    from kafka import errors
+
+    kinds = tuple(kind for name in _UNREACHABLE_ERRORS if (kind := getattr(errors, name, None)) is not None)
+    return isinstance(exc, kinds)
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--config",
     "config_file",
