@@ -113,3 +113,14 @@ def test_breaker_half_opens_after_reset_and_closes_on_success() -> None:
 
 def test_sigmoid_is_stable() -> None:
     assert sigmoid(1000.0) == 1.0 and sigmoid(-1000.0) == 0.0 and sigmoid(0.0) == 0.5
+
+
+def test_no_timeout_waits_for_the_model() -> None:
+    release = threading.Event()
+    runner = _runner(Scripted([3.0], hang=release), timeout_s=None)  # type: ignore[arg-type]
+    threading.Timer(0.5, release.set).start()
+    started = time.perf_counter()
+    (score,) = _call(runner)
+    assert score.error is None and score.logit == pytest.approx(3.0)
+    assert time.perf_counter() - started >= 0.45
+    assert runner.stats.timeouts == 0

@@ -37,10 +37,10 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def scan(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def scan(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "streamguard", "scan", "--no-progress", *args],
-        capture_output=True, text=True, input=stdin, timeout=300,
+        capture_output=True, text=True, input=stdin, timeout=300, env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -113,3 +113,23 @@ def test_scan_progress_bar_goes_to_stderr(folder: Path) -> None:
     assert proc.returncode == 1
     assert "scanning" in proc.stderr  # the bar, drawn on stderr
     assert len(proc.stdout.splitlines()) == 8  # stdout keeps one JSON line per file
+
+
+# The worker's budget set far below what the (deliberately slow) test detector takes on a batch.
+SLOW_DETECTOR = {"STREAMGUARD_DETECTORS__TIMEOUT_S": "0.1",
+                 "STREAMGUARD_DETECTORS__OPTIONS": '{"brightness": {"delay_s": 0.6}}'}
+
+
+def test_scan_waits_for_a_slow_detector(folder: Path) -> None:
+    proc = scan(str(folder / "bright.png"), "--format", "jsonl", env=SLOW_DETECTOR)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (row,) = map(json.loads, proc.stdout.splitlines())
+    scores = {s["detector"]: s for s in row["verdict"]["scores"]}
+    assert scores["brightness"]["error"] is None and scores["brightness"]["probability"] > 0.5
+
+
+def test_scan_detector_timeout_option(folder: Path) -> None:
+    proc = scan(str(folder / "bright.png"), "--format", "jsonl", "--detector-timeout", "0.1", env=SLOW_DETECTOR)
+    (row,) = map(json.loads, proc.stdout.splitlines())
+    scores = {s["detector"]: s for s in row["verdict"]["scores"]}
+    assert scores["brightness"]["error"] == "timed out after 0.1s"

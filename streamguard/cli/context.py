@@ -13,6 +13,17 @@ from streamguard.config import Settings, load_settings
 from streamguard.logs import configure_logging
 from streamguard.plugins import build_plugin_manager
 
+# For the commands that judge files (scan, eval, calibrate): the worker's detectors.timeout_s protects a
+# stream's latency, but offline an image lost to a slow model on busy cores is only a lost image.
+detector_timeout_option = click.option(
+    "--detector-timeout",
+    "detector_timeout_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Seconds a detector may take on one batch before its images get an error score "
+    "(default: no limit; detectors.timeout_s is the worker's).",
+)
+
 
 class AppContext:
     def __init__(self, config_file: Path | None) -> None:
@@ -26,6 +37,12 @@ class AppContext:
             raise click.ClickException(f"invalid configuration: {exc}") from None
         configure_logging(settings.log)
         return settings
+
+    def offline_settings(self, detector_timeout_s: float | None) -> Settings:
+        """The settings with the detector timeout of a command that judges files rather than a stream."""
+        settings = self.settings
+        detectors = settings.detectors.model_copy(update={"timeout_s": detector_timeout_s})
+        return settings.model_copy(update={"detectors": detectors})
 
     @cached_property
     def plugin_manager(self) -> pluggy.PluginManager:

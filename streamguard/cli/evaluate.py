@@ -17,7 +17,7 @@ import structlog
 from rich.console import Console
 from rich.table import Table
 
-from streamguard.cli.context import AppContext
+from streamguard.cli.context import AppContext, detector_timeout_option
 from streamguard.detectors.spec import Calibration
 from streamguard.evaluation.datasets import load_samples
 from streamguard.evaluation.perturb import NONE, parse_perturbations
@@ -55,11 +55,12 @@ _cache_option = click.option(
 @click.option("--batch-size", type=click.IntRange(min=1),
               help="Images per Scorer call (default: detectors.batch_size).")
 @click.option("--progress/--no-progress", default=None, help="Progress bars on stderr (default: on a terminal).")
+@detector_timeout_option
 @pass_app
 def eval_command(
     app: AppContext, data: tuple[Path, ...], detector: str, out: Path | None, perturb_spec: str,
     normalized_check: bool, limit_per_group: int | None, split: str | None, seed: int, cache_dir: Path,
-    no_cache: bool, batch_size: int | None, progress: bool | None,
+    no_cache: bool, batch_size: int | None, progress: bool | None, detector_timeout_s: float | None,
 ) -> None:
     """Measure a detector on labelled DATA (directories, tar archives, manifest CSV/JSONL files)."""
     from streamguard.evaluation.harness import EvalConfig, run_evaluation
@@ -75,7 +76,7 @@ def eval_command(
         cache_dir=None if no_cache else cache_dir, batch_size=batch_size,
     )
     show_progress = progress if progress is not None else sys.stderr.isatty()
-    settings = app.settings  # first: it configures logging before anything logs
+    settings = app.offline_settings(detector_timeout_s)  # first: it configures logging before anything logs
     try:
         result = run_evaluation(config, settings, app.plugin_manager, progress=show_progress)
     except (UnknownDetector, ValueError) as exc:
@@ -146,17 +147,18 @@ def _print_result(result: EvalResult) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @_cache_option
 @click.option("--progress/--no-progress", default=None, help="Progress bars on stderr (default: on a terminal).")
+@detector_timeout_option
 @pass_app
 def calibrate_command(
     app: AppContext, detector: str, data: tuple[Path, ...], split: str, method: str, out: Path | None,
-    limit_per_group: int | None, seed: int, cache_dir: Path, progress: bool | None,
+    limit_per_group: int | None, seed: int, cache_dir: Path, progress: bool | None, detector_timeout_s: float | None,
 ) -> None:
     """Fit DETECTOR's calibration on its raw logits over DATA's SPLIT and save it as calibration.json."""
     from streamguard.evaluation.calibrate import Method, fit_calibration
 
     if detector == FUSED:
         raise click.UsageError("calibrate fits one detector; the fused score is calibrated through its detectors")
-    settings = app.settings  # first: it configures logging before anything logs
+    settings = app.offline_settings(detector_timeout_s)  # first: it configures logging before anything logs
     try:
         samples = load_samples(data, seed=seed, split=split, limit_per_group=limit_per_group)
         runner = EvalRunner(settings, app.plugin_manager, detector, cache_dir=cache_dir,

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from streamguard.cli.context import AppContext
+from streamguard.cli.context import AppContext, detector_timeout_option
 from streamguard.scan_inputs import Missing, expand
 from streamguard.scoring import ImageJob, Outcome, Scorer
 
@@ -48,12 +48,14 @@ class ScanResult:
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl"]), default="table", show_default=True)
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal).")
+@detector_timeout_option
 @pass_app
-def scan_command(app: AppContext, paths: tuple[str, ...], fmt: str, progress: bool | None) -> None:
+def scan_command(app: AppContext, paths: tuple[str, ...], fmt: str, progress: bool | None,
+                 detector_timeout_s: float | None) -> None:
     """Judge image files: PATHS are files, directories (recursive), globs, or - to read paths from stdin.
 
     Prints one result per file; exits 1 when any file could not be judged."""
-    settings = app.settings
+    settings = app.offline_settings(detector_timeout_s)
     items = list(expand(paths, sys.stdin))
     show_progress = progress if progress is not None else (sys.stderr.isatty() and len(items) >= _PROGRESS_MIN_FILES)
     results: list[ScanResult] = []

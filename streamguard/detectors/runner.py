@@ -123,8 +123,7 @@ class DetectorRunner:
         logits: list[float | None] = []
         if isinstance(pending, Future):
             try:
-                remaining = self._timeout_s - (time.perf_counter() - started)
-                logits = pending.result(timeout=max(remaining, 0.0))
+                logits = pending.result(timeout=self._time_left(started))
                 if len(logits) != n:
                     error = f"returned {len(logits)} logits for {n} images"
             except FutureTimeout:
@@ -144,6 +143,12 @@ class DetectorRunner:
             log.warning("detector.failed", detector=self.spec.name, error=error, images=n)
             return [self._score(None, latency_ms, error) for _ in range(n)]
         return [self._score(raw, latency_ms, None) for raw in logits]
+
+    def _time_left(self, started: float) -> float | None:
+        """What is left of the call's timeout; None (wait for the model) when there is no timeout."""
+        if self._timeout_s is None:
+            return None
+        return max(self._timeout_s - (time.perf_counter() - started), 0.0)
 
     def _score(self, raw: float | None, latency_ms: float, error: str | None) -> DetectorScore:
         if error is None and raw is not None and not math.isfinite(raw):
