@@ -33,6 +33,7 @@ test: setup
 
 bench: setup
 	$(PY) bench/bench_intake.py
+	$(PY) bench/bench_memory.py
 	$(PY) bench/bench_worker.py
 	$(PY) bench/bench_features.py
 	$(PY) bench/bench_triton.py

@@ -47,3 +47,18 @@ def png_bomb(side: int = 100_000) -> bytes:
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit grayscale
     idat = zlib.compress(b"\x00" * 4096, 9)
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+def png_strip(width: int = 1, height: int = 100_000) -> bytes:
+    """A valid, fully decodable grayscale PNG of a few hundred bytes: within the pixel limit, yet for
+    1x100000 resizing its short side to 224 would need ~15 GB."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * ((width + 1) * height), 9)  # each row: filter byte + zero pixels
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+def mpo(first: Image.Image, second: Image.Image, **kwargs: object) -> bytes:
+    """A two-picture JPEG (format MPO), as phone cameras write them; ``kwargs`` go to the first frame."""
+    buf = io.BytesIO()
+    first.save(buf, format="MPO", save_all=True, append_images=[second], **kwargs)
+    return buf.getvalue()

@@ -1,7 +1,7 @@
 """Image intake: bytes in, a normalised RGB image and each detector's input tensor out."""
 
 from streamguard.intake.contract import CLIP_MEAN, CLIP_STD, InputContract, decode_side, prepare
-from streamguard.intake.decode import DecodedImage, decode_image
+from streamguard.intake.decode import DecodedImage, decode_image, estimate_decoded_pixels
 
 __all__ = [
     "CLIP_MEAN",
@@ -10,5 +10,6 @@ __all__ = [
     "InputContract",
     "decode_image",
     "decode_side",
+    "estimate_decoded_pixels",
     "prepare",
 ]

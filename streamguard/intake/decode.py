@@ -1,22 +1,35 @@
 """Decode untrusted image bytes into an RGB image, or fail with a typed error.
 
-Limits are checked before pixels are decoded: byte size first, then the pixel count from the header, so
-a decompression bomb costs a header parse and nothing more.
+Limits are checked before pixels are decoded: byte size first, then the pixel count and the aspect ratio
+from the header, so a decompression bomb or a 1x100000 strip costs a header parse and nothing more.
+
+When the caller needs no more than ``min_side`` pixels on each side, the image is held small: a JPEG is
+decoded at a reduced DCT scale (Pillow's draft mode), and any image still far larger than needed is
+reduced by an integer factor right after decoding, so a batch never holds full-size pixels it would
+only shrink later. `estimate_decoded_pixels` predicts that held size from the header alone.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from streamguard.config import IntakeSettings
-from streamguard.errors import CorruptImage, EmptyImage, TooLarge, UnsupportedFormat
+from streamguard.errors import (
+    CorruptImage,
+    EmptyImage,
+    IntakeError,
+    TooLarge,
+    UnsupportedFormat,
+    UnsupportedGeometry,
+)
 
 try:  # HEIF is optional: present when pillow-heif installs cleanly on the platform.
     import pillow_heif
@@ -30,12 +43,28 @@ _MATTE = (255, 255, 255)
 _EXIF_TAGS = ("Make", "Model", "Software", "DateTime", "Artist", "ImageDescription", "Copyright")
 _EXIF_SUBIFD_TAGS = ("DateTimeOriginal", "LensModel", "UserComment")
 _MAX_TEXT = 16_384
+# A multi-picture JPEG (phone cameras: depth maps, previews) is a JPEG whose primary image is judged.
+_FORMAT_ALIASES = {"MPO": "JPEG"}
+# After decoding, reduce only while the contract's own resize still shrinks the result at least this many
+# times: Pillow's measure (``reducing_gap``) for a two-step resize that matches one fair resample.
+_REDUCING_GAP = 3.0
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SWAPS_SIDES = frozenset({Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90,
+                          Image.Transpose.ROTATE_270})
 
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """An image ready for detectors. ``rgb`` may be smaller than the original when a JPEG was decoded at
-    reduced size; ``width``/``height`` are always the original's (after EXIF orientation)."""
+    """An image ready for detectors. ``rgb`` may be smaller than the original when it was decoded or held
+    at reduced size; ``width``/``height`` are always the original's (after EXIF orientation)."""
 
     rgb: Image.Image
     format: str
@@ -50,19 +79,13 @@ class DecodedImage:
 
 
 def decode_image(data: bytes, limits: IntakeSettings, min_side: int | None = None) -> DecodedImage:
-    """Decode ``data``. With ``min_side``, a JPEG may be decoded at a power-of-two reduction (Pillow's draft
-    mode) as long as both sides stay at least ``min_side``; None means native pixels are needed."""
-    if not data:
-        raise EmptyImage("zero-byte payload")
-    if len(data) > limits.max_bytes:
-        raise TooLarge(f"{len(data)} bytes exceeds the limit of {limits.max_bytes} bytes")
-    img = _open(data)
-    fmt = img.format or "unknown"
-    if fmt not in limits.formats:
-        raise UnsupportedFormat(f"format {fmt} is not accepted (accepted: {', '.join(limits.formats)})")
+    """Decode ``data``. With ``min_side``, the image may be held at reduced size: a JPEG decoded at a
+    power-of-two reduction (Pillow's draft mode) keeping both sides at least ``min_side``, any image
+    reduced by an integer factor while both sides stay at least ``_REDUCING_GAP * min_side``. None means
+    native pixels are needed."""
+    img = _open_checked(data, limits)
+    fmt = _format(img)
     width, height = img.size
-    if width * height > limits.max_pixels:
-        raise TooLarge(f"{width}x{height} = {width * height} pixels exceeds the limit of {limits.max_pixels}")
     frames = getattr(img, "n_frames", 1)
     if min_side is not None and fmt == "JPEG":
         img.draft("RGB", (min_side, min_side))
@@ -71,9 +94,16 @@ def decode_image(data: bytes, limits: IntakeSettings, min_side: int | None = Non
     except Exception as exc:  # noqa: BLE001 - decoders raise many types on hostile input
         raise CorruptImage(f"cannot decode {fmt}: {exc}") from None
     metadata = _metadata(img)
-    img, (width, height) = _orient(img, (width, height))
+    transpose = _orientation(img)
+    # Rebinding ``img`` at each step lets the full-size buffer go as soon as the next one exists.
+    img = _to_rgb(img)
+    img = _reduce(img, min_side)
+    if transpose is not None:
+        img = img.transpose(transpose)
+        if transpose in _SWAPS_SIDES:
+            width, height = height, width
     return DecodedImage(
-        rgb=_to_rgb(img),
+        rgb=img,
         format=fmt,
         width=width,
         height=height,
@@ -82,7 +112,56 @@ def decode_image(data: bytes, limits: IntakeSettings, min_side: int | None = Non
     )
 
 
-def _open(data: bytes) -> Image.Image:
+def estimate_decoded_pixels(data: bytes, settings: IntakeSettings, decode_side: int | None) -> int:
+    """Pixels of the image `decode_image(data, settings, decode_side)` returns, from the header alone (no
+    pixel is decoded); 0 for bytes the decode step will refuse. A batch can use it to bound what it holds
+    at once; the one image being decoded briefly needs its full (drafted) size on top."""
+    try:
+        img = _open_checked(data, settings)
+    except IntakeError:
+        return 0
+    try:
+        with img:
+            if decode_side is not None and _format(img) == "JPEG":
+                img.draft("RGB", (decode_side, decode_side))  # only rewrites the header's scale and size
+            width, height = _reduced_size(img.size, _reduce_factor(img.size, decode_side))
+    except Exception:  # noqa: BLE001 - hostile headers: the decode step reports what is wrong
+        return 0
+    return width * height
+
+
+def _open_checked(data: bytes, limits: IntakeSettings) -> ImageFile.ImageFile:
+    """The opened (not decoded) image, once every limit that the header can answer is met."""
+    if not data:
+        raise EmptyImage("zero-byte payload")
+    if len(data) > limits.max_bytes:
+        raise TooLarge(f"{len(data)} bytes exceeds the limit of {limits.max_bytes} bytes")
+    img = _open(data)
+    fmt = _format(img)
+    if fmt not in limits.formats:
+        raise UnsupportedFormat(f"format {img.format or fmt} is not accepted (accepted: {', '.join(limits.formats)})")
+    width, height = img.size
+    if width * height > limits.max_pixels:
+        raise TooLarge(f"{width}x{height} = {width * height} pixels exceeds the limit of {limits.max_pixels}")
+    if max(width, height) > limits.max_aspect_ratio * min(width, height):
+        raise UnsupportedGeometry(
+            f"{width}x{height} has an aspect ratio of {_ratio(width, height)}:1, over the limit of "
+            f"{limits.max_aspect_ratio:g}:1"
+        )
+    return img
+
+
+def _ratio(width: int, height: int) -> str:
+    short = min(width, height)
+    return f"{max(width, height) / short:.1f}" if short else "inf"
+
+
+def _format(img: Image.Image) -> str:
+    fmt = img.format or "unknown"
+    return _FORMAT_ALIASES.get(fmt, fmt)
+
+
+def _open(data: bytes) -> ImageFile.ImageFile:
     try:
         with warnings.catch_warnings():
             # Our own pixel limit decides; Pillow's warning would only add noise.
@@ -96,14 +175,30 @@ def _open(data: bytes) -> Image.Image:
         raise CorruptImage(f"cannot parse image header: {exc}") from None
 
 
-def _orient(img: Image.Image, size: tuple[int, int]) -> tuple[Image.Image, tuple[int, int]]:
+def _reduce_factor(size: tuple[int, int], min_side: int | None) -> int:
+    """The integer reduction that keeps both sides at least ``_REDUCING_GAP * min_side``; 1 for none."""
+    if min_side is None:
+        return 1
+    return max(1, math.floor(min(size) / (_REDUCING_GAP * min_side)))
+
+
+def _reduced_size(size: tuple[int, int], factor: int) -> tuple[int, int]:
+    # Image.reduce keeps the partial boxes at the right and bottom edges.
+    return (-(-size[0] // factor), -(-size[1] // factor))
+
+
+def _reduce(img: Image.Image, min_side: int | None) -> Image.Image:
+    factor = _reduce_factor(img.size, min_side)
+    return img.reduce(factor) if factor > 1 else img
+
+
+def _orientation(img: Image.Image) -> Image.Transpose | None:
+    """The transpose that EXIF orientation asks for, read before the image is converted or reduced (both
+    lose the EXIF block of some formats, TIFF's among them)."""
     try:
-        oriented = ImageOps.exif_transpose(img)
+        return _TRANSPOSE.get(img.getexif().get(ExifTags.Base.Orientation, 1))
     except Exception:  # noqa: BLE001 - a broken EXIF block should not cost the image
-        return img, size
-    if oriented.size != img.size:  # rotated by 90 or 270 degrees
-        size = (size[1], size[0])
-    return oriented, size
+        return None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -115,9 +210,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if mode == "P" and "transparency" in img.info:
         img, mode = img.convert("RGBA"), "RGBA"
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        matte = Image.new("RGBA", rgba.size, (*_MATTE, 255))
-        return Image.alpha_composite(matte, rgba).convert("RGB")
+        rgba = img if mode == "RGBA" else img.convert("RGBA")
+        # Pasting through its own alpha gives alpha_composite's pixels with one full-size copy, not four.
+        rgb = Image.new("RGB", rgba.size, _MATTE)
+        rgb.paste(rgba, mask=rgba)
+        return rgb
     return img.convert("RGB")
 
 
@@ -128,7 +225,7 @@ def _high_depth_to_rgb(img: Image.Image) -> Image.Image:
         peak = 1.0 if float(np.nanmax(arr, initial=0.0)) <= 1.0 else 255.0
         scaled = np.nan_to_num(arr) / peak * 255.0
     else:
-        scaled = arr.astype(np.float64) / 257.0
+        scaled = arr.astype(np.float32) / 257.0  # float32 rounds 16-bit values exactly as float64 would
     gray = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
     return Image.fromarray(gray).convert("RGB")
 
