@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_serializer, field_validator, model_validator
 from pydantic_settings import (
@@ -36,7 +36,19 @@ class IntakeSettings(_Section):
     max_pixels: int = Field(
         50_000_000, gt=0, description="Largest width*height decoded; larger is refused before decoding."
     )
-    formats: list[str] = Field(default_factory=lambda: list(ALL_FORMATS))
+    formats: list[str] = Field(
+        default_factory=lambda: list(ALL_FORMATS),
+        description="Accepted formats; multi-picture JPEGs (MPO, from phone cameras) count as JPEG.",
+    )
+    max_aspect_ratio: float = Field(
+        20.0, ge=1.0, description="Largest long side / short side; more extreme strips are refused before decoding."
+    )
+    batch_pixel_budget: int = Field(
+        64_000_000,
+        gt=0,
+        description="Decoded pixels a batch may hold at once (estimated from headers); a larger batch is decoded "
+        "and judged in chunks under it. One image over it still goes alone.",
+    )
 
 
 class PluginSettings(_Section):
@@ -48,7 +60,11 @@ class PluginSettings(_Section):
 
 
 class DetectorSettings(_Section):
-    timeout_s: float = Field(30.0, gt=0, description="Per call of one detector on one batch.")
+    timeout_s: float | None = Field(
+        30.0, gt=0, description="Per call of one detector on one batch, in the worker; None waits as long as the "
+        "model takes. scan, eval and calibrate wait unless given --detector-timeout: offline, a slow model is "
+        "no reason to lose the image.",
+    )
     batch_size: int = Field(16, gt=0)
     breaker_failures: int = Field(5, gt=0, description="Consecutive failures that open the breaker.")
     breaker_reset_s: float = Field(30.0, gt=0, description="How long an open breaker refuses calls.")
@@ -140,12 +156,31 @@ class KafkaSettings(_Section):
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
+    # Off by default: the worker's bytes are mostly dead-letter images, already compressed (JPEG, PNG,
+    # WebP), and small verdicts; a codec would cost CPU the detectors want, and would oblige every reader of
+    # the verdicts to have the codec library (a missing one kills a kafka-python consumer). Records read
+    # are decoded whatever this says: every codec's library is installed.
+    compression_type: Literal[None, "gzip", "snappy", "lz4", "zstd"] = Field(
+        None, description="Codec of what the worker (and `streamguard produce`) publishes; none, as Kafka "
+        "spells it, means off.")
+
+    # kafka-python waits 30 s for a first broker; a worker that cannot reach any should say so sooner and
+    # let its supervisor restart it.
+    bootstrap_timeout_s: float = Field(
+        10.0, gt=0, description="How long a client waits to reach a first broker before failing.")
+
+    @field_validator("compression_type", mode="before")
+    @classmethod
+    def _none_spelled_out(cls, value: Any) -> Any:
+        # Kafka and librdkafka spell "off" as "none"; an environment variable cannot say null.
+        return None if isinstance(value, str) and value.strip().lower() in ("none", "") else value
 
     def client_config(self) -> dict[str, Any]:
         """Connection settings shared by every kafka-python client (consumer, producer, admin)."""
         config: dict[str, Any] = {
             "bootstrap_servers": self.bootstrap_servers,
             "security_protocol": self.security_protocol,
+            "bootstrap_timeout_ms": int(self.bootstrap_timeout_s * 1000),
         }
         if self.sasl_mechanism:
             config |= {
@@ -163,13 +198,29 @@ class RedisSettings(_Section):
 
     @field_serializer("url")
     def _redact_password(self, url: str) -> str:
-        # A Redis URL may carry credentials; printing config must never show them.
+        # A Redis URL may carry credentials (user:password@, or ?password= which redis-py also reads);
+        # printing config must never show them.
         parts = urlsplit(url)
-        if parts.password is None:
+        userinfo, at, hostport = parts.netloc.rpartition("@")
+        netloc = parts.netloc
+        if at and ":" in userinfo:
+            # Rebuilt from the raw netloc, not hostname and port, which would drop IPv6 brackets.
+            netloc = f"{userinfo.partition(':')[0]}:{REDACTED}@{hostport}"
+        query = self._redact_query(parts.query)
+        if (netloc, query) == (parts.netloc, parts.query):
             return url
-        host = parts.hostname or ""
-        netloc = f"{parts.username or ''}:{REDACTED}@{host}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
+        # By hand, not urlunsplit, which writes unix:///path as unix:/path.
+        return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "") + (
+            f"#{parts.fragment}" if parts.fragment else "")
+
+    @staticmethod
+    def _redact_query(query: str) -> str:
+        """``query`` with the value of every parameter whose name mentions a password replaced."""
+        params = []
+        for param in query.split("&") if query else ():
+            name, eq, _ = param.partition("=")
+            params.append(f"{name}={REDACTED}" if eq and "password" in unquote_plus(name).lower() else param)
+        return "&".join(params)
 
 
 class FetchSettings(_Section):
@@ -190,7 +241,12 @@ class DedupeSettings(_Section):
     enabled: bool = True
     namespace: str = Field("sg", description="Key prefix, so several deployments can share a Redis.")
     ttl_s: int = Field(7 * 24 * 3600, gt=0, description="How long a verdict is reused.")
-    lease_ms: int = Field(60_000, gt=0, description="In-flight lease while one worker scores content.")
+    # Short, and renewed while the holder scores: a killed holder delays other workers' copies by at most
+    # this long, while a slow but live one keeps its lease.
+    lease_ms: int = Field(10_000, gt=0, description="In-flight lease while one worker scores content.")
+    lease_wait_max_s: float = Field(
+        120.0, gt=0, description="Longest a copy waits on another worker's renewed lease before scoring it anyway."
+    )
     near: bool = True
     near_max_distance: int = Field(31, ge=0, le=64, description="PDQ Hamming distance for a near-duplicate.")
     near_min_quality: int = Field(50, ge=0, le=100, description="PDQ hashes of lower quality are not used.")
@@ -215,11 +271,32 @@ class WorkerSettings(_Section):
     heartbeat_interval_ms: int = Field(3_000, gt=0)
     drain_timeout_s: float = Field(20.0, gt=0, description="SIGTERM budget; keep below the pod's grace period.")
     max_record_bytes: int = Field(25 * 1024 * 1024, gt=0)
+    max_header_bytes: int = Field(
+        64 * 1024, gt=0, description="Largest total of a record's header names and values; over it: a dead letter."
+    )
     dead_letter_max_value_bytes: int = Field(
         1_000_000, ge=0, description="Larger original values are left out of the dead letter (headers say so)."
     )
-    health_host: str = "0.0.0.0"
+    dead_letter_max_header_bytes: int = Field(
+        64 * 1024, ge=0, description="Original headers copied into a dead letter, at most; the rest are left out "
+        "(a header says how many), so a dead letter never outgrows what the producer can send."
+    )
+    strict_events: bool = Field(
+        False, description="Refuse events with fields this version does not know (default: drop and count them; "
+        "producers add fields before consumers upgrade)."
+    )
+    health_host: str = Field(
+        "0.0.0.0", description="Address /healthz, /readyz and /metrics listen on. 0.0.0.0 because Kubernetes "
+        "probes and Prometheus come from outside the pod; 127.0.0.1 keeps them local, :: listens on IPv6.",
+    )
     health_port: int = Field(8080, ge=0, description="0 picks a free port.")
+    health_max_connections: int = Field(
+        256, gt=0, description="Health connections open at once; over it a new one is closed at once. An idle "
+        "connection costs a file descriptor, not a thread.",
+    )
+    health_connection_timeout_s: float = Field(
+        5.0, gt=0, description="A health connection silent this long (no request yet, or mid-request) is closed.",
+    )
     liveness_timeout_s: float = Field(30.0, gt=0, description="/healthz fails when the poll loop stalls this long.")
     outage_check_s: float = Field(
         1.0, gt=0, description="While a detector's server is unavailable, how often to ask whether it is back."
@@ -289,7 +366,8 @@ class Settings(BaseSettings):
     def _triton_fits_in_the_detector_timeout(self) -> Settings:
         uses_triton = self.detectors.backend == "triton" or "triton" in self.detectors.backend_overrides.values()
         needed = self.triton.retry_budget_s + self.triton.request_timeout_s
-        if uses_triton and self.detectors.timeout_s <= needed:
+        timeout = self.detectors.timeout_s
+        if uses_triton and timeout is not None and timeout <= needed:
             # Else the runner's timeout fires first and an outage becomes error scores instead of a hold.
             raise ValueError(
                 f"detectors.timeout_s ({self.detectors.timeout_s:g}) must exceed triton.retry_budget_s + "

@@ -43,6 +43,11 @@ class TooLarge(IntakeError):
     """Over the byte or pixel limit (a decompression bomb is one of these)."""
 
 
+class UnsupportedGeometry(IntakeError):
+    """A shape no detector can judge: a long side over ``intake.max_aspect_ratio`` times the short side (a
+    1x100000 strip is a few hundred bytes, yet resizing its short side to 224 would need gigabytes)."""
+
+
 class FetchError(StreamguardError):
     """The image named by an event's URI could not be fetched."""
 
@@ -69,3 +74,26 @@ class RecordTooLarge(StreamguardError):
     """The Kafka record itself is over the worker's size limit."""
 
     stage = "parse"
+
+
+class UnreadableRecord(StreamguardError):
+    """The Kafka client could not read the record at all (a corrupt batch, a header key that is not UTF-8,
+    a compression codec it cannot decode): only its topic, partition and offset are known."""
+
+    stage = "consume"
+
+
+class HeadersTooLarge(StreamguardError):
+    """The record's headers are over the worker's limit."""
+
+    stage = "parse"
+
+
+class InternalError(StreamguardError):
+    """An unexpected failure while processing one record; it is dead-lettered, never retried forever.
+
+    ``stage`` is the stage it happened in, so an operator can tell a decode bug from a detector crash."""
+
+    def __init__(self, message: str, stage: str = "process") -> None:
+        super().__init__(message)
+        self.stage = stage  # type: ignore[misc]
