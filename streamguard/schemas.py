@@ -135,6 +135,10 @@ class Verdict(_Record):
     )
     timings_ms: dict[str, float] = Field(default_factory=dict, description="Milliseconds per stage.")
     judged_at: datetime = Field(default_factory=_now)
+    degraded: bool = Field(
+        False, description="Some detector failed or timed out: judged by the others, never cached for reuse."
+    )
+    failed_detectors: list[str] = Field(default_factory=list, description="The detectors that failed, if any.")
 
 
 class DeadLetter(_Record):

@@ -86,6 +86,11 @@ class Scorer:
         self.policy_version = probe.policy_version
 
     @property
+    def decode_side(self) -> int | None:
+        """The short side a large JPEG is decoded at (None: full size), for callers that budget pixels."""
+        return self._decode_side
+
+    @property
     def model_versions(self) -> dict[str, str]:
         return {spec.name: spec.version for spec in self.specs}
 
@@ -177,6 +182,7 @@ class Scorer:
         fused: FusedScore = self._pm.hook.fuse_scores(scores=scores, settings=self._settings.fusion)
         decision: Decision = self._pm.hook.decide_verdict(fused=fused, scores=scores, settings=self._settings.policy)
         outcome.timings_ms["fuse"] = _ms(t0)
+        failed = sorted({score.detector for score in scores if score.error is not None})
         verdict = Verdict(
             event_id=outcome.key,
             content_sha256=outcome.sha256,
@@ -186,6 +192,8 @@ class Scorer:
             policy_version=decision.policy_version,
             model_versions=self.model_versions,
             timings_ms=dict(outcome.timings_ms),
+            degraded=bool(failed),
+            failed_detectors=failed,
         )
         call_each(self._pm, "verdict_ready", verdict=verdict)
         return verdict

@@ -6,12 +6,17 @@
 
 A record says which it is in the ``sg-encoding`` header; records without it are read as JSON so that
 producers that cannot set headers still work.
+
+Reading is tolerant by default: producers add fields before consumers upgrade, so an event field this
+version does not know is dropped and reported (``ParsedEvent.unknown_fields``), not a dead letter.
+``strict=True`` refuses such events instead.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import ValidationError
@@ -52,16 +57,29 @@ def encode_event(event: ImageEvent, encoding: Encoding = "json") -> tuple[bytes,
     return event.image, headers
 
 
-def decode_event(value: bytes | None, headers: Sequence[tuple[str, bytes]] | None = None) -> ImageEvent:
+@dataclass(frozen=True)
+class ParsedEvent:
+    event: ImageEvent
+    unknown_fields: tuple[str, ...] = ()  # dropped by tolerant reading
+
+
+def decode_event(value: bytes | None, headers: Sequence[tuple[str, bytes]] | None = None,
+                 strict: bool = False) -> ImageEvent:
     """Parse a record into an `ImageEvent`, raising `SchemaError` with a readable reason."""
+    return parse_event(value, headers, strict).event
+
+
+def parse_event(value: bytes | None, headers: Sequence[tuple[str, bytes]] | None = None,
+                strict: bool = False) -> ParsedEvent:
+    """`decode_event`, also saying which unknown fields tolerant reading dropped."""
     header_map = _header_map(headers or ())
     encoding = header_map.get(ENCODING_HEADER, b"json").decode("ascii", "replace")
     if value is None:
         raise SchemaError("record has no value (tombstone)")
     if encoding == "json":
-        return _decode_json(value)
+        return _decode_json(value, strict)
     if encoding == "binary":
-        return _decode_binary(value, header_map)
+        return ParsedEvent(_decode_binary(value, header_map))
     raise SchemaError(f"unknown {ENCODING_HEADER} {encoding!r}; expected 'json' or 'binary'")
 
 
@@ -69,9 +87,20 @@ def _header_map(headers: Iterable[tuple[str, bytes]]) -> dict[str, bytes]:
     return {name.lower(): raw for name, raw in headers if name.lower() == "content-type" or name.startswith(_PREFIX)}
 
 
-def _decode_json(value: bytes) -> ImageEvent:
+def _decode_json(value: bytes, strict: bool) -> ParsedEvent:
+    # The common case parses once; only an event with unknown fields is parsed a second time.
     try:
-        return ImageEvent.model_validate_json(value)
+        return ParsedEvent(ImageEvent.model_validate_json(value))
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        if strict or any(err["type"] != "extra_forbidden" or len(err["loc"]) != 1 for err in errors):
+            raise SchemaError(_describe(exc)) from None
+        unknown = tuple(sorted(str(err["loc"][0]) for err in errors))
+    data = json.loads(value)
+    for name in unknown:
+        data.pop(name, None)
+    try:
+        return ParsedEvent(ImageEvent.model_validate(data), unknown)
     except ValidationError as exc:
         raise SchemaError(_describe(exc)) from None
 

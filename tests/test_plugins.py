@@ -188,7 +188,9 @@ def test_hook_verdict_ready_observes_every_verdict(settings, pm) -> None:  # typ
 
 
 def test_denying_builtin_fusion_without_replacement_is_a_config_error(settings) -> None:  # type: ignore[no-untyped-def]
-    pm = build_plugin_manager(PluginSettings(deny=["builtin-fusion", "builtin-univfd", "builtin-pinclip", "builtin-mpft"]))
+    # testfaults implements fuse_scores too (inert unless asked): it would count as a replacement.
+    pm = build_plugin_manager(PluginSettings(deny=["builtin-fusion", "testfaults", "builtin-univfd", "builtin-pinclip",
+                                                   "builtin-mpft"]))
     with pytest.raises(ConfigurationError, match="fuse_scores"):
         Scorer(settings, pm)
 

@@ -63,6 +63,17 @@ return 0
 """
 
 
+# KEYS lease keys, ARGV[1] owner, ARGV[2] lease ms: extend only the leases this owner still holds.
+_RENEW_LUA = """
+for _, key in ipairs(KEYS) do
+    if redis.call('get', key) == ARGV[1] then
+        redis.call('pexpire', key, ARGV[2])
+    end
+end
+return 0
+"""
+
+
 @lru_cache(maxsize=8)
 def _band_masks(radius: int) -> tuple[int, ...]:
     """Every BAND_BITS-bit mask with at most ``radius`` bits set, 0 first."""
@@ -114,6 +125,7 @@ class RedisDedupe:
             decode_responses=True,
         )
         self._release_script = self._client.register_script(_RELEASE_LUA)
+        self._renew_script = self._client.register_script(_RENEW_LUA)
         self._lock = threading.Lock()
         self._up = True
         self._down_since = 0.0
@@ -136,6 +148,10 @@ class RedisDedupe:
 
     def release(self, sha256: str, owner: str) -> None:
         self._call("release", lambda: self._release(sha256, owner), None)
+
+    def renew(self, sha256s: list[str], owner: str) -> None:
+        if sha256s:
+            self._call("renew", lambda: self._renew(sha256s, owner), None)
 
     def put(self, sha256: str, versions_key: str, verdict: Verdict, phash: PerceptualHash | None) -> None:
         self._call("put", lambda: self._put(sha256, versions_key, verdict, phash), None)
@@ -164,6 +180,10 @@ class RedisDedupe:
 
     def _release(self, sha256: str, owner: str) -> None:
         self._release_script(keys=[self._lease_key(sha256)], args=[owner])
+
+    def _renew(self, sha256s: list[str], owner: str) -> None:
+        keys = [self._lease_key(sha) for sha in sha256s]
+        self._renew_script(keys=keys, args=[owner, self._settings.lease_ms])
 
     def _put(self, sha256: str, versions_key: str, verdict: Verdict, phash: PerceptualHash | None) -> None:
         ttl_s = self._settings.ttl_s

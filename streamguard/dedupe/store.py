@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from streamguard.dedupe.phash import PerceptualHash
-from streamguard.schemas import Verdict
+from streamguard.schemas import SCHEMA_VERSION, Verdict
 
 VERSIONS_KEY_LENGTH = 16
 
@@ -78,6 +78,10 @@ class DedupeStore(Protocol):
         """Drop the lease if, and only if, ``owner`` holds it."""
         ...
 
+    def renew(self, sha256s: list[str], owner: str) -> None:
+        """Extend the leases ``owner`` still holds by the lease time (while it is still scoring)."""
+        ...
+
     def put(self, sha256: str, versions_key: str, verdict: Verdict, phash: PerceptualHash | None) -> None:
         """Keep the verdict and index ``phash`` for near-duplicate search. The lease is not released."""
         ...
@@ -88,10 +92,12 @@ class DedupeStore(Protocol):
 
 
 def versions_key(model_versions: dict[str, str], policy_version: str) -> str:
-    """A short stable digest of what produced a verdict: change a model or the policy and every cached
-    verdict misses, so content is judged again by the new versions."""
+    """A short stable digest of what produced a verdict: change a model, the policy or the verdict schema
+    and every cached verdict misses, so content is judged again (and a release never reads verdicts of a
+    schema it does not know, e.g. a newer release's during a rolling upgrade)."""
     canonical = json.dumps(
-        {"models": model_versions, "policy": policy_version}, sort_keys=True, separators=(",", ":")
+        {"models": model_versions, "policy": policy_version, "verdict_schema": SCHEMA_VERSION},
+        sort_keys=True, separators=(",", ":"),
     )
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:VERSIONS_KEY_LENGTH]
 
@@ -120,6 +126,9 @@ class NullDedupe:
         return True
 
     def release(self, sha256: str, owner: str) -> None:
+        return None
+
+    def renew(self, sha256s: list[str], owner: str) -> None:
         return None
 
     def put(self, sha256: str, versions_key: str, verdict: Verdict, phash: PerceptualHash | None) -> None:

@@ -18,6 +18,22 @@ class WorkerMetrics:
         )
         self.dedupe_hits = Counter("streamguard_dedupe_hits", "Dedupe hits by kind (exact, near, batch).",
                                    ["kind"], registry=r)
+        self.degraded_verdicts = Counter(
+            "streamguard_degraded_verdicts", "Verdicts judged without some failed detector (never cached).",
+            registry=r,
+        )
+        self.unknown_fields = Counter(
+            "streamguard_event_unknown_fields", "Event fields this version does not know, dropped on reading.",
+            registry=r,
+        )
+        self.unreadable_records = Counter(
+            "streamguard_unreadable_records", "Records the Kafka client could not read, skipped as dead letters.",
+            registry=r,
+        )
+        self.dedupe_cache_unreadable = Counter(
+            "streamguard_dedupe_cache_unreadable", "Cached verdicts this version cannot read, treated as misses.",
+            registry=r,
+        )
         self.dedupe_unavailable = Counter(
             "streamguard_dedupe_unavailable", "Records processed without dedupe because Redis was down.",
             registry=r,

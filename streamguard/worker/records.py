@@ -19,6 +19,12 @@ class InRecord:
     headers: tuple[tuple[str, bytes], ...]
     # Bumped on every revoke/assign of the partition: work from an older epoch is not committed.
     epoch: int = 0
+    # Set when the client could not read the record at all: why. Only topic, partition and offset are real.
+    unreadable: str | None = None
+
+    @property
+    def header_bytes(self) -> int:
+        return sum(len(name.encode("utf-8", "replace")) + len(value) for name, value in self.headers)
 
     @property
     def tp(self) -> TopicPartition:
@@ -36,3 +42,8 @@ class InRecord:
             headers=tuple((name, value or b"") for name, value in (record.headers or ())),
             epoch=epoch,
         )
+
+    @classmethod
+    def unreadable_at(cls, tp: TopicPartition, offset: int, epoch: int, reason: str) -> InRecord:
+        return cls(topic=tp.topic, partition=tp.partition, offset=offset, timestamp_ms=-1, key=None, value=None,
+                   headers=(), epoch=epoch, unreadable=reason)

@@ -2,7 +2,8 @@
 
 Bright images read as AI-generated, dark ones as real, so a test controls the verdict with the pixels it
 paints. It runs through the real in-process torch backend. The ``delay_s`` option makes each batch slow,
-so stream tests can kill a worker while work is in flight.
+so stream tests can kill a worker while work is in flight; ``fail_above`` makes a batch holding an image
+brighter than it fail (a detector error: the verdict is degraded).
 """
 
 from __future__ import annotations
@@ -16,19 +17,25 @@ from streamguard.backends.torch_inprocess import torch_loader
 
 
 class Brightness(torch.nn.Module):
-    def __init__(self, gain: float, delay_s: float = 0.0) -> None:
+    def __init__(self, gain: float, delay_s: float = 0.0, fail_above: float | None = None) -> None:
         super().__init__()
         self.gain = torch.nn.Parameter(torch.tensor(gain), requires_grad=False)
         self.delay_s = delay_s
+        self.fail_above = fail_above
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.delay_s:
             time.sleep(self.delay_s)
-        return self.gain * (x.mean(dim=(1, 2, 3)) - 0.5)
+        mean = x.mean(dim=(1, 2, 3))
+        if self.fail_above is not None and bool((mean > self.fail_above).any()):
+            raise RuntimeError(f"test fault: an image brighter than {self.fail_above}")
+        return self.gain * (mean - 0.5)
 
 
 def _build(ctx: LoadContext) -> torch.nn.Module:
-    return Brightness(float(ctx.options.get("gain", 10.0)), float(ctx.options.get("delay_s", 0.0)))
+    fail_above = ctx.options.get("fail_above")
+    return Brightness(float(ctx.options.get("gain", 10.0)), float(ctx.options.get("delay_s", 0.0)),
+                      None if fail_above is None else float(fail_above))
 
 
 @hookimpl
