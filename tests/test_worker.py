@@ -76,7 +76,7 @@ def test_poison_events_go_to_the_dead_letter_topic(topics: Topics, tmp_path: Pat
     uri_unreachable = ImageEvent(event_id="uri-unreachable", uri="http://unreachable.invalid/a.png")
     records = [
         ("bad-json", b'{"event_id": "bad-json", "image": ', [("sg-encoding", b"json")]),
-        ("schema", b'{"event_id": "schema", "image": "AAAA", "colour": "red"}', []),
+        ("schema", b'{"event_id": "schema", "image": "AAAA", "created_at": "yesterday"}', []),
         ("corrupt", truncated_jpeg(), [("sg-encoding", b"binary"), ("sg-event-id", b"corrupt")]),
         ("oversized", oversized, [("sg-encoding", b"binary"), ("sg-event-id", b"oversized")]),
         ("uri-unreachable", encode_event(uri_unreachable)[0], []),
@@ -97,7 +97,7 @@ def test_poison_events_go_to_the_dead_letter_topic(topics: Topics, tmp_path: Pat
     letters = {(d["original_partition"], d["original_offset"]): d for d in outcomes.dead_letters}
     reasons = {s.event_id: letters[(s.partition, s.offset)] for s in sent if s.event_id != "good"}
     assert reasons["bad-json"]["error_type"] == "SchemaError" and "JSON" in reasons["bad-json"]["message"]
-    assert reasons["schema"]["error_type"] == "SchemaError" and "colour" in reasons["schema"]["message"]
+    assert reasons["schema"]["error_type"] == "SchemaError" and "created_at" in reasons["schema"]["message"]
     assert reasons["corrupt"]["error_type"] == "CorruptImage"
     assert reasons["oversized"]["error_type"] == "RecordTooLarge"
     assert reasons["oversized"]["value_len"] == 0  # too big to repeat in the letter; the headers say so
@@ -224,6 +224,35 @@ def test_sigterm_drains_commits_and_exits_0(topics: Topics, tmp_path: Path) -> N
         assert sum(committed.values()) == len(finished)
     assert sum(committed.values()) > 0
     assert end_offsets(topics)
+
+
+def test_a_short_drain_budget_still_commits_everything_acknowledged(topics: Topics, tmp_path: Path) -> None:
+    """With the drain budget spent early, work finished after it (and acknowledged during shutdown) is
+    still committed: the restarted worker judges nothing twice."""
+    env = worker_env(topics, None, STREAMGUARD_DETECTORS__OPTIONS='{"brightness": {"delay_s": 0.02}}',
+                     STREAMGUARD_WORKER__DRAIN_TIMEOUT_S="0.05")
+    worker = WorkerProcess(env, tmp_path, "short-drain")
+    worker.wait_for_event("worker.partitions_assigned")
+    sent = produce(topics, image_events(_distinct_images(160, seed=17)))
+    deadline = time.monotonic() + 60
+    while len(read_outcomes(topics).verdicts) < 20:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(60) == 0
+    stopped = next(e for e in worker.events() if e["event"] == "worker.stopped")
+    assert stopped["drained"] is False  # the budget ran out with work in flight: the case under test
+    restarted = WorkerProcess(env, tmp_path, "after-drain")
+    try:
+        restarted.wait_for_event("worker.partitions_assigned")
+        outcomes = wait_for_outcomes(topics, sent)
+        time.sleep(2)  # time for redelivered duplicates, if any, to be judged
+        outcomes = read_outcomes(topics)
+    finally:
+        restarted.signal(signal.SIGTERM)
+        assert restarted.wait(60) == 0
+    ids = outcomes.verdict_ids()
+    assert len(ids) == len(set(ids)) == len(sent)
 
 
 def _get(port: int, path: str, ok: tuple[int, ...] = (200,)) -> str:
