@@ -148,7 +148,8 @@ class DeadLetter(_Record):
     event_id: str | None = None
     error_type: str = Field(description="Error class, e.g. CorruptImage, SchemaError, FetchError.")
     message: str
-    stage: str = Field(description="Pipeline stage that failed: parse, fetch, decode, detect, publish.")
+    stage: str = Field(description="Pipeline stage that failed: consume (the client could not read the record), "
+                       "parse, fetch, dedupe, decode, near_dedupe, detect, publish.")
     original_topic: str | None = None
     original_partition: int | None = None
     original_offset: int | None = None

@@ -64,6 +64,9 @@ def test_worker_survives_a_triton_restart(kafka: Service, tmp_path: Path) -> Non
         STREAMGUARD_TRITON__RETRY_BUDGET_S="2",
         STREAMGUARD_TRITON__BREAKER_RESET_S="1",
         STREAMGUARD_WORKER__OUTAGE_CHECK_S="0.3",
+        # A CLIP pass on a loaded 2-core machine can outlast the 10 s default: that would be a false outage.
+        STREAMGUARD_TRITON__REQUEST_TIMEOUT_S="40",
+        STREAMGUARD_DETECTORS__TIMEOUT_S="60",
     )
     worker = WorkerProcess(env, tmp_path)
     restarted = None

@@ -277,7 +277,9 @@ def test_content_leased_by_another_worker_is_not_scored_twice(topics: Topics, re
 
     contested, other = encode(solid(240), "PNG"), encode(solid(20), "PNG")
     sha = __import__("hashlib").sha256(contested).hexdigest()
-    store = RedisDedupe(DedupeSettings(namespace=topics.prefix), RedisSettings(url=_redis_url(redis_service)))
+    # A long lease stands for a live worker elsewhere that keeps renewing its own.
+    store = RedisDedupe(DedupeSettings(namespace=topics.prefix, lease_ms=300_000),
+                        RedisSettings(url=_redis_url(redis_service)))
     assert store.acquire(sha, "elsewhere")
     worker = WorkerProcess(worker_env(topics, _redis_url(redis_service)), tmp_path)
     try:
