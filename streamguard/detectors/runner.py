@@ -34,6 +34,7 @@ from streamguard.detectors.spec import (
     LoadContext,
     sigmoid,
 )
+from streamguard.extras import require
 from streamguard.schemas import DetectorScore
 
 log = structlog.get_logger(__name__)
@@ -98,6 +99,7 @@ class DetectorRunner:
 
     def _load(self) -> DetectorBackend:
         if self.backend_kind == "triton":
+            require("the Triton detector backend", "triton-client")
             from streamguard.backends.triton_grpc import TritonBackend
 
             model = self._triton.models.get(self.spec.name, self.spec.triton_model)

@@ -10,5 +10,6 @@
 - `recipe`: the configuration and the whole run; `artifacts`: the files a trained detector ships as.
 
 ``streamguard train pin-clip|mpft`` is thin over `recipe.train_detector`; the built-in plugins
-(`streamguard.builtin.pinclip`, `streamguard.builtin.mpft`) load what it writes through `artifacts`.
+(`streamguard.builtin.pinclip`, `streamguard.builtin.mpft`) register it through `streamguard.builtin.finetuned`
+(no torch) and load what it writes through `artifacts`.
 """

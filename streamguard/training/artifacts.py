@@ -10,22 +10,30 @@ Adapters made for another backbone are refused with the command that makes fitti
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
-import structlog
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from streamguard.backbone import ClipImageEncoder, load_backbone
-from streamguard.backends.torch_inprocess import torch_loader
+from streamguard.backbone import ClipImageEncoder
+# Re-exported: the files, the version and the spec live where the plugins can read them without torch.
+from streamguard.builtin.finetuned import (
+    CONTRACT,
+    HEAD_FILE,
+    LORA_FILE,
+    META_FILE,
+    TRAINING_FILE,
+    VERSION_PREFIX,
+    detector_spec,
+    detector_version,
+    has_weights,
+    weights_digest,
+    weights_dir,
+)
 from streamguard.builtin.univfd.model import LinearProbe
-from streamguard.config import Settings
-from streamguard.detectors.spec import Calibration, DetectorSpec, LoadContext
-from streamguard.intake.contract import InputContract
 from streamguard.training.lora import (
     FORMAT,
     LoraConfig,
@@ -36,32 +44,13 @@ from streamguard.training.lora import (
     merge_lora,
 )
 
-log = structlog.get_logger(__name__)
+__all__ = [
+    "CONTRACT", "HEAD_FILE", "LAYOUT_KEY", "LORA_FILE", "META_FILE", "TRAINING_FILE", "VERSION_PREFIX", "FineTunedClip",
+    "detector_spec", "detector_version", "has_weights", "load_detector", "save_detector", "weights_digest",
+    "weights_dir",
+]
 
-LORA_FILE = "lora.safetensors"
-HEAD_FILE = "head.safetensors"
-META_FILE = "meta.json"
-TRAINING_FILE = "training.json"
 LAYOUT_KEY = "streamguard_lora"
-# The served input; training prepares its images with the same contract (`data`).
-CONTRACT = InputContract(size=224, fit="resize")
-VERSION_PREFIX = 1  # bump when the served model's structure or preprocessing changes
-
-
-def has_weights(directory: Path) -> bool:
-    return (directory / LORA_FILE).is_file() and (directory / HEAD_FILE).is_file()
-
-
-def weights_digest(directory: Path) -> str:
-    """Changes whenever the adapters or the head change: part of the detector version, hence of dedupe keys."""
-    h = hashlib.sha256()
-    for name in (LORA_FILE, HEAD_FILE):
-        h.update((directory / name).read_bytes())
-    return h.hexdigest()[:10]
-
-
-def detector_version(name: str, directory: Path) -> str:
-    return f"{name}-{VERSION_PREFIX}+{weights_digest(directory)}"
 
 
 def save_detector(out: Path, weights: dict[str, dict[str, torch.Tensor]], lora: LoraConfig,
@@ -135,31 +124,3 @@ def load_detector(encoder: ClipImageEncoder, directory: Path, name: str) -> Fine
     load_lora_state(encoder.model, state)
     merge_lora(encoder.model)
     return FineTunedClip(encoder, probe.to(device))
-
-
-def detector_spec(name: str, directory: Path, settings: Settings, description: str) -> DetectorSpec | None:
-    """The plugin's `DetectorSpec`, or None (and one warning) while ``directory`` holds no trained weights."""
-    if not has_weights(directory):
-        log.warning("detector.weights_missing", detector=name, weights_dir=str(directory),
-                    hint=f"train them with `streamguard train {name} --out {directory}`, or set "
-                         f"detectors.options.{name}.weights_dir")
-        return None
-
-    def build(ctx: LoadContext) -> torch.nn.Module:
-        return load_detector(load_backbone(settings.backbone, ctx.device), directory, name)
-
-    return DetectorSpec(
-        name=name,
-        version=detector_version(name, directory),
-        load=torch_loader(build),
-        contract=CONTRACT,
-        calibration=Calibration.load(directory),
-        weights_dir=directory,
-        description=description,
-        triton_model=name,  # `streamguard triton build` names the model after the detector
-    )
-
-
-def weights_dir(settings: Settings, name: str, default: Path) -> Path:
-    """``detectors.options.<name>.weights_dir`` when set, else the shipped folder."""
-    return Path(settings.detectors.options.get(name, {}).get("weights_dir", default))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from streamguard.config import Settings
 from streamguard.hookspecs import hookimpl
-from streamguard.training.artifacts import detector_spec, weights_dir
+from streamguard.builtin.finetuned import detector_spec, weights_dir
 
 NAME = "pin-clip"
 WEIGHTS_DIR = Path(__file__).parent / "weights"

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-HEAD_FILE = "head.safetensors"
-META_FILE = "meta.json"
+# Re-exported: the file names and the version live where the plugin can read them without torch.
+from streamguard.builtin.univfd.files import HEAD_FILE, META_FILE, detector_version, weights_digest
+
+__all__ = ["HEAD_FILE", "META_FILE", "LinearProbe", "UnivFD", "build_univfd", "detector_version", "load_probe",
+           "save_probe", "weights_digest"]
 
 
 class LinearProbe(torch.nn.Module):
@@ -49,16 +51,6 @@ def load_probe(weights_dir: Path) -> tuple[LinearProbe, dict[str, object]]:
     meta_path = weights_dir / META_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     return probe.eval(), meta
-
-
-def weights_digest(weights_dir: Path) -> str:
-    """Changes whenever the head changes: part of the detector version, hence of dedupe keys."""
-    path = weights_dir / HEAD_FILE
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:10] if path.is_file() else "untrained"
-
-
-def detector_version(weights_dir: Path) -> str:
-    return f"univfd-1+{weights_digest(weights_dir)}"
 
 
 def build_univfd(encoder: torch.nn.Module, weights_dir: Path) -> UnivFD:

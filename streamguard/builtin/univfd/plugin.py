@@ -1,18 +1,23 @@
-"""Registers the built-in `univfd` detector (plugin name ``builtin-univfd``)."""
+"""Registers the built-in `univfd` detector (plugin name ``builtin-univfd``).
+
+Registering needs no torch (a worker judging on Triton has none): the model's modules are imported when
+the in-process backend loads it.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from streamguard.backbone import load_backbone
-from streamguard.backends.torch_inprocess import torch_loader
-from streamguard.builtin.univfd.model import build_univfd, detector_version
+from streamguard.backends.inprocess import inprocess_loader
+from streamguard.builtin.univfd.files import detector_version
 from streamguard.config import Settings
 from streamguard.detectors.spec import Calibration, DetectorSpec, LoadContext
 from streamguard.hookspecs import hookimpl
 from streamguard.intake.contract import InputContract
+
+if TYPE_CHECKING:
+    import torch
 
 NAME = "univfd"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -28,13 +33,16 @@ def register_detectors(register, settings: Settings) -> None:  # type: ignore[no
     directory = weights_dir(settings)
 
     def build(ctx: LoadContext) -> torch.nn.Module:
+        from streamguard.backbone import load_backbone
+        from streamguard.builtin.univfd.model import build_univfd
+
         return build_univfd(load_backbone(settings.backbone, ctx.device), directory)
 
     register(
         DetectorSpec(
             name=NAME,
             version=detector_version(directory),
-            load=torch_loader(build),
+            load=inprocess_loader(build),
             contract=InputContract(size=224, fit="resize"),
             calibration=Calibration.load(directory),
             weights_dir=directory,
