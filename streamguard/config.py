@@ -6,6 +6,7 @@ one named by ``--config`` or ``STREAMGUARD_CONFIG``; without either, none is rea
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -83,10 +84,61 @@ class DetectorSettings(_Section):
         return self.backend_overrides.get(detector, self.backend)
 
 
+def _empty_is_none(value: Any) -> Any:
+    # An environment variable cannot say null, and charts template unset values as "".
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+def _check_file(section: str, name: str, path: Path) -> None:
+    if not path.is_file():
+        raise ValueError(f"{section}.{name}: no such file: {path}")
+
+
+def _grpc_target(url: str) -> str:
+    """A comma-separated list of IP:port becomes gRPC's ``ipv4:a:p,b:p`` (or ``ipv6:[a]:p,...``) target: one
+    channel over every address, balanced round robin. Anything else (host:port, dns:///name:port, ipv4:...)
+    is already a target."""
+    scheme = url.split(":", 1)[0]
+    if scheme in ("ipv4", "ipv6", "unix", "unix-abstract") or (":/" in url and scheme != "dns"):
+        return url
+    if "," not in url:
+        # gRPC would quietly take port 443 for a name without one (dns:///triton): Triton serves on 8001.
+        host, _, port = url.rpartition("/")[2].rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"triton.url {url!r} needs a port: host:port or dns:///name:port")
+        return url
+    families = set()
+    for address in url.split(","):
+        host, _, port = address.strip().rpartition(":")
+        try:
+            families.add(ipaddress.ip_address(host.strip("[]")).version)
+        except ValueError:
+            families.add(None)
+        if not port.isdigit() or not host:
+            families.add(None)
+    if families == {4}:
+        return f"ipv4:{url}"
+    if families == {6}:
+        return f"ipv6:{url}"
+    raise ValueError(f"triton.url {url!r}: a list must be IP:port addresses of one family (10.0.0.5:8001,"
+                     "10.0.0.6:8001 or [fd00::5]:8001,[fd00::6]:8001); for names use dns:///name:port, which "
+                     "spreads over every address the name resolves to")
+
+
 class TritonSettings(_Section):
     """The Triton backend: how the worker talks to the model server (gRPC, asyncio)."""
 
-    url: str = Field("127.0.0.1:8001", description="Triton's gRPC address, host:port.")
+    url: str = Field(
+        "127.0.0.1:8001", description="Triton's gRPC target. host:port; dns:///name:port to spread requests over "
+        "every address the name resolves to (a headless Service: one address per Triton pod); or a list of "
+        "addresses, 10.0.0.5:8001,10.0.0.6:8001 (gRPC's ipv4:/ipv6: targets are accepted as they are). Requests "
+        "go round robin over all the addresses that answer.")
+    ssl: bool = Field(False, description="Talk to Triton over TLS (Triton's --grpc-use-ssl).")
+    root_certificates: Path | None = Field(
+        None, description="PEM file of the CA(s) that signed Triton's certificate; unset: the system's roots.")
+    private_key: Path | None = Field(None, description="PEM private key of this client, for mutual TLS.")
+    certificate_chain: Path | None = Field(
+        None, description="PEM certificate chain of this client, for mutual TLS (with private_key).")
     models: dict[str, str] = Field(
         default_factory=dict, description="Triton model name per detector, where it differs from the detector's own."
     )
@@ -105,11 +157,43 @@ class TritonSettings(_Section):
     breaker_reset_s: float = Field(5.0, gt=0, description="How long an open breaker answers without asking Triton.")
     ready_cache_s: float = Field(1.0, ge=0, description="How long a model-readiness answer is reused.")
 
+    @field_validator("root_certificates", "private_key", "certificate_chain", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return _empty_is_none(value)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        url = ",".join(part.strip() for part in url.split(","))  # "a:1, b:1" as written in a values file
+        if not url or any(ch.isspace() for ch in url):
+            raise ValueError(f"triton.url {url!r} is not a gRPC target")
+        _grpc_target(url)  # raises on a list it cannot express
+        return url
+
     @model_validator(mode="after")
     def _check_backoff(self) -> TritonSettings:
         if self.backoff_max_s < self.backoff_initial_s:
             raise ValueError("backoff_max_s must be at least backoff_initial_s")
         return self
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> TritonSettings:
+        files = {"root_certificates": self.root_certificates, "private_key": self.private_key,
+                 "certificate_chain": self.certificate_chain}
+        for name, path in files.items():
+            if path is not None:
+                _check_file("triton", name, path)
+                if not self.ssl:
+                    raise ValueError(f"triton.{name} is set but triton.ssl is false: the connection would not use "
+                                     "TLS; set triton.ssl = true")
+        if (self.private_key is None) != (self.certificate_chain is None):
+            raise ValueError("triton.private_key and triton.certificate_chain go together (mutual TLS): set both")
+        return self
+
+    def grpc_target(self) -> str:
+        """`url` as gRPC spells it: a list of addresses becomes an ``ipv4:``/``ipv6:`` target."""
+        return _grpc_target(self.url)
 
 
 # Chosen by leave-one-source-out validation of the shipped detectors (`streamguard train loso`, see
@@ -150,12 +234,68 @@ class PolicySettings(_Section):
         return self
 
 
+def _str_or_none(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+class FileTokenProvider:
+    """kafka-python's OAUTHBEARER token provider (``sasl_oauth_token_provider``) that reads the token from a file
+    at every authentication: Kubernetes projected service-account tokens and token-refreshing sidecars replace
+    the file before the old token expires, and each new broker connection then presents the current one.
+
+    Registered as a virtual subclass of kafka-python's ``AbstractTokenProvider`` on first use (the Kafka client
+    checks ``isinstance``), so importing the configuration does not import kafka-python. The token is never
+    logged and never part of the repr."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        _register_token_provider()
+
+    def token(self) -> str:
+        try:
+            token = self.path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise OSError(f"kafka OAUTHBEARER token file {self.path}: {exc.strerror or exc}") from None
+        if not token:
+            raise ValueError(f"kafka OAUTHBEARER token file {self.path} is empty")
+        return token
+
+    def extensions(self) -> dict[str, str]:
+        return {}
+
+    def __repr__(self) -> str:
+        return f"FileTokenProvider({str(self.path)!r})"
+
+
+def _register_token_provider() -> None:
+    try:
+        from kafka.net.sasl.oauth import AbstractTokenProvider  # kafka-python 3.x
+    except ImportError:  # pragma: no cover - kafka-python 2.x spelling
+        from kafka.sasl.oauth import AbstractTokenProvider  # type: ignore[import-not-found,no-redef]
+    if not issubclass(FileTokenProvider, AbstractTokenProvider):
+        AbstractTokenProvider.register(FileTokenProvider)
+
+
 class KafkaSettings(_Section):
     bootstrap_servers: str = "127.0.0.1:9092"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: str | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
+    client_id: str = Field("streamguard", description="Sent with every request: broker logs, quotas and ACLs see it.")
+    # TLS (security_protocol SSL or SASL_SSL). Files are read when a client connects.
+    ssl_cafile: Path | None = Field(
+        None, description="PEM file of the CA(s) that signed the brokers' certificates; unset: the system's roots.")
+    ssl_certfile: Path | None = Field(
+        None, description="PEM client certificate, for mutual TLS (may hold the key too).")
+    ssl_keyfile: Path | None = Field(None, description="PEM private key of ssl_certfile, when kept apart.")
+    ssl_password: SecretStr | None = Field(None, description="Password of an encrypted ssl_keyfile.")
+    ssl_check_hostname: bool = Field(
+        True, description="Check that a broker's certificate names the host connected to.")
+    # SASL (security_protocol SASL_PLAINTEXT or SASL_SSL).
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
+    sasl_username: str | None = Field(None, description="PLAIN and SCRAM.")
+    sasl_password: SecretStr | None = Field(None, description="PLAIN and SCRAM.")
+    sasl_oauth_token_file: Path | None = Field(
+        None, description="OAUTHBEARER: a file holding the bearer token, read again at every authentication, so a "
+        "token Kubernetes projects and rotates (or a sidecar refreshes) is always the current one.")
     # Off by default: the worker's bytes are mostly dead-letter images, already compressed (JPEG, PNG,
     # WebP), and small verdicts; a codec would cost CPU the detectors want, and would oblige every reader of
     # the verdicts to have the codec library (a missing one kills a kafka-python consumer). Records read
@@ -175,14 +315,82 @@ class KafkaSettings(_Section):
         # Kafka and librdkafka spell "off" as "none"; an environment variable cannot say null.
         return None if isinstance(value, str) and value.strip().lower() in ("none", "") else value
 
+    @field_validator("sasl_mechanism", mode="before")
+    @classmethod
+    def _mechanism(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip().upper()  # kafka-python knows only the upper-case names
+            return None if value in ("", "NONE") else value
+        return value
+
+    @field_validator("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password", "sasl_username", "sasl_password",
+                     "sasl_oauth_token_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return _empty_is_none(value)
+
+    @model_validator(mode="after")
+    def _check_security(self) -> KafkaSettings:
+        tls = self.security_protocol in ("SSL", "SASL_SSL")
+        sasl = self.security_protocol in ("SASL_PLAINTEXT", "SASL_SSL")
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            if path is not None:
+                _check_file("kafka", name, path)
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password"):
+            if getattr(self, name) is not None and not tls:
+                raise ValueError(f"kafka.{name} is set but kafka.security_protocol is {self.security_protocol}: "
+                                 "the connection would not use TLS; use SSL or SASL_SSL")
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            raise ValueError("kafka.ssl_keyfile needs kafka.ssl_certfile, the certificate it belongs to")
+        if self.ssl_password is not None and self.ssl_certfile is None:
+            raise ValueError("kafka.ssl_password decrypts the client key, but kafka.ssl_certfile is not set")
+
+        mechanism = self.sasl_mechanism
+        if sasl and mechanism is None:
+            raise ValueError(f"kafka.security_protocol {self.security_protocol} needs kafka.sasl_mechanism "
+                             "(PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER)")
+        if mechanism is not None and not sasl:
+            raise ValueError(f"kafka.sasl_mechanism {mechanism} is set but kafka.security_protocol is "
+                             f"{self.security_protocol}: use SASL_SSL (or SASL_PLAINTEXT)")
+        if mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+            missing = [f"kafka.{name}" for name in ("sasl_username", "sasl_password") if getattr(self, name) is None]
+            if missing:
+                raise ValueError(f"kafka.sasl_mechanism {mechanism} needs {' and '.join(missing)}")
+            if self.sasl_oauth_token_file is not None:
+                raise ValueError(f"kafka.sasl_oauth_token_file is for OAUTHBEARER, not {mechanism}")
+        if mechanism == "OAUTHBEARER":
+            if self.sasl_oauth_token_file is None:
+                raise ValueError("kafka.sasl_mechanism OAUTHBEARER needs kafka.sasl_oauth_token_file")
+            _check_file("kafka", "sasl_oauth_token_file", self.sasl_oauth_token_file)
+            if self.sasl_username is not None or self.sasl_password is not None:
+                raise ValueError("kafka.sasl_username and kafka.sasl_password are not used by OAUTHBEARER, which "
+                                 "reads its token from kafka.sasl_oauth_token_file; unset them")
+        if mechanism is None and self.sasl_oauth_token_file is not None:
+            raise ValueError("kafka.sasl_oauth_token_file is set but kafka.sasl_mechanism is not OAUTHBEARER")
+        return self
+
     def client_config(self) -> dict[str, Any]:
         """Connection settings shared by every kafka-python client (consumer, producer, admin)."""
         config: dict[str, Any] = {
             "bootstrap_servers": self.bootstrap_servers,
             "security_protocol": self.security_protocol,
+            "client_id": self.client_id,
             "bootstrap_timeout_ms": int(self.bootstrap_timeout_s * 1000),
         }
-        if self.sasl_mechanism:
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            config |= {
+                "ssl_check_hostname": self.ssl_check_hostname,
+                "ssl_cafile": _str_or_none(self.ssl_cafile),
+                "ssl_certfile": _str_or_none(self.ssl_certfile),
+                "ssl_keyfile": _str_or_none(self.ssl_keyfile),
+                "ssl_password": self.ssl_password.get_secret_value() if self.ssl_password else None,
+            }
+        if self.sasl_mechanism == "OAUTHBEARER":
+            assert self.sasl_oauth_token_file is not None  # checked by _check_security
+            config |= {"sasl_mechanism": "OAUTHBEARER",
+                       "sasl_oauth_token_provider": FileTokenProvider(self.sasl_oauth_token_file)}
+        elif self.sasl_mechanism:
             config |= {
                 "sasl_mechanism": self.sasl_mechanism,
                 "sasl_plain_username": self.sasl_username,
@@ -192,9 +400,41 @@ class KafkaSettings(_Section):
 
 
 class RedisSettings(_Section):
-    url: str = "redis://127.0.0.1:6379/0"
+    url: str = Field("redis://127.0.0.1:6379/0", description="redis://, or rediss:// for TLS.")
     socket_timeout_s: float = Field(0.5, gt=0, description="Per Redis command; dedupe must never stall the stream.")
     retry_interval_s: float = Field(1.0, gt=0, description="While Redis is down, how often to try it again.")
+    ssl_ca_certs: Path | None = Field(
+        None, description="rediss://: PEM file of the CA(s) that signed Redis's certificate; unset: the system's "
+        "roots.")
+    ssl_certfile: Path | None = Field(None, description="rediss://: PEM client certificate, for mutual TLS.")
+    ssl_keyfile: Path | None = Field(None, description="rediss://: PEM private key of ssl_certfile.")
+
+    @field_validator("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return _empty_is_none(value)
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> RedisSettings:
+        scheme = urlsplit(self.url).scheme.lower()
+        for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            if path is None:
+                continue
+            _check_file("redis", name, path)
+            if scheme != "rediss":
+                # The scheme only, never the URL: it may carry a password.
+                raise ValueError(f"redis.{name} is set but redis.url is {scheme}://, not rediss://: the connection "
+                                 "would not use TLS")
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            raise ValueError("redis.ssl_keyfile needs redis.ssl_certfile, the certificate it belongs to")
+        return self
+
+    def tls_options(self) -> dict[str, str]:
+        """redis-py's TLS keyword arguments for ``Redis.from_url`` (only those set)."""
+        options = {"ssl_ca_certs": self.ssl_ca_certs, "ssl_certfile": self.ssl_certfile,
+                   "ssl_keyfile": self.ssl_keyfile}
+        return {name: str(path) for name, path in options.items() if path is not None}
 
     @field_serializer("url")
     def _redact_password(self, url: str) -> str:
@@ -329,6 +569,8 @@ class Settings(BaseSettings):
         env_prefix="STREAMGUARD_",
         env_nested_delimiter="__",
         extra="forbid",
+        # A validation error would otherwise quote the raw input, a Redis URL's password included.
+        hide_input_in_errors=True,
         # Set per instance by `load_settings`; None means no file.
         toml_file=None,
     )

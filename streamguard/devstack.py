@@ -92,6 +92,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _free_port_on(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
 def _package_binary(package: str, relative: str) -> Path | None:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -143,13 +150,18 @@ def _wait_for_port(service: Service, timeout_s: float) -> None:
     raise ServiceError(f"{service.name} did not listen on {service.port} within {timeout_s:g}s")
 
 
-def start_kafka(workdir: Path, port: int | None = None, timeout_s: float = 30.0) -> Service:
-    """Tansu with in-memory storage: fast, and empty on every start."""
+def start_kafka(workdir: Path, port: int | None = None, timeout_s: float = 30.0,
+                advertised_port: int | None = None) -> Service:
+    """Tansu with in-memory storage: fast, and empty on every start.
+
+    ``advertised_port``: the port the broker tells clients to use instead of its own, for a TLS-terminating
+    proxy in front of it (Tansu 0.6 cannot serve TLS itself: its --cert and --key options exclude each other)."""
     port = port or free_port()
     url = f"tcp://127.0.0.1:{port}"
+    advertised = f"tcp://127.0.0.1:{advertised_port}" if advertised_port else url
     service = _spawn(
         "kafka",
-        [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+        [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", advertised,
          "--storage-engine", "memory://tansu/"],
         workdir, port,
     )
@@ -259,6 +271,17 @@ def triton_paths(python_version: str | None = None) -> TritonPaths:
     return paths
 
 
+@dataclass(frozen=True)
+class GrpcTls:
+    """TLS for Triton's gRPC endpoint: the server's PEM certificate and key, and the CA that signed the clients'
+    certificates when ``mutual`` (then a client without one is refused)."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+    mutual: bool = False
+
+
 @dataclass
 class TritonService(Service):
     """Triton on loopback; `port` is the HTTP port."""
@@ -266,6 +289,9 @@ class TritonService(Service):
     grpc_port: int = 0
     metrics_port: int = 0
     models: list[str] = field(default_factory=list)
+    # Another loopback address (127.0.0.2, ::1) lets two servers share a gRPC port, as pods behind one name do.
+    grpc_host: str = "127.0.0.1"
+    grpc_tls: bool = False
 
     @property
     def http_url(self) -> str:
@@ -273,7 +299,8 @@ class TritonService(Service):
 
     @property
     def grpc_address(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        host = f"[{self.grpc_host}]" if ":" in self.grpc_host else self.grpc_host
+        return f"{host}:{self.grpc_port}"
 
     @property
     def metrics_url(self) -> str:
@@ -324,7 +351,8 @@ def _triton_env(paths: TritonPaths) -> dict[str, str]:
 
 def triton_command(paths: TritonPaths, backends: Path, model_repository: Path, models: Sequence[str],
                    http_port: int, grpc_port: int, metrics_port: int,
-                   auto_complete_config: bool = False) -> list[str]:
+                   auto_complete_config: bool = False, grpc_host: str = "127.0.0.1",
+                   grpc_tls: GrpcTls | None = None) -> list[str]:
     argv = [
         str(paths.binary),
         "--model-repository", str(model_repository.resolve()),
@@ -333,12 +361,18 @@ def triton_command(paths: TritonPaths, backends: Path, model_repository: Path, m
         "--model-control-mode", "explicit",
         "--strict-readiness", "true",
         "--http-address", "127.0.0.1", "--http-port", str(http_port),
-        "--grpc-address", "127.0.0.1", "--grpc-port", str(grpc_port),
+        "--grpc-address", grpc_host, "--grpc-port", str(grpc_port),
         "--metrics-address", "127.0.0.1", "--metrics-port", str(metrics_port),
         # No GPU here: DCGM's failing start costs ~1.5 s and only logs errors.
         "--allow-gpu-metrics", "false",
         "--exit-timeout-secs", "5",
     ]
+    if grpc_tls is not None:
+        argv += ["--grpc-use-ssl-mutual" if grpc_tls.mutual else "--grpc-use-ssl", "true",
+                 "--grpc-server-cert", str(Path(grpc_tls.cert).resolve()),
+                 "--grpc-server-key", str(Path(grpc_tls.key).resolve())]
+        if grpc_tls.ca is not None:
+            argv += ["--grpc-root-cert", str(Path(grpc_tls.ca).resolve())]
     if not auto_complete_config:
         # Our configs are complete; auto-complete starts an extra Python stub per model (~1.2 s of ~1.6 s).
         argv.append("--disable-auto-complete-config")
@@ -370,21 +404,26 @@ def _log_tail(path: str, lines: int = 10) -> str:
 
 def start_triton(workdir: Path, model_repository: Path, models: Sequence[str], http_port: int | None = None,
                  grpc_port: int | None = None, metrics_port: int | None = None,
-                 timeout_s: float = 120.0, auto_complete_config: bool = False) -> TritonService:
-    """Start tritonserver from the nvidia-pytriton wheel, load `models`, and wait until /v2/health/ready."""
+                 timeout_s: float = 120.0, auto_complete_config: bool = False, grpc_host: str = "127.0.0.1",
+                 grpc_tls: GrpcTls | None = None) -> TritonService:
+    """Start tritonserver from the nvidia-pytriton wheel, load `models`, and wait until /v2/health/ready.
+
+    ``grpc_host`` is the address gRPC listens on (HTTP and metrics stay on 127.0.0.1); ``grpc_tls`` serves
+    gRPC over TLS (HTTP, which the readiness check uses, stays plain)."""
     paths = triton_paths()
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     backends = _prepare_triton_backends(paths, workdir)
     http_port = http_port or free_port()
-    grpc_port = grpc_port or free_port()
     metrics_port = metrics_port or free_port()
+    grpc_port = grpc_port or _free_port_on(grpc_host)
     argv = triton_command(paths, backends, model_repository, models, http_port, grpc_port, metrics_port,
-                          auto_complete_config)
+                          auto_complete_config, grpc_host, grpc_tls)
     spawned = _spawn("triton", argv, workdir, http_port, _triton_env(paths))
     pid, log_path = spawned.pid, spawned.log_path
     service = TritonService(name="triton", pid=pid, port=http_port, log_path=log_path,
-                            grpc_port=grpc_port, metrics_port=metrics_port, models=list(models))
+                            grpc_port=grpc_port, metrics_port=metrics_port, models=list(models),
+                            grpc_host=grpc_host, grpc_tls=grpc_tls is not None)
     ready = f"{service.http_url}/v2/health/ready"
     started = time.monotonic()
     deadline = started + timeout_s

@@ -16,10 +16,12 @@ error and becomes an error score. A breaker per model stops the retrying once an
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import threading
 import time
 from collections.abc import Coroutine, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -65,11 +67,19 @@ def is_unavailable(exc: BaseException) -> bool:
     return any(fragment in message for fragment in _UNAVAILABLE_MESSAGES)
 
 
+# Round robin over every address the target resolves to: a dns:/// name of a headless Service (one address
+# per Triton pod) or a list of addresses. gRPC's default, pick_first, would send everything to one server.
+# Addresses that do not answer are skipped until they reconnect. gRPC resolves the name again when a
+# connection drops (a pod went away), not on a timer: a pod added later is used from the next re-resolution.
+SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+
+
 def channel_args() -> list[tuple[str, Any]]:
-    """tritonclient's defaults plus a short reconnect backoff: gRPC's default grows to two minutes, which
-    would keep a worker paused long after Triton came back."""
+    """tritonclient's defaults, round-robin balancing, and a short reconnect backoff: gRPC's default grows to
+    two minutes, which would keep a worker paused long after Triton came back."""
     # Keepalive as tritonclient sets it: Triton answers more frequent pings with GOAWAY "too_many_pings".
     return [
+        ("grpc.service_config", SERVICE_CONFIG),
         ("grpc.max_send_message_length", 2**31 - 1),
         ("grpc.max_receive_message_length", 2**31 - 1),
         ("grpc.keepalive_time_ms", 2**31 - 1),
@@ -103,7 +113,8 @@ class TritonBackend:
         self._thread.start()
         self._client = self._run(self._connect(), timeout=10)
         self._slots = asyncio.Semaphore(settings.max_requests_in_flight)
-        log.info("triton.backend_created", model=model, url=settings.url)
+        log.info("triton.backend_created", model=model, url=settings.url, tls=settings.ssl,
+                 mutual_tls=settings.certificate_chain is not None)
 
     # -- DetectorBackend ------------------------------------------------------------------------------
 
@@ -166,7 +177,16 @@ class TritonBackend:
     async def _connect(self) -> Any:
         from tritonclient.grpc.aio import InferenceServerClient
 
-        return InferenceServerClient(self._settings.url, channel_args=channel_args())
+        settings = self._settings
+        # tritonclient reads the PEM files here, once: a rotated certificate is used by the next backend.
+        return InferenceServerClient(
+            settings.grpc_target(),
+            ssl=settings.ssl,
+            root_certificates=_path(settings.root_certificates),
+            private_key=_path(settings.private_key),
+            certificate_chain=_path(settings.certificate_chain),
+            channel_args=channel_args(),
+        )
 
     async def _probe(self) -> bool:
         timeout = min(2.0, self._settings.request_timeout_s)
@@ -252,6 +272,10 @@ class TritonBackend:
     def _mark_unready(self) -> None:
         with self._ready_lock:
             self._ready, self._ready_at = False, time.monotonic()
+
+
+def _path(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 def _describe(exc: BaseException) -> str:

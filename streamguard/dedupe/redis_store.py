@@ -123,6 +123,8 @@ class RedisDedupe:
             socket_connect_timeout=redis.socket_timeout_s,
             retry=Retry(NoBackoff(), 0),
             decode_responses=True,
+            # rediss:// URLs: the CA to verify the server with, and a client certificate for mutual TLS.
+            **redis.tls_options(),
         )
         self._release_script = self._client.register_script(_RELEASE_LUA)
         self._renew_script = self._client.register_script(_RENEW_LUA)
