@@ -1,15 +1,29 @@
-"""Guards for deploy/: the Helm chart and the image, checked against the package without a helm binary.
+"""Guards for deploy/: the Helm chart, the images, and what the tools say about them.
 
-No template is rendered here. The checks read values.yaml and Chart.yaml as YAML and the templates as
-text, and compare them with what the worker really reads (`streamguard.config`) and serves
-(`streamguard.worker.health`): a misspelt `.Values` path, a `STREAMGUARD_*` variable the worker does
-not have, a probe on the wrong path or port, a grace period shorter than the drain.
+Two kinds of checks. The first read values.yaml, Chart.yaml and the templates as text and compare them
+with what the worker really reads (`streamguard.config`) and serves (`streamguard.worker.health`): a
+misspelt `.Values` path, a `STREAMGUARD_*` variable the worker does not have, a probe on the wrong path or
+port, a grace period shorter than the drain.
+
+The second run the real tools, installed by scripts/install_deploy_tools.sh (pinned, checksummed; the
+session fixture runs it, and a missing tool fails the tests, never skips them): `helm lint --strict` and
+`helm template` (helm 4) for each configuration in CONFIGS, every rendered manifest validated against the
+Kubernetes 1.29 and 1.33 schemas (kubernetes-validate, strict: unknown fields fail) and the KEDA and
+prometheus-operator CRD schemas, checkov once over every rendering and the Dockerfiles, hadolint on each
+Dockerfile, and the rendered worker environment loaded by the worker's own `Settings`.
 """
 
 from __future__ import annotations
 
+import copy
+import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -319,7 +333,747 @@ def test_replicas_are_capped_by_partitions() -> None:
     assert tree["replicaCount"] <= tree["worker"]["inputTopicPartitions"]
 
 
-@pytest.mark.parametrize("name", ["pdb.yaml", "servicemonitor.yaml", "scaledobject.yaml"])
+@pytest.mark.parametrize(
+    "name", ["pdb.yaml", "servicemonitor.yaml", "scaledobject.yaml", "networkpolicy-worker.yaml"]
+)
 def test_optional_resources_are_conditional(name: str) -> None:
     first = template_text(name).lstrip().splitlines()[0]
     assert re.match(r"\{\{-? if .*\.Values\.\w+\.enabled", first), name
+
+
+# == the real tools ======================================================================================
+#
+# scripts/install_deploy_tools.sh installs them (idempotent; a second run takes a second). Everything below
+# renders the chart with helm for each configuration and hands the manifests to the validators.
+
+INSTALL_SCRIPT = ROOT / "scripts" / "install_deploy_tools.sh"
+TOOLS_DIR = ROOT / ".cache" / "deploy-tools"
+CI_VALUES = CHART / "ci"
+RELEASE, NAMESPACE = "sg", "streamguard"
+# The oldest Kubernetes still commonly run and a current one; the chart must render valid for both.
+KUBE_VERSIONS = ("1.29.0", "1.33.0")
+# Configuration name -> values file under the chart's ci/ (None: the chart's defaults).
+CONFIGS: dict[str, str | None] = {
+    "default": None,
+    "triton-gpu": "triton-gpu-values.yaml",
+    "keda-servicemonitor": "keda-servicemonitor-values.yaml",
+    "tls-sasl": "tls-sasl-values.yaml",
+    "oauthbearer": "oauthbearer-values.yaml",
+    "inprocess": "inprocess-values.yaml",
+}
+DOCKERFILES = ("Dockerfile", "Dockerfile.inprocess", "Dockerfile.triton")
+# Secret mounts of the worker's and Triton's pods: the settings that name files point under these.
+SECRET_ROOT = "/etc/streamguard/"
+
+
+@dataclass(frozen=True)
+class Tools:
+    helm: Path
+    checkov: Path
+    hadolint: Path
+    crd_schemas: dict[tuple[str, str], dict[str, Any]]
+
+
+@pytest.fixture(scope="session")
+def tools() -> Tools:
+    """Install (or find installed) the pinned tools; a missing or broken tool fails, it never skips."""
+    env = dict(os.environ, PROJECT_PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(INSTALL_SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    if proc.returncode != 0:
+        pytest.fail(f"{INSTALL_SCRIPT.name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    found = Tools(
+        helm=TOOLS_DIR / "bin" / "helm",
+        checkov=TOOLS_DIR / "venv" / "bin" / "checkov",
+        hadolint=TOOLS_DIR / "venv" / "bin" / "hadolint",
+        crd_schemas={},
+    )
+    for tool in (found.helm, found.checkov, found.hadolint):
+        assert os.access(tool, os.X_OK), f"{tool} missing after {INSTALL_SCRIPT.name}"
+    for path in sorted((TOOLS_DIR / "crd-schemas").glob("*.json")):
+        schema = json.loads(path.read_text())
+        props = schema["properties"]
+        found.crd_schemas[(props["apiVersion"]["const"], props["kind"]["const"])] = schema
+    assert set(found.crd_schemas) == {
+        ("keda.sh/v1alpha1", "ScaledObject"),
+        ("keda.sh/v1alpha1", "TriggerAuthentication"),
+        ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    }
+    return found
+
+
+def helm(tools: Tools, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([str(tools.helm), *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, HELM_CACHE_HOME=str(TOOLS_DIR / "helm-cache"),
+                                   HELM_CONFIG_HOME=str(TOOLS_DIR / "helm-config"),
+                                   HELM_DATA_HOME=str(TOOLS_DIR / "helm-data")))
+    if check and proc.returncode != 0:
+        pytest.fail(f"helm {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def values_args(config: str) -> list[str]:
+    name = CONFIGS[config]
+    return ["-f", str(CI_VALUES / name)] if name else []
+
+
+def template(tools: Tools, config: str, kube_version: str = KUBE_VERSIONS[-1], *extra: str,
+             check: bool = True) -> subprocess.CompletedProcess[str]:
+    return helm(tools, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version", kube_version,
+                *values_args(config), *extra, check=check)
+
+
+@pytest.fixture(scope="session")
+def rendered(tools: Tools) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Every configuration rendered for every Kubernetes version, once per session."""
+    out = {}
+    for config in CONFIGS:
+        for version in KUBE_VERSIONS:
+            docs = [d for d in yaml.safe_load_all(template(tools, config, version).stdout) if d]
+            assert docs, (config, version)
+            out[(config, version)] = docs
+    return out
+
+
+def manifests(rendered: dict[tuple[str, str], list[dict[str, Any]]], config: str) -> list[dict[str, Any]]:
+    return rendered[(config, KUBE_VERSIONS[-1])]
+
+
+def find(docs: list[dict[str, Any]], kind: str, name_suffix: str = "") -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(name_suffix)]
+    assert len(found) == 1, f"{len(found)} {kind} named *{name_suffix}: {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def kinds(docs: list[dict[str, Any]]) -> list[str]:
+    return sorted(f"{d['kind']}/{d['metadata']['name']}" for d in docs)
+
+
+def worker(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return find(docs, "Deployment", "streamguard")
+
+
+def triton(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return find(docs, "Deployment", "-triton")
+
+
+def container(deployment: dict[str, Any], name: str | None = None) -> dict[str, Any]:
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    return containers[0] if name is None else next(c for c in containers if c["name"] == name)
+
+
+def worker_env(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The worker container's environment: the ConfigMap (envFrom) overlaid with env (value or valueFrom)."""
+    env: dict[str, Any] = dict(find(docs, "ConfigMap")["data"])
+    for entry in container(worker(docs)).get("env", []):
+        env[entry["name"]] = entry.get("value", entry.get("valueFrom"))
+    return env
+
+
+# -- helm -------------------------------------------------------------------------------------------------
+
+
+def test_helm_is_helm_4(tools: Tools) -> None:
+    assert helm(tools, "version", "--template", "{{.Version}}").stdout.strip() == "v4.1.4"
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_helm_lint_strict(tools: Tools, config: str) -> None:
+    proc = helm(tools, "lint", "--strict", str(CHART), "--namespace", NAMESPACE, *values_args(config))
+    assert "0 chart(s) failed" in proc.stdout, proc.stdout
+
+
+def test_every_configuration_renders_what_it_should(rendered: dict[tuple[str, str], list[dict[str, Any]]]) -> None:
+    expected = {
+        "default": ["ConfigMap", "Deployment", "Deployment", "NetworkPolicy", "NetworkPolicy",
+                    "PodDisruptionBudget", "PodDisruptionBudget", "Service", "Service", "ServiceAccount"],
+        "triton-gpu": ["ConfigMap", "Deployment", "Deployment", "NetworkPolicy", "NetworkPolicy",
+                       "PodDisruptionBudget", "PodDisruptionBudget", "Service", "Service", "ServiceAccount"],
+        "keda-servicemonitor": ["ConfigMap", "Deployment", "Deployment", "NetworkPolicy", "NetworkPolicy",
+                                "PodDisruptionBudget", "PodDisruptionBudget", "ScaledObject", "Service", "Service",
+                                "ServiceAccount", "ServiceMonitor", "ServiceMonitor"],
+        "tls-sasl": ["ConfigMap", "Deployment", "Deployment", "NetworkPolicy", "NetworkPolicy", "PodDisruptionBudget",
+                     "PodDisruptionBudget", "ScaledObject", "Secret", "Service", "Service", "ServiceAccount",
+                     "TriggerAuthentication"],
+        "oauthbearer": ["ConfigMap", "Deployment", "Deployment", "NetworkPolicy", "NetworkPolicy",
+                        "PodDisruptionBudget", "PodDisruptionBudget", "ScaledObject", "Secret", "Service", "Service",
+                        "ServiceAccount", "TriggerAuthentication"],
+        "inprocess": ["ConfigMap", "Deployment", "NetworkPolicy", "PodDisruptionBudget", "ScaledObject", "Service",
+                      "ServiceAccount", "ServiceMonitor"],
+    }
+    assert set(expected) == set(CONFIGS)
+    for (config, version), docs in rendered.items():
+        assert sorted(d["kind"] for d in docs) == expected[config], (config, version, kinds(docs))
+        for doc in docs:  # namespaced, labelled as one release
+            assert doc["metadata"]["namespace"] == NAMESPACE, doc["metadata"]["name"]
+            assert doc["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
+
+
+# -- schemas: Kubernetes 1.29 / 1.33 and the CRDs -----------------------------------------------------------
+
+
+def validate_manifest(tools: Tools, doc: dict[str, Any], kube_version: str) -> None:
+    """Raise unless DOC is valid: a CRD kind against its schema, anything else against Kubernetes' own
+    (strict: a field Kubernetes does not know fails)."""
+    import jsonschema
+    import kubernetes_validate
+
+    crd = tools.crd_schemas.get((doc["apiVersion"], doc["kind"]))
+    if crd is not None:
+        jsonschema.Draft202012Validator(crd).validate(doc)
+    else:
+        kubernetes_validate.validate(doc, kube_version, strict=True)
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_rendered_manifests_are_valid(tools: Tools, rendered: dict[tuple[str, str], list[dict[str, Any]]],
+                                      config: str, kube_version: str) -> None:
+    failures = []
+    for doc in rendered[(config, kube_version)]:
+        try:
+            validate_manifest(tools, doc, kube_version)
+        except Exception as exc:  # noqa: BLE001 - report every document's failure at once
+            path = ".".join(str(p) for p in getattr(exc, "path", []))
+            failures.append(f"{doc['kind']}/{doc['metadata']['name']}: {path}: {getattr(exc, 'message', exc)}")
+    assert not failures, "\n".join(failures)
+
+
+def test_kubernetes_schemas_are_there_offline() -> None:
+    import kubernetes_validate.utils as kv
+
+    versions = set(kv.all_versions())
+    assert {"1.29.0", "1.33.0"} <= versions, sorted(versions)
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "key"),
+    [
+        ("Deployment", ["spec", "template", "spec", "containers", 0], "imagePullPolicyy"),
+        ("NetworkPolicy", ["spec"], "egres"),
+        ("ScaledObject", ["spec", "fallback"], "replica"),
+        ("ScaledObject", ["spec"], "maxReplicas"),
+        ("TriggerAuthentication", ["spec", "secretTargetRef", 0], "parametr"),
+        ("ServiceMonitor", ["spec", "endpoints", 0], "intervall"),
+    ],
+)
+def test_schema_validation_catches_a_misspelt_field(tools: Tools, rendered: dict[tuple[str, str], list[dict[str, Any]]],
+                                                    kind: str, path: list[Any], key: str) -> None:
+    """The validators are strict: a field the API does not know fails instead of being dropped."""
+    doc = next(d for docs in rendered.values() for d in docs if d["kind"] == kind)
+    broken = copy.deepcopy(doc)
+    node = broken
+    for step in path:
+        node = node[step]
+    node[key] = 1
+    validate_manifest(tools, doc, KUBE_VERSIONS[-1])  # the real one passes
+    with pytest.raises(Exception) as info:
+        validate_manifest(tools, broken, KUBE_VERSIONS[-1])
+    assert key in str(info.value) or "additional" in str(info.value).lower(), info.value
+
+
+def test_keda_trigger_metadata_values_are_strings(tools: Tools) -> None:
+    """KEDA reads trigger metadata as a map of strings; the CRD schema refuses a number there."""
+    doc = {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": {"name": "x"},
+           "spec": {"scaleTargetRef": {"name": "x"}, "triggers": [{"type": "kafka", "metadata": {"lagThreshold": 200}}]}}
+    with pytest.raises(Exception, match="string"):
+        validate_manifest(tools, doc, KUBE_VERSIONS[-1])
+
+
+# -- values.schema.json ---------------------------------------------------------------------------------
+
+
+def schema_json() -> dict[str, Any]:
+    return json.loads((CHART / "values.schema.json").read_text())
+
+
+def resolve(schema: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in node:
+        node = {**schema["$defs"][node["$ref"].rsplit("/", 1)[1]], **{k: v for k, v in node.items() if k != "$ref"}}
+    return node
+
+
+def test_values_schema_describes_every_key_and_refuses_others() -> None:
+    schema = schema_json()
+    assert schema["additionalProperties"] is False
+    missing, open_objects = [], []
+
+    def walk(value: Any, node: dict[str, Any], path: str) -> None:
+        node = resolve(schema, node)
+        if not isinstance(value, dict) or "properties" not in node:
+            return
+        if node.get("additionalProperties") is not False:
+            open_objects.append(path or "<root>")
+        for key, child in value.items():
+            if key not in node["properties"]:
+                missing.append(f"{path}{key}")
+            else:
+                walk(child, node["properties"][key], f"{path}{key}.")
+
+    walk(values(), schema, "")
+    assert not missing, f"values.yaml keys values.schema.json does not describe: {missing}"
+    assert not open_objects, f"schema objects that accept unknown keys: {open_objects}"
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("kafka.sasl.mechanizm=PLAIN", "mechanizm"),
+        ("triton.server.modles[0]=univfd", "modles"),
+        ("networkPolicy.worker.kafak.to=x", "kafak"),
+        ("kafka.sasl.mechanism=GSSAPI", "mechanism"),
+        ("kafka.securityProtocol=TLS", "securityProtocol"),
+        ("detectors.backend=onnx", "backend"),
+        ("image.tag=latest", "tag"),
+        ("image.digest=sha256:1234", "digest"),
+        ("kafka.bootstrapServers=kafka", "bootstrapServers"),
+    ],
+)
+def test_values_schema_refuses_typos_and_bad_values(tools: Tools, setting: str, message: str) -> None:
+    proc = template(tools, "default", KUBE_VERSIONS[-1], "--set", setting, check=False)
+    assert proc.returncode != 0, f"--set {setting} rendered"
+    assert "schema" in proc.stderr and message in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (["replicaCount=13"], "exceeds worker.inputTopicPartitions"),
+        (["keda.enabled=true", "keda.fallback.replicas=13"], "keda.fallback.replicas"),
+        (["kafka.securityProtocol=SASL_SSL", "kafka.tls.existingSecret=ca"], "needs kafka.sasl.mechanism"),
+        (["kafka.securityProtocol=SASL_SSL", "kafka.sasl.mechanism=PLAIN", "kafka.tls.existingSecret=ca"],
+         "kafka.sasl.existingSecret is required"),
+        (["kafka.sasl.mechanism=PLAIN", "kafka.sasl.existingSecret=s"], "is not SASL_PLAINTEXT or SASL_SSL"),
+        (["kafka.securityProtocol=SSL"], "kafka.tls.existingSecret"),
+        (["kafka.securityProtocol=SSL", "kafka.tls.existingSecret=ca", "kafka.tls.certKey=tls.crt"], "go together"),
+        (["keda.enabled=true", "kafka.securityProtocol=SASL_SSL", "kafka.tls.existingSecret=ca",
+          "kafka.sasl.mechanism=OAUTHBEARER", "kafka.sasl.existingSecret=t"], "keda.oauth"),
+        (["triton.tls.enabled=true"], "triton.tls.clientSecret"),
+        (["triton.tls.enabled=true", "triton.tls.clientSecret=c"], "triton.tls.serverSecret"),
+        (["triton.server.modelRepository.source=pvc"], "pvc.claimName"),
+        (["triton.server.enabled=false"], "triton.url is required"),
+        (["triton.server.enabled=false", "triton.url=triton.example:8001"], "networkPolicy.worker.triton.to"),
+    ],
+)
+def test_render_refuses_inconsistent_values(tools: Tools, settings: list[str], message: str) -> None:
+    args = [arg for setting in settings for arg in ("--set", setting)]
+    proc = template(tools, "default", KUBE_VERSIONS[-1], *args, check=False)
+    assert proc.returncode != 0, f"{settings} rendered"
+    assert message in proc.stderr, proc.stderr
+
+
+# -- what the configurations render -----------------------------------------------------------------------
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def test_triton_deployment(rendered: dict[tuple[str, str], list[dict[str, Any]]]) -> None:
+    docs = manifests(rendered, "default")
+    deployment = triton(docs)
+    pod = deployment["spec"]["template"]["spec"]
+    server = container(deployment, "tritonserver")
+    args = server["args"]
+    defaults = values()["triton"]["server"]
+    # Explicit model control, each model loaded by name, strict readiness, metrics on 8002.
+    assert "--model-control-mode=explicit" in args and "--strict-readiness=true" in args
+    assert [a.split("=", 1)[1] for a in args if a.startswith("--load-model=")] == defaults["models"]
+    assert "--metrics-port=8002" in args and "--allow-gpu-metrics=true" in args
+    ports = {p["name"]: p["containerPort"] for p in server["ports"]}
+    assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    # Probes on Triton's HTTP health endpoints.
+    probe_paths = {probe: server[probe]["httpGet"]["path"] for probe in ("startupProbe", "livenessProbe", "readinessProbe")}
+    assert probe_paths == {"startupProbe": "/v2/health/ready", "livenessProbe": "/v2/health/live",
+                           "readinessProbe": "/v2/health/ready"}
+    assert all(server[p]["httpGet"]["port"] == "http" for p in probe_paths)
+    # A GPU, tolerating the GPU nodes' taint.
+    assert server["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    # The model repository copied by an init container from the Triton image into an emptyDir.
+    (init,) = pod["initContainers"]
+    assert init["image"] == server["image"]
+    assert init["command"] == ["cp", "-R", defaults["modelRepository"]["image"]["path"] + "/.", "/models/"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes["models"] and volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+    assert "--model-repository=/models" in args
+    # Non-root, read-only, as the image's user.
+    assert pod["securityContext"]["runAsUser"] == 10002 and pod["securityContext"]["runAsNonRoot"] is True
+    assert server["securityContext"]["readOnlyRootFilesystem"] is True
+    # Triton drains in-flight requests before the kubelet's SIGKILL.
+    exit_timeout = int(next(a for a in args if a.startswith("--exit-timeout-secs=")).split("=")[1])
+    assert pod["terminationGracePeriodSeconds"] > exit_timeout
+
+
+def test_workers_reach_triton_through_the_headless_service(rendered: dict[tuple[str, str], list[dict[str, Any]]]) -> None:
+    from streamguard.config import TritonSettings
+
+    docs = manifests(rendered, "default")
+    service = find(docs, "Service", "-triton-headless")
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is False
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]}["grpc"] == 8001
+    pod_labels = triton(docs)["spec"]["template"]["metadata"]["labels"]
+    assert selects(service["spec"]["selector"], pod_labels)
+    assert not selects(service["spec"]["selector"], worker(docs)["spec"]["template"]["metadata"]["labels"])
+    url = worker_env(docs)["STREAMGUARD_TRITON__URL"]
+    assert url == f"dns:///{service['metadata']['name']}.{NAMESPACE}.svc.cluster.local:8001"
+    assert TritonSettings(url=url).grpc_target() == url  # the worker takes it as gRPC's dns resolver target
+    pdb = find(docs, "PodDisruptionBudget", "-triton")
+    assert selects(pdb["spec"]["selector"]["matchLabels"], pod_labels)
+
+
+def test_triton_on_gpu_nodes(rendered: dict[tuple[str, str], list[dict[str, Any]]]) -> None:
+    docs = manifests(rendered, "triton-gpu")
+    deployment = triton(docs)
+    pod = deployment["spec"]["template"]["spec"]
+    server = container(deployment, "tritonserver")
+    assert deployment["spec"]["replicas"] == 2
+    assert "--load-model=*" in server["args"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"} and pod["runtimeClassName"] == "nvidia"
+    assert pod["topologySpreadConstraints"][0]["topologyKey"] == "topology.kubernetes.io/zone"
+    assert "initContainers" not in pod  # the repository is on the PVC
+    models = next(v for v in pod["volumes"] if v["name"] == "models")
+    assert models["persistentVolumeClaim"] == {"claimName": "streamguard-models", "readOnly": True}
+    mount = next(m for m in server["volumeMounts"] if m["name"] == "models")
+    assert mount == {"name": "models", "mountPath": "/models", "readOnly": True, "subPath": "onnx-gpu"}
+    # Images by digest: repository@sha256:...
+    assert server["image"] == "registry.example.com/streamguard-triton@sha256:" + "2" * 64
+    assert container(worker(docs))["image"] == "registry.example.com/streamguard@sha256:" + "1" * 64
+    # A private network allowed to the fetcher is allowed in its egress too.
+    policy = find(docs, "NetworkPolicy", "-worker")
+    assert any(peer.get("ipBlock", {}).get("cidr") == "10.20.0.0/16" for rule in policy["spec"]["egress"]
+               for peer in rule.get("to", []))
+    assert json.loads(worker_env(docs)["STREAMGUARD_FETCH__ALLOW_NETWORKS"]) == ["10.20.0.0/16"]
+
+
+def test_default_images_are_tagged_with_the_app_version(rendered: dict[tuple[str, str], list[dict[str, Any]]]) -> None:
+    docs = manifests(rendered, "default")
+    assert container(worker(docs))["image"] == f"registry.example.com/streamguard:{streamguard.__version__}"
+    assert container(triton(docs))["image"] == f"registry.example.com/streamguard-triton:{streamguard.__version__}"
+
+
+def egress_ports(policy: dict[str, Any]) -> list[set[Any]]:
+    return [{p["port"] for p in rule.get("ports", [])} for rule in policy["spec"]["egress"]]
+
+
+def test_network_policies(rendered: dict[tuple[str, str], list[dict[str, Any]]]) -> None:
+    docs = manifests(rendered, "default")
+    worker_labels = worker(docs)["spec"]["template"]["metadata"]["labels"]
+    triton_labels = triton(docs)["spec"]["template"]["metadata"]["labels"]
+    worker_policy = find(docs, "NetworkPolicy", "-worker")
+    triton_policy = find(docs, "NetworkPolicy", "-triton")
+    assert selects(worker_policy["spec"]["podSelector"]["matchLabels"], worker_labels)
+    assert selects(triton_policy["spec"]["podSelector"]["matchLabels"], triton_labels)
+    assert not selects(worker_policy["spec"]["podSelector"]["matchLabels"], triton_labels)
+    for policy in (worker_policy, triton_policy):
+        assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    # Worker egress: DNS, brokers, Redis, Triton's pods on gRPC, fetch networks; every rule names its peers.
+    egress = worker_policy["spec"]["egress"]
+    assert egress_ports(worker_policy) == [{53}, {9092}, {6379}, {8001}, {443, 80}]
+    assert all(rule["to"] for rule in egress)
+    triton_rule = egress[3]
+    assert selects(triton_rule["to"][0]["podSelector"]["matchLabels"], triton_labels)
+    fetch = egress[4]["to"][0]["ipBlock"]
+    assert fetch["cidr"] == "0.0.0.0/0" and "10.0.0.0/8" in fetch["except"] and "169.254.0.0/16" in fetch["except"]
+    # Triton ingress: the workers on gRPC, the scraper on metrics; no egress at all.
+    ingress = triton_policy["spec"]["ingress"]
+    assert [[p["port"] for p in rule["ports"]] for rule in ingress] == [["grpc"], ["metrics"]]
+    assert selects(ingress[0]["from"][0]["podSelector"]["matchLabels"], worker_labels)
+    assert ingress[1]["from"] == values()["networkPolicy"]["metricsScraper"]
+    assert triton_policy["spec"]["egress"] == []
+    # Without Redis or Triton there is no rule for them.
+    oauth = find(manifests(rendered, "oauthbearer"), "NetworkPolicy", "-worker")
+    assert {6379} not in egress_ports(oauth)
+    inprocess = find(manifests(rendered, "inprocess"), "NetworkPolicy", "-worker")
+    assert {8001} not in egress_ports(inprocess)
+
+
+def test_keda_and_service_monitors(rendered: dict[tuple[str, str], list[dict[str, Any]]]) -> None:
+    docs = manifests(rendered, "keda-servicemonitor")
+    scaled = find(docs, "ScaledObject")
+    partitions = values()["worker"]["inputTopicPartitions"]
+    assert scaled["spec"]["fallback"] == {"failureThreshold": 3, "replicas": 6}
+    assert scaled["spec"]["maxReplicaCount"] == min(24, partitions)
+    assert scaled["spec"]["scaleTargetRef"]["name"] == worker(docs)["metadata"]["name"]
+    assert "replicas" not in worker(docs)["spec"]  # the HPA owns it
+    trigger = scaled["spec"]["triggers"][0]
+    assert "authenticationRef" not in trigger  # plaintext Kafka: nothing to authenticate
+    assert all(isinstance(v, str) for v in trigger["metadata"].values())
+    # One ServiceMonitor per component, each matching its own Service's labels and port.
+    for component, service_suffix, port in (("worker", "-metrics", "metrics"), ("triton", "-triton-headless", "metrics")):
+        service = find(docs, "Service", service_suffix)
+        monitor = next(m for m in docs if m["kind"] == "ServiceMonitor"
+                       and m["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == component)
+        assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+        assert monitor["spec"]["endpoints"][0]["port"] == port in {p["name"] for p in service["spec"]["ports"]}
+        assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert {p["name"]: p["port"] for p in find(docs, "Service", "-triton-headless")["spec"]["ports"]}["metrics"] == 8002
+
+
+def secret_files(docs: list[dict[str, Any]], deployment: dict[str, Any], container_name: str | None = None
+                 ) -> dict[str, tuple[str, str]]:
+    """Path -> (Secret, key) of every file a container gets from a Secret volume."""
+    pod = deployment["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    files = {}
+    for mount in container(deployment, container_name).get("volumeMounts", []):
+        secret = volumes[mount["name"]].get("secret")
+        if secret:
+            assert mount.get("readOnly") is True, mount
+            for item in secret["items"]:
+                files[f"{mount['mountPath']}/{item['path']}"] = (secret["secretName"], item["key"])
+    return files
+
+
+def test_tls_and_sasl_from_secrets(rendered: dict[tuple[str, str], list[dict[str, Any]]]) -> None:
+    docs = manifests(rendered, "tls-sasl")
+    env = worker_env(docs)
+    files = secret_files(docs, worker(docs))
+    expected_files = {
+        "STREAMGUARD_KAFKA__SSL_CAFILE": ("streamguard-kafka-tls", "ca.crt"),
+        "STREAMGUARD_KAFKA__SSL_CERTFILE": ("streamguard-kafka-tls", "tls.crt"),
+        "STREAMGUARD_KAFKA__SSL_KEYFILE": ("streamguard-kafka-tls", "tls.key"),
+        "STREAMGUARD_REDIS__SSL_CA_CERTS": ("streamguard-redis-tls", "ca.crt"),
+        "STREAMGUARD_REDIS__SSL_CERTFILE": ("streamguard-redis-tls", "tls.crt"),
+        "STREAMGUARD_REDIS__SSL_KEYFILE": ("streamguard-redis-tls", "tls.key"),
+        "STREAMGUARD_TRITON__ROOT_CERTIFICATES": ("streamguard-triton-client-tls", "ca.crt"),
+        "STREAMGUARD_TRITON__CERTIFICATE_CHAIN": ("streamguard-triton-client-tls", "tls.crt"),
+        "STREAMGUARD_TRITON__PRIVATE_KEY": ("streamguard-triton-client-tls", "tls.key"),
+    }
+    for name, source in expected_files.items():
+        assert files[env[name]] == source, name
+    secret_env = {
+        "STREAMGUARD_KAFKA__SASL_USERNAME": ("streamguard-kafka-sasl", "username"),
+        "STREAMGUARD_KAFKA__SASL_PASSWORD": ("streamguard-kafka-sasl", "password"),
+        "STREAMGUARD_KAFKA__SSL_PASSWORD": ("streamguard-kafka-tls", "key-password"),
+        "STREAMGUARD_REDIS__URL": ("streamguard-redis", "url"),
+    }
+    for name, (secret, key) in secret_env.items():
+        assert env[name] == {"secretKeyRef": {"name": secret, "key": key}}, name
+    assert env["STREAMGUARD_KAFKA__SASL_MECHANISM"] == "SCRAM-SHA-512" and env["STREAMGUARD_TRITON__SSL"] == "true"
+    assert env["STREAMGUARD_KAFKA__CLIENT_ID"] == "streamguard-worker"
+    # No secret value is ever rendered: the only Secret is KEDA's modes.
+    (keda_secret,) = [d for d in docs if d["kind"] == "Secret"]
+    assert keda_secret["stringData"] == {"tls": "enable", "sasl": "scram_sha512"}
+    # KEDA authenticates like the worker: the same Secrets, keys and modes.
+    auth = find(docs, "TriggerAuthentication")
+    refs = {r["parameter"]: (r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]}
+    assert refs == {
+        "tls": (keda_secret["metadata"]["name"], "tls"),
+        "ca": ("streamguard-kafka-tls", "ca.crt"),
+        "cert": ("streamguard-kafka-tls", "tls.crt"),
+        "key": ("streamguard-kafka-tls", "tls.key"),
+        "keyPassword": ("streamguard-kafka-tls", "key-password"),
+        "sasl": (keda_secret["metadata"]["name"], "sasl"),
+        "username": ("streamguard-kafka-sasl", "username"),
+        "password": ("streamguard-kafka-sasl", "password"),
+    }
+    trigger = find(docs, "ScaledObject")["spec"]["triggers"][0]
+    assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+    assert trigger["metadata"]["bootstrapServers"] == env["STREAMGUARD_KAFKA__BOOTSTRAP_SERVERS"]
+    # Triton serves gRPC over mutual TLS with the server Secret's files.
+    server = container(triton(docs), "tritonserver")
+    triton_files = secret_files(docs, triton(docs), "tritonserver")
+    flags = dict(a.split("=", 1) for a in server["args"] if a.startswith("--grpc-"))
+    assert flags["--grpc-use-ssl"] == "true" and flags["--grpc-use-ssl-mutual"] == "true"
+    for flag, key in (("--grpc-server-cert", "tls.crt"), ("--grpc-server-key", "tls.key"), ("--grpc-root-cert", "ca.crt")):
+        assert triton_files[flags[flag]] == ("streamguard-triton-server-tls", key), flag
+    # Secret files are readable by the pod's group only.
+    for deployment in (worker(docs), triton(docs)):
+        for volume in deployment["spec"]["template"]["spec"]["volumes"]:
+            if "secret" in volume:
+                assert volume["secret"]["defaultMode"] == 0o440, volume["name"]
+
+
+def test_oauthbearer_token_file(rendered: dict[tuple[str, str], list[dict[str, Any]]]) -> None:
+    docs = manifests(rendered, "oauthbearer")
+    env = worker_env(docs)
+    files = secret_files(docs, worker(docs))
+    assert env["STREAMGUARD_KAFKA__SASL_MECHANISM"] == "OAUTHBEARER"
+    assert files[env["STREAMGUARD_KAFKA__SASL_OAUTH_TOKEN_FILE"]] == ("streamguard-kafka-oauth", "token")
+    assert files[env["STREAMGUARD_KAFKA__SSL_CAFILE"]] == ("streamguard-kafka-ca", "ca.crt")
+    assert not {"STREAMGUARD_KAFKA__SASL_USERNAME", "STREAMGUARD_KAFKA__SASL_PASSWORD",
+                "STREAMGUARD_KAFKA__SSL_CERTFILE", "STREAMGUARD_REDIS__URL"} & set(env)
+    refs = {r["parameter"]: (r["name"], r["key"]) for r in find(docs, "TriggerAuthentication")["spec"]["secretTargetRef"]}
+    assert refs["username"] == ("streamguard-keda-oauth", "clientId")
+    assert refs["password"] == ("streamguard-keda-oauth", "clientSecret")
+    assert {"tls", "ca", "sasl", "oauthTokenEndpointUri", "scopes"} <= set(refs) and "cert" not in refs
+    keda_secret = find(docs, "Secret")
+    assert keda_secret["stringData"] == {"tls": "enable", "sasl": "oauthbearer", "scopes": "kafka",
+                                         "oauthTokenEndpointUri": "https://idp.example.com/oauth2/token"}
+
+
+def test_inprocess_backend(rendered: dict[tuple[str, str], list[dict[str, Any]]]) -> None:
+    docs = manifests(rendered, "inprocess")
+    assert not [d for d in docs if "triton" in d["metadata"]["name"]]
+    env = worker_env(docs)
+    assert env["STREAMGUARD_DETECTORS__BACKEND"] == "inprocess"
+    assert not [name for name in env if name.startswith("STREAMGUARD_TRITON__")]
+    main = container(worker(docs))
+    assert main["image"] == "registry.example.com/streamguard-inprocess:0.1.0-cpu"
+    assert main["resources"] == values()["inprocess"]["resources"]
+    assert env["OMP_NUM_THREADS"] == str(values()["inprocess"]["ompNumThreads"])
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_the_worker_accepts_the_rendered_environment(rendered: dict[tuple[str, str], list[dict[str, Any]]],
+                                                     config: str, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's own Settings load the environment the chart gives it: every name a real setting, every
+    combination one it accepts. Secret values are stand-ins; files from Secrets exist under tmp_path."""
+    docs = manifests(rendered, config)
+    files = {path: tmp_path / path.removeprefix("/") for path in secret_files(docs, worker(docs))}
+    for local in files.values():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text("stand-in\n")
+    for name in [n for n in os.environ if n.startswith("STREAMGUARD_")]:
+        monkeypatch.delenv(name)
+    env = worker_env(docs)
+    for name, value in env.items():
+        if isinstance(value, dict):  # from a Secret
+            value = "redis://:pw@redis.example:6379/0" if name == "STREAMGUARD_REDIS__URL" else "stand-in"
+            if name == "STREAMGUARD_REDIS__URL" and "STREAMGUARD_REDIS__SSL_CA_CERTS" in env:
+                value = "rediss://:pw@redis.example:6380/0"
+        elif value in files:
+            value = str(files[value])
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert settings.worker.health_port == int(env["STREAMGUARD_WORKER__HEALTH_PORT"])
+    assert settings.detectors.backend == env["STREAMGUARD_DETECTORS__BACKEND"]
+    assert settings.kafka.security_protocol == env["STREAMGUARD_KAFKA__SECURITY_PROTOCOL"]
+    if settings.detectors.backend == "triton":
+        assert settings.triton.ssl == ("STREAMGUARD_TRITON__ROOT_CERTIFICATES" in env)
+
+
+# -- checkov and hadolint --------------------------------------------------------------------------------
+
+
+def test_checkov_finds_nothing(tools: Tools, rendered: dict[tuple[str, str], list[dict[str, Any]]],
+                               tmp_path: Path) -> None:
+    """One checkov run over every configuration's manifests and every Dockerfile; deploy/checkov.yaml lists
+    the checks skipped, each with its reason."""
+    resources = 0
+    for config in CONFIGS:
+        docs = manifests(rendered, config)
+        (tmp_path / f"{config}.yaml").write_text(yaml.safe_dump_all(docs, sort_keys=False))
+        resources += len(docs)
+    for name in DOCKERFILES:  # checkov's Dockerfile detection wants *Dockerfile names
+        shutil.copy(DEPLOY / name, tmp_path / (name if name == "Dockerfile" else f"{name.split('.')[1]}.Dockerfile"))
+    proc = subprocess.run(
+        [str(tools.checkov), "--config-file", str(DEPLOY / "checkov.yaml"), "-d", str(tmp_path), "-o", "json"],
+        capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, BC_SKIP_MAPPING="TRUE", CHECKOV_RUN_SCA_PACKAGE_SCAN_V2="false"),
+    )
+    try:
+        reports = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        pytest.fail(f"checkov exited {proc.returncode} without a report:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    reports = reports if isinstance(reports, list) else [reports]
+    by_type = {r["check_type"]: r for r in reports}
+    assert set(by_type) == {"kubernetes", "dockerfile"}, list(by_type)
+    # checkov counts a Deployment's containers as resources of their own, so at least one per document.
+    assert by_type["kubernetes"]["summary"]["resource_count"] >= resources
+    assert by_type["dockerfile"]["summary"]["resource_count"] == len(DOCKERFILES)
+    failed = [f"{c['check_id']} {c['check_name']}: {c['resource']} ({c['file_path']})"
+              for r in reports for c in r["results"]["failed_checks"]]
+    assert not failed, "\n".join(failed)
+    assert all(r["summary"]["parsing_errors"] == 0 and r["summary"]["passed"] > 0 for r in reports)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_checkov_skips_have_reasons() -> None:
+    config = yaml.safe_load((DEPLOY / "checkov.yaml").read_text())
+    text = (DEPLOY / "checkov.yaml").read_text()
+    for check in config["skip-check"]:
+        reason = re.search(rf"#\s*{re.escape(check)}\s+\"[^\"]+\":\s*\S.*\n", text)
+        assert reason, f"{check} is skipped without a reason in deploy/checkov.yaml"
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_hadolint(tools: Tools, name: str) -> None:
+    proc = subprocess.run([str(tools.hadolint), "--config", str(DEPLOY / "hadolint.yaml"), "--format", "json",
+                           str(DEPLOY / name)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and json.loads(proc.stdout or "[]") == [], proc.stdout + proc.stderr
+
+
+# -- the images ---------------------------------------------------------------------------------------------
+
+
+def dockerfile(name: str) -> str:
+    return (DEPLOY / name).read_text()
+
+
+def instructions(name: str) -> str:
+    """The Dockerfile without its comments."""
+    return "\n".join(line for line in dockerfile(name).splitlines() if not line.lstrip().startswith("#"))
+
+
+def run_requirements_helper(*args: str) -> list[str]:
+    proc = subprocess.run([sys.executable, str(DEPLOY / "docker" / "requirements_from_pyproject.py"),
+                           "--pyproject", str(ROOT / "pyproject.toml"), *args],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split()
+
+
+def requirement_names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[\[<>=!~; ]", r, maxsplit=1)[0].lower() for r in requirements}
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_images_are_pinned_non_root_and_cache_friendly(name: str) -> None:
+    text = dockerfile(name)
+    bases = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    assert bases and all(re.fullmatch(r"[\w./-]+:\d[\w.-]*(@sha256:[0-9a-f]{64})?", b) for b in bases), bases
+    assert len(set(bases)) == 1, "build and final stage on different bases"
+    users = re.findall(r"^USER\s+(\d+):(\d+)\s*$", text, re.M)
+    assert len(users) == 1 and users[0][0] != "0", users
+    # Dependencies are installed from pyproject.toml before the code is copied.
+    lines = text.splitlines()
+    deps = next(i for i, line in enumerate(lines) if "requirements_from_pyproject.py" in line and "RUN" in line)
+    code = next(i for i, line in enumerate(lines) if re.match(r"COPY streamguard\b", line))
+    assert deps < code
+    # Every file the image copies from the context is let through by its .dockerignore.
+    ignore = (DEPLOY / f"{name}.dockerignore").read_text()
+    for source in re.findall(r"^COPY\s+(?!--from)(.+?)\s+\S+\s*$", text, re.M):
+        for path in source.split():
+            assert f"!{path}" in ignore.splitlines(), f"{name} copies {path}, which its .dockerignore keeps out"
+    # The chart runs each image as the user it was built with.
+    uid = int(users[0][0])
+    chart_uid = {"Dockerfile": values()["podSecurityContext"]["runAsUser"],
+                 "Dockerfile.inprocess": values()["podSecurityContext"]["runAsUser"],
+                 "Dockerfile.triton": values()["triton"]["server"]["podSecurityContext"]["runAsUser"]}[name]
+    assert uid == chart_uid
+
+
+def test_lean_worker_image_has_no_torch() -> None:
+    text = instructions("Dockerfile")
+    assert "requirements_from_pyproject.py triton-client " in text and "torch" not in text.lower()
+    names = requirement_names(run_requirements_helper("triton-client"))
+    assert "tritonclient" in names
+    assert not names & {"torch", "transformers", "safetensors", "onnx", "scikit-learn", "matplotlib"}, names
+
+
+def test_inprocess_and_triton_images_carry_the_backbone() -> None:
+    for name in ("Dockerfile.inprocess", "Dockerfile.triton"):
+        text = instructions(name)
+        cache = re.findall(r"STREAMGUARD_BACKBONE__CACHE_DIR=(\S+)", text)
+        assert cache and set(cache) == {"/opt/streamguard/backbone"}, (name, cache)
+        fetch = text.index("streamguard backbone fetch")
+        assert text.index("STREAMGUARD_BACKBONE__CACHE_DIR=") < fetch, name
+        names = requirement_names(run_requirements_helper("inprocess"))
+        assert {"torch", "transformers", "safetensors"} <= names
+        assert run_requirements_helper("inprocess", "--only", "torch") == [
+            r for r in run_requirements_helper("inprocess") if requirement_names([r]) == {"torch"}]
+    triton_text = instructions("Dockerfile.triton")
+    assert re.search(r"^FROM nvcr\.io/nvidia/tritonserver:\d\d\.\d\d-py3\b", triton_text, re.M)
+    # The repository is built where the chart's init container copies it from.
+    out = re.search(r"streamguard triton build .* (\S+)\s*$", triton_text, re.M)
+    assert out and out.group(1) == values()["triton"]["server"]["modelRepository"]["image"]["path"]
+
+
+def test_requirements_helper_refuses_an_unknown_extra() -> None:
+    proc = subprocess.run([sys.executable, str(DEPLOY / "docker" / "requirements_from_pyproject.py"),
+                           "--pyproject", str(ROOT / "pyproject.toml"), "no-such-extra"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "no extra 'no-such-extra'" in proc.stderr
