@@ -15,6 +15,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import pluggy
@@ -41,7 +43,6 @@ log = structlog.get_logger(__name__)
 _LAG_INTERVAL_S = 5.0
 _WAITING_RECHECK_S = 0.05
 _PDQ_MIN_SIDE = 128
-_RECHECK: Any = object()  # a wake-up without a new record
 
 
 def consumer_config(settings: Settings) -> dict[str, Any]:
@@ -70,7 +71,8 @@ class Worker:
         self.dedupe: DedupeStore = dedupe or open_store(settings.dedupe, settings.redis)
         self._fetcher = ImageFetcher(settings.fetch, settings.intake.max_bytes)
         self._acks: queue.SimpleQueue[Ack] = queue.SimpleQueue()
-        self._work: queue.Queue[InRecord | None] = queue.Queue()
+        # What each poll brought, one list per poll (a hand-off per record costs a wake-up each); None: stop.
+        self._work: queue.Queue[list[InRecord] | None] = queue.Queue()
         self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         self._lock = threading.Lock()  # tracker, epochs: shared with the rebalance callbacks
         self._epochs: dict[TopicPartition, int] = {}
@@ -84,6 +86,8 @@ class Worker:
         self.health.readiness = self._readiness
         self._consumer: KafkaConsumer | None = None
         self._last_unreadable: tuple[TopicPartition, int, str] | None = None
+        # Called with the health server's port once it listens (a supervisor's child reports it so).
+        self.on_listening: Callable[[int], None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -96,6 +100,8 @@ class Worker:
         self.scorer.start()
         server = HealthServer.from_settings(self.health, self.metrics.render, w).start()
         log.info("worker.health_listening", port=server.port)
+        if self.on_listening is not None:
+            self.on_listening(server.port)
         producer = KafkaProducer(**producer_config(self._settings))
         publisher = Publisher(self._settings, producer, self._acks)
         processor = BatchProcessor(self._settings, self.scorer, self.dedupe, self._fetcher, publisher,
@@ -210,19 +216,23 @@ class Worker:
             self._tracker.add(tp, offset)
             self._positions[tp] = offset + 1
         self.metrics.events_in.inc()
-        self._work.put(InRecord.unreadable_at(tp, offset, epoch, reason))
+        self._work.put([InRecord.unreadable_at(tp, offset, epoch, reason)])
         consumer.seek(tp, offset + 1)
 
     def _accept(self, batch: dict[TopicPartition, list[Any]]) -> None:
+        accepted: list[InRecord] = []
         for tp, records in batch.items():
+            if not records:
+                continue
             with self._lock:
                 epoch = self._epochs.get(tp, 0)
                 for record in records:
                     self._tracker.add(tp, record.offset)
                 self._positions[tp] = records[-1].offset + 1
-            self.metrics.events_in.inc(len(records))
-            for record in records:
-                self._work.put(InRecord.from_consumer(record, epoch))
+            accepted += [InRecord.from_consumer(record, epoch) for record in records]
+        if accepted:
+            self.metrics.events_in.inc(len(accepted))
+            self._work.put(accepted)
 
     def _drain_acks(self, wait_s: float = 0.0) -> None:
         while True:
@@ -299,25 +309,31 @@ class Worker:
 
     def _process_forever(self, processor: BatchProcessor) -> None:
         w = self._settings.worker
+        pending: deque[InRecord] = deque()  # taken off the queue, not yet in a batch
+        stopping = False
         while True:
-            try:
-                # With deferred records, wake up regularly to re-check their leases.
-                first = self._work.get(timeout=_WAITING_RECHECK_S if processor.waiting else None)
-            except queue.Empty:
-                first = _RECHECK
-            if first is None:
-                return
-            batch = [] if first is _RECHECK else [first]
-            deadline = time.monotonic() + w.batch_wait_ms / 1000.0
-            while len(batch) < w.batch_size:
+            if not pending:
+                if stopping:
+                    return
                 try:
-                    item = self._work.get(timeout=max(0.0, deadline - time.monotonic()))
+                    # With deferred records, wake up regularly to re-check their leases.
+                    polled = self._work.get(timeout=_WAITING_RECHECK_S if processor.waiting else None)
+                except queue.Empty:
+                    polled = []  # a wake-up without a new record
+                if polled is None:
+                    return
+                pending.extend(polled)
+            deadline = time.monotonic() + w.batch_wait_ms / 1000.0
+            while len(pending) < w.batch_size and not stopping:
+                try:
+                    polled = self._work.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
-                if item is None:
-                    self._work.put(None)
+                if polled is None:
+                    stopping = True  # finish what was taken, then stop
                     break
-                batch.append(item)
+                pending.extend(polled)
+            batch = [pending.popleft() for _ in range(min(w.batch_size, len(pending)))]
             with self._lock:
                 current = [r for r in batch if self._epochs.get(r.tp, 0) == r.epoch]
                 processor.drop_waiting(lambda r: self._epochs.get(r.tp, 0) != r.epoch)
