@@ -40,6 +40,7 @@ bench: setup
 	$(PY) bench/bench_memory.py
 	$(PY) bench/bench_worker.py
 	$(PY) bench/bench_features.py
+	$(PY) bench/bench_trunk.py
 	$(PY) bench/bench_triton.py
 
 clean:

@@ -40,11 +40,11 @@ from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from streamguard.backbone import ClipImageEncoder, load_backbone
+from streamguard.backbone.lora import LoraConfig
+from streamguard.builtin.cliphead import CONTRACT
 from streamguard.config import BackboneSettings, IntakeSettings
 from streamguard.evaluation.datasets import load_samples
-from streamguard.training.artifacts import CONTRACT
 from streamguard.training.data import Entry, Feed, augmentation_key
-from streamguard.training.lora import LoraConfig
 from streamguard.training.model import TunedClip, tuned_start
 from streamguard.training.mpft import MpftConfig
 from streamguard.training.pinclip import PinClipConfig

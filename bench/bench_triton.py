@@ -35,8 +35,8 @@ from PIL import Image
 from streamguard.backends.torch_inprocess import TorchBackend
 from streamguard.backends.triton_grpc import TritonBackend
 from streamguard.backbone import load_backbone
-from streamguard.builtin.univfd.model import UnivFD, load_probe, weights_digest
-from streamguard.builtin.univfd.plugin import WEIGHTS_DIR
+from streamguard.builtin.cliphead.model import build_served
+from streamguard.builtin.univfd.plugin import DETECTOR as UNIVFD, WEIGHTS_DIR
 from streamguard.config import BackboneSettings, IntakeSettings, TritonSettings
 from streamguard.detectors.spec import DetectorInput
 from streamguard.intake import InputContract, decode_image, prepare
@@ -147,10 +147,10 @@ def main() -> None:
         server = start_triton(Path(workdir.name) / "work", built.repository, [MODEL])
         url, metrics_url = server.grpc_address, server.metrics_url
     try:
-        version = f"univfd-1+{weights_digest(WEIGHTS_DIR)}"
+        version = UNIVFD.version(WEIGHTS_DIR)
         remote = TritonBackend(MODEL, TritonSettings(url=url, request_timeout_s=120, retry_budget_s=30),
                                expected_version=version)
-        local = TorchBackend(UnivFD(load_backbone(BackboneSettings(), args.device), load_probe(WEIGHTS_DIR)[0]),
+        local = TorchBackend(build_served(UNIVFD, load_backbone(BackboneSettings(), args.device), WEIGHTS_DIR),
                              device=args.device)
         # Warm-up of every path: first-call allocations, kernel selection, gRPC channels.
         remote.predict(items[:2])

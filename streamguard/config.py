@@ -79,6 +79,10 @@ class DetectorSettings(_Section):
     backend_overrides: dict[str, Backend] = Field(
         default_factory=dict, description="Per-detector exceptions to `backend`, keyed by detector name."
     )
+    shared_trunk: bool = Field(
+        True, description="In-process detectors that branch off the same backbone (the built-in CLIP ones) "
+        "share its frozen blocks: they run once per batch for all of them. false: each runs its whole model.",
+    )
 
     def backend_for(self, detector: str) -> Backend:
         return self.backend_overrides.get(detector, self.backend)
@@ -142,6 +146,12 @@ class TritonSettings(_Section):
     models: dict[str, str] = Field(
         default_factory=dict, description="Triton model name per detector, where it differs from the detector's own."
     )
+    trunk_model: str | None = Field(
+        None, description="The shared-trunk ensemble (`streamguard triton build --shared-trunk` writes "
+        "clip-detectors): the detectors on Triton that branch off the CLIP trunk are then judged by one request "
+        "per batch to it, the trunk running once for all of them, instead of one request per detector's model. "
+        "Unset: each detector's own model.",
+    )
     request_batch_size: int = Field(
         4, gt=0, description="Images per request. Small requests, many in flight, let Triton's batcher fill batches."
     )
@@ -157,7 +167,7 @@ class TritonSettings(_Section):
     breaker_reset_s: float = Field(5.0, gt=0, description="How long an open breaker answers without asking Triton.")
     ready_cache_s: float = Field(1.0, ge=0, description="How long a model-readiness answer is reused.")
 
-    @field_validator("root_certificates", "private_key", "certificate_chain", mode="before")
+    @field_validator("root_certificates", "private_key", "certificate_chain", "trunk_model", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return _empty_is_none(value)
@@ -540,6 +550,11 @@ class WorkerSettings(_Section):
     liveness_timeout_s: float = Field(30.0, gt=0, description="/healthz fails when the poll loop stalls this long.")
     outage_check_s: float = Field(
         1.0, gt=0, description="While a detector's server is unavailable, how often to ask whether it is back."
+    )
+    processes: int = Field(
+        1, ge=1, le=64, description="Worker processes in this pod, each a full consumer of the same group "
+        "(`worker --processes N`); more than the input's partitions leaves some idle. Above 1 a supervisor "
+        "starts them, restarts one that dies (with backoff) and serves the pod's health on health_port.",
     )
 
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from streamguard.config import FusionSettings
-from streamguard.detectors.spec import sigmoid
+from streamguard.detectors.calibration import sigmoid
 from streamguard.hookspecs import hookimpl
 from streamguard.schemas import DetectorScore
 

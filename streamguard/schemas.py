@@ -87,22 +87,26 @@ class ImageEvent(_Record):
 class DetectorScore(_Record):
     """One detector's opinion of one image.
 
-    ``probability`` and ``logit`` are both None when the detector failed (``error`` says why) or abstained
-    (no ``error``: it had no evidence either way, as a metadata detector on an image without metadata).
+    ``logit`` is calibrated (what fusion averages) and ``probability`` its sigmoid; ``raw_logit`` is what
+    the model returned, before calibration (what evaluation and calibration fitting read). All three are
+    None when the detector failed (``error`` says why) or abstained (no ``error``: it had no evidence either
+    way, as a metadata detector on an image without metadata). ``raw_logit`` is also None in records written
+    before it existed.
     """
 
     detector: str
     version: str
     probability: float | None = Field(default=None, ge=0.0, le=1.0)
     logit: float | None = None
+    raw_logit: float | None = Field(default=None, description="The model's logit before calibration.")
     latency_ms: float = Field(ge=0.0)
     error: str | None = None
 
-    @field_validator("logit")
+    @field_validator("logit", "raw_logit")
     @classmethod
     def _finite(cls, logit: float | None) -> float | None:
         if logit is not None and not math.isfinite(logit):
-            raise ValueError("logit must be finite")
+            raise ValueError("logits must be finite")
         return logit
 
     @property

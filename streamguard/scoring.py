@@ -17,6 +17,7 @@ import structlog
 from streamguard.config import Settings
 from streamguard.detectors.runner import DetectorRunner, DetectorUnavailable
 from streamguard.detectors.spec import DetectorInput, DetectorSpec
+from streamguard.detectors.trunk import SharedTrunks
 from streamguard.errors import StreamguardError
 from streamguard.fusion import FusedScore
 from streamguard.intake import DecodedImage, InputContract, decode_image, decode_side, prepare
@@ -72,7 +73,9 @@ class Scorer:
             if not getattr(pm.hook, hook).get_hookimpls():
                 raise ConfigurationError(f"no plugin implements {hook}; allow builtin-* or install one")
         self.specs: list[DetectorSpec] = collect_detectors(pm, settings)
-        self.runners = [DetectorRunner(spec, settings.detectors, settings.triton) for spec in self.specs]
+        # Detectors on one backbone share its frozen blocks (`detectors.trunk`), where the settings allow.
+        self._trunks = SharedTrunks(settings)
+        self.runners = [DetectorRunner(spec, settings.detectors, settings.triton, self._trunks) for spec in self.specs]
         self._decode_side = decode_side(spec.contract for spec in self.specs)
         if self._decode_side is not None and min_decode_side is not None:
             self._decode_side = max(self._decode_side, min_decode_side)
@@ -102,6 +105,7 @@ class Scorer:
     def close(self) -> None:
         for runner in self.runners:
             runner.close()
+        self._trunks.close()
 
     def __enter__(self) -> Scorer:
         return self.start()

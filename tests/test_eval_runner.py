@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 from pluggy import PluginManager
 
+from streamguard import Calibration, DetectorInput, DetectorSpec, InputContract, hookimpl
 from streamguard.config import Settings, load_settings
+from streamguard.detectors.calibration import sigmoid
 from streamguard.evaluation import EvalConfig, load_samples, run_evaluation
 from streamguard.evaluation.runner import FUSED, EvalRunner, UnknownDetector
 from streamguard.plugins import build_plugin_manager
@@ -100,3 +103,29 @@ def test_run_evaluation_in_process(
     with pytest.raises(ValueError, match="no labelled images found in split 'nope'"):
         run_evaluation(EvalConfig(data=(str(data),), detector="brightness", split="nope", cache_dir=None),
                        settings, pm)
+
+
+class _Constant:
+    """A plugin whose detector says 2.0 about every image, under a calibration that flattens it to 0.3."""
+
+    class Backend:
+        def predict(self, batch: Sequence[DetectorInput]) -> list[float | None]:
+            return [2.0] * len(batch)
+
+        def close(self) -> None:
+            pass
+
+    @hookimpl
+    def register_detectors(self, register) -> None:  # type: ignore[no-untyped-def]
+        register(DetectorSpec(name="constant", version="t-1", load=lambda ctx: self.Backend(),
+                              contract=InputContract(size=32), calibration=Calibration(scale=0.0, bias=0.3)))
+
+
+def test_single_detector_reads_the_raw_logit_the_score_carries(
+    data: Path, tmp_path: Path, settings: Settings, pm: PluginManager
+) -> None:
+    # A zero scale cannot be undone from the calibrated logit: the raw logit comes from the score itself.
+    pm.register(_Constant(), name="constant-plugin")
+    with EvalRunner(settings, pm, "constant", cache_dir=tmp_path / "cache") as runner:
+        results = [r for r in runner.score(load_samples([data])) if r.error is None]
+    assert results and all(r.logit == 2.0 and r.score == pytest.approx(sigmoid(0.3)) for r in results)

@@ -15,14 +15,15 @@ from images import encode, noise
 from PIL import Image
 
 from streamguard.backbone import load_backbone
-from streamguard.builtin.mpft.plugin import WEIGHTS_DIR as MPFT_WEIGHTS
-from streamguard.builtin.pinclip.plugin import WEIGHTS_DIR as PINCLIP_WEIGHTS
+from streamguard.builtin.cliphead import HEAD_FILE, LORA_FILE, META_FILE, TRAINING_FILE
+from streamguard.builtin.mpft.plugin import DETECTOR as MPFT
+from streamguard.builtin.pinclip.plugin import DETECTOR as PINCLIP
 from streamguard.config import BackboneSettings, load_settings
 from streamguard.plugins import build_plugin_manager
 from streamguard.scoring import ImageJob, Scorer
-from streamguard.training.artifacts import HEAD_FILE, LORA_FILE, META_FILE, TRAINING_FILE, detector_version
 
-SHIPPED = {"pin-clip": PINCLIP_WEIGHTS, "mpft": MPFT_WEIGHTS}
+DETECTORS = {"pin-clip": PINCLIP, "mpft": MPFT}
+SHIPPED = {name: detector.default_weights for name, detector in DETECTORS.items()}
 PLUGINS = {"pin-clip": "builtin-pinclip", "mpft": "builtin-mpft"}
 
 
@@ -42,12 +43,12 @@ def test_shipped_weights_are_small_documented_and_score(name: str) -> None:
     meta = json.loads((directory / META_FILE).read_text())
     assert meta["backbone"] == load_backbone(BackboneSettings()).version
     card = (directory / "MODEL_CARD.md").read_text()
-    assert detector_version(name, directory) in card  # the card describes these weights, not older ones
+    assert DETECTORS[name].version(directory) in card  # the card describes these weights, not older ones
 
     settings = load_settings(plugins={"allow": ["builtin-fusion", "builtin-policy", PLUGINS[name]], "deny": []})
     with Scorer(settings, build_plugin_manager(settings.plugins)) as scorer:
         (spec,) = scorer.specs
-        assert spec.name == name and spec.version == detector_version(name, directory)
+        assert spec.name == name and spec.version == DETECTORS[name].version(directory)
         assert spec.calibration.method == "temperature" and spec.triton_model == name
         outcomes = scorer.score([ImageJob("a", encode(_scene(1), "PNG")), ImageJob("b", encode(noise((300, 200)), "JPEG"))])
     for outcome in outcomes:

@@ -29,9 +29,8 @@ import pytest
 from images import encode, noise, solid
 from stack import Topics, WorkerProcess, image_events, produce, wait_for_outcomes, worker_env
 
-from streamguard.builtin.finetuned import has_weights
-from streamguard.builtin.mpft.plugin import WEIGHTS_DIR as MPFT_WEIGHTS
-from streamguard.builtin.pinclip.plugin import WEIGHTS_DIR as PINCLIP_WEIGHTS
+from streamguard.builtin.mpft.plugin import DETECTOR as MPFT
+from streamguard.builtin.pinclip.plugin import DETECTOR as PINCLIP
 from streamguard.config import load_settings
 from streamguard.devstack import Service, TritonService, start_triton
 from streamguard.plugins import build_plugin_manager
@@ -62,14 +61,14 @@ sys.meta_path.insert(0, _Refuse())
 STATIC_CHECK = BLOCKER + """
 import json
 import streamguard.backends.triton_grpc
+import streamguard.backends.triton_trunk
 import streamguard.cli
 import streamguard.plugins
 import streamguard.registry
 import streamguard.scoring
 import streamguard.worker.loop
-from streamguard.builtin.finetuned import has_weights
-from streamguard.builtin.mpft.plugin import WEIGHTS_DIR as MPFT_WEIGHTS
-from streamguard.builtin.pinclip.plugin import WEIGHTS_DIR as PINCLIP_WEIGHTS
+from streamguard.builtin.mpft.plugin import DETECTOR as MPFT
+from streamguard.builtin.pinclip.plugin import DETECTOR as PINCLIP
 from streamguard.config import load_settings
 from streamguard.plugins import build_plugin_manager
 from streamguard.scoring import Scorer
@@ -107,7 +106,8 @@ def test_the_triton_path_imports_no_torch() -> None:
     assert result["refused"] == [] and result["loaded"] == [], result
     # Registration went through (a swallowed ImportError would have dropped a detector): every built-in
     # CLIP detector with weights, each set to run on Triton.
-    builtin = {"univfd": True, "pin-clip": has_weights(PINCLIP_WEIGHTS), "mpft": has_weights(MPFT_WEIGHTS)}
+    builtin = {"univfd": True, "pin-clip": PINCLIP.has_weights(PINCLIP.default_weights),
+               "mpft": MPFT.has_weights(MPFT.default_weights)}
     assert {k: v for k, v in result["detectors"].items() if k in builtin} == {
         name: "triton" for name, shipped in builtin.items() if shipped}, result
     assert result["inprocess_load"] == ("MissingExtra: the in-process detector backend needs torch, which is not "

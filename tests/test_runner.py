@@ -4,6 +4,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import pytest
 
 from streamguard.config import DetectorSettings
@@ -49,8 +50,15 @@ def test_scores_are_calibrated_logits() -> None:
     runner = _runner(Scripted([2.0, None]), Calibration(scale=0.5, bias=-1.0))
     ok, abstained = _call(runner, 2)
     assert ok.logit == pytest.approx(0.0) and ok.probability == pytest.approx(0.5)
+    assert ok.raw_logit == 2.0  # the model's own logit rides along, for evaluation and calibration
     assert ok.error is None and ok.version == "v1"
-    assert abstained.logit is None and abstained.error is None
+    assert abstained.logit is None and abstained.raw_logit is None and abstained.error is None
+
+
+def test_a_sharp_calibration_of_a_confident_model_does_not_overflow() -> None:
+    runner = _runner(Scripted([1e4, -1e4]), Calibration(scale=1e4, bias=0.0))
+    high, low = _call(runner, 2)
+    assert (high.probability, low.probability) == (1.0, 0.0) and high.error is None and low.error is None
 
 
 def test_exception_becomes_error_score() -> None:
@@ -113,6 +121,17 @@ def test_breaker_half_opens_after_reset_and_closes_on_success() -> None:
 
 def test_sigmoid_is_stable() -> None:
     assert sigmoid(1000.0) == 1.0 and sigmoid(-1000.0) == 0.0 and sigmoid(0.0) == 0.5
+
+
+def test_one_sigmoid_for_values_and_arrays() -> None:
+    z = np.array([-1e6, -30.0, -1.5, 0.0, 0.25, 30.0, 1e6])
+    with np.errstate(over="raise", invalid="raise", divide="raise"):  # no overflow, no nan
+        array = sigmoid(z)
+    assert array.tolist() == pytest.approx([sigmoid(float(v)) for v in z], rel=1e-15, abs=0.0)
+    assert array[0] == 0.0 and array[-1] == 1.0 and array[3] == 0.5
+    calibration = Calibration(scale=2.0, bias=-1.0)
+    assert calibration.probability(0.5) == 0.5
+    assert calibration.probability(np.array([0.5, 1e9])).tolist() == [0.5, 1.0]
 
 
 def test_no_timeout_waits_for_the_model() -> None:

@@ -22,7 +22,7 @@ from streamguard.config import load_settings
 from streamguard.plugins import build_plugin_manager
 from streamguard.registry import collect_detectors
 from streamguard.scoring import Scorer
-from streamguard.training.artifacts import HEAD_FILE, LORA_FILE, META_FILE, TRAINING_FILE
+from streamguard.builtin.cliphead import HEAD_FILE, LORA_FILE, META_FILE, TRAINING_FILE
 from streamguard.training.held_out import load_held_out
 from test_training_units import tiny_clip
 

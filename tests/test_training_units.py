@@ -13,21 +13,13 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from streamguard.backbone import ClipImageEncoder
+from streamguard.backbone import ClipImageEncoder, vit
+from streamguard.backbone.lora import LoraConfig, LoraMismatch
 from streamguard.evaluation.datasets import Sample
 from streamguard.intake import CLIP_MEAN, CLIP_STD
-from streamguard.training import vit
 from streamguard.training.data import split_samples
-from streamguard.training.lora import (
-    LoraConfig,
-    LoraLinear,
-    LoraMismatch,
-    add_lora,
-    load_lora_state,
-    lora_state,
-    merge_lora,
-)
-from streamguard.training.model import TunedClip, tuned_start
+from streamguard.training.lora import LoraLinear, add_lora, load_lora_state, lora_state, merge_lora
+from streamguard.training.model import TunedClip, keep_tokens, tuned_start
 from streamguard.training.mpft import MpftConfig, MpftObjective, texture_scores, tokens_to_keep
 from streamguard.training.pinclip import (
     FeatureNoise,
@@ -215,7 +207,7 @@ def test_masking_drops_exactly_the_top_rho_patches() -> None:
     assert keep.tolist() == [[0, 1, 3, 5, 7, 8, 9]]  # scores 9, 8, 7 (patches 2, 6, 4) dropped
     assert tokens_to_keep(scores, 0.0).tolist() == [list(range(10))]
     hidden = torch.arange(11.0).view(1, 11, 1).expand(1, 11, 2)  # token t holds t; patch i is token i + 1
-    kept = vit.keep_tokens(hidden, keep)
+    kept = keep_tokens(hidden, keep)
     assert kept[0, :, 0].tolist() == [0.0, 1.0, 2.0, 4.0, 6.0, 8.0, 9.0, 10.0]  # class token + kept patches
 
 

@@ -20,7 +20,9 @@ from test_backbone import tiny_model
 from tritonclient.grpc import model_config_pb2
 
 from streamguard.backbone import load_backbone
-from streamguard.builtin.univfd.model import LinearProbe, UnivFD, load_probe, save_probe, weights_digest
+from streamguard.builtin.cliphead.model import LinearProbe, build_served
+from streamguard.builtin.univfd.plugin import DETECTOR as UNIVFD
+from streamguard.training.artifacts import save_probe
 from streamguard.cli import cli
 from streamguard.config import BackboneSettings
 
@@ -49,7 +51,7 @@ def test_onnx_build(tiny: tuple[BackboneSettings, Path], tmp_path: Path, device:
                                        "--weights", f"univfd={head}", str(tmp_path)])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output.strip().splitlines()[-1])
-    assert summary["format"] == "onnx" and summary["models"] == {"univfd": f"univfd-1+{weights_digest(head)}"}
+    assert summary["format"] == "onnx" and summary["models"] == {"univfd": UNIVFD.version(head)}
     model_dir = tmp_path / "univfd"
     assert sorted(p.name for p in model_dir.rglob("*") if p.is_file()) == ["config.pbtxt", "model.onnx"]
 
@@ -67,7 +69,7 @@ def test_onnx_build(tiny: tuple[BackboneSettings, Path], tmp_path: Path, device:
     else:
         assert accelerators == []
 
-    model = UnivFD(load_backbone(backbone), load_probe(head)[0]).eval()
+    model = build_served(UNIVFD, load_backbone(backbone), head).eval()
     pixels = np.random.default_rng(1).normal(size=(5, 3, 224, 224)).astype(np.float32)
     session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
     got = session.run(["LOGITS"], {"PIXELS": pixels})[0]

@@ -18,8 +18,8 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 
 from streamguard.backbone import load_backbone
-from streamguard.builtin.univfd.model import UnivFD, load_probe, weights_digest
-from streamguard.builtin.univfd.plugin import WEIGHTS_DIR
+from streamguard.builtin.cliphead.model import build_served
+from streamguard.builtin.univfd.plugin import DETECTOR as UNIVFD, WEIGHTS_DIR
 from streamguard.config import BackboneSettings, IntakeSettings
 from streamguard.devstack import TritonService, start_triton
 from streamguard.intake import decode_image, prepare
@@ -60,7 +60,7 @@ def _metrics(service: TritonService) -> str:
 def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonService]:
     root = tmp_path_factory.mktemp("triton-univfd")
     result = build_repository(root / "models", device="cpu", models=[MODEL])
-    assert result.models == {MODEL: f"univfd-1+{weights_digest(WEIGHTS_DIR)}"}
+    assert result.models == {MODEL: UNIVFD.version(WEIGHTS_DIR)}
     started = time.monotonic()
     service = start_triton(root / "work", result.repository, [MODEL], timeout_s=120)
     print(f"univfd on triton ready in {time.monotonic() - started:.1f}s")
@@ -73,7 +73,7 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonService]:
 @pytest.fixture(scope="module")
 def expected() -> tuple[np.ndarray, np.ndarray]:
     pixels = _images()
-    model = UnivFD(load_backbone(BackboneSettings(), "cpu"), load_probe(WEIGHTS_DIR)[0]).eval()
+    model = build_served(UNIVFD, load_backbone(BackboneSettings(), "cpu"), WEIGHTS_DIR).eval()
     with torch.inference_mode():
         logits = model(torch.from_numpy(pixels)).numpy()
     return pixels, logits
@@ -96,7 +96,7 @@ def test_logits_match_in_process_model(triton: TritonService, expected: tuple[np
     try:
         assert client.is_model_ready(MODEL)
         config = client.get_model_config(MODEL, as_json=True)["config"]
-        assert config["parameters"]["streamguard_version"]["string_value"] == f"univfd-1+{weights_digest(WEIGHTS_DIR)}"
+        assert config["parameters"]["streamguard_version"]["string_value"] == UNIVFD.version(WEIGHTS_DIR)
         assert client.get_model_metadata(MODEL, as_json=True)["versions"] == ["1"]
         # What the server parsed, not the file (REJECT is the enum default: JSON leaves it out).
         policy = config["dynamic_batching"]["default_queue_policy"]

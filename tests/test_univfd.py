@@ -13,12 +13,13 @@ import pytest
 from PIL import Image
 
 from images import encode, noise
-from streamguard.builtin.univfd.model import LinearProbe, save_probe
+from streamguard.builtin.cliphead.model import LinearProbe
 from streamguard.builtin.univfd.plugin import WEIGHTS_DIR
 from streamguard.config import load_settings
 from streamguard.detectors.spec import Calibration
 from streamguard.plugins import build_plugin_manager
 from streamguard.scoring import ImageJob, Scorer
+from streamguard.training.artifacts import save_probe
 
 
 # univfd on, the other CLIP detectors off: this file is about univfd (they have tests of their own).

@@ -94,14 +94,19 @@ def channel_args() -> list[tuple[str, Any]]:
 
 class TritonBackend:
     """`DetectorBackend` for one Triton model. ``expected_version`` is the detector spec's version, which
-    the model's ``streamguard_version`` parameter must equal."""
+    the model's ``streamguard_version`` parameter must equal.
+
+    A model with several outputs (the shared-trunk ensemble: one logit per detector) is called through
+    `infer`, with each detector's version in a parameter of its own (`expect`)."""
 
     def __init__(self, model: str, settings: TritonSettings, expected_version: str | None = None,
-                 detector: str | None = None) -> None:
+                 detector: str | None = None, outputs: Sequence[str] = (OUTPUT,)) -> None:
         self.model = model
         self.detector = detector or model
         self._settings = settings
-        self._expected_version = expected_version
+        self._outputs = tuple(outputs)
+        self._expected: dict[str, str] = {} if expected_version is None else {VERSION_PARAMETER: expected_version}
+        self._checked = False
         self._served_version: str | None = None
         self._breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s)
         self._ready_at = -1.0
@@ -123,22 +128,34 @@ class TritonBackend:
             return []
         if any(item.pixels is None for item in batch):
             raise ValueError("the Triton backend needs pixels; declare an InputContract on the detector")
+        pixels = np.stack([item.pixels for item in batch])  # type: ignore[misc]
+        return [float(v) for v in self.infer(pixels)[self._outputs[0]]]
+
+    def infer(self, pixels: np.ndarray, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """One value per image of each of ``outputs`` (default: all of this backend's), for (N, 3, H, W)
+        pixels; raises `BackendUnavailable` when Triton stays away past the retry budget."""
+        wanted = tuple(outputs) if outputs is not None else self._outputs
         if not self._breaker.allow():
             raise BackendUnavailable(f"triton model {self.model!r}: circuit open after repeated unavailability")
-        pixels = np.ascontiguousarray(np.stack([item.pixels for item in batch]), dtype=np.float32)  # type: ignore[misc]
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
         budget = self._settings.retry_budget_s
         # Retries start until the budget is spent; the last one may then take a whole request timeout.
         wait = budget + self._settings.request_timeout_s + 5
         try:
-            if self._served_version is None:
+            if not self._checked:
                 self._run(self._check_version(time.monotonic() + budget), timeout=wait)
-            logits = self._run(self._infer_all(pixels, time.monotonic() + budget), timeout=wait)
+            values = self._run(self._infer_all(pixels, wanted, time.monotonic() + budget), timeout=wait)
         except BackendUnavailable:
             self._breaker.record(False)
             self._mark_unready()
             raise
         self._breaker.record(True)
-        return [float(v) for v in logits]
+        return values
+
+    def expect(self, parameter: str, version: str) -> None:
+        """Require the model's config parameter ``parameter`` to be ``version`` (checked before the next call)."""
+        self._expected[parameter] = version
+        self._checked = False
 
     def ready(self) -> bool:
         """Triton says the model is ready and serves the expected version; cached ``ready_cache_s``."""
@@ -193,36 +210,44 @@ class TritonBackend:
         if not await self._client.is_model_ready(self.model, client_timeout=timeout):
             return False
         # A restarted server may serve other weights: read the version again on every recovery.
-        self._served_version = None
+        self._checked = False
         await self._check_version(time.monotonic() + timeout)
         return True
 
     async def _check_version(self, deadline: float) -> None:
         config = await self._retrying(lambda: self._client.get_model_config(
             self.model, as_json=True, client_timeout=min(5.0, self._settings.request_timeout_s)), deadline)
-        served = config.get("config", {}).get("parameters", {}).get(VERSION_PARAMETER, {}).get("string_value", "")
-        if self._expected_version is not None and served != self._expected_version:
-            log.error("triton.version_mismatch", model=self.model, served=served, expected=self._expected_version)
-            raise VersionMismatch(
-                f"triton model {self.model!r} serves version {served or '(none)'!r}, the worker expects "
-                f"{self._expected_version!r}: rebuild the repository from the same weights"
-            )
-        self._served_version = served or None
+        parameters = config.get("config", {}).get("parameters", {})
 
-    async def _infer_all(self, pixels: np.ndarray, deadline: float) -> np.ndarray:
+        def served(key: str) -> str:
+            return str(parameters.get(key, {}).get("string_value", ""))
+
+        for key, expected in self._expected.items():
+            if served(key) != expected:
+                log.error("triton.version_mismatch", model=self.model, parameter=key, served=served(key),
+                          expected=expected)
+                raise VersionMismatch(
+                    f"triton model {self.model!r} serves version {served(key) or '(none)'!r}"
+                    f"{'' if key == VERSION_PARAMETER else f' in {key}'}, the worker expects {expected!r}: "
+                    "rebuild the repository from the same weights"
+                )
+        self._served_version = served(VERSION_PARAMETER) or None
+        self._checked = True
+
+    async def _infer_all(self, pixels: np.ndarray, outputs: Sequence[str], deadline: float) -> dict[str, np.ndarray]:
         size = self._settings.request_batch_size
         parts = [pixels[lo : lo + size] for lo in range(0, len(pixels), size)]
-        results = await asyncio.gather(*(self._infer_one(part, deadline) for part in parts))
-        return np.concatenate(results)
+        results = await asyncio.gather(*(self._infer_one(part, outputs, deadline) for part in parts))
+        return {name: np.concatenate([part[name] for part in results]) for name in outputs}
 
-    async def _infer_one(self, pixels: np.ndarray, deadline: float) -> np.ndarray:
+    async def _infer_one(self, pixels: np.ndarray, names: Sequence[str], deadline: float) -> dict[str, np.ndarray]:
         from tritonclient.grpc import InferInput, InferRequestedOutput
 
         tensor = InferInput(INPUT, list(pixels.shape), "FP32")
         tensor.set_data_from_numpy(pixels)
-        outputs = [InferRequestedOutput(OUTPUT)]
+        outputs = [InferRequestedOutput(name) for name in names]
 
-        async def call() -> np.ndarray:
+        async def call() -> dict[str, np.ndarray]:
             # The full request timeout every attempt: the retry budget bounds waiting for an absent server,
             # not how long a present one may compute.
             timeout = self._settings.request_timeout_s
@@ -231,11 +256,14 @@ class TritonBackend:
                 # client has already given up on, instead of computing it for nobody.
                 result = await self._client.infer(self.model, [tensor], outputs=outputs, client_timeout=timeout,
                                                   timeout=int(timeout * 1_000_000))
-            logits = result.as_numpy(OUTPUT)
-            if logits is None or logits.shape[0] != pixels.shape[0]:
-                raise ValueError(f"triton model {self.model!r} returned {None if logits is None else logits.shape} "
-                                 f"for {pixels.shape[0]} images")
-            return logits.reshape(pixels.shape[0], -1)[:, 0]
+            values = {}
+            for name in names:
+                logits = result.as_numpy(name)
+                if logits is None or logits.shape[0] != pixels.shape[0]:
+                    raise ValueError(f"triton model {self.model!r} returned {None if logits is None else logits.shape} "
+                                     f"of {name} for {pixels.shape[0]} images")
+                values[name] = logits.reshape(pixels.shape[0], -1)[:, 0]
+            return values
 
         return await self._retrying(call, deadline)
 

@@ -39,7 +39,7 @@ def train_univfd_command(app: AppContext, data: tuple[str, ...], out: Path | Non
     """Fit the UnivFD linear probe on frozen CLIP embeddings; writes head, calibration and a report."""
     require("`streamguard train univfd`", "inprocess", "eval")
     from streamguard.builtin.univfd.plugin import WEIGHTS_DIR
-    from streamguard.builtin.univfd.train import TrainConfig, train_univfd
+    from streamguard.training.univfd import TrainConfig, train_univfd
 
     cfg = TrainConfig(data=data, out=out or WEIGHTS_DIR, seed=seed, limit_per_group=limit_per_group,
                       device=device, augment=not no_augment, holdout_generators=holdout_generators,
@@ -115,7 +115,7 @@ def _finetune_options(modes: tuple[str, ...], default_mode: str):  # type: ignor
 def _run_finetune(app: AppContext, method: str, default_out: Path, options: dict[str, Any],
                   method_config: dict[str, Any]) -> None:
     require(f"`streamguard train {method}`", "inprocess", "eval")
-    from streamguard.training.lora import LoraConfig
+    from streamguard.backbone.lora import LoraConfig
     from streamguard.training.mpft import MpftConfig
     from streamguard.training.pinclip import PinClipConfig
     from streamguard.training.recipe import Recipe, train_detector

@@ -38,9 +38,12 @@ def _weights(values: tuple[str, ...]) -> dict[str, Path]:
               help="Detector to include (repeatable; default: every built-in detector that has weights).")
 @click.option("--weights", "weights", multiple=True, metavar="NAME=DIR",
               help="A detector's weights directory instead of the shipped one (repeatable).")
+@click.option("--shared-trunk", is_flag=True,
+              help="Also write the detectors on one shared CLIP trunk: the trunk, a head each and the ensemble "
+                   "the worker calls with triton.trunk_model (python format only).")
 @pass_app
 def triton_build_command(app: AppContext, out: Path, device: str, fmt: str, models: tuple[str, ...],
-                         weights: tuple[str, ...]) -> None:
+                         weights: tuple[str, ...], shared_trunk: bool) -> None:
     """Write OUT/<detector>: config.pbtxt plus 1/model.py (python) or 1/model.onnx (onnx), with its version."""
     require("`streamguard triton build`", "inprocess")
     from streamguard.triton.build import build_repository
@@ -48,8 +51,13 @@ def triton_build_command(app: AppContext, out: Path, device: str, fmt: str, mode
     try:
         result = build_repository(out, device=device, weights=_weights(weights),  # type: ignore[arg-type]
                                   backbone=app.settings.backbone, fmt=fmt,  # type: ignore[arg-type]
-                                  models=list(models) or None)
+                                  models=list(models) or None, shared_trunk=shared_trunk)
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(json.dumps({"repository": str(result.repository), "device": result.device,
-                           "format": result.format, "models": result.models}))
+    summary = {"repository": str(result.repository), "device": result.device, "format": result.format,
+               "models": result.models}
+    if shared_trunk:
+        from streamguard.triton.shared_trunk import ENSEMBLE_MODEL
+
+        summary["shared_trunk"] = {"model": ENSEMBLE_MODEL, "detectors": result.shared_trunk}
+    click.echo(json.dumps(summary))

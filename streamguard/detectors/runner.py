@@ -32,8 +32,8 @@ from streamguard.detectors.spec import (
     DetectorInput,
     DetectorSpec,
     LoadContext,
-    sigmoid,
 )
+from streamguard.detectors.trunk import SharedTrunks
 from streamguard.extras import require
 from streamguard.schemas import DetectorScore
 
@@ -60,7 +60,10 @@ class DetectorUnavailable(Exception):
 
 
 class DetectorRunner:
-    def __init__(self, spec: DetectorSpec, settings: DetectorSettings, triton: TritonSettings | None = None) -> None:
+    def __init__(self, spec: DetectorSpec, settings: DetectorSettings, triton: TritonSettings | None = None,
+                 trunks: SharedTrunks | None = None) -> None:
+        """``trunks``: where a detector that declares a trunk gets its branch (in-process, or the shared-trunk
+        ensemble on Triton); without them, or when they do not serve it, it loads its own model."""
         self.spec = spec
         self.stats = DetectorStats()
         self._triton = triton or TritonSettings()
@@ -69,6 +72,7 @@ class DetectorRunner:
             # A third-party detector with no Triton model still runs: in-process, and said so once.
             log.warning("detector.no_triton_model", detector=spec.name, backend="inprocess")
             self.backend_kind = "inprocess"
+        self._trunks = trunks if trunks is not None and trunks.serves(spec, self.backend_kind) else None
         self._timeout_s = settings.timeout_s
         self._ctx = LoadContext(device=settings.device, options=settings.options.get(spec.name, {}))
         self._breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s)
@@ -95,16 +99,20 @@ class DetectorRunner:
             log.error("detector.load_failed", detector=self.spec.name, error=self.load_error)
             return
         log.info("detector.loaded", detector=self.spec.name, version=self.spec.version, backend=self.backend_kind,
-                 seconds=round(time.perf_counter() - t0, 3))
+                 shared_trunk=self._trunks is not None, seconds=round(time.perf_counter() - t0, 3))
 
     def _load(self) -> DetectorBackend:
         if self.backend_kind == "triton":
             require("the Triton detector backend", "triton-client")
+            if self._trunks is not None:
+                return self._trunks.backend(self.spec, self._ctx, "triton")
             from streamguard.backends.triton_grpc import TritonBackend
 
             model = self._triton.models.get(self.spec.name, self.spec.triton_model)
             assert model is not None
             return TritonBackend(model, self._triton, expected_version=self.spec.version, detector=self.spec.name)
+        if self._trunks is not None:
+            return self._trunks.backend(self.spec, self._ctx, "inprocess")
         return self.spec.load(self._ctx)
 
     def submit(self, batch: Sequence[DetectorInput]) -> Future[list[float | None]] | str:
@@ -155,12 +163,14 @@ class DetectorRunner:
     def _score(self, raw: float | None, latency_ms: float, error: str | None) -> DetectorScore:
         if error is None and raw is not None and not math.isfinite(raw):
             error, raw = "non-finite logit", None
-        logit = None if raw is None or error else self.spec.calibration.apply(float(raw))
+        raw = None if raw is None or error else float(raw)
+        calibration = self.spec.calibration
         return DetectorScore(
             detector=self.spec.name,
             version=self.spec.version,
-            logit=logit,
-            probability=None if logit is None else sigmoid(logit),
+            raw_logit=raw,
+            logit=None if raw is None else calibration.apply(raw),
+            probability=None if raw is None else calibration.probability(raw),
             latency_ms=latency_ms,
             error=error,
         )

@@ -6,18 +6,21 @@ weights load only when the worker or a command calls ``spec.load``, once, at sta
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+# Re-exported: a spec carries its calibration, and plugins import both from here.
+from streamguard.detectors.calibration import CALIBRATION_FILE, Calibration, sigmoid
 from streamguard.intake.contract import InputContract
 from streamguard.intake.decode import DecodedImage
+
+__all__ = ["CALIBRATION_FILE", "CLIP_TRUNK", "BackendUnavailable", "BranchContext", "Calibration", "DetectorBackend",
+           "DetectorInput", "DetectorSpec", "LoadContext", "TrunkSpec", "sigmoid"]
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
@@ -66,37 +69,43 @@ class LoadContext:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
-CALIBRATION_FILE = "calibration.json"
+CLIP_TRUNK = "clip"
 
 
 @dataclass(frozen=True)
-class Calibration:
-    """Platt scaling of the raw logit: calibrated = scale * logit + bias. Temperature T is scale = 1/T.
+class BranchContext:
+    """What a head's loader may use: the shared trunk's loaded backbone, the torch device and the
+    detector's own options. The backbone is shared by every head on the trunk: copy what you change."""
 
-    Stored beside a detector's weights as ``calibration.json`` (`save`/`load`), with how it was fitted.
+    trunk: Any  # for ``"clip"``: the `streamguard.backbone.ClipImageEncoder` of the ``backbone.*`` settings
+    device: str = "cpu"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrunkSpec:
+    """A detector that is a head on a shared backbone: in-process, the backbone's blocks up to the branch
+    point run once per batch for every detector that branches off it, instead of once per detector.
+
+    - ``backbone``: which trunk. ``"clip"`` (`CLIP_TRUNK`) is the CLIP image encoder of the ``backbone.*``
+      settings, the one the built-in detectors stand on; it takes CLIP-normalised pixels.
+    - ``branch_block``: the first encoder block the head runs itself. The head receives the hidden states
+      entering that block, (N, 1 + patches, hidden) with the class token first; 0 is the token embeddings
+      (pre-layernorm applied) and None the output of the last block (before the post-layernorm).
+    - ``load_head``: builds the head, a torch module from those hidden states to one logit per image.
+      Called once per process, with the trunk loaded.
+
+    A detector with a trunk still needs ``DetectorSpec.load`` (its whole model): it is used when
+    ``detectors.shared_trunk`` is off and for benchmarks and parity checks.
     """
 
-    scale: float = 1.0
-    bias: float = 0.0
-    method: str = "identity"
-    fitted_on: str = ""
+    backbone: str
+    branch_block: int | None
+    load_head: Callable[[BranchContext], Any]
 
-    def apply(self, logit: float) -> float:
-        return self.scale * logit + self.bias
-
-    def save(self, weights_dir: Path) -> Path:
-        path = weights_dir / CALIBRATION_FILE
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        return path
-
-    @classmethod
-    def load(cls, weights_dir: Path) -> Calibration:
-        """The stored calibration, or identity when the detector has none yet."""
-        path = weights_dir / CALIBRATION_FILE
-        if not path.is_file():
-            return cls()
-        data = json.loads(path.read_text())
-        return cls(**{k: data[k] for k in ("scale", "bias", "method", "fitted_on") if k in data})
+    def __post_init__(self) -> None:
+        if self.branch_block is not None and self.branch_block < 0:
+            raise ValueError(f"branch_block counts blocks from the input and cannot be {self.branch_block}")
 
 
 @dataclass(frozen=True)
@@ -112,6 +121,8 @@ class DetectorSpec:
     - ``triton_model``: the model serving it on Triton, when ``detectors.backend`` selects Triton. The model
       takes the contract's pixels as ``PIXELS`` and returns ``LOGITS``, and its config parameter
       ``streamguard_version`` must equal ``version`` (else its logits would meet another calibration).
+    - ``trunk``: where it branches off a shared backbone, if it does (see `TrunkSpec`); None: it runs
+      its own whole model, as any detector may.
     """
 
     name: str
@@ -123,16 +134,10 @@ class DetectorSpec:
     weights_dir: Path | None = None  # where its weights and calibration.json live, for `calibrate`
     # Its model's name in a Triton repository (`streamguard triton build`); None: it runs in-process only.
     triton_model: str | None = None
+    trunk: TrunkSpec | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
             raise ValueError(f"detector name {self.name!r} must match {_NAME.pattern}")
         if not self.version:
             raise ValueError(f"detector {self.name!r} needs a version")
-
-
-def sigmoid(logit: float) -> float:
-    if logit >= 0:
-        return 1.0 / (1.0 + math.exp(-logit))
-    z = math.exp(logit)
-    return z / (1.0 + z)

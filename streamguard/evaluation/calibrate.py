@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 from scipy.optimize import minimize
 
-from streamguard.detectors.spec import Calibration
+from streamguard.detectors.calibration import Calibration, sigmoid
 from streamguard.evaluation.metrics import expected_calibration_error, log_loss
 
 Method = Literal["temperature", "platt"]
@@ -30,14 +30,9 @@ class CalibrationQuality:
     log_loss: float | None
 
 
-def _probabilities(logits: np.ndarray, calibration: Calibration) -> np.ndarray:
-    z = calibration.scale * logits + calibration.bias
-    return np.exp(-np.logaddexp(0.0, -z))  # sigmoid without overflow for large |z|
-
-
 def quality(logits: Sequence[float], labels: Sequence[int], calibration: Calibration) -> CalibrationQuality:
     x, y = np.asarray(logits, dtype=np.float64), np.asarray(labels, dtype=np.float64)
-    p = _probabilities(x, calibration)
+    p = calibration.probability(x)
     return CalibrationQuality(expected_calibration_error(y, p), log_loss(y, p))
 
 
@@ -53,7 +48,7 @@ def fit_calibration(
         scale, bias = params[0], params[1] if method == "platt" else 0.0
         z = scale * x + bias
         value = float(np.mean(np.logaddexp(0.0, z) - y * z))
-        residual = np.exp(-np.logaddexp(0.0, -z)) - y
+        residual = sigmoid(z) - y
         grad = [np.mean(residual * x)] + ([np.mean(residual)] if method == "platt" else [])
         return value, np.asarray(grad)
 

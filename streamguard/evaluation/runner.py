@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from streamguard.config import Settings
-from streamguard.detectors.spec import Calibration, DetectorSpec, sigmoid
+from streamguard.detectors.spec import DetectorSpec
 from streamguard.evaluation.cache import MISSING, ScoreCache
 from streamguard.evaluation.datasets import Sample, SampleReader, SampleReadError
 from streamguard.evaluation.perturb import NONE, cache_tag, perturb
@@ -90,12 +90,6 @@ def restrict_to(settings: Settings, pm: pluggy.PluginManager, detector: str) -> 
 
 def _error(exc: BaseException) -> str:
     return f"{getattr(exc, 'error_type', type(exc).__name__)}: {exc}"
-
-
-def _raw_logit(calibrated: float, calibration: Calibration) -> float:
-    if calibration.scale == 0:
-        raise ValueError("calibration scale is 0: the raw logit cannot be recovered")
-    return (calibrated - calibration.bias) / calibration.scale
 
 
 class EvalRunner:
@@ -289,16 +283,12 @@ class EvalRunner:
         score = next((s for s in verdict.scores if s.detector == self.detector), None)
         if score is None:
             return None, f"InternalError: no score from {self.detector}"
-        if score.logit is None:
-            return None, None
-        try:
-            return _raw_logit(score.logit, self._scorer.specs[0].calibration), None
-        except ValueError as exc:
-            return None, f"CalibrationError: {exc}"
+        # The score keeps the model's own logit: no undoing a calibration (which a zero scale cannot undo).
+        return score.raw_logit, None
 
     def _result(self, sample: Sample, perturbation: str, value: float | None, *, cached: bool) -> ScoredSample:
         if value is None or self.detector == FUSED:
             return ScoredSample(sample, perturbation, value, None, cached=cached)
         # Both fresh and cached scores go through the same arithmetic, so re-runs agree to the last bit.
-        probability = sigmoid(self._scorer.specs[0].calibration.apply(value))
+        probability = self._scorer.specs[0].calibration.probability(value)
         return ScoredSample(sample, perturbation, probability, value, cached=cached)

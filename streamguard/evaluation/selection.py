@@ -95,10 +95,6 @@ def choose_weights(scored: Scored, step: float = 0.1) -> WeightChoice:
     return WeightChoice(best, auc(best), auc(equal))
 
 
-def sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-z))
-
-
 def _by_group(labels: np.ndarray, groups: Sequence[str], label: int) -> dict[str, np.ndarray]:
     names = sorted({g for g, y in zip(groups, labels.tolist(), strict=True) if y == label})
     index = np.asarray(groups)

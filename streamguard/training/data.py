@@ -1,7 +1,7 @@
 """Training data: splits and held-out groups, the shared augmentation, and batches for the loop.
 
-Both classes go through the same augmentation as UnivFD's training (`streamguard.builtin.univfd.train`:
-shortest side rescaled to 160-512 px, JPEG at quality 60-95), seeded per sample and per augmentation
+Both classes go through the same augmentation (`augment`, which UnivFD's training uses too: shortest side
+rescaled to 160-512 px, JPEG at quality 60-95), seeded per sample and per augmentation
 variant: epoch e trains on variant ``e mod variants``, so each image is seen under a few different
 rescalings and qualities while the prefix cache stays finite. Validation and test use variant 0.
 
@@ -12,6 +12,7 @@ the rest, so a held-out generator is scored against real images the model never 
 
 from __future__ import annotations
 
+import io
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -20,12 +21,12 @@ from itertools import groupby
 import numpy as np
 import structlog
 import torch
+from PIL import Image
 
-from streamguard.builtin.univfd.train import augment
+from streamguard.builtin.cliphead import CONTRACT
 from streamguard.config import IntakeSettings
 from streamguard.evaluation.datasets import FAKE, Sample, SampleReader
 from streamguard.intake import decode_image, prepare
-from streamguard.training.artifacts import CONTRACT
 from streamguard.training.model import TunedClip
 from streamguard.training.mpft import texture_scores
 from streamguard.training.prefix_cache import PrefixCache
@@ -33,6 +34,19 @@ from streamguard.training.prefix_cache import PrefixCache
 log = structlog.get_logger(__name__)
 
 NO_AUGMENTATION = "none"
+
+
+def augment(data: bytes, rng: random.Random) -> bytes:
+    """The same for both classes: shortest side rescaled to 160-512 px, then JPEG at quality 60-95."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    img = img.convert("RGB")
+    side = rng.randint(160, 512)
+    scale = side / min(img.size)
+    img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=rng.randint(60, 95))
+    return out.getvalue()
 
 
 @dataclass(frozen=True)

@@ -1,44 +1,18 @@
-"""LoRA (Hu et al., 2021) on the attention projections of a CLIP ViT, and merging it into the weights.
+"""Trainable LoRA adapters on a CLIP ViT's attention projections: added, saved, loaded, merged.
 
-An adapted projection computes ``W x + b + (alpha / rank) * B A x`` with A (rank x in) and B (out x rank).
-B starts at zero, so an untrained adapter is exactly the base model; merged (``W + (alpha / rank) B A``)
-the served encoder costs what the base costs. Only A and B are ever saved: a few hundred KB for
-ViT-B/16, against 340 MB for the encoder they adapt.
+B starts at zero, so an untrained adapter is exactly the base model. The file format, the layout check
+and merging saved adapters for serving live beside the backbone (`streamguard.backbone.lora`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 import torch
 from transformers import CLIPVisionModelWithProjection
 
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
-FORMAT = "streamguard-lora-1"
-
-
-class LoraMismatch(ValueError):
-    """Adapters that do not fit the encoder they are applied to (another architecture or backbone)."""
-
-
-@dataclass(frozen=True)
-class LoraConfig:
-    rank: int = 8
-    alpha: float = 16.0
-    targets: tuple[str, ...] = ("q_proj", "v_proj")
-
-    def __post_init__(self) -> None:
-        if self.rank <= 0:
-            raise ValueError(f"LoRA rank must be positive, not {self.rank}")
-        unknown = sorted(set(self.targets) - set(ATTENTION_PROJECTIONS))
-        if unknown or not self.targets:
-            raise ValueError(f"LoRA targets must be among {ATTENTION_PROJECTIONS}, not {self.targets}")
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.rank
+from streamguard.backbone.lora import LoraConfig, LoraMismatch, projection_path
 
 
 class LoraLinear(torch.nn.Module):
@@ -67,11 +41,6 @@ class LoraLinear(torch.nn.Module):
             if self.base.bias is not None:
                 out.bias.copy_(self.base.bias)
         return out.requires_grad_(False)
-
-
-def projection_path(layer: int, target: str) -> str:
-    """The transformers name of one attention projection (also the prefix of its adapter's tensors)."""
-    return f"vision_model.encoder.layers.{layer}.self_attn.{target}"
 
 
 def add_lora(model: CLIPVisionModelWithProjection, layers: Iterable[int], cfg: LoraConfig, seed: int) -> None:
@@ -126,25 +95,3 @@ def merge_lora(model: CLIPVisionModelWithProjection) -> int:
         parent, _, attr = path.rpartition(".")
         setattr(model.get_submodule(parent), attr, module.merged())
     return len(modules)
-
-
-def adapter_layout(state: Mapping[str, torch.Tensor]) -> tuple[list[int], list[str], int, int]:
-    """(layers, targets, rank, in_features) read off saved adapter tensors."""
-    layers: set[int] = set()
-    targets: set[str] = set()
-    ranks: set[int] = set()
-    widths: set[int] = set()
-    for name, tensor in state.items():
-        parts = name.split(".")
-        # vision_model.encoder.layers.<i>.self_attn.<target>.lora_<A|B>
-        if (len(parts) != 7 or parts[:3] != ["vision_model", "encoder", "layers"] or not parts[3].isdigit()
-                or parts[5] not in ATTENTION_PROJECTIONS or parts[6] not in ("lora_A", "lora_B")):
-            raise LoraMismatch(f"not a LoRA tensor of a CLIP vision layer: {name}")
-        layers.add(int(parts[3]))
-        targets.add(parts[5])
-        if parts[6] == "lora_A":
-            ranks.add(int(tensor.shape[0]))
-            widths.add(int(tensor.shape[1]))
-    if len(ranks) != 1 or len(widths) != 1:
-        raise LoraMismatch(f"inconsistent adapters: ranks {sorted(ranks)}, input widths {sorted(widths)}")
-    return sorted(layers), sorted(targets, key=ATTENTION_PROJECTIONS.index), ranks.pop(), widths.pop()

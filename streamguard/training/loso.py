@@ -24,6 +24,7 @@ import numpy as np
 import structlog
 
 from streamguard.config import Settings
+from streamguard.detectors.calibration import sigmoid
 from streamguard.evaluation.datasets import FAKE, Sample
 from streamguard.evaluation.selection import (
     Scored,
@@ -31,7 +32,6 @@ from streamguard.evaluation.selection import (
     choose_thresholds,
     choose_weights,
     fuse,
-    sigmoid,
     verdict_rates,
 )
 from streamguard.training.held_out import HELD_OUT_FILE, HeldOutScore, load_held_out
@@ -136,7 +136,7 @@ def train_fold(settings: Settings, cfg: LosoConfig, method: str, fold: Fold) -> 
     log.info("loso.fold_start", method=method, fold=fold.name, generators=list(fold.generators),
              sources=list(fold.sources))
     if method == "univfd":
-        from streamguard.builtin.univfd.train import TrainConfig, train_univfd
+        from streamguard.training.univfd import TrainConfig, train_univfd
 
         train_univfd(settings, TrainConfig(
             data=cfg.data, out=directory, seed=cfg.seed, limit_per_group=cfg.limit_per_group, device=cfg.device,

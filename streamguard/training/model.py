@@ -1,17 +1,18 @@
 """The model under training: frozen blocks, LoRA'd tuned blocks, the projection, a linear head.
 
 Blocks ``[0, start)`` are the frozen prefix (their output can be cached); blocks ``[start, L)`` carry
-LoRA adapters. The head reads the L2-normalised image embedding, as the served model does (`artifacts`).
+LoRA adapters. The head reads the L2-normalised image embedding, as the served model does
+(`streamguard.builtin.cliphead`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from streamguard.backbone import ClipImageEncoder
-from streamguard.builtin.univfd.model import LinearProbe
-from streamguard.training import vit
-from streamguard.training.lora import LoraConfig, add_lora, load_lora_state, lora_modules, lora_state
+from streamguard.backbone import ClipImageEncoder, vit
+from streamguard.backbone.lora import LoraConfig
+from streamguard.builtin.cliphead.model import LinearProbe
+from streamguard.training.lora import add_lora, load_lora_state, lora_modules, lora_state
 
 _HEAD_INIT_STD = 0.01
 
@@ -25,6 +26,17 @@ def tuned_start(encoder: ClipImageEncoder, tune_blocks: int | None) -> int:
         raise ValueError(f"--tune-blocks must be between 1 and the encoder's {total} blocks (or 'all'), "
                          f"not {tune_blocks}")
     return total - tune_blocks
+
+
+def keep_tokens(hidden: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """The class token plus the patch tokens indexed by ``keep`` (N, K), 0-based among patches.
+
+    Position embeddings were added when the tokens were made, so a kept token still knows where it is.
+    """
+    if keep is None:
+        return hidden
+    index = (keep + 1).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    return torch.cat([hidden[:, :1], torch.gather(hidden, 1, index)], dim=1)
 
 
 class TunedClip(torch.nn.Module):
@@ -53,7 +65,7 @@ class TunedClip(torch.nn.Module):
 
     def features(self, hidden: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """L2-normalised image embeddings from the prefix output, with only the ``keep`` patch tokens."""
-        hidden = vit.keep_tokens(hidden, keep)
+        hidden = keep_tokens(hidden, keep)
         out = vit.run_blocks(self.encoder, hidden, self.start, vit.num_layers(self.encoder))
         return torch.nn.functional.normalize(vit.pool(self.encoder, out), dim=-1)
 

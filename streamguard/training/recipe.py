@@ -20,14 +20,14 @@ from typing import Any, Literal
 import numpy as np
 import structlog
 
-from streamguard.backbone import load_backbone
+from streamguard.backbone import load_backbone, vit
+from streamguard.backbone.lora import LoraConfig
+from streamguard.builtin.cliphead import CONTRACT, TRAINING_FILE, builtin_detectors
 from streamguard.config import Settings
-from streamguard.detectors.spec import Calibration
-from streamguard.training import vit
-from streamguard.training.artifacts import CONTRACT, TRAINING_FILE, detector_version, save_detector
+from streamguard.detectors.calibration import Calibration
+from streamguard.training.artifacts import save_detector
 from streamguard.training.data import NO_AUGMENTATION, Entry, Feed, Splits, augmentation_key, split_samples
 from streamguard.training.held_out import HELD_OUT_FILE, held_out_scores, save_held_out
-from streamguard.training.lora import LoraConfig
 from streamguard.training.model import TunedClip, tuned_start
 from streamguard.training.mpft import MpftConfig, MpftObjective
 from streamguard.training.objective import Objective
@@ -154,7 +154,7 @@ def _check_splits(splits: Splits) -> None:
 def _grouped(entries: list[Entry], logits: np.ndarray, calibration: Calibration) -> dict[str, Any]:
     from streamguard.evaluation.metrics import grouped_metrics
 
-    scores = (1 / (1 + np.exp(-(calibration.scale * logits + calibration.bias)))).tolist()
+    scores = calibration.probability(logits).tolist()
     samples = [e.sample for e in entries]
     return grouped_metrics([s.label for s in samples], [s.generator for s in samples],
                            [s.source for s in samples], scores).as_dict()
@@ -238,7 +238,7 @@ def train_detector(settings: Settings, recipe: Recipe) -> dict[str, Any]:
     }
     save_detector(recipe.out, result.best_weights, recipe.lora, encoder, meta)
     calibration.save(recipe.out)
-    report["version"] = detector_version(recipe.method, recipe.out)
+    report["version"] = builtin_detectors()[recipe.method].version(recipe.out)
     if held:
         save_held_out(recipe.out, held_out_scores([e.sample for e in held], held_logits, calibration),
                       report["holdout"], report["version"])

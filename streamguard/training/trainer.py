@@ -26,6 +26,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from streamguard.detectors.calibration import sigmoid
 from streamguard.evaluation.metrics import binary_metrics
 from streamguard.training.checkpoint import load_checkpoint, save_checkpoint
 from streamguard.training.data import Batch, Entry, Feed
@@ -140,7 +141,7 @@ def predict(model: TunedClip, objective: Objective, feed: Feed, entries: Sequenc
 def _validate(model: TunedClip, objective: Objective, feed: Feed, entries: Sequence[Entry],
               batch_size: int) -> dict[str, float | None]:
     logits = predict(model, objective, feed, entries, batch_size)
-    metrics = binary_metrics([e.sample.label for e in entries], (1 / (1 + np.exp(-logits))).tolist())
+    metrics = binary_metrics([e.sample.label for e in entries], sigmoid(logits).tolist())
     return {"auc": metrics.auc, "ap": metrics.ap, "accuracy": metrics.accuracy, "log_loss": metrics.log_loss}
 
 

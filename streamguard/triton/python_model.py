@@ -1,14 +1,19 @@
-"""The Python-backend model every built-in detector uses on Triton: `initialize` loads it, `execute` runs it.
+"""The Python-backend model every built-in model on Triton uses: `initialize` loads it, `execute` runs it.
 
-Each `triton_repo/<detector>/1/model.py` imports this class. What to load comes from the config's
-``parameters`` (written by `streamguard triton build`): the detector's name, its weights directory and the
-backbone's cache or checkpoint, never from the code. Importing it needs Triton's stub
-(``triton_python_backend_utils``), so it is only imported inside Triton.
+Every Python-backend model's ``1/model.py`` (a copy of ``triton_repo/python-model.py``) imports this class.
+What to load comes from the config's ``parameters`` (written by `streamguard triton build`), never from the
+code. The ``role`` parameter says what the model is:
+- ``detector`` (or unset): a whole detector, PIXELS -> LOGITS, from its name and weights directory;
+- ``trunk``: the shared CLIP trunk, PIXELS -> ``HIDDEN_<b>`` for each block b of ``blocks`` (a JSON list);
+- ``head``: a detector's head on the trunk, HIDDEN (the states entering ``branch_block``) -> LOGITS.
+Every role reads the backbone from ``backbone_cache_dir`` / ``backbone_checkpoint``. Importing this module
+needs Triton's stub (``triton_python_backend_utils``), so it is only imported inside Triton.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +22,13 @@ import torch
 import triton_python_backend_utils as pb_utils  # provided by Triton's Python backend stub
 
 from streamguard.backbone import load_backbone
+from streamguard.backends.torch_trunk import ClipTrunk
+from streamguard.builtin.cliphead.model import build_branch, build_served
 from streamguard.config import BackboneSettings
 from streamguard.triton.served import served_detector
+from streamguard.triton.shared_trunk import hidden_tensor
+
+Run = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
 
 def _parameter(config: dict[str, Any], key: str) -> str | None:
@@ -26,34 +36,58 @@ def _parameter(config: dict[str, Any], key: str) -> str | None:
     return value or None
 
 
+def _required(config: dict[str, Any], *keys: str) -> list[str]:
+    values = [_parameter(config, key) for key in keys]
+    if any(value is None for value in values):
+        raise pb_utils.TritonModelException(
+            f"{config.get('name')}: parameters {', '.join(keys)} must be set; build the repository with "
+            "`streamguard triton build`"
+        )
+    return values  # type: ignore[return-value]
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         config = json.loads(args["model_config"])
-        detector, weights_dir = _parameter(config, "detector"), _parameter(config, "weights_dir")
-        cache_dir = _parameter(config, "backbone_cache_dir")
-        if detector is None or weights_dir is None or cache_dir is None:
-            raise pb_utils.TritonModelException(
-                f"{config.get('name')}: parameters detector, weights_dir and backbone_cache_dir must be set; build "
-                "the repository with `streamguard triton build`"
-            )
+        role = _parameter(config, "role") or "detector"
+        (cache_dir,) = _required(config, "backbone_cache_dir")
         checkpoint = _parameter(config, "backbone_checkpoint")
         if args.get("model_instance_kind") == "GPU":
             self.device = f"cuda:{args['model_instance_device_id']}"
         else:
             self.device = "cpu"
         settings = BackboneSettings(cache_dir=Path(cache_dir), checkpoint=Path(checkpoint) if checkpoint else None)
-        served = served_detector(detector)
-        self.model = served.build(load_backbone(settings, self.device), Path(weights_dir)).to(self.device).eval()
+        encoder = load_backbone(settings, self.device)
+        self.input = str(config["input"][0]["name"])
+        self.run: Run
+        if role == "trunk":
+            trunk = ClipTrunk(encoder, self.device)
+            blocks = sorted(int(b) for b in json.loads(_required(config, "blocks")[0]))
+            self.run = lambda x: {hidden_tensor(b): h for b, h in trunk.forward(x, blocks).items()}
+            what = f"trunk to blocks {blocks}"
+        elif role == "head":
+            detector, weights_dir, block = _required(config, "detector", "weights_dir", "branch_block")
+            head = build_branch(served_detector(detector), encoder, Path(weights_dir), int(block)).to(self.device)
+            self.run = lambda hidden: {"LOGITS": head(hidden).reshape(-1, 1)}
+            what = f"{detector} head from block {block}"
+        else:
+            detector, weights_dir = _required(config, "detector", "weights_dir")
+            model = build_served(served_detector(detector), encoder, Path(weights_dir)).to(self.device).eval()
+            self.run = lambda pixels: {"LOGITS": model(pixels).reshape(-1, 1)}
+            what = detector
         pb_utils.Logger.log_info(
-            f"{detector} loaded: version={_parameter(config, 'streamguard_version')} device={self.device}"
+            f"{what} loaded: version={_parameter(config, 'streamguard_version')} device={self.device}"
         )
 
     def execute(self, requests: list[Any]) -> list[Any]:
         # One forward over every request the dynamic batcher handed over.
-        arrays = [pb_utils.get_input_tensor_by_name(r, "PIXELS").as_numpy() for r in requests]
+        arrays = [pb_utils.get_input_tensor_by_name(r, self.input).as_numpy() for r in requests]
         sizes = [a.shape[0] for a in arrays]
-        pixels = torch.from_numpy(np.concatenate(arrays)).to(self.device)
+        batch = torch.from_numpy(np.concatenate(arrays)).to(self.device)
         with torch.inference_mode():
-            logits = self.model(pixels).float().cpu().numpy().reshape(-1, 1)
-        return [pb_utils.InferenceResponse([pb_utils.Tensor("LOGITS", np.ascontiguousarray(part))])
-                for part in np.split(logits, np.cumsum(sizes)[:-1])]
+            outputs = {name: t.float().cpu().numpy() for name, t in self.run(batch).items()}
+        bounds = np.cumsum(sizes)[:-1]
+        parts = {name: np.split(value, bounds) for name, value in outputs.items()}
+        return [pb_utils.InferenceResponse([pb_utils.Tensor(name, np.ascontiguousarray(parts[name][i]))
+                                            for name in outputs])
+                for i in range(len(requests))]

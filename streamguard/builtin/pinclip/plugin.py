@@ -8,17 +8,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from streamguard.builtin.cliphead import ClipHeadDetector
 from streamguard.config import Settings
 from streamguard.hookspecs import hookimpl
-from streamguard.builtin.finetuned import detector_spec, weights_dir
 
-NAME = "pin-clip"
-WEIGHTS_DIR = Path(__file__).parent / "weights"
+DETECTOR = ClipHeadDetector(
+    name="pin-clip",
+    default_weights=Path(__file__).parent / "weights",
+    adapters=True,
+    description="PiN-CLIP: CLIP ViT fine-tuned with LoRA under positive-incentive noise.",
+)
+NAME = DETECTOR.name
+WEIGHTS_DIR = DETECTOR.default_weights
 
 
 @hookimpl
 def register_detectors(register, settings: Settings) -> None:  # type: ignore[no-untyped-def]
-    spec = detector_spec(NAME, weights_dir(settings, NAME, WEIGHTS_DIR), settings,
-                         description="PiN-CLIP: CLIP ViT fine-tuned with LoRA under positive-incentive noise.")
+    spec = DETECTOR.spec(settings)
     if spec is not None:
         register(spec)

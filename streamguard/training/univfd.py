@@ -9,7 +9,6 @@ on the validation split, the temperature is fitted there too, and the test split
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import random
 import time
@@ -20,17 +19,20 @@ from pathlib import Path
 import numpy as np
 import structlog
 import torch
-from PIL import Image
 
 from streamguard.backbone import load_backbone
-from streamguard.builtin.univfd.model import LinearProbe, detector_version, save_probe
+from streamguard.builtin.cliphead import CONTRACT, TRAINING_FILE
+from streamguard.builtin.cliphead.model import LinearProbe
+from streamguard.builtin.univfd.plugin import DETECTOR
 from streamguard.config import Settings
-from streamguard.detectors.spec import Calibration
-from streamguard.intake import InputContract, decode_image, prepare
+from streamguard.detectors.calibration import Calibration
+from streamguard.intake import decode_image, prepare
+from streamguard.training.artifacts import save_probe
+from streamguard.training.data import augment, split_samples
+from streamguard.training.held_out import HELD_OUT_FILE, held_out_scores, save_held_out
 
 log = structlog.get_logger(__name__)
 
-CONTRACT = InputContract(size=224, fit="resize")
 _C_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
 
 
@@ -46,19 +48,6 @@ class TrainConfig:
     cache_dir: Path = Path(".cache/train")
     holdout_generators: tuple[str, ...] = ()
     holdout_sources: tuple[str, ...] = ()
-
-
-def augment(data: bytes, rng: random.Random) -> bytes:
-    """The same for both classes: shortest side rescaled to 160-512 px, then JPEG at quality 60-95."""
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    img = img.convert("RGB")
-    side = rng.randint(160, 512)
-    scale = side / min(img.size)
-    img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BICUBIC)
-    out = io.BytesIO()
-    img.save(out, format="JPEG", quality=rng.randint(60, 95))
-    return out.getvalue()
 
 
 def embed(samples: Sequence, settings: Settings, cfg: TrainConfig, encoder: torch.nn.Module,  # type: ignore[type-arg]
@@ -131,8 +120,6 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
     from streamguard.evaluation import load_samples
     from streamguard.evaluation.calibrate import fit_calibration, quality
     from streamguard.evaluation.metrics import binary_metrics, grouped_metrics
-    from streamguard.training.data import split_samples
-    from streamguard.training.held_out import HELD_OUT_FILE, held_out_scores, save_held_out
 
     samples = load_samples(cfg.data, seed=cfg.seed, limit_per_group=cfg.limit_per_group)
     held_ids = {s.id for s in split_samples(samples, cfg.holdout_generators, cfg.holdout_sources).held_out}
@@ -178,7 +165,7 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
         if name not in data:
             continue
         x, y, kept = data[name]
-        scores = (1 / (1 + np.exp(-(calibration.scale * logits(x) + calibration.bias)))).tolist()
+        scores = calibration.probability(logits(x)).tolist()
         grouped = grouped_metrics(y.tolist(), [s.generator for s in kept], [s.source for s in kept], scores)
         report[name] = grouped.as_dict()
     meta = {
@@ -192,17 +179,17 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
     }
     save_probe(probe, cfg.out, meta)
     calibration.save(cfg.out)
-    report["version"] = detector_version(cfg.out)
+    report["version"] = DETECTOR.version(cfg.out)
     held = [s for s in samples if s.id in held_ids]
     if held:
         x_held, y_held, held = embed(held, settings, cfg, encoder, "original", augmented=False)
         raw = logits(x_held)
-        scores = (1 / (1 + np.exp(-(calibration.scale * raw + calibration.bias)))).tolist()
+        scores = calibration.probability(raw).tolist()
         report["held_out_original"] = grouped_metrics(
             y_held.tolist(), [s.generator for s in held], [s.source for s in held], scores).as_dict()
         save_held_out(cfg.out, held_out_scores(held, raw, calibration), report["holdout"],  # type: ignore[arg-type]
                       str(report["version"]))
     else:
         (cfg.out / HELD_OUT_FILE).unlink(missing_ok=True)  # a stale one would pass for this run's
-    (cfg.out / "training.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+    (cfg.out / TRAINING_FILE).write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
     return report

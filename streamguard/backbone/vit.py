@@ -1,14 +1,15 @@
 """CLIP's vision tower run in parts: tokens, any range of encoder blocks, the pooled image embedding.
 
-``pool(run_blocks(tokens(x), 0, L))`` is exactly ``ClipImageEncoder(x)``; splitting it lets training
-cache the output of the frozen blocks and drop tokens between two blocks.
+``pool(run_blocks(tokens(x), 0, L))`` is exactly ``ClipImageEncoder(x)``; splitting it lets the runtime
+compute the frozen blocks once for every detector that branches off them (`streamguard.backends.trunk`)
+and lets training cache their output and drop tokens between two blocks.
 """
 
 from __future__ import annotations
 
 import torch
 
-from streamguard.backbone import ClipImageEncoder
+from streamguard.backbone.model import ClipImageEncoder
 
 
 def num_layers(encoder: ClipImageEncoder) -> int:
@@ -25,7 +26,12 @@ def tokens(encoder: ClipImageEncoder, pixels: torch.Tensor) -> torch.Tensor:
 
 def run_blocks(encoder: ClipImageEncoder, hidden: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Blocks ``start``..``stop - 1``. Any subset of tokens may come in: CLIP has no attention mask here."""
-    for layer in encoder.model.vision_model.encoder.layers[start:stop]:
+    return run_layers(encoder.model.vision_model.encoder.layers[start:stop], hidden)
+
+
+def run_layers(layers: torch.nn.ModuleList | list[torch.nn.Module], hidden: torch.Tensor) -> torch.Tensor:
+    """Encoder blocks in order, wherever they live (the encoder's own, or a detector's tuned copies)."""
+    for layer in layers:
         hidden = layer(hidden, None)
     return hidden
 
@@ -34,14 +40,3 @@ def pool(encoder: ClipImageEncoder, hidden: torch.Tensor) -> torch.Tensor:
     """The image embedding (N, embed_dim) from the last hidden state: class token, post-layernorm, projection."""
     vision = encoder.model.vision_model
     return encoder.model.visual_projection(vision.post_layernorm(hidden[:, 0]))
-
-
-def keep_tokens(hidden: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """The class token plus the patch tokens indexed by ``keep`` (N, K), 0-based among patches.
-
-    Position embeddings were added when the tokens were made, so a kept token still knows where it is.
-    """
-    if keep is None:
-        return hidden
-    index = (keep + 1).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-    return torch.cat([hidden[:, :1], torch.gather(hidden, 1, index)], dim=1)

@@ -1,0 +1,65 @@
+"""The torch side of shared trunks (`streamguard.detectors.trunk`): running a backbone to its branch points,
+and running a head on what it gives."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from streamguard.backbone import ClipImageEncoder, vit
+
+
+class ClipTrunk:
+    """The CLIP image encoder run block by block, keeping the hidden states at the branch points
+    (a `streamguard.detectors.trunk.LocalTrunk`)."""
+
+    def __init__(self, encoder: ClipImageEncoder, device: str) -> None:
+        self._device = torch.device(device)
+        self._encoder = encoder.eval().requires_grad_(False).to(self._device)
+
+    @property
+    def backbone(self) -> ClipImageEncoder:
+        return self._encoder
+
+    def resolve(self, branch_block: int | None) -> int:
+        total = vit.num_layers(self._encoder)
+        block = total if branch_block is None else branch_block
+        if not 0 <= block <= total:
+            raise ValueError(f"branch_block {branch_block} is not a block of this backbone's {total}")
+        return block
+
+    def run(self, pixels: Sequence[np.ndarray], blocks: Sequence[int]) -> dict[int, torch.Tensor]:
+        return self.forward(torch.from_numpy(np.stack(pixels)).to(self._device), blocks)
+
+    def forward(self, pixels: torch.Tensor, blocks: Sequence[int]) -> dict[int, torch.Tensor]:
+        """The hidden states entering each of ``blocks`` (ascending) for a (N, 3, H, W) batch on the device."""
+        out: dict[int, torch.Tensor] = {}
+        with torch.inference_mode():
+            hidden = vit.tokens(self._encoder, pixels)
+            done = 0
+            for block in blocks:
+                hidden = vit.run_blocks(self._encoder, hidden, done, block)
+                out[block] = hidden
+                done = block
+        return out
+
+    def close(self) -> None:
+        self._encoder.to("cpu")
+
+
+class TorchHead:
+    """A head module from hidden states to one logit per image, as a backend runs it."""
+
+    def __init__(self, module: torch.nn.Module, device: str) -> None:
+        self._module = module.eval().requires_grad_(False).to(torch.device(device))
+
+    def predict(self, hidden: torch.Tensor) -> list[float | None]:
+        with torch.inference_mode():
+            out = self._module(hidden)
+        return list(out.reshape(hidden.shape[0], -1)[:, 0].float().cpu().tolist())
+
+    def close(self) -> None:
+        # Nothing to move: a head shares modules with its trunk (CLIP's pooling), which the trunk releases.
+        pass

@@ -1,0 +1,156 @@
+"""What a built-in CLIP-head detector is, without torch: its files, version, input and `DetectorSpec`.
+
+A weights directory holds ``head.safetensors`` (the linear head), for the detectors that tune the encoder
+``lora.safetensors`` (the adapters only, with the architecture they were made for in its metadata), and
+``calibration.json``, ``meta.json`` (backbone version, recipe) and ``training.json`` (the report).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+
+from streamguard.backends.inprocess import inprocess_loader
+from streamguard.config import Settings
+from streamguard.detectors.spec import CLIP_TRUNK, BranchContext, Calibration, DetectorSpec, LoadContext, TrunkSpec
+from streamguard.intake.contract import InputContract
+
+if TYPE_CHECKING:
+    import torch
+
+log = structlog.get_logger(__name__)
+
+LORA_FILE = "lora.safetensors"
+HEAD_FILE = "head.safetensors"
+META_FILE = "meta.json"
+TRAINING_FILE = "training.json"
+# The served input; training prepares its images with the same contract.
+CONTRACT = InputContract(size=224, fit="resize")
+VERSION_PREFIX = 1  # bump when the served model's structure or preprocessing changes
+
+
+@dataclass(frozen=True)
+class ClipHeadDetector:
+    """One built-in CLIP-head detector. ``adapters``: it tunes the encoder's last blocks with LoRA (pin-clip,
+    mpft) rather than reading the frozen encoder (univfd)."""
+
+    name: str
+    default_weights: Path
+    adapters: bool
+    description: str
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The files its version is made of, in digest order."""
+        return (LORA_FILE, HEAD_FILE) if self.adapters else (HEAD_FILE,)
+
+    def weights_dir(self, settings: Settings) -> Path:
+        """``detectors.options.<name>.weights_dir`` when set, else the shipped folder."""
+        return Path(settings.detectors.options.get(self.name, {}).get("weights_dir", self.default_weights))
+
+    def has_weights(self, directory: Path) -> bool:
+        return all((directory / name).is_file() for name in self.files)
+
+    def weights_digest(self, directory: Path) -> str:
+        """Changes whenever the adapters or the head change: part of the version, hence of dedupe keys."""
+        h = hashlib.sha256()
+        for name in self.files:
+            h.update((directory / name).read_bytes())
+        return h.hexdigest()[:10]
+
+    def version(self, directory: Path) -> str:
+        return f"{self.name}-{VERSION_PREFIX}+{self.weights_digest(directory)}"
+
+    def retrain_hint(self) -> str:
+        return f"retrain it with `streamguard train {self.name}` on this backbone"
+
+    def missing_weights(self, directory: Path) -> str:
+        return (f"no {self.name} weights in {directory} ({' and '.join(self.files)}); train them with "
+                f"`streamguard train {self.name} --out {directory}`")
+
+    def branch_block(self, directory: Path) -> int | None:
+        """Where it branches off the shared CLIP trunk: the first block its adapters tune, or None (after the
+        last block) when it reads the frozen encoder."""
+        return min(adapter_blocks(directory / LORA_FILE)) if self.adapters else None
+
+    def trunk(self, settings: Settings, directory: Path) -> TrunkSpec | None:
+        """Its `TrunkSpec`; None (it runs its whole model) when its adapters cannot be read here: loading them
+        will then say what is wrong."""
+        try:
+            block = self.branch_block(directory)
+        except (OSError, ValueError) as exc:
+            log.warning("detector.no_shared_trunk", detector=self.name, error=f"{type(exc).__name__}: {exc}")
+            return None
+
+        def head(ctx: BranchContext) -> torch.nn.Module:
+            from streamguard.builtin.cliphead.model import build_branch
+
+            return build_branch(self, ctx.trunk, directory, block)
+
+        return TrunkSpec(backbone=CLIP_TRUNK, branch_block=block, load_head=head)
+
+    def spec(self, settings: Settings) -> DetectorSpec | None:
+        """Its `DetectorSpec`, or None (and one warning) while its weights directory holds no trained weights."""
+        directory = self.weights_dir(settings)
+        if not self.has_weights(directory):
+            log.warning("detector.weights_missing", detector=self.name, weights_dir=str(directory),
+                        hint=f"train them with `streamguard train {self.name} --out {directory}`, or set "
+                             f"detectors.options.{self.name}.weights_dir")
+            return None
+
+        def build(ctx: LoadContext) -> torch.nn.Module:
+            from streamguard.backbone import load_backbone
+            from streamguard.builtin.cliphead.model import build_served
+
+            return build_served(self, load_backbone(settings.backbone, ctx.device), directory)
+
+        return DetectorSpec(
+            name=self.name,
+            version=self.version(directory),
+            load=inprocess_loader(build),
+            contract=CONTRACT,
+            calibration=Calibration.load(directory),
+            weights_dir=directory,
+            description=self.description,
+            triton_model=self.name,  # `streamguard triton build` names the model after the detector
+            trunk=self.trunk(settings, directory),
+        )
+
+
+def adapter_blocks(path: Path) -> list[int]:
+    """The encoder blocks a LoRA file adapts, read off its safetensors header alone: registering a detector
+    needs no torch, nor the safetensors package (a worker judging on Triton has neither)."""
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) != 8:
+            raise ValueError(f"{path}: not a safetensors file (too short)")
+        (size,) = struct.unpack("<Q", prefix)
+        if size > 100_000_000:
+            raise ValueError(f"{path}: not a safetensors file (header of {size} bytes)")
+        header = json.loads(handle.read(size))
+    # vision_model.encoder.layers.<i>.self_attn.<target>.lora_<A|B>
+    blocks = {int(name.split(".")[3]) for name in header if name != "__metadata__"
+              if name.startswith("vision_model.encoder.layers.") and name.split(".")[3].isdigit()}
+    if not blocks:
+        raise ValueError(f"{path}: no LoRA adapters of CLIP encoder blocks")
+    return sorted(blocks)
+
+
+def builtin_detectors() -> dict[str, ClipHeadDetector]:
+    """The CLIP-head detectors of the default plugins, by name: what `triton build` serves and what
+    `train` writes. Derived from the plugin list, so a new built-in is served by adding its plugin."""
+    from streamguard.plugins import DEFAULT_PLUGINS
+
+    found: dict[str, ClipHeadDetector] = {}
+    for module in DEFAULT_PLUGINS.values():
+        detector = getattr(importlib.import_module(module), "DETECTOR", None)
+        if isinstance(detector, ClipHeadDetector):
+            found[detector.name] = detector
+    return found

@@ -1,0 +1,120 @@
+"""The shared trunk on Triton: the CLIP trunk as its own model, each detector's head as a model, and an
+ensemble wiring them, so one request per batch runs the frozen blocks once for every detector.
+
+    PIXELS -> clip-trunk -> HIDDEN_<b> per branch block -> <detector>-head -> LOGITS_<detector>
+
+Trunk and heads are Python-backend models from the one template (``python-template.pbtxt``), with their
+tensors and a ``role`` parameter written in; the ensemble (``platform: "ensemble"``) is written here, with
+each detector's version in its own parameter (`shared_trunk.version_parameter`), which the worker checks
+like any model's. Tensor shapes come from the backbone the models will load, so it is loaded once here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+from streamguard.builtin.cliphead import CONTRACT, ClipHeadDetector
+from streamguard.config import BackboneSettings
+from streamguard.triton.pbtxt import (
+    Device,
+    add_parameter,
+    set_kind,
+    set_name,
+    set_parameter,
+    set_tensors,
+    set_warmup_input,
+    tensors,
+)
+from streamguard.triton.shared_trunk import (
+    ENSEMBLE_MODEL,
+    HEAD_INPUT,
+    TRUNK_MODEL,
+    ensemble_output,
+    head_model,
+    hidden_tensor,
+    version_parameter,
+)
+
+PIXELS = ("PIXELS", (3, CONTRACT.size, CONTRACT.size))
+LOGITS = ("LOGITS", (1,))
+
+
+def build_shared_trunk(out: Path, detectors: Mapping[str, tuple[ClipHeadDetector, Path]], device: Device,
+                       backbone: BackboneSettings, template: Path, model_file: Path) -> dict[str, str]:
+    """Write the trunk, a head per detector and the ensemble into ``out``; returns detector -> version."""
+    from streamguard.backbone import load_backbone, vit
+
+    if len({ensemble_output(name) for name in detectors}) != len(detectors):
+        raise ValueError(f"detector names {sorted(detectors)} collide as tensor names")
+    encoder = load_backbone(backbone, "cpu")
+    total = vit.num_layers(encoder)
+    hidden = (1 + (encoder.image_size // encoder.patch_size) ** 2, encoder.hidden_size)
+    blocks = {name: total if (b := served.branch_block(weights)) is None else b
+              for name, (served, weights) in detectors.items()}
+    # The template's own header describes a whole detector; each model here gets a line of its own instead.
+    base = set_kind(re.sub(r"\A(#[^\n]*\n)+", "", template.read_text()), device)
+    base = set_parameter(base, "backbone_cache_dir", str(backbone.cache_dir.expanduser().resolve()))
+    checkpoint = backbone.checkpoint.expanduser().resolve() if backbone.checkpoint is not None else None
+    base = set_parameter(base, "backbone_checkpoint", str(checkpoint) if checkpoint else "")
+
+    trunk = set_name(base, TRUNK_MODEL)
+    trunk = set_tensors(trunk, "output", [(hidden_tensor(b), hidden) for b in sorted(set(blocks.values()))])
+    trunk = set_parameter(trunk, "streamguard_version", f"{TRUNK_MODEL}+{encoder.version}")
+    trunk = add_parameter(add_parameter(trunk, "role", "trunk"), "blocks", json.dumps(sorted(set(blocks.values()))))
+    _write(out / TRUNK_MODEL, f"# The shared CLIP trunk (backbone {encoder.version}), to every branch point.\n" + trunk,
+           model_file)
+
+    versions = {}
+    for name, (served, weights) in detectors.items():
+        versions[name] = served.version(weights)
+        head = set_name(base, head_model(name))
+        head = set_tensors(head, "input", [(HEAD_INPUT, hidden)])
+        head = set_tensors(head, "output", [LOGITS])
+        head = set_warmup_input(head, HEAD_INPUT, hidden)
+        head = set_parameter(head, "detector", name)
+        head = set_parameter(head, "weights_dir", str(weights))
+        head = set_parameter(head, "streamguard_version", versions[name])
+        head = add_parameter(add_parameter(head, "role", "head"), "branch_block", str(blocks[name]))
+        _write(out / head_model(name), f"# {name}'s head on the shared trunk, from block {blocks[name]}.\n" + head,
+               model_file)
+    (out / ENSEMBLE_MODEL / "1").mkdir(parents=True, exist_ok=True)
+    (out / ENSEMBLE_MODEL / "config.pbtxt").write_text(_ensemble(blocks, versions, hidden))
+    return versions
+
+
+def _write(target: Path, config: str, model_file: Path) -> None:
+    if target.exists():
+        shutil.rmtree(target)
+    (target / "1").mkdir(parents=True)
+    shutil.copyfile(model_file, target / "1" / "model.py")
+    (target / "config.pbtxt").write_text(config)
+
+
+def _ensemble(blocks: Mapping[str, int], versions: Mapping[str, str], hidden: tuple[int, int]) -> str:
+    def maps(kind: str, pairs: list[tuple[str, str]]) -> str:
+        return " ".join(f"{kind} {{ key: {json.dumps(k)} value: {json.dumps(v)} }}" for k, v in pairs)
+
+    points = sorted(set(blocks.values()))
+    steps = [f"    {{ model_name: {json.dumps(TRUNK_MODEL)} model_version: -1 {maps('input_map', [('PIXELS', 'PIXELS')])} "
+             f"{maps('output_map', [(hidden_tensor(b), hidden_tensor(b).lower()) for b in points])} }}"]
+    for name, block in blocks.items():
+        steps.append(f"    {{ model_name: {json.dumps(head_model(name))} model_version: -1 "
+                     f"{maps('input_map', [(HEAD_INPUT, hidden_tensor(block).lower())])} "
+                     f"{maps('output_map', [('LOGITS', ensemble_output(name))])} }}")
+    parameters = "\n".join(f"parameters {{ key: {json.dumps(version_parameter(name))} value {{ string_value: "
+                           f"{json.dumps(version)} }} }}" for name, version in versions.items())
+    return (
+        "# The CLIP detectors on one shared trunk (`streamguard triton build --shared-trunk`): one request\n"
+        f"# runs the trunk once and every head on it. Hidden states between them: {list(hidden)} per image.\n"
+        f"name: {json.dumps(ENSEMBLE_MODEL)}\n"
+        'platform: "ensemble"\n'
+        "max_batch_size: 32\n"
+        f"{tensors('input', [PIXELS])}\n"
+        f"{tensors('output', [(ensemble_output(name), LOGITS[1]) for name in blocks])}\n"
+        "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"
+        f"{parameters}\n"
+    )
