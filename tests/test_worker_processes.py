@@ -203,11 +203,11 @@ def test_pod_health_is_every_child_alive_and_any_child_ready(topics: Topics, tmp
         os.kill(frozen, signal.SIGSTOP)
 
         def stale() -> dict | None:
+            # On a loaded machine the other child can miss a beat too; what must come is this state.
             status, body = pod.get_json("/healthz")
-            return body if status == 503 else None
+            return body if status == 503 and [c["alive"] for c in body["children"]] == [True, False] else None
 
-        health = pod.wait_until(stale, "/healthz 503", timeout=30)
-        assert [c["alive"] for c in health["children"]] == [True, False]
+        pod.wait_until(stale, "/healthz 503 with only the frozen child dead", timeout=45)
 
         def one_ready() -> dict | None:
             status, body = pod.get_json("/readyz")
