@@ -17,7 +17,6 @@ share of time spent decoding, and each ratio to the naive loop; writes the numbe
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -27,26 +26,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
+from synthetic import photo_jpeg
 from streamguard.backbone import ClipImageEncoder, load_backbone
 from streamguard.config import BackboneSettings, IntakeSettings
 from streamguard.intake import InputContract, decode_image, prepare
 
 SIZES = [(4032, 3024), (1920, 1080), (1280, 960), (640, 480)]
 BATCH_SIZES = (1, 8, 32)
-
-
-def _jpeg(size: tuple[int, int], seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    w, h = size
-    # Smooth content plus mild noise compresses like a photo, unlike pure noise.
-    y, x = np.mgrid[0:h, 0:w]
-    base = np.stack([np.sin(x / 90.0 + seed), np.cos(y / 70.0), np.sin((x + y) / 150.0)], axis=-1) * 100 + 128
-    img = np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
 
 
 @dataclass(frozen=True)
@@ -94,7 +81,7 @@ def main() -> None:
 
     model = load_backbone(BackboneSettings())
     contract = InputContract(size=model.image_size)
-    images = [_jpeg(SIZES[i % len(SIZES)], i) for i in range(args.images)]
+    images = [photo_jpeg(SIZES[i % len(SIZES)], i) for i in range(args.images)]
     _pipeline(model, images[:2], contract, 2)  # warm-up: first-call allocations, oneDNN kernel selection
 
     load_before = os.getloadavg()[0]

@@ -20,7 +20,6 @@ one request per batch to the ensemble (``triton.trunk_model``), each checked aga
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -32,8 +31,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
+from synthetic import photo_jpeg
 from streamguard.config import Settings, load_settings
 from streamguard.plugins import build_plugin_manager
 from streamguard.scoring import ImageJob, Outcome, Scorer
@@ -41,18 +40,6 @@ from streamguard.scoring import ImageJob, Outcome, Scorer
 DETECTORS = ("univfd", "pin-clip", "mpft")
 PLUGINS = ("builtin-fusion", "builtin-policy", "builtin-univfd", "builtin-pinclip", "builtin-mpft")
 SIZES = [(1280, 960), (640, 480), (512, 512), (1024, 768)]
-
-
-def _jpeg(size: tuple[int, int], seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    w, h = size
-    # Smooth content plus mild noise compresses like a photo, unlike pure noise.
-    y, x = np.mgrid[0:h, 0:w]
-    base = np.stack([np.sin(x / 90.0 + seed), np.cos(y / 70.0), np.sin((x + y) / 150.0)], axis=-1) * 100 + 128
-    img = np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
 
 
 def _settings(shared: bool, batch_size: int, **sections: Any) -> Settings:
@@ -147,7 +134,7 @@ def main() -> None:
     parser.add_argument("--triton", action="store_true", help="Also compare the two through a real tritonserver.")
     args = parser.parse_args()
 
-    jobs = [ImageJob(f"img-{i}", _jpeg(SIZES[i % len(SIZES)], i)) for i in range(args.images)]
+    jobs = [ImageJob(f"img-{i}", photo_jpeg(SIZES[i % len(SIZES)], i)) for i in range(args.images)]
     load_before = os.getloadavg()[0]
     seconds, logits = _compare({"separate": lambda: _settings(False, args.batch_size),
                                 "shared_trunk": lambda: _settings(True, args.batch_size)}, jobs, args.repeat)
