@@ -56,6 +56,23 @@ def _metrics(service: TritonService) -> str:
         return response.read().decode()
 
 
+def _settled_counts(service: TritonService) -> tuple[float, float]:
+    """Inference and execution counts once they stop moving: an earlier test's requests can be counted
+    after their responses went out."""
+    def counts() -> tuple[float, float]:
+        text = _metrics(service)
+        return _metric(text, "nv_inference_count"), _metric(text, "nv_inference_exec_count")
+
+    previous = counts()
+    for _ in range(20):
+        time.sleep(0.5)
+        current = counts()
+        if current == previous:
+            return current
+        previous = current
+    return previous
+
+
 @pytest.fixture(scope="module")
 def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonService]:
     root = tmp_path_factory.mktemp("triton-univfd")
@@ -117,8 +134,7 @@ def test_logits_match_in_process_model(triton: TritonService, expected: tuple[np
 def test_concurrent_requests_are_batched(triton: TritonService, expected: tuple[np.ndarray, np.ndarray]) -> None:
     pixels, logits = expected
     n = 16  # batch-1 requests all in flight at once (async gRPC client), as the worker sends them
-    before = _metrics(triton)
-    count0, exec0 = _metric(before, "nv_inference_count"), _metric(before, "nv_inference_exec_count")
+    count0, exec0 = _settled_counts(triton)
     done: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(triton.grpc_address)
     try:
