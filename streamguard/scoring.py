@@ -20,7 +20,7 @@ from streamguard.detectors.spec import DetectorInput, DetectorSpec
 from streamguard.detectors.trunk import SharedTrunks
 from streamguard.errors import StreamguardError
 from streamguard.fusion import FusedScore
-from streamguard.intake import DecodedImage, InputContract, decode_image, decode_side, prepare
+from streamguard.intake import DecodedImage, InputContract, decode_image, decode_side, prepare, prepare_views
 from streamguard.plugins import call_each
 from streamguard.policy import Decision
 from streamguard.registry import collect_detectors
@@ -59,6 +59,15 @@ class Outcome:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
+def _input(image: DecodedImage, contract: InputContract | None) -> DetectorInput:
+    if contract is None:
+        return DetectorInput(pixels=None, image=image)
+    if not contract.multiview:
+        return DetectorInput(pixels=prepare(image, contract), image=image)
+    views = prepare_views(image, contract)
+    return DetectorInput(pixels=views, image=image, views=tuple(views))
+
+
 def _ms(since: float) -> float:
     return round((time.perf_counter() - since) * 1000.0, 3)
 
@@ -92,6 +101,11 @@ class Scorer:
     def decode_side(self) -> int | None:
         """The short side a large JPEG is decoded at (None: full size), for callers that budget pixels."""
         return self._decode_side
+
+    @property
+    def plugin_manager(self) -> pluggy.PluginManager:
+        """The plugins judging here, for callers that decide again from scores (per tenant)."""
+        return self._pm
 
     @property
     def model_versions(self) -> dict[str, str]:
@@ -160,7 +174,7 @@ class Scorer:
             contract = runner.spec.contract
             if contract not in prepared:  # detectors with equal contracts share one preparation
                 prepared[contract] = [
-                    DetectorInput(pixels=prepare(image, contract) if contract else None, image=image)
+                    _input(image, contract)
                     for image in images
                 ]
             inputs = prepared[contract]

@@ -35,6 +35,7 @@ from streamguard.detectors.spec import (
 )
 from streamguard.detectors.trunk import SharedTrunks
 from streamguard.extras import require
+from streamguard.intake import aggregate_logits
 from streamguard.schemas import DetectorScore
 
 log = structlog.get_logger(__name__)
@@ -123,7 +124,25 @@ class DetectorRunner:
             self.stats.rejected_open += 1
             return "circuit open after repeated failures"
         backend = self._backend
-        return self._executor.submit(lambda: list(backend.predict(batch)))
+        contract = self.spec.contract
+        if contract is None or not contract.multiview:
+            return self._executor.submit(lambda: list(backend.predict(batch)))
+        # Several views an image (a multi-crop contract): the backend sees each view as an image of its own,
+        # so in-process, trunk and Triton backends need nothing new; the views' logits are then aggregated.
+        counts = [len(x.views) for x in batch]
+        flat = [DetectorInput(view, x.image) for x in batch for view in x.views]
+
+        def views() -> list[float | None]:
+            logits = list(backend.predict(flat))
+            if len(logits) != len(flat):
+                return logits  # the length check in collect reports it
+            out, at = [], 0
+            for n in counts:
+                out.append(aggregate_logits(logits[at:at + n], contract.aggregate))
+                at += n
+            return out
+
+        return self._executor.submit(views)
 
     def collect(self, pending: Future[list[float | None]] | str, n: int, started: float) -> list[DetectorScore]:
         """Wait for a submitted call (up to the timeout, counted from ``started``) and build scores."""

@@ -28,10 +28,15 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 @dataclass(frozen=True)
 class DetectorInput:
     """One image as a detector receives it: ``pixels`` prepared to the detector's contract (None for
-    detectors that declared no contract), and the decoded image with its metadata."""
+    detectors that declared no contract), and the decoded image with its metadata.
+
+    Under a multi-view contract ``pixels`` is (views, 3, size, size) and ``views`` holds each view as its
+    own array: the runner hands those to the backend as separate inputs, and detectors sharing the contract
+    get the very same arrays (which is how a shared trunk recognises a batch it already computed)."""
 
     pixels: np.ndarray | None
     image: DecodedImage
+    views: tuple[np.ndarray, ...] = ()
 
 
 class BackendUnavailable(Exception):

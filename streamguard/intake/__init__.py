@@ -1,6 +1,14 @@
 """Image intake: bytes in, a normalised RGB image and each detector's input tensor out."""
 
-from streamguard.intake.contract import CLIP_MEAN, CLIP_STD, InputContract, decode_side, prepare
+from streamguard.intake.contract import (
+    CLIP_MEAN,
+    CLIP_STD,
+    InputContract,
+    aggregate_logits,
+    decode_side,
+    prepare,
+    prepare_views,
+)
 from streamguard.intake.decode import DecodedImage, decode_image, estimate_decoded_pixels
 
 __all__ = [
@@ -8,8 +16,10 @@ __all__ = [
     "CLIP_STD",
     "DecodedImage",
     "InputContract",
+    "aggregate_logits",
     "decode_image",
     "decode_side",
     "estimate_decoded_pixels",
     "prepare",
+    "prepare_views",
 ]

@@ -6,12 +6,18 @@ Two fits cover the detectors in this field:
   detail anyway.
 - ``crop`` (noise/imprint detectors): native pixels, centre crop of ``size``; images smaller than that are
   mirror-padded. Resizing would erase the high-frequency imprint these detectors read.
+
+A ``crop`` contract may ask for several ``crops`` spread over the image (and the resized ``whole`` view
+beside them): the detector scores each view and the runner aggregates their logits into one (mean, or a
+trimmed mean that drops the extremes), never a max, which would let one odd patch decide (SAFE, B-Free and
+SPAI aggregate the same way). Views are placed deterministically, so a replayed image gets the same score.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -21,6 +27,9 @@ from streamguard.intake.decode import DecodedImage
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# torchvision's ImageNet statistics: what DINOv2 (and most non-CLIP backbones) were trained with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -29,12 +38,42 @@ class InputContract:
     fit: Literal["resize", "crop"] = "resize"
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    crops: int = 1  # native crops spread over the image (fit "crop")
+    whole: bool = False  # also the resized whole view (fit "crop")
+    aggregate: Literal["mean", "trimmed-mean"] = "mean"
 
     def __post_init__(self) -> None:
         if self.size <= 0:
             raise ValueError("size must be positive")
         if self.fit not in ("resize", "crop"):
             raise ValueError(f"fit must be 'resize' or 'crop', not {self.fit!r}")
+        if self.crops < 1:
+            raise ValueError("crops must be at least 1")
+        if (self.crops > 1 or self.whole) and self.fit != "crop":
+            raise ValueError("several views (crops > 1, whole) need fit 'crop'")
+        if self.aggregate not in ("mean", "trimmed-mean"):
+            raise ValueError(f"aggregate must be 'mean' or 'trimmed-mean', not {self.aggregate!r}")
+
+    @property
+    def multiview(self) -> bool:
+        """Whether `prepare_views` (several views per image) rather than `prepare` makes the input."""
+        return self.crops > 1 or self.whole
+
+
+_VIEW = re.compile(r"^(resize|crops(\d+)(\+whole)?)(-trimmed)?$")
+
+
+def with_views(base: InputContract, view: str) -> InputContract:
+    """``base`` under a view name: ``resize`` (``base`` itself), ``cropsN`` (N native crops) or
+    ``cropsN+whole`` (and the resized whole view), with ``-trimmed`` for a trimmed mean of their logits.
+    The names `detectors.options.<name>.views` and `streamguard train loso-variants` use."""
+    match = _VIEW.match(view)
+    if match is None:
+        raise ValueError(f"views must be resize, cropsN or cropsN+whole (optionally -trimmed), not {view!r}")
+    if match.group(1) == "resize":
+        return base
+    return replace(base, fit="crop", crops=int(match.group(2)), whole=bool(match.group(3)),
+                   aggregate="trimmed-mean" if match.group(4) else "mean")
 
 
 def decode_side(contracts: Iterable[InputContract | None]) -> int | None:
@@ -65,6 +104,57 @@ def prepare(image: DecodedImage, contract: InputContract) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
+def prepare_views(image: DecodedImage, contract: InputContract) -> np.ndarray:
+    """Every view of a multi-view contract, normalised: (views, 3, size, size). The native crops come first
+    (fewer than ``crops`` when the image is too small to hold that many distinct ones), then the whole view."""
+    if image.reduced:
+        raise ValueError("a crop contract needs native pixels but the image was decoded reduced")
+    w, h = image.rgb.size
+    views = [_crop_pad(image.rgb, contract.size, left, top) for left, top in crop_boxes(w, h, contract.size,
+                                                                                         contract.crops)]
+    if contract.whole:
+        views.append(_resize_center_crop(image.rgb, contract.size))
+    arr = np.stack(views).astype(np.float32) / 255.0
+    arr = (arr - np.asarray(contract.mean, np.float32)) / np.asarray(contract.std, np.float32)
+    return np.ascontiguousarray(arr.transpose(0, 3, 1, 2))
+
+
+def crop_boxes(width: int, height: int, size: int, crops: int) -> list[tuple[int, int]]:
+    """Top-left corners of up to ``crops`` crops of ``size``, on a grid spread evenly over the image.
+
+    Row-major on the smallest grid that holds ``crops``; positions that coincide (an image smaller than a
+    crop in some direction) are kept once. Deterministic for a given image size.
+    """
+    cols = 1
+    while cols * cols < crops:
+        cols += 1
+    rows = -(-crops // cols)
+    if width < height:
+        rows, cols = cols, rows  # more crops along the long side
+
+    def spread(length: int, n: int) -> list[int]:
+        # Centred on n equal tiles, clipped inside the image: together they cover it evenly.
+        room = max(length - size, 0)
+        return [min(max(round(length * (i + 0.5) / n - size / 2), 0), room) for i in range(n)]
+
+    boxes: list[tuple[int, int]] = []
+    for top in spread(height, rows):
+        for left in spread(width, cols):
+            if (left, top) not in boxes and len(boxes) < crops:
+                boxes.append((left, top))
+    return boxes
+
+
+def aggregate_logits(logits: list[float | None], how: str) -> float | None:
+    """One logit from a view's logits; views without one are left out, and None when no view has one."""
+    values = sorted(v for v in logits if v is not None)
+    if not values:
+        return None
+    if how == "trimmed-mean" and len(values) >= 4:
+        values = values[1:-1]
+    return sum(values) / len(values)
+
+
 def _resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
     w, h = img.size
     scale = size / min(w, h)
@@ -82,8 +172,12 @@ def _resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
 
 def _center_crop_pad(img: Image.Image, size: int) -> np.ndarray:
     w, h = img.size
+    return _crop_pad(img, size, (w - min(w, size)) // 2, (h - min(h, size)) // 2)
+
+
+def _crop_pad(img: Image.Image, size: int, left: int, top: int) -> np.ndarray:
+    w, h = img.size
     crop_w, crop_h = min(w, size), min(h, size)
-    left, top = (w - crop_w) // 2, (h - crop_h) // 2
     # Crop before converting to an array: np.asarray of the whole image would copy every native pixel.
     arr = np.asarray(img.crop((left, top, left + crop_w, top + crop_h)))
     pad_h, pad_w = size - crop_h, size - crop_w

@@ -1,0 +1,93 @@
+"""Multi-view contracts: native crops (and the whole view) scored separately and aggregated per image."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from streamguard.config import DetectorSettings, IntakeSettings
+from streamguard.detectors.runner import DetectorRunner
+from streamguard.detectors.spec import Calibration, DetectorInput, DetectorSpec
+from streamguard.intake import InputContract, aggregate_logits, decode_image, prepare, prepare_views
+from streamguard.intake.contract import crop_boxes
+from streamguard.scoring import _input
+
+
+def test_crops_cover_the_image_evenly_and_stay_inside() -> None:
+    assert crop_boxes(512, 512, 224, 4) == [(16, 16), (272, 16), (16, 272), (272, 272)]
+    assert crop_boxes(512, 512, 224, 1) == [(144, 144)]  # one crop is the centre crop
+    for w, h, n in ((1000, 500, 4), (300, 900, 3), (4000, 3000, 9), (225, 224, 5)):
+        boxes = crop_boxes(w, h, 224, n)
+        assert 1 <= len(boxes) <= n and len(set(boxes)) == len(boxes)
+        assert all(0 <= x <= w - 224 and 0 <= y <= h - 224 for x, y in boxes)
+    # An image smaller than a crop has one position: it is not scored four times over.
+    assert crop_boxes(200, 150, 224, 4) == [(0, 0)]
+
+
+def test_aggregation_is_a_mean_or_trimmed_mean_never_a_max() -> None:
+    assert aggregate_logits([1.0, 2.0, 3.0, 10.0], "mean") == pytest.approx(4.0)
+    assert aggregate_logits([1.0, 2.0, 3.0, 10.0], "trimmed-mean") == pytest.approx(2.5)
+    assert aggregate_logits([1.0, 10.0], "trimmed-mean") == pytest.approx(5.5)  # too few views to trim
+    assert aggregate_logits([None, 4.0], "mean") == 4.0
+    assert aggregate_logits([None, None], "mean") is None
+
+
+def _decoded(w: int, h: int, seed: int = 0):  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return decode_image(buf.getvalue(), IntakeSettings(), None)
+
+
+def test_views_are_native_pixels_then_the_whole_view() -> None:
+    image = _decoded(600, 400)
+    contract = InputContract(size=224, fit="crop", crops=4, whole=True)
+    views = prepare_views(image, contract)
+    assert views.shape == (5, 3, 224, 224) and views.dtype == np.float32
+    native = np.asarray(image.rgb)
+    left, top = crop_boxes(600, 400, 224, 4)[0]
+    expected = (native[top:top + 224, left:left + 224].astype(np.float32) / 255 - np.asarray(contract.mean, np.float32)
+                ) / np.asarray(contract.std, np.float32)
+    np.testing.assert_allclose(views[0], expected.transpose(2, 0, 1), rtol=1e-6)
+    whole = prepare(image, InputContract(size=224, fit="resize"))
+    np.testing.assert_allclose(views[4], whole, rtol=1e-6)
+    with pytest.raises(ValueError, match="need fit 'crop'"):
+        InputContract(fit="resize", crops=4)
+
+
+class ViewMean:
+    """A backend whose logit for a view is its mean pixel: aggregation is then checkable by hand."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def predict(self, batch: Sequence[DetectorInput]) -> list[float | None]:
+        self.seen.append(len(batch))
+        assert all(x.pixels is not None and x.pixels.shape == (3, 224, 224) for x in batch)
+        return [float(x.pixels.mean()) for x in batch]  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "trimmed-mean"])
+def test_the_runner_scores_every_view_and_aggregates_per_image(aggregate: str) -> None:
+    contract = InputContract(size=224, fit="crop", crops=4, whole=True, aggregate=aggregate)  # type: ignore[arg-type]
+    backend = ViewMean()
+    spec = DetectorSpec(name="d", version="v1", load=lambda ctx: backend, contract=contract, calibration=Calibration())
+    runner = DetectorRunner(spec, DetectorSettings())
+    runner.start()
+    images = [_decoded(600, 400, 1), _decoded(180, 120, 2)]  # five views, and two (one crop + whole)
+    inputs = [_input(image, contract) for image in images]
+    import time
+
+    scores = runner.collect(runner.submit(inputs), len(inputs), time.perf_counter())
+    assert backend.seen == [7]  # one backend call with every view of the batch
+    for x, score in zip(inputs, scores, strict=True):
+        expected = aggregate_logits([float(v.mean()) for v in x.views], aggregate)
+        assert score.raw_logit == pytest.approx(expected, rel=1e-6)
+    runner.close()
