@@ -42,6 +42,7 @@ bench: setup
 	$(PY) bench/bench_features.py
 	$(PY) bench/bench_trunk.py
 	$(PY) bench/bench_triton.py
+	$(PY) bench/bench_banks.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .hypothesis

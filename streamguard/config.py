@@ -57,6 +57,8 @@ class PluginSettings(_Section):
         None, description="If set, only these plugins load (entry-point or built-in names)."
     )
     deny: list[str] = Field(default_factory=list, description="Plugins never loaded.")
+    enable: list[str] = Field(default_factory=list,
+                              description="Built-in plugins that are off by default to load too (builtin-pinclip).")
     trace_hooks: bool = Field(False, description="Log every hook call and its result.")
 
 
@@ -207,14 +209,23 @@ class TritonSettings(_Section):
 
 
 # Chosen by leave-one-source-out validation of the shipped detectors (`streamguard train loso`, see
-# docs/validation.md), never on the test split. The weights average 1, `default_weight`, so a detector
-# without an entry counts as an average one. pin-clip's 0: on unseen sources it only lowered the other two
+# docs/validation.md), never on the test split. The CLIP detectors' weights average 1, `default_weight`, so a
+# detector without an entry counts as an average one. pin-clip's 0: on unseen sources it only lowered the other two
 # (balanced AUC of all three at equal weights 0.930, of univfd and mpft alone 0.940). It is still scored
 # and published, so it can be watched; operators who do not want to pay for it deny `builtin-pinclip`.
-VALIDATED_WEIGHTS: dict[str, float] = {"univfd": 1.2, "pin-clip": 0.0, "mpft": 1.8}
+VALIDATED_WEIGHTS: dict[str, float] = {
+    "univfd": 1.2, "pin-clip": 0.0, "mpft": 1.8,
+    # Not from the validation (no data set holds trusted content credentials): a trusted C2PA manifest is
+    # the signer's own word on these exact bytes, so it outweighs the CLIP detectors together (1.2 + 1.8).
+    # It abstains on every image without one, so it changes nothing the validation measured. The sizing,
+    # with the detector's logits, is in streamguard/builtin/credentials/plugin.py.
+    "credentials": 6.0,
+}
 # No held-out real source had more than 5% of its photos flagged at 0.99 (the worst: 3.8%); generators
 # had 1.9% of their images cleared as real at 0.5, on average.
 VALIDATED_AI_THRESHOLD = 0.99
+VALIDATED_FUSED_SCALE = 1.0
+VALIDATED_FUSED_BIAS = 0.0
 VALIDATED_REAL_THRESHOLD = 0.5
 
 
@@ -223,6 +234,9 @@ class FusionSettings(_Section):
         default_factory=lambda: dict(VALIDATED_WEIGHTS),
         description="Weight per detector name, merged over the validated defaults; 0 leaves a detector out.")
     default_weight: float = Field(1.0, ge=0, description="Weight of a detector the table does not name.")
+    scale: float = Field(VALIDATED_FUSED_SCALE, gt=0, description="The fused logit's calibration: "
+                         "probability = sigmoid(scale * weighted mean + bias), fitted on held-out sources.")
+    bias: float = Field(VALIDATED_FUSED_BIAS, description="See scale.")
 
     @field_validator("weights", mode="before")
     @classmethod
@@ -242,6 +256,29 @@ class PolicySettings(_Section):
         if self.real_threshold >= self.ai_threshold:
             raise ValueError("real_threshold must be below ai_threshold")
         return self
+
+
+class CredentialsSettings(_Section):
+    """Content credentials (C2PA), read by the built-in `credentials` detector (docs/credentials.md)."""
+
+    trust_anchors: Path | None = Field(
+        None, description="PEM file of the root certificates whose signed manifests count as evidence (the C2PA "
+        "trust list, a vendor's roots); they replace the library's own. Unset: the credentials detector is off.")
+
+    @field_validator("trust_anchors", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return _empty_is_none(value)
+
+    @field_validator("trust_anchors")
+    @classmethod
+    def _holds_certificates(cls, path: Path | None) -> Path | None:
+        # Checked at start-up: a wrong file would otherwise only show as every credential being untrusted.
+        if path is not None:
+            _check_file("credentials", "trust_anchors", path)
+            if b"-----BEGIN CERTIFICATE-----" not in path.read_bytes():
+                raise ValueError(f"credentials.trust_anchors: no PEM certificate in {path}")
+        return path
 
 
 def _str_or_none(path: Path | None) -> str | None:
@@ -503,6 +540,62 @@ class DedupeSettings(_Section):
     near_action: Literal["reuse", "annotate"] = Field(
         "annotate", description="reuse: publish the matched verdict; annotate: score anyway, note the match."
     )
+    share_across_tenants: bool = Field(
+        False, description="Tenants answer each other's copies from one cache (re-decided under the asking "
+        "tenant's policy, without the other tenant's event ids). false: each tenant has its own cache; "
+        "tenants.<name>.share_dedupe overrides it per tenant.",
+    )
+
+
+class TenantSettings(_Section):
+    """One tenant's overrides; whatever is unset falls back to the global setting."""
+
+    ai_threshold: float | None = Field(None, ge=0, le=1, description="Default: policy.ai_threshold.")
+    real_threshold: float | None = Field(None, ge=0, le=1, description="Default: policy.real_threshold.")
+    fusion_weights: dict[str, float] = Field(
+        default_factory=dict, description="Merged over fusion.weights for this tenant's verdicts.")
+    banks: list[str] | None = Field(
+        None, description="Hash banks matched before any detector runs, in order. Default: every bank of "
+        "banks.definitions, then review.bank_ai and review.bank_real (what this deployment's reviewers decided).")
+    share_dedupe: bool | None = Field(None, description="Default: dedupe.share_across_tenants.")
+
+
+class ReviewSettings(_Section):
+    """Human review: which verdicts also go to a review queue, and where decisions come back."""
+
+    topic: str | None = Field(None, description="Review requests go here; unset: nothing is routed to review.")
+    labels: list[Literal["ai_generated", "real", "uncertain"]] = Field(
+        default_factory=lambda: ["uncertain"], description="Verdict labels routed to review.")
+    degraded: bool = Field(False, description="Also route degraded verdicts (some detector failed).")
+    decisions_topic: str = Field("review.decisions", description="Where reviewers' decisions come back.")
+    group_id: str = Field("streamguard-review", description="Consumer group of `streamguard review apply`.")
+    batch_size: int = Field(100, gt=0, description="Decisions applied, published and committed together.")
+    bank_ai: str = Field("review-ai", description="Bank that content decided ai_generated is added to.")
+    bank_real: str = Field("review-real", description="Bank that content decided real is added to.")
+
+
+class BanksSettings(_Section):
+    """Hash banks: known AI-generated and known-real content, matched exactly (SHA-256) and nearly (PDQ)
+    before any detector runs (`streamguard.banks`)."""
+
+    definitions: dict[str, Literal["ai_generated", "real"]] = Field(
+        default_factory=dict, description="Bank name -> the label its content gets. None defined: no bank "
+        "matching. A bank written to Redis keeps the label it was created with; a conflict is refused.")
+    redis_url: str | None = Field(None, description="Default: redis.url (TLS files and timeouts come from "
+                                  "[redis] either way).")
+    key_prefix: str = Field("sg:banks", min_length=1, description="Prefix of every bank key in Redis.")
+    near_max_distance: int | None = Field(
+        None, ge=0, le=64, description="PDQ distance of a near match. Default: dedupe.near_max_distance.")
+    near_min_quality: int | None = Field(
+        None, ge=0, le=100, description="PDQ hashes of lower quality are neither matched nor banked for near "
+        "matching. Default: dedupe.near_min_quality.")
+    refresh_interval_s: float = Field(
+        5.0, ge=0, description="How often a worker loads bank additions into its near-match index (exact "
+        "matches read Redis and see them at once); 0: only at start.")
+
+    @field_serializer("redis_url")
+    def _redact_password(self, url: str | None) -> str | None:
+        return None if url is None else RedisSettings.model_construct(url=url).model_dump(mode="json")["url"]
 
 
 class WorkerSettings(_Section):
@@ -558,6 +651,53 @@ class WorkerSettings(_Section):
     )
 
 
+class ServeKey(_Section):
+    """One API key of `streamguard serve`, stored as the SHA-256 of the key, never the key itself."""
+
+    name: str = Field(min_length=1, max_length=128, description="Names the key in logs and rate limits.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Hex SHA-256 of the key (`printf %s KEY | "
+                        "sha256sum`).")
+    tenant: str | None = Field(None, max_length=256, description="If set, the key may only check for this tenant "
+                               "(a request naming none gets it).")
+    rate_per_s: float | None = Field(None, gt=0, description="This key's sustained requests per second; unset: "
+                                     "serve.rate_per_s.")
+    burst: int | None = Field(None, gt=0, description="This key's burst; unset: serve.burst.")
+
+
+class ServeSettings(_Section):
+    """`streamguard serve`: the synchronous check over HTTP (POST /v1/check), same pipeline as the worker."""
+
+    host: str = Field("0.0.0.0", description="Address the check API listens on.")
+    port: int = Field(8000, ge=0, description="0 picks a free port. /healthz, /readyz and /metrics stay on "
+                      "worker.health_host:worker.health_port, away from the API's threads.")
+    auth: bool = Field(True, description="Require an API key (Authorization: Bearer KEY or X-API-Key). false only "
+                       "for local use: then rate limits apply per client address.")
+    api_keys: list[ServeKey] = Field(default_factory=list, description="Keys, hashed.")
+    api_keys_file: Path | None = Field(
+        None, description="A secret file of keys, one `NAME KEY [TENANT]` a line (KEY may be sha256:HEX), read "
+        "again when it changes (a rotated Kubernetes Secret).")
+    rate_per_s: float = Field(20.0, gt=0, description="Sustained requests per second per key (token bucket).")
+    burst: int = Field(40, gt=0, description="Requests a key may make at once before rate_per_s applies.")
+    max_body_bytes: int | None = Field(
+        None, gt=0, description="Largest raw image body; larger is refused from its Content-Length, before the "
+        "body is read. Unset: intake.max_bytes.")
+    max_json_bytes: int = Field(64 * 1024, gt=0, description="Largest JSON body.")
+    threads: int = Field(32, gt=0, description="Connections served at once (each waits for its verdict).")
+    max_connections: int = Field(
+        256, gt=0, description="Connections open or waiting for a thread; over it a new one gets 503 at once.")
+    max_queue: int = Field(256, gt=0, description="Checks waiting for the scorer; over it: 503 with Retry-After.")
+    batch_size: int = Field(16, gt=0, description="Concurrent checks judged together in one pipeline call.")
+    batch_wait_ms: int = Field(5, ge=0, description="How long the first check of a batch waits for company.")
+    read_timeout_s: float = Field(10.0, gt=0, description="Silence allowed while a request is read.")
+    body_timeout_s: float = Field(30.0, gt=0, description="Longest a request body may take to arrive.")
+    request_timeout_s: float = Field(30.0, gt=0, description="Longest a check waits for its verdict: 504.")
+
+    @field_validator("api_keys_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return _empty_is_none(value)
+
+
 class BackboneSettings(_Section):
     """The CLIP image encoder every built-in detector stands on."""
 
@@ -595,11 +735,17 @@ class Settings(BaseSettings):
     detectors: DetectorSettings = Field(default_factory=DetectorSettings)
     fusion: FusionSettings = Field(default_factory=FusionSettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
+    credentials: CredentialsSettings = Field(default_factory=CredentialsSettings)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
     fetch: FetchSettings = Field(default_factory=FetchSettings)
     dedupe: DedupeSettings = Field(default_factory=DedupeSettings)
+    tenants: dict[str, TenantSettings] = Field(
+        default_factory=dict, description="Per-tenant settings by ImageEvent.tenant; other tenants get the globals.")
+    review: ReviewSettings = Field(default_factory=ReviewSettings)
+    banks: BanksSettings = Field(default_factory=BanksSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
     backbone: BackboneSettings = Field(default_factory=BackboneSettings)
     triton: TritonSettings = Field(default_factory=TritonSettings)
     log: LogSettings = Field(default_factory=LogSettings)

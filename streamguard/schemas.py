@@ -115,9 +115,58 @@ class DetectorScore(_Record):
 
 
 class NearDuplicate(_Record):
-    event_id: str
+    event_id: str | None = Field(description="None when the match is another tenant's content (shared dedupe).")
     content_sha256: str
     distance: int = Field(ge=0, description="PDQ Hamming distance.")
+
+
+class DetectorContribution(_Record):
+    """What one detector added to the fused logit: ``weight * logit / total weight`` (None: it failed or
+    abstained)."""
+
+    detector: str
+    weight: float
+    logit: float | None = None
+    contribution: float | None = None
+
+
+class Evidence(_Record):
+    """Something besides the detectors that bore on the verdict: a hash-bank match, a credential, a review."""
+
+    kind: str = Field(description="bank, credential, review, shared_cache, ...")
+    name: str = Field(description="Which bank, credential issuer, reviewer, ...")
+    detail: dict[str, JsonValue] = Field(default_factory=dict)
+
+
+class Explanation(_Record):
+    """What drove a verdict: each detector's share of the fused logit, the thresholds and tenant policy."""
+
+    tenant: str | None = None
+    policy_version: str | None = None
+    ai_threshold: float | None = None
+    real_threshold: float | None = None
+    fusion_method: str | None = None
+    fused_logit: float | None = None
+    calibration_bias: float | None = Field(
+        None, description="The fusion's calibration bias: with the contributions it adds up to fused_logit.")
+    contributions: list[DetectorContribution] = Field(default_factory=list)
+    failed_detectors: list[str] = Field(default_factory=list)
+    evidence: list[Evidence] = Field(default_factory=list)
+
+
+class MatchedBank(_Record):
+    bank: str
+    kind: Literal["exact", "near"]
+    distance: int = Field(ge=0, description="PDQ Hamming distance; 0 for an exact (SHA-256) match.")
+
+
+class RescoredFrom(_Record):
+    """The earlier judgement a re-scored verdict replaces (`streamguard rescore`)."""
+
+    label: Label
+    policy_version: str
+    model_versions: dict[str, str]
+    judged_at: datetime | None = None
 
 
 class Verdict(_Record):
@@ -143,6 +192,15 @@ class Verdict(_Record):
         False, description="Some detector failed or timed out: judged by the others, never cached for reuse."
     )
     failed_detectors: list[str] = Field(default_factory=list, description="The detectors that failed, if any.")
+    tenant: str | None = Field(default=None, description="The event's tenant (\"default\" when it named none).")
+    explanation: Explanation | None = Field(default=None, description="What drove the verdict.")
+    matched_bank: MatchedBank | None = Field(
+        default=None, description="Answered from a hash bank before any detector ran (no scores).")
+    decided_by: Literal["model", "bank", "review"] = Field(
+        "model", description="model: the detectors and policy; bank: a hash-bank match; review: a person.")
+    rescored_from: RescoredFrom | None = Field(
+        default=None, description="Set when `streamguard rescore` published this verdict because the current "
+        "models or policy changed the label: the judgement it replaces.")
 
 
 class DeadLetter(_Record):
@@ -153,7 +211,8 @@ class DeadLetter(_Record):
     error_type: str = Field(description="Error class, e.g. CorruptImage, SchemaError, FetchError.")
     message: str
     stage: str = Field(description="Pipeline stage that failed: consume (the client could not read the record), "
-                       "parse, fetch, dedupe, decode, near_dedupe, detect, publish.")
+                       "parse, fetch, bank, dedupe, decode, bank_near, near_dedupe, detect, publish; review (a "
+                       "decision `review apply` could not read).")
     original_topic: str | None = None
     original_partition: int | None = None
     original_offset: int | None = None
@@ -161,6 +220,44 @@ class DeadLetter(_Record):
     group_id: str | None = None
     attempt: int = 1
     failed_at: datetime = Field(default_factory=_now)
+    tenant: str | None = None
+
+
+class ReviewRequest(_Record):
+    """A verdict that needs a person, on the review topic: enough to show the image and decide."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: str
+    tenant: str | None = None
+    content_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    reason: str = Field(description="Why it needs review: the label (uncertain, ...) or degraded.")
+    image_uri: str | None = Field(default=None, description="Where to fetch the image, for URI events.")
+    source_topic: str | None = Field(default=None, description="Else the original record: topic, partition, offset.")
+    source_partition: int | None = None
+    source_offset: int | None = None
+    pdq: str | None = Field(default=None, description="PDQ hash (64 hex digits), for the bank on decision.")
+    pdq_quality: int | None = Field(default=None, ge=0, le=100)
+    label: Label
+    probability: float | None = Field(default=None, ge=0.0, le=1.0)
+    scores: list[DetectorScore] = Field(default_factory=list)
+    explanation: Explanation | None = None
+    requested_at: datetime = Field(default_factory=_now)
+
+
+class ReviewDecision(_Record):
+    """A reviewer's answer, on the decisions topic. Copy ``pdq``/``pdq_quality`` from the request so that
+    near-duplicates match the bank entry."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: str
+    content_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    tenant: str | None = None
+    label: Literal["ai_generated", "real"]
+    reviewer: str = Field(min_length=1, max_length=256)
+    note: str | None = Field(default=None, max_length=4000)
+    pdq: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    pdq_quality: int | None = Field(default=None, ge=0, le=100)
+    decided_at: datetime = Field(default_factory=_now)
 
 
 RECORDS: dict[str, type[BaseModel]] = {
@@ -168,6 +265,8 @@ RECORDS: dict[str, type[BaseModel]] = {
     "detector-score": DetectorScore,
     "verdict": Verdict,
     "dead-letter": DeadLetter,
+    "review-request": ReviewRequest,
+    "review-decision": ReviewDecision,
 }
 
 

@@ -91,7 +91,8 @@ def test_invalid_config_is_a_clear_cli_error(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_schema_command_prints_every_schema() -> None:
     result = CliRunner().invoke(cli, ["schema"])
-    assert set(json.loads(result.stdout)) == {"image-event", "detector-score", "verdict", "dead-letter"}
+    assert set(json.loads(result.stdout)) == {"image-event", "detector-score", "verdict", "dead-letter",
+                                               "review-request", "review-decision"}
     one = json.loads(CliRunner().invoke(cli, ["schema", "verdict"]).stdout)
     assert one["title"] == "Verdict"
 

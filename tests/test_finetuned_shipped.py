@@ -56,7 +56,7 @@ def test_shipped_weights_are_small_documented_and_score(name: str) -> None:
         assert score.error is None and score.probability is not None and 0.0 < score.probability < 1.0
 
 
-def test_scan_uses_all_three_clip_detectors_by_default(tmp_path: Path) -> None:
+def test_scan_uses_the_default_clip_detectors_and_pin_clip_only_when_enabled(tmp_path: Path) -> None:
     image = tmp_path / "scene.jpg"
     _scene(2).save(image, quality=90)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "STREAMGUARD_PLUGINS__DENY")}
@@ -64,6 +64,11 @@ def test_scan_uses_all_three_clip_detectors_by_default(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     verdict = json.loads(proc.stdout)["verdict"]
-    assert {s["detector"] for s in verdict["scores"]} == {"univfd", "pin-clip", "mpft", "provenance"}
+    assert {s["detector"] for s in verdict["scores"]} == {"univfd", "mpft", "provenance"}
     assert all(s["error"] is None for s in verdict["scores"])
     assert verdict["model_versions"]["univfd"].startswith("univfd-1+")
+    proc = subprocess.run([sys.executable, "-m", "streamguard", "scan", "--format", "jsonl", str(image)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**env, "STREAMGUARD_PLUGINS__ENABLE": '["builtin-pinclip"]'})
+    assert proc.returncode == 0, proc.stderr
+    assert "pin-clip" in {s["detector"] for s in json.loads(proc.stdout)["verdict"]["scores"]}

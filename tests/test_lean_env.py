@@ -30,7 +30,6 @@ from images import encode, noise, solid
 from stack import Topics, WorkerProcess, image_events, produce, wait_for_outcomes, worker_env
 
 from streamguard.builtin.mpft.plugin import DETECTOR as MPFT
-from streamguard.builtin.pinclip.plugin import DETECTOR as PINCLIP
 from streamguard.config import load_settings
 from streamguard.devstack import Service, TritonService, start_triton
 from streamguard.plugins import build_plugin_manager
@@ -68,7 +67,6 @@ import streamguard.registry
 import streamguard.scoring
 import streamguard.worker.loop
 from streamguard.builtin.mpft.plugin import DETECTOR as MPFT
-from streamguard.builtin.pinclip.plugin import DETECTOR as PINCLIP
 from streamguard.config import load_settings
 from streamguard.plugins import build_plugin_manager
 from streamguard.scoring import Scorer
@@ -106,8 +104,7 @@ def test_the_triton_path_imports_no_torch() -> None:
     assert result["refused"] == [] and result["loaded"] == [], result
     # Registration went through (a swallowed ImportError would have dropped a detector): every built-in
     # CLIP detector with weights, each set to run on Triton.
-    builtin = {"univfd": True, "pin-clip": PINCLIP.has_weights(PINCLIP.default_weights),
-               "mpft": MPFT.has_weights(MPFT.default_weights)}
+    builtin = {"univfd": True, "mpft": MPFT.has_weights(MPFT.default_weights)}  # pin-clip is opt-in
     assert {k: v for k, v in result["detectors"].items() if k in builtin} == {
         name: "triton" for name, shipped in builtin.items() if shipped}, result
     assert result["inprocess_load"] == ("MissingExtra: the in-process detector backend needs torch, which is not "

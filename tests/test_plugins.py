@@ -224,3 +224,16 @@ def test_plugin_registered_from_another_file(tmp_path: Path, settings, pm) -> No
     assert [s.detector for s in verdict.scores] == ["always-ai"]
     assert verdict.label == "ai_generated" and verdict.model_versions == {"always-ai": "1"}
     assert InputContract(size=16).fit == "resize"
+
+
+def test_opt_in_builtins_load_only_when_enabled() -> None:
+    from streamguard.config import PluginSettings
+    from streamguard.plugins import build_plugin_manager
+
+    def names(**kw: object) -> set[str]:
+        return {name for name, _ in build_plugin_manager(PluginSettings(**kw)).list_name_plugin()}  # type: ignore[arg-type]
+
+    assert "builtin-pinclip" not in names()
+    assert "builtin-pinclip" in names(enable=["builtin-pinclip"])
+    assert "builtin-pinclip" in names(allow=["builtin-fusion", "builtin-policy", "builtin-pinclip"])
+    assert "builtin-pinclip" not in names(enable=["builtin-pinclip"], deny=["builtin-pinclip"])

@@ -8,9 +8,10 @@ import os
 import subprocess
 import sys
 
-from PIL import PngImagePlugin
+from PIL import Image, PngImagePlugin
 
-from images import encode, solid
+from clip_standin import pipeline
+from images import encode, noise, solid
 from streamguard.scoring import ImageJob, Scorer
 from streamguard_provenance import score_metadata
 
@@ -24,7 +25,7 @@ def test_rules() -> None:
     assert score_metadata({"info.prompt": '{"3": {"class_type": "KSampler"}}'}) == 6.0
     assert score_metadata({"exif.Software": "Adobe Firefly"}) == 5.0
     camera = {"exif.Make": "Canon", "exif.Model": "EOS R5", "exif.DateTimeOriginal": "2024:01:01 10:00:00"}
-    assert score_metadata(camera) == -1.0
+    assert score_metadata(camera) is None  # unsigned camera EXIF is no evidence: anyone can write it
     assert score_metadata({**camera, "exif.Software": "Midjourney"}) == 5.0
     assert score_metadata({"exif.Make": "Canon"}) is None
     assert score_metadata({}) is None
@@ -49,5 +50,41 @@ def test_product_path_has_no_test_detector() -> None:
     proc = subprocess.run([sys.executable, "-m", "streamguard", "plugins"], capture_output=True, text=True,
                           env=env, timeout=120, check=True)
     names = {p["name"] for p in json.loads(proc.stdout)["plugins"]}
-    assert names == {"builtin-fusion", "builtin-policy", "builtin-univfd", "builtin-pinclip", "builtin-mpft",
-                     "provenance"}
+    # pin-clip is opt-in (plugins.enable): validated, it did not earn its compute by default.
+    assert names == {"builtin-fusion", "builtin-policy", "builtin-univfd", "builtin-mpft",
+                     "builtin-credentials", "provenance"}
+
+
+def _with_camera_exif(img: Image.Image) -> bytes:
+    """A JPEG whose EXIF claims a camera shot it, as a forger writes it (unsigned)."""
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110] = "Canon", "EOS R5"  # Make, Model
+    exif.get_ifd(0x8769)[0x9003] = "2024:01:01 10:00:00"  # Exif IFD: DateTimeOriginal
+    return encode(img, "JPEG", quality=90, exif=exif)
+
+
+def test_forged_camera_exif_never_clears_a_generated_image() -> None:
+    generated = noise((64, 48), seed=5)
+    # The CLIP detectors lean fake (p 0.57 each): uncertain, close enough to 0.5 that any pull toward real
+    # from the EXIF (the old -1.0 at the default weight 1) would have cleared it.
+    settings, pm = pipeline(0.3)
+    with Scorer(settings, pm) as scorer:
+        forged, bare = scorer.score([ImageJob("forged", _with_camera_exif(generated)),
+                                     ImageJob("bare", encode(generated, "JPEG", quality=90))])
+    assert forged.image is not None and forged.image.metadata.get("exif.Make") == "Canon"  # the EXIF was read
+    provenance = {s.detector: s for s in forged.verdict.scores}["provenance"]  # type: ignore[union-attr]
+    assert provenance.logit is None and provenance.error is None
+    assert forged.verdict.label == bare.verdict.label == "uncertain"  # type: ignore[union-attr]
+    assert forged.verdict.probability == bare.verdict.probability  # type: ignore[union-attr]
+
+
+def test_generator_metadata_still_moves_toward_ai() -> None:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a castle\nSteps: 25, Sampler: DDIM, Seed: 3")
+    buf = io.BytesIO()
+    noise((64, 48), seed=5).save(buf, format="PNG", pnginfo=info)
+    settings, pm = pipeline(0.3)
+    with Scorer(settings, pm) as scorer:
+        tagged, plain = scorer.score([ImageJob("tagged", buf.getvalue()),
+                                      ImageJob("plain", encode(noise((64, 48), seed=5), "PNG"))])
+    assert tagged.verdict.probability > plain.verdict.probability  # type: ignore[union-attr,operator]

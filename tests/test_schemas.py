@@ -51,7 +51,8 @@ def test_verdict_label_is_constrained() -> None:
 
 def test_json_schemas_cover_every_record() -> None:
     schemas = json_schemas()
-    assert set(schemas) == set(RECORDS) == {"image-event", "detector-score", "verdict", "dead-letter"}
+    assert set(schemas) == set(RECORDS) == {"image-event", "detector-score", "verdict", "dead-letter",
+                                               "review-request", "review-decision"}
     assert schemas["image-event"]["properties"]["image"]["anyOf"][0]["contentEncoding"] == "base64"
     assert "schema_version" in schemas["verdict"]["properties"]
 

@@ -11,6 +11,7 @@ from streamguard import DetectorInput, DetectorSpec, InputContract, hookimpl
 from streamguard.config import load_settings
 from streamguard.plugins import build_plugin_manager
 from streamguard.scoring import ImageJob, Scorer
+from streamguard_provenance import VERSION as PROVENANCE_VERSION
 
 
 class Recorder:
@@ -49,7 +50,7 @@ def test_verdict_fields(settings, pm) -> None:  # type: ignore[no-untyped-def]
     assert verdict is not None and outcome.error is None
     assert verdict.event_id == "evt-1"
     assert verdict.content_sha256 == hashlib.sha256(data).hexdigest()
-    assert verdict.model_versions == {"brightness": "test-1", "provenance": "1.0.0"}
+    assert verdict.model_versions == {"brightness": "test-1", "provenance": PROVENANCE_VERSION}
     assert verdict.policy_version.startswith("thresholds-1")
     assert {"decode", "detect", "fuse"} <= set(verdict.timings_ms)
     assert verdict.duplicate_of is None

@@ -26,6 +26,7 @@ from stack import (
 from streamguard.devstack import Service, start_redis
 from streamguard.schemas import ImageEvent
 from streamguard.wire import encode_event
+from streamguard_provenance import VERSION as PROVENANCE_VERSION
 
 
 def _distinct_images(n: int, seed: int = 0) -> list[bytes]:
@@ -288,10 +289,10 @@ def test_content_leased_by_another_worker_is_not_scored_twice(topics: Topics, re
         assert "contested-0" not in read_outcomes(topics).verdict_ids()  # deferred, not scored
         # The other worker finishes: its verdict is cached under the key this worker computes.
         policy = policy_version(PolicySettings())  # the worker runs the default policy
-        vkey = versions_key({"brightness": "test-1", "provenance": "1.0.0"}, policy)
+        vkey = versions_key({"brightness": "test-1", "provenance": PROVENANCE_VERSION}, policy)
         theirs = Verdict(event_id="scored-elsewhere", content_sha256=sha, label="ai_generated", probability=0.97,
                          scores=[], policy_version=policy,
-                         model_versions={"brightness": "test-1", "provenance": "1.0.0"})
+                         model_versions={"brightness": "test-1", "provenance": PROVENANCE_VERSION})
         store.put(sha, vkey, theirs, None)
         store.release(sha, "elsewhere")
         outcomes = wait_for_outcomes(topics, sent)

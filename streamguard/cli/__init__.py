@@ -10,11 +10,15 @@ import structlog
 
 from streamguard import __version__
 from streamguard.cli.backbone import backbone_group
+from streamguard.cli.banks import banks_group
 from streamguard.cli.context import AppContext
 from streamguard.cli.dev import dev_group
 from streamguard.cli.evaluate import calibrate_command, eval_command
 from streamguard.cli.info import config_group, plugins_command, schema_command
+from streamguard.cli.rescore import rescore_command
+from streamguard.cli.review import review_group
 from streamguard.cli.scan import scan_command
+from streamguard.cli.serve import serve_command
 from streamguard.cli.stream import produce_command, tail_command
 from streamguard.cli.train import train_group
 from streamguard.cli.triton import triton_group
@@ -85,6 +89,7 @@ cli.add_command(schema_command)
 cli.add_command(config_group)
 cli.add_command(plugins_command)
 cli.add_command(worker_command)
+cli.add_command(serve_command)
 cli.add_command(produce_command)
 cli.add_command(tail_command)
 cli.add_command(dev_group)
@@ -93,6 +98,9 @@ cli.add_command(eval_command)
 cli.add_command(calibrate_command)
 cli.add_command(train_group)
 cli.add_command(triton_group)
+cli.add_command(banks_group)
+cli.add_command(rescore_command)
+cli.add_command(review_group)
 
 
 def main() -> None:

@@ -314,12 +314,15 @@ class RedisDedupe:
 
 
 def _decode(raw: str, sha256: str) -> CachedVerdict | None:
-    # Only the event id is read here; the caller parses the verdict itself, with its own schema check.
+    # Only the event id and tenant are read here; the caller parses the verdict itself, with its own schema
+    # check.
     try:
-        event_id = json.loads(raw)["event_id"]
-    except (ValueError, KeyError, TypeError):
-        event_id = None
+        record = json.loads(raw)
+        event_id, tenant = record["event_id"], record.get("tenant")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        event_id = tenant = None
     if not isinstance(event_id, str):
         log.warning("dedupe.bad_record", sha256=sha256)
         return None
-    return CachedVerdict(event_id=event_id, verdict_json=raw, sha256=sha256)
+    return CachedVerdict(event_id=event_id, verdict_json=raw, sha256=sha256,
+                         tenant=tenant if isinstance(tenant, str) else None)

@@ -32,11 +32,14 @@ VERSIONS_KEY_LENGTH = 16
 
 @dataclass(frozen=True)
 class CachedVerdict:
-    """A verdict kept for reuse. ``event_id`` is the event first judged, for ``Verdict.duplicate_of``."""
+    """A verdict kept for reuse. ``event_id`` is the event first judged, for ``Verdict.duplicate_of``;
+    ``tenant`` whose event that was (None: written before tenants, or by the default tenant), so that a
+    shared cache never hands one tenant's event ids to another."""
 
     event_id: str
     verdict_json: str
     sha256: str
+    tenant: str | None = None
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,9 @@ class DecodedImage:
     height: int
     frames: int = 1
     metadata: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # The bytes as received (the caller's object, not a copy): content credentials sign a hash of the exact
+    # file, so a detector that verifies them needs the bytes, not the pixels. Kept out of repr and equality.
+    data: bytes = field(default=b"", repr=False, compare=False)
 
     @property
     def reduced(self) -> bool:
@@ -109,6 +112,7 @@ def decode_image(data: bytes, limits: IntakeSettings, min_side: int | None = Non
         height=height,
         frames=frames,
         metadata=MappingProxyType(metadata),
+        data=data,
     )
 
 

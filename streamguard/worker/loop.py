@@ -61,13 +61,19 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+def build_scorer(settings: Settings, pm: pluggy.PluginManager) -> Scorer:
+    """The worker's scorer. `streamguard serve` builds the same one: a different decode size would give
+    the same image different scores there."""
+    # PDQ works on a 64x64 reduction of a sharp image: a draft decode below ~128 px blurs the hash.
+    near = settings.dedupe.enabled and settings.dedupe.near
+    return Scorer(settings, pm, min_decode_side=_PDQ_MIN_SIDE if near else None)
+
+
 class Worker:
     def __init__(self, settings: Settings, pm: pluggy.PluginManager, dedupe: DedupeStore | None = None) -> None:
         self._settings = settings
         self.metrics = WorkerMetrics()
-        # PDQ works on a 64x64 reduction of a sharp image: a draft decode below ~128 px blurs the hash.
-        near = settings.dedupe.enabled and settings.dedupe.near
-        self.scorer = Scorer(settings, pm, min_decode_side=_PDQ_MIN_SIDE if near else None)
+        self.scorer = build_scorer(settings, pm)
         self.dedupe: DedupeStore = dedupe or open_store(settings.dedupe, settings.redis)
         self._fetcher = ImageFetcher(settings.fetch, settings.intake.max_bytes)
         self._acks: queue.SimpleQueue[Ack] = queue.SimpleQueue()

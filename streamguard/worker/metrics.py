@@ -12,10 +12,17 @@ class WorkerMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.events_in = Counter("streamguard_events_in", "Records consumed.", registry=r)
-        self.verdicts_out = Counter("streamguard_verdicts", "Verdicts published, by label.", ["label"], registry=r)
+        # tenant: a configured tenant's name, "default", or "other" (unconfigured names are unbounded).
+        self.verdicts_out = Counter("streamguard_verdicts", "Verdicts published, by label, decider and tenant.",
+                                    ["label", "decided_by", "tenant"], registry=r)
         self.dead_letters = Counter(
-            "streamguard_dead_letters", "Dead letters published, by error type.", ["reason"], registry=r
+            "streamguard_dead_letters", "Dead letters published, by error type and tenant.", ["reason", "tenant"],
+            registry=r,
         )
+        self.review_requests = Counter("streamguard_review_requests", "Verdicts also sent to human review.",
+                                       ["reason", "tenant"], registry=r)
+        self.bank_hits = Counter("streamguard_bank_hits", "Events answered from a hash bank, by match kind.",
+                                 ["kind", "tenant"], registry=r)
         self.dedupe_hits = Counter("streamguard_dedupe_hits", "Dedupe hits by kind (exact, near, batch).",
                                    ["kind"], registry=r)
         self.degraded_verdicts = Counter(

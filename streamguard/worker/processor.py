@@ -1,4 +1,5 @@
-"""One batch of records: parse -> fetch -> sha256 -> dedupe -> decode -> detect -> fuse -> publish.
+"""One batch of records: parse -> fetch -> sha256 -> bank -> dedupe -> decode -> bank (PDQ) -> near dedupe ->
+detect -> fuse -> tenant policy -> publish (and review).
 
 Every record leaves as exactly one published message, a verdict or a dead letter; the publisher's
 acknowledgement is what lets the loop commit it. Every stage runs under a per-record guard: an exception
@@ -6,6 +7,11 @@ in one record's path, whatever its kind, dead-letters that record with the stage
 rest of the batch goes on. Dedupe never blocks judging: with Redis down the store answers "not seen" and
 everything is scored. Decoded pixels held at once are bounded by `intake.batch_pixel_budget`: a batch of
 large images is decoded and judged in pieces.
+
+Tenants: each event is decided under its tenant's policy and fusion weights, matched against its tenant's
+hash banks, and deduplicated in its tenant's pool (`streamguard.tenants`). Content is still scored once per
+batch whoever sent it: the scores depend on the bytes only, and each copy is decided from them for its own
+tenant. A verdict never names another tenant's event.
 """
 
 from __future__ import annotations
@@ -16,34 +22,46 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from pydantic import ValidationError
 
 from streamguard.config import Settings
+from streamguard.decide import Decider, bank_verdict
 from streamguard.dedupe.lease import LeaseKeeper
 from streamguard.dedupe.phash import PerceptualHash, perceptual_hash
 from streamguard.dedupe.store import CachedVerdict, DedupeStore, NearMatch, versions_key
 from streamguard.errors import HeadersTooLarge, InternalError, RecordTooLarge, StreamguardError, UnreadableRecord
 from streamguard.fetch import ImageFetcher, event_bytes
 from streamguard.intake import estimate_decoded_pixels
-from streamguard.schemas import DeadLetter, ImageEvent, NearDuplicate, Verdict
+from streamguard.policy import policy_version
+from streamguard.review.route import review_reason, review_request
+from streamguard.schemas import DeadLetter, Evidence, ImageEvent, MatchedBank, NearDuplicate, Verdict
 from streamguard.scoring import DetectorsUnavailable, ImageJob, Outcome, Scorer
+from streamguard.tenants import DEFAULT_TENANT, Tenant, Tenants
 from streamguard.wire import parse_event
 from streamguard.worker.metrics import WorkerMetrics
 from streamguard.worker.outage import OutageGate
 from streamguard.worker.publish import Sink
 from streamguard.worker.records import InRecord
 
+if TYPE_CHECKING:
+    from streamguard.banks import BankMatch, BankStore
+
 log = structlog.get_logger(__name__)
 
 _MAX_REASON_CHARS = 2000
+# Passed for ``banks`` by callers that did not choose: the banks the settings configure.
+_FROM_SETTINGS: Any = object()
 
 
 @dataclass
 class _Item:
     record: InRecord
     event: ImageEvent | None = None
+    tenant: Tenant | None = None
+    dedupe_key: str = ""  # the tenant's pool in the dedupe store
     data: bytes | None = None
     sha256: str | None = None
     outcome: Outcome | None = None
@@ -57,10 +75,19 @@ class _Item:
 class BatchProcessor:
     def __init__(self, settings: Settings, scorer: Scorer, dedupe: DedupeStore, fetcher: ImageFetcher,
                  publisher: Sink, metrics: WorkerMetrics, owner: str, outage: OutageGate | None = None,
-                 is_current: Callable[[InRecord], bool] = lambda record: True) -> None:
+                 is_current: Callable[[InRecord], bool] = lambda record: True,
+                 banks: BankStore | None = _FROM_SETTINGS) -> None:
         """``outage``: where to hold while a detector's server is down (None: never hold, e.g. tests of
-        other stages). ``is_current``: whether this worker still owns a record's partition."""
+        other stages). ``is_current``: whether this worker still owns a record's partition. ``banks``: the
+        hash banks matched before detection (default: those the settings configure; None: none)."""
         self._settings = settings
+        self._tenants = Tenants(settings)
+        self._decider = Decider(scorer.plugin_manager)
+        self._owns_banks = banks is _FROM_SETTINGS
+        self._banks: BankStore | None = _open_banks(settings) if banks is _FROM_SETTINGS else banks
+        # PDQ is computed once after decoding for whoever needs it: near dedupe, bank matches, reviewers.
+        self._need_phash = (settings.dedupe.enabled and settings.dedupe.near) or self._banks is not None \
+            or settings.review.topic is not None
         self._scorer = scorer
         self._dedupe = dedupe
         self._fetcher = fetcher
@@ -75,14 +102,19 @@ class BatchProcessor:
 
     def close(self) -> None:
         self._fetch_pool.shutdown(wait=False, cancel_futures=True)
+        close = getattr(self._banks, "close", None)
+        if self._owns_banks and close is not None:
+            close()
 
     def process(self, records: Sequence[InRecord]) -> None:
         items = [_Item(record) for record in records]
         live = self._each("parse", items, self._parse)
         live = self._fetch_all(live)
+        live = self._each("bank", live, self._match_bank_exact)
         live = self._reuse_exact(live)
         for piece in self._pixel_pieces(live):
             piece = self._decode(piece)
+            piece = self._each("bank_near", piece, self._hash_and_match_bank)
             piece = self._reuse_near(piece)
             self._judge(piece)
 
@@ -125,6 +157,8 @@ class BatchProcessor:
             self._metrics.unknown_fields.inc(len(parsed.unknown_fields))
             log.debug("worker.unknown_fields", fields=list(parsed.unknown_fields), offset=record.offset)
         item.event = parsed.event
+        item.tenant = self._tenants.resolve(parsed.event.tenant)
+        item.dedupe_key = item.tenant.dedupe_key(self._versions_key)
 
     def _fetch_all(self, items: list[_Item]) -> list[_Item]:
         t0 = time.perf_counter()
@@ -143,6 +177,47 @@ class BatchProcessor:
         self._observe("fetch", t0, items)
         return live
 
+    def _match_bank_exact(self, item: _Item) -> bool | None:
+        """Content a subscribed bank holds by SHA-256 is answered before the cache: a bank is where a
+        person's decision lives, and it must win over a model's cached verdict."""
+        match = self._bank_match(item, None)
+        if match is None:
+            return True
+        self._publish_bank(item, match)
+        return False
+
+    def _hash_and_match_bank(self, item: _Item) -> bool | None:
+        """PDQ of the decoded image, then the banks again, now for near-duplicates, before any detector."""
+        if not self._need_phash:
+            return True
+        assert item.outcome is not None and item.outcome.image is not None
+        item.phash = perceptual_hash(item.outcome.image.rgb)
+        match = self._bank_match(item, item.phash)
+        if match is None:
+            return True
+        self._publish_bank(item, match)
+        return False
+
+    def _bank_match(self, item: _Item, phash: PerceptualHash | None) -> BankMatch | None:
+        banks = item.tenant.banks if item.tenant is not None else ()
+        if self._banks is None or not banks:
+            return None
+        try:
+            return self._banks.match(item.sha256, phash, banks)  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001 - like dedupe, banks fail open: the detectors still judge
+            log.warning("bank.match_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+            return None
+
+    def _publish_bank(self, item: _Item, match: BankMatch) -> None:
+        tenant = item.tenant
+        assert tenant is not None and item.event is not None and item.sha256 is not None
+        self._metrics.bank_hits.labels(match.kind, tenant.metric_label).inc()
+        verdict = bank_verdict(item.event.event_id, item.sha256, tenant, match.label,
+                               MatchedBank(bank=match.bank, kind=match.kind, distance=match.distance),
+                               policy_version(tenant.policy), dict(item.timings_ms))
+        self._publish(item, verdict)
+        self._release(item)
+
     def _reuse_exact(self, items: list[_Item]) -> list[_Item]:
         """Exact duplicates by sha256: the cached verdict if there is one, else an in-flight lease so that
         two workers never score the same content at once. Content leased by another worker is deferred,
@@ -153,19 +228,23 @@ class BatchProcessor:
         if items and not self._dedupe.available:
             self._metrics.dedupe_unavailable.inc(len(items))
         candidates, self._waiting = self._waiting + items, []
-        leaders: set[str] = set()  # content this pass will score; later copies reuse it in _judge
+        leaders: set[tuple[str, str]] = set()  # (content, pool) this pass will score; copies reuse it in _judge
         now = time.monotonic()
 
         def reuse(item: _Item) -> bool | None:
             sha = item.sha256
             assert sha is not None
-            if sha in leaders:
+            if (sha, item.dedupe_key) in leaders:
                 return True
-            cached = self._dedupe.get(sha, self._versions_key)
+            cached = self._dedupe.get(sha, item.dedupe_key)
             verdict = self._readable(cached)
             if cached is not None and verdict is not None:
                 self._publish_cached(item, cached, verdict, "exact")
                 return False
+            if any(leader == sha for leader, _ in leaders):
+                # Another tenant's copy is being scored in this pass: ride along (scores are the content's).
+                leaders.add((sha, item.dedupe_key))
+                return True
             if self._dedupe.acquire(sha, self._owner):
                 item.leased = True
             elif item.wait_until is None:
@@ -178,7 +257,7 @@ class BatchProcessor:
             else:
                 # The other worker has held its lease for too long: score rather than wait forever.
                 log.warning("dedupe.lease_wait_timeout", sha256=sha, event_id=item.event.event_id)  # type: ignore[union-attr]
-            leaders.add(sha)
+            leaders.add((sha, item.dedupe_key))
             return True
 
         live = [item for item in candidates if self._guarded("dedupe", item, reuse) is not False]
@@ -232,9 +311,9 @@ class BatchProcessor:
             return items
 
         def near(item: _Item) -> bool | None:
-            assert item.outcome is not None and item.outcome.image is not None
-            item.phash = perceptual_hash(item.outcome.image.rgb)
-            match = self._dedupe.find_near(item.phash, self._versions_key)
+            if item.phash is None:
+                return True
+            match = self._dedupe.find_near(item.phash, item.dedupe_key)
             verdict = self._readable(match.cached if match is not None else None)
             item.near = match if verdict is not None else None
             if match is None or verdict is None or match.sha256 == item.sha256 or settings.near_action != "reuse":
@@ -270,8 +349,12 @@ class BatchProcessor:
                     self._dead_letter(item, InternalError(f"detect: {type(outcome).__name__}: {outcome}",
                                                           stage="detect"))
                 continue
+            remembered: set[str] = set()
             for item in group:
-                self._guarded("publish", item, lambda item, owner=owner, verdict=outcome: self._finish(item, owner, verdict))
+                first_in_pool = item.dedupe_key not in remembered
+                remembered.add(item.dedupe_key)
+                self._guarded("publish", item, lambda item, owner=owner, verdict=outcome, first=first_in_pool:
+                              self._finish(item, owner, verdict, first))
             owner.outcome.image = None  # type: ignore[union-attr]  # the pixels are not needed any more
 
     def _judge_isolating(self, unique: list[_Item]) -> dict[int, Verdict | Exception]:
@@ -294,24 +377,30 @@ class BatchProcessor:
             results.update(self._judge_isolating([item]))
         return results
 
-    def _finish(self, item: _Item, owner: _Item, verdict: Verdict) -> bool:
-        """Publish ``item``'s verdict (``owner``'s, reused by a copy), then remember it."""
+    def _finish(self, item: _Item, owner: _Item, verdict: Verdict, remember: bool) -> bool:
+        """Publish ``item``'s verdict (scored for ``owner``, decided again for ``item``'s tenant), then
+        remember it in the item's pool when ``remember`` (the first copy there)."""
+        assert item.tenant is not None and owner.tenant is not None
         if owner is not item:
             self._metrics.dedupe_hits.labels("batch").inc()
-            verdict = verdict.model_copy(update={"event_id": item.event.event_id,  # type: ignore[union-attr]
-                                                 "duplicate_of": owner.event.event_id})  # type: ignore[union-attr]
+            same_tenant = owner.tenant.name == item.tenant.name
+            verdict = verdict.model_copy(update={
+                "event_id": item.event.event_id,  # type: ignore[union-attr]
+                "duplicate_of": owner.event.event_id if same_tenant else None})  # type: ignore[union-attr]
         elif item.near is not None and item.near.sha256 != item.sha256:
             self._metrics.dedupe_hits.labels("near").inc()
-            verdict = verdict.model_copy(update={"near_duplicate_of": _near(item.near)})
+            verdict = verdict.model_copy(update={"near_duplicate_of": self._near(item.near, item.tenant)})
         verdict = verdict.model_copy(update={"timings_ms": {**item.timings_ms, **verdict.timings_ms}})
-        self._publish(item, verdict)
+        verdict = self._decider.decide(verdict, item.tenant)
+        # A tenant's copies of one content go to review once; later ones are duplicates of it.
+        self._publish(item, verdict, review=verdict.duplicate_of is None)
         # Published: from here on a failure must not dead-letter the record too (two outcomes for one).
         try:
             if owner is item and verdict.degraded:
                 # A verdict without some detector must not answer for this content once it recovers.
                 self._metrics.degraded_verdicts.inc()
-            elif owner is item:
-                self._dedupe.put(item.sha256, self._versions_key, verdict, item.phash)  # type: ignore[arg-type]
+            elif remember and not verdict.degraded:
+                self._dedupe.put(item.sha256, item.dedupe_key, verdict, item.phash)  # type: ignore[arg-type]
             self._release(item)
         except Exception:  # noqa: BLE001
             log.exception("worker.remember_failed", offset=item.record.offset)
@@ -366,22 +455,47 @@ class BatchProcessor:
 
     def _publish_cached(self, item: _Item, cached: CachedVerdict, original: Verdict, kind: str,
                         near: NearMatch | None = None) -> None:
+        tenant = item.tenant
+        assert tenant is not None
         self._metrics.dedupe_hits.labels(kind).inc()
+        same_tenant = _tenant_name(cached.tenant) == tenant.name
         update: dict[str, object] = {
             "event_id": item.event.event_id,  # type: ignore[union-attr]
-            "duplicate_of": cached.event_id,
+            # From a shared pool, another tenant's event stays unnamed: the content hash says what matched.
+            "duplicate_of": cached.event_id if same_tenant else None,
             "content_sha256": item.sha256,
             "timings_ms": dict(item.timings_ms),
             "judged_at": datetime.now(UTC),
         }
         if near is not None:
-            update["near_duplicate_of"] = _near(near)
-        self._publish(item, original.model_copy(update=update))
+            update["near_duplicate_of"] = self._near(near, tenant)
+        verdict = original.model_copy(update=update)
+        if not same_tenant or verdict.policy_version != policy_version(tenant.policy):
+            # Another tenant's (or an older policy's) decision: decide again from the cached scores.
+            evidence = [] if same_tenant else [Evidence(kind="shared_cache", name="dedupe",
+                                                        detail={"content_sha256": cached.sha256})]
+            verdict = self._decider.decide(verdict, tenant, evidence)
+        self._publish(item, verdict)
         self._release(item)
 
-    def _publish(self, item: _Item, verdict: Verdict) -> None:
-        self._metrics.verdicts_out.labels(verdict.label).inc()
-        self._publisher.verdict(item.record, verdict)
+    def _publish(self, item: _Item, verdict: Verdict, review: bool = False) -> None:
+        """Publish ``verdict``; with ``review``, also to the review topic when the settings route it there.
+        Cached answers are not sent again: their content went to review when it was judged."""
+        tenant_label = item.tenant.metric_label if item.tenant is not None else DEFAULT_TENANT
+        self._metrics.verdicts_out.labels(verdict.label, verdict.decided_by, tenant_label).inc()
+        reason = review_reason(verdict, self._settings.review) if review else None
+        if reason is None:
+            self._publisher.verdict(item.record, verdict)
+            return
+        assert item.event is not None
+        self._metrics.review_requests.labels(reason, tenant_label).inc()
+        request = review_request(verdict, reason, item.event, item.record, item.phash)
+        self._publisher.verdict(item.record, verdict, review=request)
+
+    def _near(self, match: NearMatch, tenant: Tenant) -> NearDuplicate:
+        own = _tenant_name(match.cached.tenant) == tenant.name
+        return NearDuplicate(event_id=match.cached.event_id if own else None, content_sha256=match.sha256,
+                             distance=match.distance)
 
     def _dead_letter(self, item: _Item, exc: StreamguardError) -> None:
         record = item.record
@@ -397,8 +511,10 @@ class BatchProcessor:
             original_timestamp_ms=record.timestamp_ms,
             group_id=self._settings.worker.group_id,
             attempt=_attempt(record) + 1,
+            tenant=item.tenant.name if item.tenant is not None else None,
         )
-        self._metrics.dead_letters.labels(letter.error_type).inc()
+        self._metrics.dead_letters.labels(letter.error_type,
+                                          item.tenant.metric_label if item.tenant is not None else "unknown").inc()
         log.info("worker.dead_letter", error_type=letter.error_type, stage=stage, offset=record.offset,
                  partition=record.partition, reason=letter.message[:200])
         try:
@@ -414,8 +530,20 @@ class BatchProcessor:
             item.timings_ms[stage] = round(elapsed * 1000.0, 3)
 
 
-def _near(match: NearMatch) -> NearDuplicate:
-    return NearDuplicate(event_id=match.cached.event_id, content_sha256=match.sha256, distance=match.distance)
+def _tenant_name(tenant: str | None) -> str:
+    return DEFAULT_TENANT if tenant is None else tenant
+
+
+def _open_banks(settings: Settings) -> BankStore | None:
+    """The configured banks; with review routing on, the reviewers' banks too, so that a decision answers
+    the next copy before any detector runs."""
+    from streamguard.banks import open_banks
+
+    review = settings.review
+    if review.topic is not None:
+        definitions = {review.bank_ai: "ai_generated", review.bank_real: "real", **settings.banks.definitions}
+        settings = settings.model_copy(update={"banks": settings.banks.model_copy(update={"definitions": definitions})})
+    return open_banks(settings)
 
 
 def _attempt(record: InRecord) -> int:

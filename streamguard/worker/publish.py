@@ -1,21 +1,23 @@
 """Publishing verdicts and dead letters, and reporting each broker acknowledgement back to the loop.
 
-A record counts as finished only when the broker acknowledged what was published for it; the producer's
-callbacks run on its IO thread, so they only put ``(partition, offset, epoch)`` on a queue that the poll
-loop drains. ``flush()`` does not raise for failed sends, so each send's outcome is checked on its own.
+A record counts as finished only when the broker acknowledged what was published for it (its verdict, and
+its review request when it has one); the producer's callbacks run on its IO thread, so they only put
+``(partition, offset, epoch)`` on a queue that the poll loop drains. ``flush()`` does not raise for failed
+sends, so each send's outcome is checked on its own.
 """
 
 from __future__ import annotations
 
 import queue
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import structlog
 from kafka import KafkaProducer
 
-from streamguard.config import Settings, WorkerSettings
-from streamguard.schemas import DeadLetter, Verdict
+from streamguard.config import ReviewSettings, Settings, WorkerSettings
+from streamguard.schemas import DeadLetter, ReviewRequest, Verdict
 from streamguard.worker.records import InRecord
 
 log = structlog.get_logger(__name__)
@@ -53,8 +55,17 @@ def verdict_message(settings: WorkerSettings, verdict: Verdict) -> OutMessage:
         settings.output_topic,
         key=verdict.event_id.encode(),
         value=verdict.model_dump_json().encode(),
-        headers=[("sg-record", b"verdict"), ("sg-label", verdict.label.encode())],
+        headers=[("sg-record", b"verdict"), ("sg-label", verdict.label.encode())]
+        + ([("sg-tenant", verdict.tenant.encode())] if verdict.tenant is not None else []),
     )
+
+
+def review_message(topic: str, request: ReviewRequest) -> OutMessage:
+    headers = [("sg-record", b"review-request"), ("sg-reason", request.reason.encode())]
+    if request.tenant is not None:
+        headers.append(("sg-tenant", request.tenant.encode()))
+    return OutMessage(topic, key=request.content_sha256.encode(), value=request.model_dump_json().encode(),
+                      headers=headers)
 
 
 def dead_letter_message(settings: WorkerSettings, record: InRecord, letter: DeadLetter) -> OutMessage:
@@ -109,9 +120,10 @@ def _copy_headers(headers: tuple[tuple[str, bytes], ...], budget: int) -> tuple[
 
 
 class Sink(Protocol):
-    """Where `BatchProcessor` sends each record's one outcome."""
+    """Where `BatchProcessor` sends each record's one outcome. ``review`` is passed only when the verdict
+    also goes to review (``review.topic`` set); the record is finished when both are acknowledged."""
 
-    def verdict(self, record: InRecord, verdict: Verdict) -> None: ...
+    def verdict(self, record: InRecord, verdict: Verdict, review: ReviewRequest | None = None) -> None: ...
 
     def dead_letter(self, record: InRecord, letter: DeadLetter) -> None: ...
 
@@ -121,24 +133,31 @@ class Publisher:
 
     def __init__(self, settings: Settings, producer: KafkaProducer, acks: queue.SimpleQueue[Ack]) -> None:
         self._worker = settings.worker
+        self._review = settings.review
         self._producer = producer
         self._acks = acks
 
-    def verdict(self, record: InRecord, verdict: Verdict) -> None:
-        self._send(record, verdict_message(self._worker, verdict))
+    def verdict(self, record: InRecord, verdict: Verdict, review: ReviewRequest | None = None) -> None:
+        messages = [verdict_message(self._worker, verdict)]
+        if review is not None and self._review.topic is not None:
+            # The review request first: committing on the verdict's ack alone could lose the request.
+            messages.insert(0, review_message(self._review.topic, review))
+        self._send(record, *messages)
 
     def dead_letter(self, record: InRecord, letter: DeadLetter) -> None:
         self._send(record, dead_letter_message(self._worker, record, letter))
 
-    def _send(self, record: InRecord, message: OutMessage) -> None:
-        try:
-            future = self._producer.send(message.topic, key=message.key, value=message.value,
-                                         headers=message.headers)
-        except Exception as exc:  # noqa: BLE001 - e.g. a record over the size limit: still an outcome
-            self._acks.put(Ack(record, exc))
-            return
-        future.add_callback(lambda _meta: self._acks.put(Ack(record)))
-        future.add_errback(lambda exc: self._acks.put(Ack(record, exc)))
+    def _send(self, record: InRecord, *messages: OutMessage) -> None:
+        joined = _Joined(record, len(messages), self._acks)
+        for message in messages:
+            try:
+                future = self._producer.send(message.topic, key=message.key, value=message.value,
+                                             headers=message.headers)
+            except Exception as exc:  # noqa: BLE001 - e.g. a record over the size limit: still an outcome
+                joined.failed(exc)
+                return
+            future.add_callback(lambda _meta: joined.sent())
+            future.add_errback(joined.failed)
 
     def flush(self, timeout_s: float) -> None:
         """Wait for outstanding sends, so their acknowledgements are queued before a final commit."""
@@ -149,6 +168,31 @@ class Publisher:
 
     def close(self, timeout_s: float) -> None:
         self._producer.close(timeout=timeout_s)
+
+
+class _Joined:
+    """One acknowledgement for a record whose outcome is several messages: when all were sent, or at the
+    first failure (which stops the worker uncommitted, whatever the others do)."""
+
+    def __init__(self, record: InRecord, expected: int, acks: queue.SimpleQueue[Ack]) -> None:
+        self._record = record
+        self._left = expected
+        self._acks = acks
+        self._lock = threading.Lock()
+
+    def sent(self) -> None:
+        with self._lock:
+            self._left -= 1
+            done = self._left == 0
+        if done:
+            self._acks.put(Ack(self._record))
+
+    def failed(self, exc: Exception) -> None:
+        with self._lock:
+            first = self._left > 0
+            self._left = -1
+        if first:
+            self._acks.put(Ack(self._record, exc))
 
 
 @dataclass
@@ -162,8 +206,13 @@ class ListPublisher:
     verdicts: list[tuple[InRecord, Verdict]] = field(default_factory=list)
     dead_letters: list[tuple[InRecord, DeadLetter]] = field(default_factory=list)
     messages: list[OutMessage] = field(default_factory=list)
+    review: ReviewSettings = field(default_factory=ReviewSettings)
+    reviews: list[tuple[InRecord, ReviewRequest]] = field(default_factory=list)
 
-    def verdict(self, record: InRecord, verdict: Verdict) -> None:
+    def verdict(self, record: InRecord, verdict: Verdict, review: ReviewRequest | None = None) -> None:
+        if review is not None:
+            self.reviews.append((record, review))
+            self.messages.append(review_message(self.review.topic or "review", review))
         self.verdicts.append((record, verdict))
         self._keep(record, verdict_message(self.settings, verdict))
 

@@ -1,4 +1,9 @@
-"""Provenance-metadata detector: generator fingerprints in IPTC XMP, PNG text chunks and EXIF."""
+"""Provenance-metadata detector: generator fingerprints in IPTC XMP, PNG text chunks and EXIF.
+
+Unsigned metadata is one-sided evidence: a generator's fingerprint is worth flagging, but camera EXIF is
+what anyone who wants an image cleared writes into it, so it is never a reason to call an image real. Only
+a signed capture credential (the built-in `credentials` detector) can speak for a camera.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,8 @@ from collections.abc import Mapping, Sequence
 
 from streamguard import DetectorInput, DetectorSpec, LoadContext, hookimpl
 
-VERSION = "1.0.0"
+# 1.1.0: camera EXIF no longer scores (it moved forged images toward real); cached verdicts re-score.
+VERSION = "1.1.0"
 
 _IPTC_AI = re.compile(r"digitalsourcetype/trainedAlgorithmicMedia\b", re.IGNORECASE)
 _IPTC_PARTLY_AI = re.compile(
@@ -22,7 +28,7 @@ _A1111_KEYS = ("Steps:", "Sampler:")
 
 
 def score_metadata(metadata: Mapping[str, str]) -> float | None:
-    """The raw logit for one image's metadata, or None when there is no evidence either way."""
+    """The raw logit for one image's metadata, or None when there is no evidence of generation."""
     xmp = metadata.get("xmp", "")
     if _IPTC_AI.search(xmp):
         return 6.0
@@ -37,8 +43,8 @@ def score_metadata(metadata: Mapping[str, str]) -> float | None:
         return 5.0
     if _IPTC_PARTLY_AI.search(xmp):
         return 3.0
-    if all(metadata.get(f"exif.{tag}") for tag in ("Make", "Model", "DateTimeOriginal")):
-        return -1.0
+    # Camera Make/Model/DateTimeOriginal alone: abstain. Any negative logit here would let forged EXIF
+    # clear a generated image.
     return None
 
 
@@ -62,6 +68,6 @@ def register_detectors(register) -> None:  # type: ignore[no-untyped-def]
             version=VERSION,
             load=_load,
             contract=None,
-            description="Generator fingerprints in metadata (IPTC DigitalSourceType, SD/ComfyUI text, EXIF).",
+            description="Generator fingerprints in metadata (IPTC, SD/ComfyUI text chunks, EXIF Software).",
         )
     )

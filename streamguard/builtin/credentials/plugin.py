@@ -1,0 +1,127 @@
+"""Registers the built-in `credentials` detector (plugin ``builtin-credentials``): C2PA content credentials.
+
+It registers only when ``credentials.trust_anchors`` names the operator's trust anchors: without them no
+manifest can be trusted, and the detector could only ever abstain. c2pa-python is imported when the detector
+loads, not here; without it the detector still loads, says so once, and abstains on every image.
+
+A credential counts only when c2pa reports the store Trusted (signature, chain to an anchor, every hash).
+Then a declared generation is a large positive logit and a declared capture a negative one; everything else
+(no manifest, untrusted or tampered, trusted but declaring neither) abstains, and a manifest found is logged
+(``credentials.manifest``) with what it claimed and why it counted or not.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as distribution_version
+from typing import TYPE_CHECKING
+
+import structlog
+
+from streamguard.builtin.credentials.manifest import INVALID, UNREADABLE, Finding
+from streamguard.config import Settings
+from streamguard.detectors.spec import DetectorBackend, DetectorInput, DetectorSpec, LoadContext
+from streamguard.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from streamguard.builtin.credentials.verify import Verifier
+
+NAME = "credentials"
+# The rules' version; the registered version adds the library's and the anchors' (see `_version`).
+RULES_VERSION = "credentials-1"
+LIBRARY = "c2pa-python"
+# Not fitted (no data set here holds trusted credentials): sized for the default fusion, the weighted mean of
+# calibrated logits, with `credentials` weighted 6 against the CLIP detectors' 1.2 + 1.8 (config.py).
+# - Generated, +15: the fused logit is at least (6 * 15 - 3 * 12) / 9 = 6 (p 0.9975, over the 0.99 flag)
+#   even when the CLIP detectors average -12 (p 6e-6 of AI): a trusted generator's word carries the verdict.
+# - Captured, -3: real unless the CLIP detectors average over +6 (p 0.9975), and then uncertain, so a person
+#   looks (a trusted camera can still photograph a screen); flagged only past an average of +19.8.
+GENERATED_LOGIT = 15.0
+CAPTURED_LOGIT = -3.0
+
+log = structlog.get_logger(__name__)
+
+
+def logit_for(finding: Finding) -> float | None:
+    """The raw logit a finding is worth; None (abstain) unless it is trusted and declares something."""
+    if not finding.trusted:
+        return None
+    return {"generated": GENERATED_LOGIT, "captured": CAPTURED_LOGIT}.get(finding.declared)
+
+
+class CredentialsBackend:
+    def __init__(self, verifier: Verifier) -> None:
+        self._verifier = verifier
+
+    def predict(self, batch: Sequence[DetectorInput]) -> list[float | None]:
+        return [self._score(item) for item in batch]
+
+    def _score(self, item: DetectorInput) -> float | None:
+        data = item.image.data
+        finding = self._verifier.read(data, item.image.format)
+        if finding is None:
+            return None  # no manifest: the common case, and nothing to say
+        logit = logit_for(finding)
+        # Tampering and unreadable stores are worth a warning; an untrusted signer or a remote store is routine.
+        emit = log.warning if finding.state in (INVALID, UNREADABLE) else log.info
+        emit("credentials.manifest", content_sha256=hashlib.sha256(data).hexdigest(), state=finding.state,
+             declared=finding.declared, counted=logit is not None, logit=logit, reason=finding.reason,
+             issuer=finding.issuer, claim_generator=finding.claim_generator,
+             source_types=list(finding.source_types), failures=list(finding.failures))
+        return logit
+
+    def close(self) -> None:
+        self._verifier.close()
+
+
+class AbstainingBackend:
+    """The detector without its library: no opinion on any image."""
+
+    def predict(self, batch: Sequence[DetectorInput]) -> list[float | None]:
+        return [None] * len(batch)
+
+    def close(self) -> None:
+        return None
+
+
+def _load(trust_anchors_pem: str, ctx: LoadContext) -> DetectorBackend:
+    try:
+        from streamguard.builtin.credentials.verify import Verifier
+    except ImportError as exc:
+        log.warning("credentials.library_missing", error=f"{type(exc).__name__}: {exc}",
+                    effect="the credentials detector abstains on every image",
+                    hint=f"install streamguard with its dependencies ({LIBRARY})")
+        return AbstainingBackend()
+    return CredentialsBackend(Verifier(trust_anchors_pem))
+
+
+def _version(trust_anchors_pem: str) -> str:
+    """What decides a score: the rules, the verifying library and the anchors. Any of them changing must
+    re-score cached content (dedupe keys hold the version): a distrusted anchor must stop counting."""
+    try:
+        library = distribution_version(LIBRARY)
+    except PackageNotFoundError:
+        library = "missing"
+    anchors = hashlib.sha256(trust_anchors_pem.encode()).hexdigest()[:12]
+    return f"{RULES_VERSION}+c2pa-{library}+anchors-{anchors}"
+
+
+@hookimpl
+def register_detectors(register, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    path = settings.credentials.trust_anchors
+    if path is None:
+        log.info("credentials.off", reason="credentials.trust_anchors is not set: no manifest could be trusted")
+        return
+    anchors = path.read_text(encoding="utf-8")
+    register(
+        DetectorSpec(
+            name=NAME,
+            version=_version(anchors),
+            load=functools.partial(_load, anchors),
+            contract=None,
+            description="C2PA content credentials: a trusted manifest's declared generation or capture.",
+        )
+    )
