@@ -325,6 +325,7 @@ def test_replicas_are_capped_by_partitions() -> None:
     assert max_line.startswith("{{ min ") and set(values_refs(max_line)) == {
         "keda.maxReplicaCount",
         "worker.inputTopicPartitions",
+        "worker.processes",  # each pod holds that many consumers of the group
     }
     # With KEDA on, the Deployment must leave replicas to the HPA.
     deployment = template_text("deployment.yaml")
@@ -639,6 +640,8 @@ def test_values_schema_refuses_typos_and_bad_values(tools: Tools, setting: str, 
     ("settings", "message"),
     [
         (["replicaCount=13"], "exceeds worker.inputTopicPartitions"),
+        (["replicaCount=5", "worker.processes=3"], "x worker.processes 3 exceeds worker.inputTopicPartitions 12"),
+        (["worker.processes=13"], "worker.processes 13 exceeds"),
         (["keda.enabled=true", "keda.fallback.replicas=13"], "keda.fallback.replicas"),
         (["kafka.securityProtocol=SASL_SSL", "kafka.tls.existingSecret=ca"], "needs kafka.sasl.mechanism"),
         (["kafka.securityProtocol=SASL_SSL", "kafka.sasl.mechanism=PLAIN", "kafka.tls.existingSecret=ca"],
@@ -1077,3 +1080,18 @@ def test_requirements_helper_refuses_an_unknown_extra() -> None:
                            "--pyproject", str(ROOT / "pyproject.toml"), "no-such-extra"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "no extra 'no-such-extra'" in proc.stderr
+
+
+def test_worker_processes_reach_the_command_and_divide_keda_max(tools: Tools) -> None:
+    """`worker.processes` runs `streamguard worker --processes N`; KEDA's cap counts consumers, not pods."""
+    import yaml
+
+    one = list(yaml.safe_load_all(template(tools, "default").stdout))
+    assert container(worker([d for d in one if d]))["args"] == ["worker"]
+    docs = [d for d in yaml.safe_load_all(template(tools, "default", KUBE_VERSIONS[-1], "--set", "worker.processes=3",
+                                                   "--set", "keda.enabled=true", "--set",
+                                                   "keda.fallback.replicas=2").stdout) if d]
+    assert container(worker(docs))["args"] == ["worker", "--processes", "3"]
+    partitions = values()["worker"]["inputTopicPartitions"]
+    assert find(docs, "ScaledObject")["spec"]["maxReplicaCount"] == min(values()["keda"]["maxReplicaCount"],
+                                                                        partitions // 3)

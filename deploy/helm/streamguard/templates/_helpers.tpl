@@ -192,11 +192,15 @@ Whether the connection to Kafka uses TLS ("true"/"false").
 Checks of combinations the schema cannot express; included by the worker Deployment, so every render runs them.
 */}}
 {{- define "streamguard.validate" -}}
-{{- if and (not .Values.keda.enabled) (gt (int .Values.replicaCount) (int .Values.worker.inputTopicPartitions)) }}
-{{- fail (printf "replicaCount %v exceeds worker.inputTopicPartitions %v: the extra consumers would get no partition and sit idle, never Ready" .Values.replicaCount .Values.worker.inputTopicPartitions) }}
+{{- $processes := int .Values.worker.processes }}
+{{- if gt (int .Values.worker.processes) (int .Values.worker.inputTopicPartitions) }}
+{{- fail (printf "worker.processes %v exceeds worker.inputTopicPartitions %v: the extra consumers would get no partition" .Values.worker.processes .Values.worker.inputTopicPartitions) }}
 {{- end }}
-{{- if and .Values.keda.enabled (gt (int .Values.keda.fallback.replicas) (int .Values.worker.inputTopicPartitions)) }}
-{{- fail (printf "keda.fallback.replicas %v exceeds worker.inputTopicPartitions %v" .Values.keda.fallback.replicas .Values.worker.inputTopicPartitions) }}
+{{- if and (not .Values.keda.enabled) (gt (mul (int .Values.replicaCount) $processes) (int .Values.worker.inputTopicPartitions)) }}
+{{- fail (printf "replicaCount %v x worker.processes %v exceeds worker.inputTopicPartitions %v: the extra consumers would get no partition and sit idle, never Ready" .Values.replicaCount .Values.worker.processes .Values.worker.inputTopicPartitions) }}
+{{- end }}
+{{- if and .Values.keda.enabled (gt (mul (int .Values.keda.fallback.replicas) $processes) (int .Values.worker.inputTopicPartitions)) }}
+{{- fail (printf "keda.fallback.replicas %v x worker.processes %v exceeds worker.inputTopicPartitions %v" .Values.keda.fallback.replicas .Values.worker.processes .Values.worker.inputTopicPartitions) }}
 {{- end }}
 {{- if and .Values.kafka.sasl.mechanism (not (has .Values.kafka.securityProtocol (list "SASL_PLAINTEXT" "SASL_SSL"))) }}
 {{- fail "kafka.sasl.mechanism is set but kafka.securityProtocol is not SASL_PLAINTEXT or SASL_SSL" }}
