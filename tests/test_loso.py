@@ -16,7 +16,8 @@ from PIL import Image
 from streamguard.cli import cli
 from streamguard.config import load_settings
 from streamguard.training.held_out import load_held_out
-from streamguard.training.loso import Fold, groups_of, plan_folds
+from streamguard.evaluation.datasets import Sample
+from streamguard.training.loso import Fold, groups_of, plan_folds, pool_groups
 from test_training_cli import _env, backbone, scan, smooth, textured, write_dataset  # noqa: F401 - the fixture
 from test_training_units import _sample
 
@@ -80,6 +81,29 @@ def test_groups_count_images_outside_the_test_split() -> None:
     assert groups_of(samples) == {"photos": ("source", 1), "gan": ("generator", 1)}
 
 
+def _many(prefix: str, n: int, label: int, generator: str, source: str, family: str) -> list[Sample]:
+    return [Sample(id=f"{prefix}{i}", path="x", member=None, label=label, generator=generator, family=family,
+                   source=source, split="train") for i in range(n)]
+
+
+def test_small_groups_are_pooled_by_family_and_held_out_together() -> None:
+    samples = [*_many("a", 30, 0, "real", "phones", "real"), *_many("b", 3, 0, "real", "docs", "real"),
+               *_many("c", 1, 0, "real", "fivek", "real"),
+               *_many("d", 40, 1, "sd", "x", "diffusion"), *_many("e", 5, 1, "dit", "x", "diffusion"),
+               *_many("f", 4, 1, "pixart", "x", "diffusion"), *_many("g", 2, 1, "hart", "x", "unknown"),
+               *_many("h", 3, 1, "cogview", "x", "autoregressive")]
+    pools = pool_groups(samples, min_images=8)
+    assert pools["phones"] == "phones" and pools["sd"] == "sd"
+    assert pools["docs"] == pools["fivek"] == "small-real"
+    assert pools["dit"] == pools["pixart"] == "small-diffusion"  # 9 images together: a pool of useful size
+    # Too few autoregressive ones for a pool of their own: they join the generators of unknown family.
+    assert pools["hart"] == pools["cogview"] == "small-other"
+    folds = plan_folds(groups_of(samples), None, pools)
+    assert [f.name for f in folds] == ["phones", "small-real", "sd", "small-diffusion", "small-other"]
+    assert folds[1].sources == ("docs", "fivek")
+    assert folds[3].generators == ("dit", "pixart")
+
+
 def test_loso_end_to_end(dataset: Path, backbone: Path, tmp_path: Path) -> None:
     out, cache = tmp_path / "loso", tmp_path / "cache"
     # One fold first, as after a crash: the full run then trains only the other fold.
@@ -116,7 +140,7 @@ def test_loso_end_to_end(dataset: Path, backbone: Path, tmp_path: Path) -> None:
     fused = report["detectors"]["fused"]["groups"]
     worst = max(fused[g]["ai_generated"] for g in ("photos", "scans"))
     assert worst == pytest.approx(t["worst_false_flag"], abs=1e-4)
-    assert worst <= 0.05 or not t["ai_target_met"]
+    assert worst <= 0.02 or not t["ai_target_met"]
     # The chosen settings load as the product's own configuration.
     settings = load_settings(**report["settings"])
     chosen = settings.fusion.weights
@@ -132,6 +156,26 @@ def test_loso_end_to_end(dataset: Path, backbone: Path, tmp_path: Path) -> None:
     for name, s in files.items():
         assert 1 / (1 + math.exp(-s.logit)) == pytest.approx(served[name], abs=1e-4)
     assert np.isfinite(report["detectors"]["fused"]["balanced_auc"])
+
+    # The fold models scored again under other views and perturbations, through the serving path.
+    variants = CliRunner().invoke(cli, [
+        "train", "loso-variants", "--data", str(dataset), "--loso-data", str(dataset), "--out", str(out),
+        "--method", "univfd", "--folds", "2", "--variant", "crops2+whole", "--variant", "resize@jpeg75"],
+        env=_env(backbone))
+    assert variants.exit_code == 0, f"{variants.output}\n{variants.stderr}\n{variants.exception!r}"
+    compared = json.loads((out / "loso-variants.univfd.json").read_text())
+    assert list(compared["variants"]) == ["resize", "crops2+whole", "resize@jpeg75"]
+    assert compared["images"] == report["images"]
+    # The reference variant re-scores the original bytes with the shipped contract: held_out.json again.
+    for fold in report["folds"]:
+        _, base = load_held_out(out / "univfd" / fold["name"])
+        again = json.loads((out / "univfd" / fold["name"] / "held_out.resize.json").read_text())["scores"]
+        expected = {b.id: b.logit for b in base if b.split != "test"}
+        assert {r["id"]: pytest.approx(expected[r["id"]], abs=1e-4) for r in again} == expected
+        crops = json.loads((out / "univfd" / fold["name"] / "held_out.crops2_whole.json").read_text())["scores"]
+        assert sorted(r["id"] for r in crops) == sorted(expected)
+        assert any(abs(r["logit"] - expected[r["id"]]) > 1e-3 for r in crops)  # other pixels, other scores
+    assert set(compared["variants"]["crops2+whole"]["accuracy_change"]) == {g for g, _ in GROUPS}
 
 
 def test_loso_refuses_held_out_data_it_does_not_train_on(dataset: Path, backbone: Path, tmp_path: Path) -> None:

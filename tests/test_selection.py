@@ -96,10 +96,29 @@ def test_an_unmeetable_target_takes_the_strictest_threshold_and_says_so() -> Non
     labels = np.array([0, 0, 1, 1])
     probs = np.array([0.999, 0.1, 0.002, 0.9])
     choice = choose_thresholds(labels, ["r", "r", "g", "g"], probs, max_false_flag=0.0, max_false_clear=0.0)
-    assert not choice.ai_target_met and choice.ai_threshold == 0.99
+    assert not choice.ai_target_met and choice.ai_threshold == 0.999  # the grid's finest top value
     assert not choice.real_target_met and choice.real_threshold == 0.01
 
 
 def test_scored_checks_lengths() -> None:
     with pytest.raises(ValueError, match="one entry per image"):
         Scored(np.array([0, 1]), ("r", "g"), {"a": np.array([0.0])})
+
+
+def test_fused_calibration_recentres_scores_that_unseen_sources_shift() -> None:
+    from streamguard.evaluation.selection import fit_fused_calibration
+
+    rng = np.random.default_rng(0)
+    # Held-out logits all shifted up by 3 (unseen real photos look "fake" to a seen-source calibration),
+    # and twice as many images in one real group as in the other: groups and classes weigh equally.
+    real = np.concatenate([rng.normal(3 - 2, 1, 400), rng.normal(3 - 2, 1, 200)])
+    fake = rng.normal(3 + 2, 1, 300)
+    logits = np.concatenate([real, fake])
+    labels = np.array([0] * 600 + [1] * 300)
+    groups = ["a"] * 400 + ["b"] * 200 + ["g"] * 300
+    cal = fit_fused_calibration(labels, groups, logits)
+    p = 1 / (1 + np.exp(-(cal.scale * logits + cal.bias)))
+    assert cal.scale > 0
+    # Even odds now sit between the classes (logit 3), not at raw 0 where every image was "fake".
+    assert -cal.bias / cal.scale == pytest.approx(3.0, abs=0.3)
+    assert np.mean(p[:600] < 0.5) > 0.9 and np.mean(p[600:] > 0.5) > 0.9

@@ -4,6 +4,7 @@ MPFT's texture-aware masking, PiN-CLIP's noise generator and loss."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -338,3 +339,57 @@ def test_held_out_groups_leave_train_and_val_for_test() -> None:
     assert [s.id for s in splits.test] == ["r2", "f1", "f2", "f4"]
     with pytest.raises(ValueError, match=r"nothing to hold out for \['gna'\]"):
         split_samples(samples, holdout_generators=["gna"])
+
+
+def test_augmentation_is_class_blind_seeded_and_covers_platform_post_processing() -> None:
+    import io
+    import random
+
+    from PIL import Image
+
+    from streamguard.training.data import augment
+
+    rng = np.random.default_rng(3)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(buf, format="PNG")
+    data = buf.getvalue()
+    outs = [augment(data, random.Random(f"a2:0:{i}:x")) for i in range(40)]
+    assert outs[0] == augment(data, random.Random("a2:0:0:x"))  # seeded: the cache key names the pixels
+    kinds = {Image.open(io.BytesIO(o)).format for o in outs}
+    assert kinds == {"JPEG", "PNG"}  # screenshots re-saved lossless, not only JPEG
+    sides = {min(Image.open(io.BytesIO(o)).size) for o in outs}
+    assert min(sides) >= 160 and max(sides) <= 512 and len(sides) > 10
+
+
+def test_frozen_dinov2_probe_and_rigid_features(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The DINOv2 candidates of `train loso`: a middle block's CLS and mean patch token, and RIGID's score
+    (how far the embedding moves under small pixel noise): non-negative, reproducible, zero without noise."""
+    import streamguard.backbone.dinov2 as dinov2
+    from streamguard.backbone.dinov2 import Dinov2Arch, Dinov2Encoder
+    from streamguard.config import Settings
+    from streamguard.training import univfd
+
+    torch.manual_seed(0)
+    tiny = Dinov2Encoder(Dinov2Arch(hidden=64, layers=8, heads=1, mlp=128, patch=14, pos_grid=4)).eval()
+    with torch.no_grad():
+        for param in tiny.parameters():
+            param.normal_(0.0, 0.2)
+    monkeypatch.setattr(dinov2, "load_dinov2", lambda *a, **k: tiny)
+    x = torch.randn(3, 3, 56, 56)
+    cfg = univfd.TrainConfig(data=("d",), out=Path("o"), backbone="dinov2")
+    probe = univfd.frozen_encoder(Settings(), cfg)
+    with torch.no_grad():
+        features = probe.encode(x)
+        block = torch.nn.functional.layer_norm(tiny.hidden_states(x)[univfd.DINOV2_BLOCK], (64,))
+    assert features.shape == (3, 128) and probe.normalise
+    torch.testing.assert_close(features[:, :64], block[:, 0])  # the middle block, not the output
+    assert "b6" in probe.version
+    rigid = univfd.frozen_encoder(Settings(), replace(cfg, backbone="rigid"))
+    with torch.no_grad():
+        scores = rigid.encode(x)
+        again = rigid.encode(x)
+    assert scores.shape == (3, 1) and not rigid.normalise and rigid.version != probe.version
+    assert (scores > 0).all() and torch.equal(scores, again)
+    monkeypatch.setattr(univfd, "RIGID_NOISE", 0.0)
+    with torch.no_grad():
+        assert torch.allclose(rigid.encode(x), torch.zeros(3, 1), atol=1e-5)

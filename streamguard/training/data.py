@@ -1,9 +1,10 @@
 """Training data: splits and held-out groups, the shared augmentation, and batches for the loop.
 
-Both classes go through the same augmentation (`augment`, which UnivFD's training uses too: shortest side
-rescaled to 160-512 px, JPEG at quality 60-95), seeded per sample and per augmentation
-variant: epoch e trains on variant ``e mod variants``, so each image is seen under a few different
-rescalings and qualities while the prefix cache stays finite. Validation and test use variant 0.
+Both classes go through the same augmentation (`augment`, which UnivFD's training uses too): the
+post-processing real photos meet on a platform (phone-style denoise, sharpening, a screenshot's lossless
+re-save), shortest side rescaled to 160-512 px, then JPEG at quality 60-95. Seeded per sample and per
+augmentation variant: epoch e trains on variant ``e mod variants``, so each image is seen under a few
+different rescalings and qualities while the prefix cache stays finite. Validation and test use variant 0.
 
 Hold-outs (leave-one-source-out validation): samples of a held-out generator (fakes) or source (any label)
 leave train and val whatever their split, and are reported as test together with the usual test split of
@@ -21,7 +22,7 @@ from itertools import groupby
 import numpy as np
 import structlog
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from streamguard.builtin.cliphead import CONTRACT
 from streamguard.config import IntakeSettings
@@ -36,16 +37,35 @@ log = structlog.get_logger(__name__)
 NO_AUGMENTATION = "none"
 
 
+# Part of every cache key of augmented inputs: a changed recipe must never read the old recipe's pixels.
+AUGMENT_VERSION = 2
+
+
 def augment(data: bytes, rng: random.Random) -> bytes:
-    """The same for both classes: shortest side rescaled to 160-512 px, then JPEG at quality 60-95."""
+    """The same for both classes, so no class-specific processing is left to learn.
+
+    Real photos reach a platform denoised by a phone, sharpened by an editor or re-saved as a screenshot;
+    generated images reach it the same ways. Without these in training, a detector learns that a smoothed
+    or sharpened texture means "generated" and flags exactly the phone photos and portraits it never saw.
+    """
     img = Image.open(io.BytesIO(data))
     img.load()
     img = img.convert("RGB")
+    post = rng.random()
+    if post < 0.2:
+        img = img.filter(ImageFilter.MedianFilter(3))  # phone-style noise reduction
+    elif post < 0.4:
+        img = img.filter(ImageFilter.UnsharpMask(radius=rng.uniform(0.8, 2.0), percent=rng.randint(50, 150),
+                                                 threshold=2))
     side = rng.randint(160, 512)
     scale = side / min(img.size)
     img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BICUBIC)
     out = io.BytesIO()
-    img.save(out, format="JPEG", quality=rng.randint(60, 95))
+    quality = rng.randint(60, 95)
+    if rng.random() < 0.1:
+        img.save(out, format="PNG")  # a screenshot: rescaled, then lossless
+    else:
+        img.save(out, format="JPEG", quality=quality)
     return out.getvalue()
 
 
@@ -78,7 +98,7 @@ def split_samples(samples: Sequence[Sample], holdout_generators: Sequence[str] =
 
 
 def augmentation_key(seed: int, variant: int, augmented: bool) -> str:
-    return f"{seed}:{variant}" if augmented else NO_AUGMENTATION
+    return f"a{AUGMENT_VERSION}:{seed}:{variant}" if augmented else NO_AUGMENTATION
 
 
 @dataclass(frozen=True)

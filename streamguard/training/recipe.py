@@ -204,7 +204,10 @@ def train_detector(settings: Settings, recipe: Recipe) -> dict[str, Any]:
         model.load_weights(result.best_weights)
         val_logits = predict(model, objective, feed, val, recipe.batch_size)
         test_logits = predict(model, objective, feed, test, recipe.batch_size)
-        held_logits = predict(model, objective, feed, held, recipe.batch_size)
+    # Held-out images are scored from their pixels in fp32, as the worker serves them: the prefix cache's
+    # fp16 hidden states move a logit by ~1e-3, and LOSO thresholds are chosen on these very scores.
+    with Feed(model, settings.intake, None, recipe.device, recipe.batch_size) as exact:
+        held_logits = predict(model, objective, exact, held, recipe.batch_size)
     val_labels = [e.sample.label for e in val]
     calibration = fit_calibration(val_logits.tolist(), val_labels, method="temperature",
                                   fitted_on=f"val split of {', '.join(recipe.data)} (seed {recipe.seed})")

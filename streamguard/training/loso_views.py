@@ -1,0 +1,174 @@
+"""The leave-one-source-out fold models scored again: under other views of the image, or perturbed bytes.
+
+`streamguard train loso` scores each fold's held-out images once, on their original bytes with the shipped
+input contract. Two questions need the same held-out images scored otherwise, by the same fold models:
+- **Views.** Does a detector gain from native-pixel crops (several, aggregated) or from crops beside the
+  resized whole view, against the resized whole view alone? Answered per group, on unseen sources.
+- **Robustness.** What do JPEG q75 and a 0.5x downscale cost on unseen sources (not on the seen test split,
+  where a detector may have memorised the generator)?
+
+Each variant is scored through the serving path (the detector's `DetectorSpec` from its fold's weights,
+run by a `DetectorRunner`), so the numbers are what the worker would publish. Results sit beside the fold's
+``held_out.json`` as ``held_out.<variant>.json``; a variant already scored for a fold is not scored again.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from streamguard.config import Settings
+from streamguard.detectors.calibration import sigmoid
+from streamguard.evaluation.datasets import Sample
+from streamguard.evaluation.selection import Scored, balanced_auc, verdict_rates
+from streamguard.intake import InputContract
+from streamguard.intake.contract import with_views
+from streamguard.training.held_out import HeldOutScore, load_held_out
+from streamguard.training.loso import Fold, LosoConfig, fold_dir
+
+log = structlog.get_logger(__name__)
+
+@dataclass(frozen=True)
+class Variant:
+    """``view``: ``resize`` (the shipped contract), ``cropsN`` (N native crops) or ``cropsN+whole``, with
+    ``-trimmed`` for a trimmed mean of the views' logits; ``perturb``: a perturbation name or ``none``."""
+
+    view: str = "resize"
+    perturb: str = "none"
+
+    def __post_init__(self) -> None:
+        with_views(InputContract(), self.view)  # refuses an unknown view name
+
+    @property
+    def name(self) -> str:
+        return self.view if self.perturb == "none" else f"{self.view}@{self.perturb}"
+
+    def contract(self, base: InputContract) -> InputContract:
+        return with_views(base, self.view)
+
+
+def parse_variant(text: str) -> Variant:
+    view, _, perturb = text.partition("@")
+    return Variant(view, perturb or "none")
+
+
+def variant_file(variant: Variant) -> str:
+    return f"held_out.{re.sub(r'[^A-Za-z0-9.-]+', '_', variant.name)}.json"
+
+
+def score_variant(settings: Settings, cfg: LosoConfig, method: str, fold: Fold, variant: Variant,
+                  samples: dict[str, Sample], limit: set[str] | None = None) -> list[HeldOutScore]:
+    """The fold's held-out images (outside the test split, within ``limit`` when given) scored under
+    ``variant`` by that fold's model, calibrated as its ``held_out.json``."""
+    import time
+
+    from streamguard.builtin.cliphead import builtin_detectors
+    from streamguard.config import DetectorSettings
+    from streamguard.detectors.runner import DetectorRunner
+    from streamguard.evaluation.datasets import SampleReader
+    from streamguard.evaluation.perturb import perturb
+    from streamguard.intake import decode_image
+    from streamguard.scoring import _input
+
+    directory = fold_dir(cfg, method, fold)
+    path = directory / variant_file(variant)
+    if path.is_file():
+        return [HeldOutScore(**row) for row in json.loads(path.read_text())["scores"]]
+    _, base = load_held_out(directory)
+    wanted = [s for s in base if s.split != "test" and (limit is None or s.id in limit)]
+    options = {**settings.detectors.options, method: {"weights_dir": str(directory)}}
+    fold_settings = settings.model_copy(update={"detectors": settings.detectors.model_copy(update={"options": options})})
+    spec = builtin_detectors()[method].spec(fold_settings)
+    if spec is None or spec.contract is None:
+        raise ValueError(f"no {method} model in {directory}")
+    contract = variant.contract(spec.contract)
+    # The fold's own model, unshared: a variant's contract differs from every other detector's.
+    runner = DetectorRunner(replace(spec, contract=contract, trunk=None), DetectorSettings(timeout_s=None))
+    runner.start()
+    reader = SampleReader()
+    out: list[HeldOutScore] = []
+    try:
+        for lo in range(0, len(wanted), 16):
+            chunk = wanted[lo:lo + 16]
+            inputs = []
+            for score in chunk:
+                data = perturb(variant.perturb, reader.read(samples[score.id]), settings.intake)
+                side = None if contract.fit == "crop" else contract.size
+                inputs.append(_input(decode_image(data, settings.intake, side), contract))
+            scored = runner.collect(runner.submit(inputs), len(inputs), time.perf_counter())
+            for held, result in zip(chunk, scored, strict=True):
+                if result.logit is None:
+                    raise RuntimeError(f"{method} failed on {held.id}: {result.error}")
+                out.append(replace(held, logit=float(result.logit)))
+    finally:
+        reader.close()
+        runner.close()
+    path.write_text(json.dumps({"variant": asdict(variant), "scores": [asdict(s) for s in out]}, indent=1) + "\n")
+    log.info("loso.variant_scored", method=method, fold=fold.name, variant=variant.name, images=len(out))
+    return out
+
+
+def compare_variants(pooled: dict[str, list[HeldOutScore]], pools: dict[str, str], ai_threshold: float,
+                     real_threshold: float) -> dict[str, Any]:
+    """Per variant: balanced AUC and per-group rates over the images every variant scored, and each variant's
+    gain over the first (the reference) per group."""
+    common = set.intersection(*({s.id for s in v} for v in pooled.values()))
+    names = list(pooled)
+    out: dict[str, Any] = {"images": len(common), "variants": {}}
+    reference: dict[str, Any] | None = None
+    for name in names:
+        rows = sorted((s for s in pooled[name] if s.id in common), key=lambda s: s.id)
+        labels = np.array([s.label for s in rows], np.int64)
+        groups = tuple(pools.get(s.group, s.group) for s in rows)
+        probs = sigmoid(np.array([s.logit for s in rows]))
+        Scored(labels, groups, {name: np.array([s.logit for s in rows])})  # validates the shapes
+        auc = balanced_auc(labels, groups, probs)
+        rates = verdict_rates(labels, groups, probs, ai_threshold, real_threshold)
+        entry = {"balanced_auc": None if auc is None else round(auc, 4), "groups": rates}
+        if reference is None:
+            reference = entry
+        else:
+            entry["auc_change"] = None if auc is None else round(auc - reference["balanced_auc"], 4)
+            entry["accuracy_change"] = {g: round(float(r["accuracy_at_0.5"]) -
+                                                 float(reference["groups"][g]["accuracy_at_0.5"]), 4)
+                                        for g, r in rates.items()}
+        out["variants"][name] = entry
+    return out
+
+
+def run_variants(settings: Settings, cfg: LosoConfig, method: str, variants: Sequence[Variant],
+                 limit_per_group: int | None = None) -> dict[str, Any]:
+    """Score every fold's held-out images under each variant (the shipped view on original bytes first, as
+    the reference) and compare them; written to ``loso-variants.<method>.json`` beside ``loso.json``."""
+    from streamguard.evaluation import load_samples
+    from streamguard.training.loso import groups_of, plan_folds, pool_groups
+
+    held = load_samples(cfg.loso_data, seed=cfg.seed, limit_per_group=cfg.limit_per_group)
+    pools = pool_groups(held, cfg.min_group_images)
+    folds = plan_folds(groups_of(held), cfg.folds, pools)
+    by_id = {s.id: s for s in held}
+    limit = None
+    if limit_per_group is not None:
+        from streamguard.evaluation.datasets import subsample
+
+        limit = {s.id for s in subsample([s for s in held if s.split != "test"], limit_per_group, cfg.seed)}
+    report = json.loads((cfg.out / "loso.json").read_text())
+    thresholds = report["thresholds"]
+    pooled: dict[str, list[HeldOutScore]] = {}
+    for variant in [Variant(), *variants]:
+        scores: list[HeldOutScore] = []
+        for fold in folds:
+            scores.extend(score_variant(settings, cfg, method, fold, variant, by_id, limit))
+        pooled[variant.name] = scores
+    result = {"method": method, "limit_per_group": limit_per_group,
+              "thresholds": {"ai_threshold": thresholds["ai_threshold"], "real_threshold": thresholds["real_threshold"]},
+              **compare_variants(pooled, pools, thresholds["ai_threshold"], thresholds["real_threshold"])}
+    (cfg.out / f"loso-variants.{method}.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
