@@ -177,6 +177,22 @@ def test_loso_end_to_end(dataset: Path, backbone: Path, tmp_path: Path) -> None:
         assert any(abs(r["logit"] - expected[r["id"]]) > 1e-3 for r in crops)  # other pixels, other scores
     assert set(compared["variants"]["crops2+whole"]["accuracy_change"]) == {g for g, _ in GROUPS}
 
+    # A detector that was not retrained per fold joins by its `eval` scores on images it never saw: the report
+    # covers the images every detector scored, and fusion weighs it too.
+    rows = ["id,path,member,label,generator,family,source,split,perturbation,score,error"]
+    everyone = [s for f in report["folds"] for s in load_held_out(out / "univfd" / f["name"])[1] if s.split != "test"]
+    unseen = [s for s in everyone if s.label == 0][:3] + [s for s in everyone if s.label == 1][:3]
+    for s in unseen:
+        rows.append(f"{s.id},x,,{s.label},{s.generator},unknown,{s.source},{s.split},none,{0.9 if s.label else 0.2},")
+    rows.append(f"{unseen[0].id},x,,1,g,unknown,s,train,jpeg75,0.5,")  # perturbed rows are not pooled
+    (tmp_path / "scores.csv").write_text("\n".join(rows) + "\n")
+    extra = loso(dataset, out, cache, backbone, "--unseen-scores", f"oracle={tmp_path / 'scores.csv'}",
+                 "--report", "with-oracle.json")
+    assert extra.exit_code == 0, f"{extra.output}\n{extra.stderr}\n{extra.exception!r}"
+    joined = json.loads((out / "with-oracle.json").read_text())
+    assert joined["images"] == len(unseen) and set(joined["weights"]["weights"]) == {"univfd", "mpft", "oracle"}
+    assert json.loads((out / "loso.json").read_text())["images"] == report["images"]  # the first report stays
+
 
 def test_loso_refuses_held_out_data_it_does_not_train_on(dataset: Path, backbone: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["train", "loso", "--data", str(dataset), "--loso-data", str(tmp_path),

@@ -198,11 +198,17 @@ def train_mpft_command(app: AppContext, rho_min: float, rho_max: float, **option
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".cache/train"),
               show_default=True, help="Embedding and prefix caches, shared with `train`.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars on stderr (default: on a terminal).")
+@click.option("--unseen-scores", "unseen_scores", multiple=True, metavar="NAME=SCORES.CSV",
+              help="A detector not retrained per fold, by its `eval` scores.csv on loso data it never trained on "
+                   "(the shipped mpft on a newer data root): pooled with the fold scores; the report then covers "
+                   "the images every detector scored.")
+@click.option("--report", "report_name", default="loso.json", show_default=True, help="Report file name in --out.")
 @pass_app
 def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[str, ...], out: Path,
                        methods: tuple[str, ...], folds: int | None, fold_names: tuple[str, ...], seed: int,
                        limit_per_group: int | None, epochs: int, max_false_flag: float, max_false_clear: float,
-                       device: str, cache_dir: Path, progress: bool | None) -> None:
+                       device: str, cache_dir: Path, progress: bool | None, unseen_scores: tuple[str, ...],
+                       report_name: str) -> None:
     """Leave-one-source-out validation: per-source results on unseen sources, fusion weights and thresholds."""
     require("`streamguard train loso`", "inprocess", "eval")
     from streamguard.training.loso import LOSO_METHODS, LosoConfig, run_loso
@@ -211,7 +217,8 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
         cfg = LosoConfig(data=data, loso_data=loso_data, out=out, methods=methods or LOSO_METHODS, folds=folds,
                          seed=seed, limit_per_group=limit_per_group, epochs=epochs, device=device,
                          cache_dir=cache_dir, progress=progress if progress is not None else sys.stderr.isatty(),
-                         max_false_flag=max_false_flag, max_false_clear=max_false_clear, fold_names=fold_names)
+                         max_false_flag=max_false_flag, max_false_clear=max_false_clear, fold_names=fold_names,
+                         unseen_scores=tuple(_named_path(v) for v in unseen_scores), report_name=report_name)
         report = run_loso(app.settings, cfg)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -252,6 +259,13 @@ def train_loso_variants_command(app: AppContext, data: tuple[str, ...], loso_dat
     for name, row in report["variants"].items():
         lines.append(f"| {name} | {row['balanced_auc']} | {row.get('auc_change', '')} |")
     click.echo("\n".join(lines))
+
+
+def _named_path(value: str) -> tuple[str, Path]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not Path(path).is_file():
+        raise ValueError(f"--unseen-scores wants NAME=SCORES.CSV with an existing file, not {value!r}")
+    return name, Path(path)
 
 
 def render_loso(report: dict[str, Any]) -> str:

@@ -151,6 +151,10 @@ class LosoConfig:
     weight_step: float = 0.1
     fold_names: tuple[str, ...] = field(default=())  # run only these folds (the report needs all)
     min_group_images: int = MIN_GROUP_IMAGES
+    # Detectors not retrained per fold, with `eval` scores (scores.csv) on loso data they never trained on:
+    # pooled as held-out scores, so the report covers the images they scored (the intersection).
+    unseen_scores: tuple[tuple[str, Path], ...] = ()
+    report_name: str = REPORT_FILE
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in LOSO_METHODS + CANDIDATE_METHODS]
@@ -256,8 +260,27 @@ def run_loso(settings: Settings, cfg: LosoConfig) -> dict[str, Any]:
         return {"folds": [asdict(f) for f in folds], "trained": [f.name for f in chosen]}
     report = build_report(cfg, folds, pools)
     cfg.out.mkdir(parents=True, exist_ok=True)
-    (cfg.out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    (cfg.out / cfg.report_name).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def read_unseen_scores(path: Path) -> list[HeldOutScore]:
+    """An `eval` scores.csv (unperturbed rows, outside the test split) as held-out scores: its probabilities
+    are the detector's calibrated ones, so their logits are what fusion averages."""
+    import csv
+    import math
+
+    out: list[HeldOutScore] = []
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            if row["perturbation"] != "none" or row["split"] == "test" or not row["score"]:
+                continue
+            p = min(max(float(row["score"]), 1e-12), 1 - 1e-12)
+            out.append(HeldOutScore(row["id"], int(row["label"]), row["generator"], row["source"], row["split"],
+                                    math.log(p / (1 - p))))
+    if not out:
+        raise ValueError(f"{path}: no unperturbed scores outside the test split")
+    return out
 
 
 def _mean_one(weights: dict[str, float]) -> dict[str, float]:
@@ -269,27 +292,32 @@ def _mean_one(weights: dict[str, float]) -> dict[str, float]:
 
 def build_report(cfg: LosoConfig, folds: Sequence[Fold], pools: dict[str, str] | None = None) -> dict[str, Any]:
     pooled = {m: pooled_scores(cfg, m, folds) for m in cfg.methods}
+    for name, path in cfg.unseen_scores:
+        pooled[name] = read_unseen_scores(path)
     scored, ids = scored_together(pooled, pools)
-    weights = choose_weights(scored, cfg.weight_step) if len(cfg.methods) > 1 else None
-    fused_logit = fuse(scored.logits, weights.weights if weights else {cfg.methods[0]: 1.0})
+    methods = list(pooled)
+    weights = choose_weights(scored, cfg.weight_step) if len(methods) > 1 else None
+    fused_logit = fuse(scored.logits, weights.weights if weights else {methods[0]: 1.0})
     # Each fold calibrated on the validation split of the sources it saw, which says little about sources it
     # did not: the pooled held-out scores recalibrate the fused logit, and the thresholds are chosen on that.
     calibration = fit_fused_calibration(scored.labels, scored.groups, fused_logit)
     fused = sigmoid(calibration.scale * fused_logit + calibration.bias)
     thresholds = choose_thresholds(scored.labels, scored.groups, fused, cfg.max_false_flag, cfg.max_false_clear)
     detectors = {m: summarise(scored, sigmoid(scored.logits[m]), thresholds.ai_threshold, thresholds.real_threshold)
-                 for m in cfg.methods}
+                 for m in methods}
     if weights is not None:
-        equal_logit = fuse(scored.logits, {m: 1.0 for m in cfg.methods})
+        equal_logit = fuse(scored.logits, {m: 1.0 for m in methods})
         equal_cal = fit_fused_calibration(scored.labels, scored.groups, equal_logit)
         equal = sigmoid(equal_cal.scale * equal_logit + equal_cal.bias)
         detectors["fused-equal"] = summarise(scored, equal, thresholds.ai_threshold, thresholds.real_threshold)
-        detectors["fused"] = summarise(scored, fused, thresholds.ai_threshold, thresholds.real_threshold)
+    # What the product publishes, even from one detector: the recalibrated score the thresholds were chosen on.
+    detectors["fused"] = summarise(scored, fused, thresholds.ai_threshold, thresholds.real_threshold)
     return {
         "folds": [asdict(f) for f in folds],
         "pools": {g: p for g, p in sorted((pools or {}).items()) if g != p},
         "data": list(cfg.data),
         "loso_data": list(cfg.loso_data),
+        "unseen_scores": {name: str(path) for name, path in cfg.unseen_scores},
         "seed": cfg.seed,
         "limit_per_group": cfg.limit_per_group,
         "epochs": cfg.epochs,
@@ -301,7 +329,7 @@ def build_report(cfg: LosoConfig, folds: Sequence[Fold], pools: dict[str, str] |
         "uncertain_share": round(float(np.mean((fused > thresholds.real_threshold) & (fused < thresholds.ai_threshold))), 4),
         "detectors": detectors,
         "settings": {
-            "fusion": {"weights": _mean_one(weights.weights) if weights else {cfg.methods[0]: 1.0},
+            "fusion": {"weights": _mean_one(weights.weights) if weights else {methods[0]: 1.0},
                        "scale": calibration.scale, "bias": calibration.bias},
             "policy": {"ai_threshold": thresholds.ai_threshold, "real_threshold": thresholds.real_threshold},
         },
