@@ -183,8 +183,8 @@ def test_loso_end_to_end(dataset: Path, backbone: Path, tmp_path: Path) -> None:
     everyone = [s for f in report["folds"] for s in load_held_out(out / "univfd" / f["name"])[1] if s.split != "test"]
     unseen = [s for s in everyone if s.label == 0][:3] + [s for s in everyone if s.label == 1][:3]
     for s in unseen:
-        rows.append(f"{s.id},x,,{s.label},{s.generator},unknown,{s.source},{s.split},none,{0.9 if s.label else 0.2},")
-    rows.append(f"{unseen[0].id},x,,1,g,unknown,s,train,jpeg75,0.5,")  # perturbed rows are not pooled
+        for perturbation, p in (("none", 0.9 if s.label else 0.2), ("jpeg75", 0.5)):  # perturbed rows: not pooled
+            rows.append(f"{s.id},x,,{s.label},{s.generator},unknown,{s.source},{s.split},{perturbation},{p},")
     (tmp_path / "scores.csv").write_text("\n".join(rows) + "\n")
     extra = loso(dataset, out, cache, backbone, "--unseen-scores", f"oracle={tmp_path / 'scores.csv'}",
                  "--report", "with-oracle.json")
@@ -192,6 +192,16 @@ def test_loso_end_to_end(dataset: Path, backbone: Path, tmp_path: Path) -> None:
     joined = json.loads((out / "with-oracle.json").read_text())
     assert joined["images"] == len(unseen) and set(joined["weights"]["weights"]) == {"univfd", "mpft", "oracle"}
     assert json.loads((out / "loso.json").read_text())["images"] == report["images"]  # the first report stays
+    # The default fused verdict under a perturbation: the fold models' perturbed scores with the unseen
+    # detector's perturbed eval rows, weighted and recalibrated as loso.json chose.
+    again = CliRunner().invoke(cli, [
+        "train", "loso-variants", "--data", str(dataset), "--loso-data", str(dataset), "--out", str(out),
+        "--method", "univfd", "--folds", "2", "--variant", "resize@jpeg75",
+        "--unseen-scores", f"oracle={tmp_path / 'scores.csv'}"], env=_env(backbone))
+    assert again.exit_code == 0, f"{again.output}\n{again.stderr}\n{again.exception!r}"
+    fused = json.loads((out / "loso-variants.univfd.json").read_text())["fused"]
+    assert fused["images"] == len(unseen) and list(fused["variants"]) == ["resize", "resize@jpeg75"]
+    assert "Default fused verdict" in again.stdout
 
 
 def test_loso_refuses_held_out_data_it_does_not_train_on(dataset: Path, backbone: Path, tmp_path: Path) -> None:

@@ -241,10 +241,13 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--limit-per-group", type=int, default=None,
               help="Score at most N held-out images per group (seeded) under each variant.")
+@click.option("--unseen-scores", "unseen_scores", multiple=True, metavar="NAME=SCORES.CSV",
+              help="As for `train loso`, an `eval` scores.csv run with the same perturbations: the default "
+                   "fused verdict (loso.json's weights and calibration) is then compared under each variant.")
 @pass_app
 def train_loso_variants_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[str, ...], out: Path,
                                 method: str, variants: tuple[str, ...], folds: int | None, seed: int,
-                                limit_per_group: int | None) -> None:
+                                limit_per_group: int | None, unseen_scores: tuple[str, ...]) -> None:
     """Score the LOSO fold models' held-out images under other views or perturbations, per group."""
     require("`streamguard train loso-variants`", "inprocess", "eval")
     from streamguard.training.loso import LosoConfig
@@ -252,12 +255,18 @@ def train_loso_variants_command(app: AppContext, data: tuple[str, ...], loso_dat
 
     try:
         cfg = LosoConfig(data=data, loso_data=loso_data, out=out, methods=(method,), folds=folds, seed=seed)
-        report = run_variants(app.settings, cfg, method, [parse_variant(v) for v in variants], limit_per_group)
+        report = run_variants(app.settings, cfg, method, [parse_variant(v) for v in variants], limit_per_group,
+                              dict(_named_path(v) for v in unseen_scores))
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
     lines = [f"{report['images']} held-out images, {method}:", "", "| variant | balanced AUC | change |", "|---|---|---|"]
     for name, row in report["variants"].items():
         lines.append(f"| {name} | {row['balanced_auc']} | {row.get('auc_change', '')} |")
+    if "fused" in report:
+        lines += ["", f"Default fused verdict ({report['fused']['images']} images):", "",
+                  "| variant | balanced AUC | change |", "|---|---|---|"]
+        for name, row in report["fused"]["variants"].items():
+            lines.append(f"| {name} | {row['balanced_auc']} | {row.get('auc_change', '')} |")
     click.echo("\n".join(lines))
 
 

@@ -143,10 +143,45 @@ def compare_variants(pooled: dict[str, list[HeldOutScore]], pools: dict[str, str
     return out
 
 
+def fused_variants(pooled: dict[str, list[HeldOutScore]], unseen: dict[str, Path], method: str,
+                   report: dict[str, Any], pools: dict[str, str]) -> dict[str, Any]:
+    """The default fused verdict under each variant: ``method``'s variant scores fused with each unseen
+    detector's `eval` scores under the same perturbation (their unperturbed ones for a view), with the
+    weights and fused calibration ``loso.json`` chose, on the images all of them scored."""
+    import csv
+    import math
+
+    fusion = report["settings"]["fusion"]
+    weights, scale, bias = fusion["weights"], fusion.get("scale", 1.0), fusion.get("bias", 0.0)
+    rows: dict[str, dict[str, dict[str, float]]] = {}
+    for name, path in unseen.items():
+        with path.open(newline="") as f:
+            for row in csv.DictReader(f):
+                if row["score"] and row["split"] != "test":
+                    p = min(max(float(row["score"]), 1e-12), 1 - 1e-12)
+                    rows.setdefault(name, {}).setdefault(row["perturbation"], {})[row["id"]] = math.log(p / (1 - p))
+    fused: dict[str, list[HeldOutScore]] = {}
+    for variant_name, scores in pooled.items():
+        perturbation = parse_variant(variant_name).perturb
+        others = {name: by.get(perturbation, {}) for name, by in rows.items()}
+        out = []
+        for s in scores:
+            parts = {method: s.logit, **{name: o[s.id] for name, o in others.items() if s.id in o}}
+            if len(parts) < 1 + len(others):
+                continue
+            total = sum(weights.get(n, 1.0) for n in parts)
+            mean = sum(weights.get(n, 1.0) * z for n, z in parts.items()) / total
+            out.append(replace(s, logit=scale * mean + bias))
+        fused[variant_name] = out
+    thresholds = report["thresholds"]
+    return compare_variants(fused, pools, thresholds["ai_threshold"], thresholds["real_threshold"])
+
+
 def run_variants(settings: Settings, cfg: LosoConfig, method: str, variants: Sequence[Variant],
-                 limit_per_group: int | None = None) -> dict[str, Any]:
+                 limit_per_group: int | None = None, unseen: dict[str, Path] | None = None) -> dict[str, Any]:
     """Score every fold's held-out images under each variant (the shipped view on original bytes first, as
-    the reference) and compare them; written to ``loso-variants.<method>.json`` beside ``loso.json``."""
+    the reference) and compare them; written to ``loso-variants.<method>.json`` beside ``loso.json``. With
+    ``unseen`` (name -> `eval` scores.csv with the same perturbations), the default fused verdict too."""
     from streamguard.evaluation import load_samples
     from streamguard.training.loso import groups_of, plan_folds, pool_groups
 
@@ -170,5 +205,7 @@ def run_variants(settings: Settings, cfg: LosoConfig, method: str, variants: Seq
     result = {"method": method, "limit_per_group": limit_per_group,
               "thresholds": {"ai_threshold": thresholds["ai_threshold"], "real_threshold": thresholds["real_threshold"]},
               **compare_variants(pooled, pools, thresholds["ai_threshold"], thresholds["real_threshold"])}
+    if unseen:
+        result["fused"] = fused_variants(pooled, unseen, method, report, pools)
     (cfg.out / f"loso-variants.{method}.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
