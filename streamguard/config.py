@@ -208,25 +208,29 @@ class TritonSettings(_Section):
         return _grpc_target(self.url)
 
 
-# Chosen by leave-one-source-out validation of the shipped detectors (`streamguard train loso`, see
-# docs/validation.md), never on the test split. The CLIP detectors' weights average 1, `default_weight`, so a
-# detector without an entry counts as an average one. pin-clip's 0: on unseen sources it only lowered the other two
-# (balanced AUC of all three at equal weights 0.930, of univfd and mpft alone 0.940). It is still scored
-# and published, so it can be watched; operators who do not want to pay for it deny `builtin-pinclip`.
+# Chosen by leave-one-source-out validation (`streamguard train loso ... --unseen-scores mpft=...`, see
+# docs/validation.md), never on the test split: on wild-more's 16 groups (9 real sources, 7 generator
+# families), the images that both the fold-retrained univfd and the shipped mpft never trained on. The CLIP
+# detectors' weights average 1, `default_weight`, so a detector without an entry counts as an average one.
+# mpft 0.8 / univfd 0.2 before that scaling: balanced AUC 0.741 against 0.734 at equal weights and 0.723
+# for mpft alone. pin-clip is off by default (plugins.enable); its 0 keeps it out of the fusion when enabled.
 VALIDATED_WEIGHTS: dict[str, float] = {
-    "univfd": 1.2, "pin-clip": 0.0, "mpft": 1.8,
+    "univfd": 0.4, "pin-clip": 0.0, "mpft": 1.6,
     # Not from the validation (no data set holds trusted content credentials): a trusted C2PA manifest is
-    # the signer's own word on these exact bytes, so it outweighs the CLIP detectors together (1.2 + 1.8).
+    # the signer's own word on these exact bytes, so it outweighs the CLIP detectors together (0.4 + 1.6).
     # It abstains on every image without one, so it changes nothing the validation measured. The sizing,
     # with the detector's logits, is in streamguard/builtin/credentials/plugin.py.
     "credentials": 6.0,
 }
-# No held-out real source had more than 5% of its photos flagged at 0.99 (the worst: 3.8%); generators
-# had 1.9% of their images cleared as real at 0.5, on average.
-VALIDATED_AI_THRESHOLD = 0.99
-VALIDATED_FUSED_SCALE = 1.0
-VALIDATED_FUSED_BIAS = 0.0
-VALIDATED_REAL_THRESHOLD = 0.5
+# The fused logit recalibrated on the same held-out pool: the folds' own calibrations, fitted on sources
+# they had seen, were ~3x overconfident on sources they had not (scale 0.32).
+VALIDATED_FUSED_SCALE = 0.319869
+VALIDATED_FUSED_BIAS = 0.069999
+# On that recalibrated probability: no held-out real source has more than 2% of its photos flagged at 0.78
+# (the worst: 0.9%, one of 109 phone photos); generators have 9.0% of their images cleared at 0.28, on
+# average. Between the two (61% of the pool) is `uncertain`: see docs/validation.md for what that costs.
+VALIDATED_AI_THRESHOLD = 0.78
+VALIDATED_REAL_THRESHOLD = 0.28
 
 
 class FusionSettings(_Section):

@@ -12,6 +12,11 @@ import pytest
 from streamguard.config import Settings, load_settings
 from streamguard.devstack import Service, start_kafka, start_redis
 from streamguard.plugins import build_plugin_manager
+from stack import TEST_POLICY
+
+# In the process environment too, not only per test: module- and session-scoped fixtures (a serving app, a
+# worker) are built before a test's own environment is set.
+os.environ.update(TEST_POLICY)
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_PLUGINS = [ROOT / "tests" / "plugins" / "streamguard-testdetector"]
@@ -53,6 +58,8 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         if name.startswith("STREAMGUARD_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("STREAMGUARD_PLUGINS__DENY", WITHOUT_UNIVFD)
+    for name, value in TEST_POLICY.items():
+        monkeypatch.setenv(name, value)
 
 
 @pytest.fixture

@@ -57,6 +57,17 @@ class Topics:
         return self
 
 
+# The policy the tests script their detectors' logits against (the test detectors' scores are chosen to fall
+# on either side of these), pinned so that re-validating the shipped thresholds and fused calibration
+# (docs/validation.md) does not move a test's labels. tests/test_config.py checks the shipped defaults.
+TEST_POLICY = {
+    "STREAMGUARD_POLICY__AI_THRESHOLD": "0.99",
+    "STREAMGUARD_POLICY__REAL_THRESHOLD": "0.5",
+    "STREAMGUARD_FUSION__SCALE": "1.0",
+    "STREAMGUARD_FUSION__BIAS": "0.0",
+}
+
+
 def worker_env(topics: Topics, redis_url: str | None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMGUARD_")}
     env.update({
@@ -75,6 +86,7 @@ def worker_env(topics: Topics, redis_url: str | None, **extra: str) -> dict[str,
         # The CLIP detectors are tested on their own (~0.7 s an image each on this CPU).
         "STREAMGUARD_PLUGINS__DENY": '["builtin-univfd", "builtin-pinclip", "builtin-mpft"]',
         "PYTHONUNBUFFERED": "1",
+        **TEST_POLICY,
     })
     if redis_url is None:
         env["STREAMGUARD_DEDUPE__ENABLED"] = "false"

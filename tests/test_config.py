@@ -10,7 +10,22 @@ import structlog
 from click.testing import CliRunner
 
 from streamguard.cli import cli
-from streamguard.config import VALIDATED_AI_THRESHOLD, VALIDATED_REAL_THRESHOLD, VALIDATED_WEIGHTS, load_settings
+from stack import TEST_POLICY
+from streamguard.config import (
+    VALIDATED_AI_THRESHOLD,
+    VALIDATED_FUSED_BIAS,
+    VALIDATED_FUSED_SCALE,
+    VALIDATED_REAL_THRESHOLD,
+    VALIDATED_WEIGHTS,
+    load_settings,
+)
+
+
+@pytest.fixture(autouse=True)
+def _shipped_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about the shipped defaults and their precedence, not the policy others pin."""
+    for name in TEST_POLICY:
+        monkeypatch.delenv(name, raising=False)
 
 
 def test_defaults() -> None:
@@ -19,6 +34,7 @@ def test_defaults() -> None:
     assert settings.policy.ai_threshold == VALIDATED_AI_THRESHOLD
     assert settings.policy.real_threshold == VALIDATED_REAL_THRESHOLD
     assert settings.fusion.weights == VALIDATED_WEIGHTS
+    assert (settings.fusion.scale, settings.fusion.bias) == (VALIDATED_FUSED_SCALE, VALIDATED_FUSED_BIAS)
     assert "JPEG" in settings.intake.formats
 
 

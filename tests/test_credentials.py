@@ -23,6 +23,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import ValidationError
 from structlog.testing import capture_logs
 
+from stack import TEST_POLICY
+from streamguard.config import VALIDATED_AI_THRESHOLD
 from clip_standin import pipeline
 from images import encode, noise
 from streamguard.builtin.credentials.manifest import assess
@@ -46,6 +48,14 @@ class Chain:
     certs_pem: bytes  # signer first, then its CA
     ca_pem: bytes
 
+
+
+@pytest.fixture(autouse=True)
+def _shipped_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The credential's weight is sized against the shipped fusion and policy: judge under those, not the
+    policy the other tests pin for their scripted detectors."""
+    for name in TEST_POLICY:
+        monkeypatch.delenv(name, raising=False)
 
 def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name),
@@ -154,7 +164,7 @@ def test_signed_generated_image_is_flagged_with_the_credential_as_evidence(pki: 
     assert flagged.verdict is not None and flagged.verdict.label == "ai_generated"
     credential = score_of(flagged)
     assert credential.logit == GENERATED_LOGIT and credential.probability is not None and credential.probability > 0.999
-    assert flagged.verdict.probability is not None and flagged.verdict.probability >= 0.99
+    assert flagged.verdict.probability is not None and flagged.verdict.probability >= VALIDATED_AI_THRESHOLD
     (entry,) = manifest_logs(logs)
     assert entry["content_sha256"] == flagged.sha256 and entry["log_level"] == "info"
     assert (entry["state"], entry["declared"], entry["counted"]) == ("Trusted", "generated", True)

@@ -19,15 +19,24 @@ def _s(name: str, logit: float | None, error: str | None = None) -> DetectorScor
 
 
 def test_weighted_mean_of_logits() -> None:
-    fused = fuse_scores([_s("a", 2.0), _s("b", -1.0)], FusionSettings(weights={"a": 3.0, "b": 1.0}))
+    fused = fuse_scores([_s("a", 2.0), _s("b", -1.0)], FusionSettings(weights={"a": 3.0, "b": 1.0}, scale=1.0, bias=0.0))
     assert fused.logit == pytest.approx((3 * 2.0 - 1.0) / 4)
     assert fused.probability == pytest.approx(1 / (1 + math.exp(-1.25)))
     assert fused.contributors == ("a", "b")
 
 
+def test_the_fused_logit_is_recalibrated_as_validated() -> None:
+    # The shipped defaults: the held-out pool's Platt scaling of the weighted mean (docs/validation.md).
+    shipped = FusionSettings(weights={"a": 3.0, "b": 1.0})
+    fused = fuse_scores([_s("a", 2.0), _s("b", -1.0)], shipped)
+    assert 0 < shipped.scale < 1  # unseen sources made the folds' own calibrations overconfident
+    assert fused.logit == pytest.approx(shipped.scale * 1.25 + shipped.bias)
+    assert fused.probability == pytest.approx(1 / (1 + math.exp(-fused.logit)))
+
+
 def test_failed_abstaining_and_zero_weight_detectors_are_left_out() -> None:
     scores = [_s("a", 1.0), _s("broken", None, "timed out"), _s("quiet", None), _s("off", 9.0)]
-    fused = fuse_scores(scores, FusionSettings(weights={"off": 0.0}))
+    fused = fuse_scores(scores, FusionSettings(weights={"off": 0.0}, scale=1.0, bias=0.0))
     assert fused.logit == pytest.approx(1.0) and fused.contributors == ("a",)
 
 
@@ -40,7 +49,7 @@ def test_nothing_to_fuse_gives_no_probability() -> None:
 def test_fused_logit_lies_between_the_inputs(pairs: list[tuple[float, float]]) -> None:
     scores = [_s(f"d{i}", logit) for i, (logit, _) in enumerate(pairs)]
     weights = {f"d{i}": w for i, (_, w) in enumerate(pairs)}
-    fused = fuse_scores(scores, FusionSettings(weights=weights))
+    fused = fuse_scores(scores, FusionSettings(weights=weights, scale=1.0, bias=0.0))
     logits = [logit for logit, _ in pairs]
     assert fused.logit is not None
     assert min(logits) - 1e-9 <= fused.logit <= max(logits) + 1e-9

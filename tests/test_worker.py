@@ -272,7 +272,7 @@ def test_content_leased_by_another_worker_is_not_scored_twice(topics: Topics, re
     others) until that worker's verdict lands in the cache, then reuses it."""
     from streamguard.config import DedupeSettings, RedisSettings
     from streamguard.dedupe import RedisDedupe, versions_key
-    from streamguard.config import PolicySettings
+    from streamguard.config import load_settings
     from streamguard.policy import policy_version
     from streamguard.schemas import Verdict
 
@@ -288,7 +288,7 @@ def test_content_leased_by_another_worker_is_not_scored_twice(topics: Topics, re
         wait_for_outcomes(topics, [s for s in sent if s.event_id == "other-0"])
         assert "contested-0" not in read_outcomes(topics).verdict_ids()  # deferred, not scored
         # The other worker finishes: its verdict is cached under the key this worker computes.
-        policy = policy_version(PolicySettings())  # the worker runs the default policy
+        policy = policy_version(load_settings().policy)  # the policy the worker runs (the tests' pinned one)
         vkey = versions_key({"brightness": "test-1", "provenance": PROVENANCE_VERSION}, policy)
         theirs = Verdict(event_id="scored-elsewhere", content_sha256=sha, label="ai_generated", probability=0.97,
                          scores=[], policy_version=policy,
