@@ -40,7 +40,7 @@ class Decider:
             calibration_bias=fused.bias,
             contributions=contributions(scores, fused),
             failed_detectors=failed,
-            evidence=list(evidence),
+            evidence=[*evidence, *credential_evidence(scores)],
         )
         return verdict.model_copy(update={
             "label": decision.label,
@@ -49,6 +49,17 @@ class Decider:
             "tenant": tenant.name,
             "explanation": explanation,
         })
+
+
+def credential_evidence(scores: Sequence[DetectorScore]) -> list[Evidence]:
+    """A trusted content credential that counted, named as evidence beside its share of the fused logit:
+    a reviewer reads "the signer says it was generated", not only "a detector said +15"."""
+    from streamguard.builtin.credentials.plugin import GENERATED_LOGIT, NAME
+
+    return [Evidence(kind="credential", name="c2pa",
+                     detail={"declared": "generated" if score.logit >= GENERATED_LOGIT else "captured",
+                             "logit": score.logit, "version": score.version})
+            for score in scores if score.detector == NAME and score.ok and score.logit is not None]
 
 
 def contributions(scores: Sequence[DetectorScore], fused: FusedScore) -> list[DetectorContribution]:

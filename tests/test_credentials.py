@@ -24,6 +24,8 @@ from pydantic import ValidationError
 from structlog.testing import capture_logs
 
 from stack import TEST_POLICY
+from streamguard.decide import Decider
+from streamguard.tenants import Tenants
 from streamguard.config import VALIDATED_AI_THRESHOLD
 from clip_standin import pipeline
 from images import encode, noise
@@ -165,6 +167,14 @@ def test_signed_generated_image_is_flagged_with_the_credential_as_evidence(pki: 
     credential = score_of(flagged)
     assert credential.logit == GENERATED_LOGIT and credential.probability is not None and credential.probability > 0.999
     assert flagged.verdict.probability is not None and flagged.verdict.probability >= VALIDATED_AI_THRESHOLD
+    # The verdict a tenant is told names the credential as evidence, beside its share of the fused logit.
+    settings, pm = pipeline(SURE_REAL, credentials={"trust_anchors": str(pki.anchors)})
+    told = Decider(pm).decide(flagged.verdict, Tenants(settings).resolve(None))
+    assert told.label == "ai_generated" and told.explanation is not None
+    (evidence,) = [e for e in told.explanation.evidence if e.kind == "credential"]
+    assert evidence.detail["declared"] == "generated" and evidence.detail["logit"] == GENERATED_LOGIT
+    assert not [e for e in Decider(pm).decide(plain.verdict, Tenants(settings).resolve(None)).explanation.evidence  # type: ignore[union-attr]
+                if e.kind == "credential"]  # no manifest, no credential evidence
     (entry,) = manifest_logs(logs)
     assert entry["content_sha256"] == flagged.sha256 and entry["log_level"] == "info"
     assert (entry["state"], entry["declared"], entry["counted"]) == ("Trusted", "generated", True)
