@@ -35,7 +35,7 @@ from streamguard.devstack import Service
 from streamguard.fetch import ImageFetcher
 from streamguard.plugins import build_plugin_manager
 from streamguard.schemas import ImageEvent, Verdict
-from streamguard.serve.app import CheckService, NoApiKeys
+from streamguard.serve.app import CheckService, NoApiKeys, ReviewQueueUnavailable
 from streamguard.serve.auth import KeyFileError, KeyRing
 from streamguard.serve.ratelimit import RateLimiter, retry_after_header
 from streamguard.wire import encode_event
@@ -481,3 +481,60 @@ def test_the_serve_command_answers_checks_and_stops_on_sigterm(tmp_path: Path) -
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_check_that_needs_a_person_is_queued_for_review_before_it_is_answered(kafka: Service,
+                                                                                redis_service: Service) -> None:
+    """With `review.topic` set, an uncertain check's review request is on the topic by the time the caller
+    has the verdict (as the worker routes it); a confident one is not sent; no broker means 503, not a
+    verdict whose review was lost."""
+    import json as _json
+
+    from streamguard.devstack import create_topics
+    from streamguard.schemas import ReviewRequest
+    from streamguard.streamio import TopicReader
+
+    topic = f"r{uuid.uuid4().hex[:8]}.review"
+    create_topics(kafka.address, {topic: 1})
+    # Review routing also answers from the reviewers' banks, which live in Redis.
+    redis = redis_sections(redis_service)
+    banks = {"key_prefix": f"{topic}:banks"}
+    settings = serve_settings(review={"topic": topic}, kafka={"bootstrap_servers": kafka.address}, banks=banks,
+                              **redis)
+    with serving(settings) as service, httpx.Client() as client:
+        uncertain = post_image(client, service, png(200))  # p 0.945: between the pinned 0.5 and 0.99
+        confident = post_image(client, service, png(9))  # p ~0.01: real
+        assert uncertain.json()["label"] == "uncertain" and confident.json()["label"] == "real"
+        # Read at once: the answer waited for the broker's ack, so the request is there already.
+        with TopicReader({"bootstrap_servers": kafka.address}, [topic]) as reader:
+            requests = [ReviewRequest.model_validate(_json.loads(r.value)) for r in reader.to_end()]
+    assert [r.event_id for r in requests] == [uncertain.json()["event_id"]]
+    assert requests[0].content_sha256 == uncertain.json()["content_sha256"] and requests[0].reason == "uncertain"
+    dead = serve_settings(review={"topic": topic}, kafka={"bootstrap_servers": "127.0.0.1:9",
+                                                          "bootstrap_timeout_s": 2.0}, banks=banks, **redis)
+    with pytest.raises(ReviewQueueUnavailable, match="review.topic .* broker cannot be reached"):
+        CheckService(dead, build_plugin_manager(dead.plugins))
+
+
+def test_a_review_request_that_cannot_be_queued_fails_the_check_instead_of_answering_it() -> None:
+    from concurrent.futures import Future
+
+    from streamguard.schemas import ReviewRequest
+    from streamguard.serve.batcher import FutureSink, ReviewUnavailable
+
+    def broker_gone(request: ReviewRequest) -> None:
+        raise TimeoutError("no ack within 30 s")
+
+    sink = FutureSink(review=broker_gone)
+    record = InRecord("http", 0, 7, 0, None, b"", ())
+    future: Future[object] = sink.expect(record)  # type: ignore[assignment]
+    verdict = Verdict(event_id="e", content_sha256="0" * 64, label="uncertain", probability=0.6, scores=[],
+                      policy_version="p", model_versions={})
+    request = ReviewRequest.model_construct(event_id="e", content_sha256="0" * 64, reason="uncertain")
+    sink.verdict(record, verdict, review=request)
+    with pytest.raises(ReviewUnavailable, match="no ack"):
+        future.result(timeout=1)
+    quiet = FutureSink()  # without review.topic a verdict is simply the answer
+    future = quiet.expect(record)  # type: ignore[assignment]
+    quiet.verdict(record, verdict, review=request)
+    assert future.result(timeout=1) is verdict

@@ -27,9 +27,40 @@ from streamguard.worker.health import HealthServer, HealthState
 from streamguard.worker.loop import build_scorer
 from streamguard.worker.metrics import WorkerMetrics
 from streamguard.worker.processor import BatchProcessor
-from streamguard.worker.publish import Sink
+from streamguard.schemas import ReviewRequest
+from streamguard.worker.publish import Sink, producer_config, review_message
 
 log = structlog.get_logger(__name__)
+
+
+class ReviewQueueUnavailable(RuntimeError):
+    """review.topic is set and its broker cannot be reached at start: checks that need a person could not be
+    queued, so the service does not start."""
+
+
+class ReviewQueue:
+    """Review requests of checks, on the stream's review topic (`review.topic`), acknowledged one by one:
+    the check's answer waits for the broker, so no answered check has a lost request."""
+
+    def __init__(self, settings: Settings) -> None:
+        from kafka import KafkaProducer
+
+        assert settings.review.topic is not None
+        self._topic = settings.review.topic
+        self._timeout_s = settings.serve.request_timeout_s
+        try:
+            self._producer = KafkaProducer(**producer_config(settings))
+        except Exception as exc:  # noqa: BLE001 - kafka-python raises several types for an unreachable broker
+            raise ReviewQueueUnavailable(f"review.topic {self._topic!r} is set but the broker cannot be reached "
+                                         f"({type(exc).__name__}: {exc})") from exc
+
+    def send(self, request: ReviewRequest) -> None:
+        message = review_message(self._topic, request)
+        self._producer.send(message.topic, key=message.key, value=message.value,
+                            headers=list(message.headers)).get(timeout=self._timeout_s)
+
+    def close(self) -> None:
+        self._producer.close(timeout=5)
 
 
 class NoApiKeys(ValueError):
@@ -58,9 +89,11 @@ class CheckService:
 
         self.health = HealthState(liveness_timeout_s=settings.worker.liveness_timeout_s)
         self.health.readiness = self._readiness
+        self._review = ReviewQueue(settings) if settings.review.topic is not None else None
         self._batcher = MicroBatcher(processor, batch_size=serve.batch_size, batch_wait_s=serve.batch_wait_ms / 1000,
                                      max_queue=serve.max_queue, tick=self._tick,
-                                     observe_batch=self.metrics.batch_size.observe)
+                                     observe_batch=self.metrics.batch_size.observe,
+                                     review=self._review.send if self._review is not None else None)
         api = CheckApi(settings=serve, max_image_bytes=serve.max_body_bytes or settings.intake.max_bytes, keys=keys,
                        limiter=RateLimiter(), batcher=self._batcher, metrics=self.metrics)
         self._server = PooledHTTPServer((serve.host, serve.port), handler_class(api), serve.threads,
@@ -93,6 +126,8 @@ class CheckService:
         # The batcher keeps judging until the requests in flight have their answers.
         self._server.finish_requests(timeout_s=drain_s)
         self._batcher.close(timeout_s=drain_s)
+        if self._review is not None:
+            self._review.close()
         self.scorer.close()
         self.dedupe.close()
         self._fetcher.close()

@@ -41,16 +41,25 @@ class Overloaded(Exception):
     """The queue of checks is full."""
 
 
+class ReviewUnavailable(Exception):
+    """The verdict needs a person but its review request could not be queued: the check is not answered
+    as if it had been (the caller retries)."""
+
+
 class NoOutcome(Exception):
     """The pipeline finished a batch without an outcome for this check (a bug, never expected)."""
 
 
 class FutureSink:
-    """The processor's sink: completes each record's future with its verdict or dead letter."""
+    """The processor's sink: completes each record's future with its verdict or dead letter.
 
-    def __init__(self) -> None:
+    ``review``: where a verdict that needs a person sends its review request (`review.topic`), before the
+    check is answered: a caller that got its verdict can count on the request being queued."""
+
+    def __init__(self, review: Callable[[ReviewRequest], None] | None = None) -> None:
         self._futures: dict[int, Future[Outcome]] = {}
         self._lock = threading.Lock()
+        self._review = review
 
     def expect(self, record: InRecord) -> Future[Outcome]:
         future: Future[Outcome] = Future()
@@ -59,7 +68,13 @@ class FutureSink:
         return future
 
     def verdict(self, record: InRecord, verdict: Verdict, review: ReviewRequest | None = None) -> None:
-        # A check answers its caller; it does not queue review requests (review.topic is the stream's).
+        if review is not None and self._review is not None:
+            try:
+                self._review(review)
+            except Exception as exc:  # noqa: BLE001 - the broker's errors are many; the check must not hang
+                log.error("serve.review_failed", event_id=verdict.event_id, error=f"{type(exc).__name__}: {exc}")
+                self.fail(record.offset, ReviewUnavailable(str(exc)))
+                return
         self._complete(record, verdict)
 
     def dead_letter(self, record: InRecord, letter: DeadLetter) -> None:
@@ -107,10 +122,11 @@ class MicroBatcher:
 
     def __init__(self, make_processor: Callable[[Sink], BatchProcessor], *, batch_size: int, batch_wait_s: float,
                  max_queue: int, tick: Callable[[], None] = lambda: None,
-                 observe_batch: Callable[[int], None] = lambda size: None) -> None:
+                 observe_batch: Callable[[int], None] = lambda size: None,
+                 review: Callable[[ReviewRequest], None] | None = None) -> None:
         """``tick``: called at least every second while the thread is healthy (liveness);
-        ``observe_batch``: the size of each batch judged."""
-        self._sink = FutureSink()
+        ``observe_batch``: the size of each batch judged; ``review``: queues a review request (`FutureSink`)."""
+        self._sink = FutureSink(review)
         self._processor = make_processor(self._sink)
         self._batch_size = batch_size
         self._batch_wait_s = batch_wait_s

@@ -31,7 +31,7 @@ from streamguard.schemas import ImageEvent, Verdict
 from streamguard.serve import answers
 from streamguard.serve.answers import Answer
 from streamguard.serve.auth import ApiKey, KeyRing
-from streamguard.serve.batcher import MicroBatcher, NoOutcome, Overloaded
+from streamguard.serve.batcher import MicroBatcher, NoOutcome, Overloaded, ReviewUnavailable
 from streamguard.serve.checks import UriCheck, as_record, upload_event, uri_event
 from streamguard.serve.metrics import ServeMetrics
 from streamguard.serve.ratelimit import RateLimiter, retry_after_header
@@ -230,6 +230,9 @@ def handler_class(api: CheckApi) -> type[BaseHTTPRequestHandler]:
                 raise _refuse(504, "Timeout", "cancelled") from None
             except Overloaded as exc:
                 raise _refuse(503, "Stopping", str(exc), retry_after_s=1) from None
+            except ReviewUnavailable as exc:
+                raise _refuse(503, "ReviewUnavailable", f"the review queue did not take the request: {exc}",
+                              retry_after_s=1) from None
             except NoOutcome as exc:
                 log.error("serve.no_outcome", event_id=event.event_id, error=str(exc))
                 raise _refuse(500, "InternalError", "the pipeline gave no outcome") from None
