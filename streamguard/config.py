@@ -714,6 +714,12 @@ class BackboneSettings(_Section):
         description="Operator-supplied weights instead of the cache: a transformers CLIP directory, or an "
         "OpenAI / open_clip state dict file (ViT-L/14 included).",
     )
+    precision: Literal["fp32", "int8"] = Field(
+        "fp32",
+        description="What the in-process detectors run the encoder's blocks at: fp32 (the reference) or int8 "
+        "(dynamic quantization of their linear layers; CPU only, faster; int8 detector versions end in "
+        "`.int8`). Training and `triton build` always use fp32.",
+    )
 
 
 class LogSettings(_Section):

@@ -84,7 +84,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _settings(tiny: dict[str, Path], shared: bool, deny: Sequence[str] = ("provenance",),
               batch_size: int = 16) -> Settings:
     options = {name: {"weights_dir": str(tiny[name])} for name in ("univfd", "pin-clip", "mpft")}
-    return load_settings(backbone={"checkpoint": str(tiny["clip"])}, plugins={"deny": list(deny)},
+    # pin-clip is opt-in: enabled, so that two adapted branches share the trunk with univfd.
+    return load_settings(backbone={"checkpoint": str(tiny["clip"])},
+                         plugins={"deny": list(deny), "enable": ["builtin-pinclip"]},
                          detectors={"options": options, "shared_trunk": shared, "timeout_s": None,
                                     "batch_size": batch_size})
 

@@ -14,6 +14,7 @@ from streamguard.backbone.errors import (
 from streamguard.backbone.fetch import FetchResult, fetch_backbone
 from streamguard.backbone.load import load_backbone
 from streamguard.backbone.model import ClipImageEncoder
+from streamguard.backbone.precision import Precision, PrecisionUnsupported
 
 __all__ = [
     "BackboneCorrupt",
@@ -23,6 +24,8 @@ __all__ = [
     "ClipImageEncoder",
     "ConversionError",
     "FetchResult",
+    "Precision",
+    "PrecisionUnsupported",
     "fetch_backbone",
     "load_backbone",
 ]

@@ -15,17 +15,24 @@ from streamguard.backbone.checkpoints import read_checkpoint
 from streamguard.backbone.digest import weights_digest
 from streamguard.backbone.errors import CheckpointError
 from streamguard.backbone.model import ClipImageEncoder
+from streamguard.backbone.precision import Precision, check_device, quantize_encoder
 from streamguard.config import BackboneSettings
 
 log = structlog.get_logger(__name__)
 
 
-def load_backbone(settings: BackboneSettings, device: str = "cpu") -> ClipImageEncoder:
-    """``settings.checkpoint`` if set, else the verified cache, in eval mode on ``device``.
+def load_backbone(settings: BackboneSettings, device: str = "cpu", *,
+                  precision: Precision | None = None) -> ClipImageEncoder:
+    """``settings.checkpoint`` if set, else the verified cache, in eval mode on ``device``, its blocks at
+    ``precision`` (default ``settings.precision``). Who trains, exports, or merges adapters before serving
+    asks for ``"fp32"`` and quantizes after merging (`streamguard.backbone.precision`).
 
     Raises ``BackboneMissing`` (cache absent) / ``BackboneCorrupt`` (cache fails its checksum), both naming
-    the fetch command, or ``CheckpointError`` for an unusable operator checkpoint.
+    the fetch command, ``CheckpointError`` for an unusable operator checkpoint, or ``PrecisionUnsupported``
+    for int8 on another device than the CPU (before loading anything).
     """
+    precision = precision or settings.precision
+    check_device(precision, device)
     start = time.perf_counter()
     if settings.checkpoint is not None:
         checkpoint = read_checkpoint(settings.checkpoint)
@@ -44,6 +51,8 @@ def load_backbone(settings: BackboneSettings, device: str = "cpu") -> ClipImageE
             raise corrupt_error(cache_path(settings.cache_dir), f"weights do not fit its config: {exc}") from exc
         source = f"cache:{cache_path(settings.cache_dir)}"
     encoder = ClipImageEncoder(model, weights_sha256=digest, source=source).to(device).eval()
-    log.info("backbone.loaded", source=source, version=encoder.version, image_size=encoder.image_size,
-             patch_size=encoder.patch_size, embed_dim=encoder.embed_dim, seconds=round(time.perf_counter() - start, 2))
+    quantize_encoder(encoder, precision)
+    log.info("backbone.loaded", source=source, version=encoder.version, precision=precision,
+             image_size=encoder.image_size, patch_size=encoder.patch_size, embed_dim=encoder.embed_dim,
+             seconds=round(time.perf_counter() - start, 2))
     return encoder

@@ -21,6 +21,9 @@ class ClipImageEncoder(torch.nn.Module):
         self.model = model
         self.weights_sha256 = weights_sha256
         self.source = source
+        # What its blocks run at (`streamguard.backbone.precision`). Not part of `version`, which names the
+        # weights: adapters trained on these weights fit them at any precision.
+        self.precision = "fp32"
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Image embeddings (N, embed_dim): projected, not L2-normalized (CLIP normalizes before cosine)."""

@@ -76,6 +76,7 @@ def backbone_info(app: AppContext) -> None:
     out = {
         "source": encoder.source,
         "version": encoder.version,
+        "precision": encoder.precision,
         "weights_sha256": encoder.weights_sha256,
         "embed_dim": encoder.embed_dim,
         "hidden_size": encoder.hidden_size,

@@ -85,6 +85,9 @@ class BranchContext:
     trunk: Any  # for ``"clip"``: the `streamguard.backbone.ClipImageEncoder` of the ``backbone.*`` settings
     device: str = "cpu"
     options: Mapping[str, Any] = field(default_factory=dict)
+    # What the trunk runs its blocks at (``backbone.precision``); ``trunk`` itself stays fp32 for heads to copy
+    # blocks from. A head that copies blocks converts its copies to this (`streamguard.backbone.precision`).
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)

@@ -62,12 +62,22 @@ class LocalTrunk(Trunk, Protocol):
         """The block index a `TrunkSpec.branch_block` means on this backbone; ValueError if it has none."""
         ...
 
+    @property
+    def precision(self) -> str:
+        """What its blocks run at (`BranchContext.precision`)."""
+        ...
+
 
 def _load_clip(settings: Settings, device: str) -> LocalTrunk:
     from streamguard.backbone import load_backbone
+    from streamguard.backbone.precision import check_device
     from streamguard.backends.torch_trunk import ClipTrunk
 
-    return ClipTrunk(load_backbone(settings.backbone, device), device)
+    precision = settings.backbone.precision
+    check_device(precision, device)
+    # Loaded at fp32 and converted by the trunk: heads copy their blocks from the float encoder, to merge
+    # adapters into them before they are quantized.
+    return ClipTrunk(load_backbone(settings.backbone, device, precision="fp32"), device, precision)
 
 
 # The trunks streamguard knows how to load, by `TrunkSpec.backbone`.
@@ -193,7 +203,8 @@ class SharedTrunks:
             shared = self._trunk(trunk_spec.backbone, lambda: LOADERS[trunk_spec.backbone](self._settings, ctx.device))
             local: LocalTrunk = shared.trunk  # type: ignore[assignment]
             block = local.resolve(trunk_spec.branch_block)
-            module = trunk_spec.load_head(BranchContext(trunk=local.backbone, device=ctx.device, options=ctx.options))
+            module = trunk_spec.load_head(BranchContext(trunk=local.backbone, device=ctx.device, options=ctx.options,
+                                                        precision=local.precision))
             from streamguard.backends.torch_trunk import TorchHead
 
             head = TorchHead(module, ctx.device)

@@ -169,7 +169,7 @@ def train_detector(settings: Settings, recipe: Recipe) -> dict[str, Any]:
     samples = load_samples(recipe.data, seed=recipe.seed, limit_per_group=recipe.limit_per_group)
     splits = split_samples(samples, recipe.holdout_generators, recipe.holdout_sources)
     _check_splits(splits)
-    encoder = load_backbone(settings.backbone, recipe.device)
+    encoder = load_backbone(settings.backbone, recipe.device, precision="fp32")
     start = tuned_start(encoder, recipe.tune_blocks)
     model = TunedClip(encoder, start, recipe.lora, recipe.seed)
     objective = build_objective(recipe, encoder.embed_dim)

@@ -71,7 +71,7 @@ class Frozen:
 
 def frozen_encoder(settings: Settings, cfg: TrainConfig) -> Frozen:
     if cfg.backbone == "clip":
-        clip = load_backbone(settings.backbone, cfg.device)
+        clip = load_backbone(settings.backbone, cfg.device, precision="fp32")
         return Frozen(clip, clip.version, CONTRACT)
     from streamguard.backbone.dinov2 import DINOV2_CONTRACT, load_dinov2
 

@@ -126,4 +126,4 @@ def _export(path: Path, served: ClipHeadDetector, weights: Path, backbone: Backb
     from streamguard.builtin.cliphead.model import build_served
     from streamguard.triton.onnx_export import export_onnx
 
-    export_onnx(build_served(served, load_backbone(backbone, "cpu"), weights), path, INPUT_SIZE)
+    export_onnx(build_served(served, load_backbone(backbone, "cpu", precision="fp32"), weights), path, INPUT_SIZE)

@@ -50,7 +50,7 @@ def build_shared_trunk(out: Path, detectors: Mapping[str, tuple[ClipHeadDetector
 
     if len({ensemble_output(name) for name in detectors}) != len(detectors):
         raise ValueError(f"detector names {sorted(detectors)} collide as tensor names")
-    encoder = load_backbone(backbone, "cpu")
+    encoder = load_backbone(backbone, "cpu", precision="fp32")
     total = vit.num_layers(encoder)
     hidden = (1 + (encoder.image_size // encoder.patch_size) ** 2, encoder.hidden_size)
     blocks = {name: total if (b := served.branch_block(weights)) is None else b

@@ -65,8 +65,15 @@ class ClipHeadDetector:
             h.update((directory / name).read_bytes())
         return h.hexdigest()[:10]
 
-    def version(self, directory: Path) -> str:
-        return f"{self.name}-{VERSION_PREFIX}+{self.weights_digest(directory)}"
+    def version(self, directory: Path, precision: str = "fp32") -> str:
+        """``<name>-<prefix>+<digest>``, and ``.int8`` when it runs at int8 (fp32 versions as they always were)."""
+        suffix = "" if precision == "fp32" else f".{precision}"
+        return f"{self.name}-{VERSION_PREFIX}+{self.weights_digest(directory)}{suffix}"
+
+    def precision(self, settings: Settings) -> str:
+        """What it runs its encoder at: ``backbone.precision`` in-process; on Triton, what the repository was
+        built with, always fp32 (`streamguard triton build`), so the version matches the server's."""
+        return settings.backbone.precision if settings.detectors.backend_for(self.name) == "inprocess" else "fp32"
 
     def retrain_hint(self) -> str:
         return f"retrain it with `streamguard train {self.name}` on this backbone"
@@ -92,7 +99,7 @@ class ClipHeadDetector:
         def head(ctx: BranchContext) -> torch.nn.Module:
             from streamguard.builtin.cliphead.model import build_branch
 
-            return build_branch(self, ctx.trunk, directory, block)
+            return build_branch(self, ctx.trunk, directory, block, ctx.precision)
 
         return TrunkSpec(backbone=CLIP_TRUNK, branch_block=block, load_head=head)
 
@@ -107,13 +114,18 @@ class ClipHeadDetector:
 
         def build(ctx: LoadContext) -> torch.nn.Module:
             from streamguard.backbone import load_backbone
+            from streamguard.backbone.precision import check_device
             from streamguard.builtin.cliphead.model import build_served
 
-            return build_served(self, load_backbone(settings.backbone, ctx.device), directory)
+            precision = settings.backbone.precision
+            check_device(precision, ctx.device)
+            # fp32 first: adapters are merged into the float weights, then the merged encoder is quantized.
+            return build_served(self, load_backbone(settings.backbone, ctx.device, precision="fp32"), directory,
+                                precision)
 
         return DetectorSpec(
             name=self.name,
-            version=self.version(directory),
+            version=self.version(directory, self.precision(settings)),
             load=inprocess_loader(build),
             contract=CONTRACT,
             calibration=Calibration.load(directory),

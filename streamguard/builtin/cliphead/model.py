@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from streamguard.backbone import ClipImageEncoder, vit
 from streamguard.backbone.lora import Adapters, LoraMismatch, merge_adapters, read_adapters
+from streamguard.backbone.precision import REFERENCE, PrecisionUnsupported, apply_precision, quantize_encoder
 from streamguard.builtin.cliphead.detector import HEAD_FILE, LORA_FILE, ClipHeadDetector
 
 
@@ -80,15 +81,28 @@ def load_adapters(detector: ClipHeadDetector, directory: Path, encoder: ClipImag
     return adapters
 
 
-def build_served(detector: ClipHeadDetector, encoder: ClipImageEncoder, directory: Path) -> ClipHeadModel:
-    """The whole served model on ``encoder``, which it takes over: adapters are merged into it in place."""
+def build_served(detector: ClipHeadDetector, encoder: ClipImageEncoder, directory: Path,
+                 precision: str | None = None) -> ClipHeadModel:
+    """The whole served model on ``encoder``, which it takes over: adapters are merged into it in place, then
+    its blocks are converted to ``precision`` (None: left as they are)."""
     if detector.adapters:
+        _require_float(detector, encoder)
         adapters = load_adapters(detector, directory, encoder)
         probe = load_probe(detector, directory, encoder.embed_dim)
         merge_adapters(dict(enumerate(encoder.model.vision_model.encoder.layers)), adapters)
     else:
         probe = load_probe(detector, directory, encoder.embed_dim)
+    if precision is not None:
+        quantize_encoder(encoder, precision)
     return ClipHeadModel(encoder, probe.to(encoder.model.device))
+
+
+def _require_float(detector: ClipHeadDetector, encoder: ClipImageEncoder) -> None:
+    # Merging into int8 blocks would round the base weights twice (and a quantized Linear has no weight to
+    # add to): the adapters go into the float weights, then the merged block is quantized.
+    if encoder.precision != REFERENCE:
+        raise PrecisionUnsupported(f"the {detector.name} adapters must be merged into an fp32 encoder, this one "
+                                   f"runs at {encoder.precision}: load it with precision=\"fp32\"")
 
 
 class ClipBranchHead(torch.nn.Module):
@@ -110,14 +124,18 @@ class ClipBranchHead(torch.nn.Module):
 
 
 def build_branch(detector: ClipHeadDetector, encoder: ClipImageEncoder, directory: Path,
-                 branch_block: int | None) -> ClipBranchHead:
+                 branch_block: int | None, precision: str = REFERENCE) -> ClipBranchHead:
     """The head of ``detector`` branching at ``branch_block`` (None: after the last block) off ``encoder``,
-    which stays untouched: the blocks from the branch on are copied, and the adapters merged into the copies."""
+    which stays untouched: the blocks from the branch on are copied, the adapters merged into the copies, and
+    the copies converted to ``precision`` (the trunk's, so that the head computes what its whole model would)."""
     total = vit.num_layers(encoder)
     start = total if branch_block is None else branch_block
     probe = load_probe(detector, directory, encoder.embed_dim).to(encoder.model.device)
     layers = encoder.model.vision_model.encoder.layers
     blocks = {i: copy.deepcopy(layers[i]) for i in range(start, total)}
     if detector.adapters:
+        _require_float(detector, encoder)
         merge_adapters(blocks, load_adapters(detector, directory, encoder))
+    if encoder.precision == REFERENCE:
+        apply_precision(blocks.values(), precision)
     return ClipBranchHead([blocks[i] for i in range(start, total)], encoder, probe)
