@@ -36,8 +36,11 @@ def test_fuse_is_the_fusion_hooks_weighted_logit_mean() -> None:
     for i in range(2):
         scores = [DetectorScore(detector=name, version="1", probability=0.5, logit=float(z[i]), latency_ms=1.0)
                   for name, z in logits.items()]
-        hook = fuse_scores(scores, FusionSettings(weights=weights))
+        hook = fuse_scores(scores, FusionSettings(weights=weights, scale=1.0, bias=0.0))
         assert hook.logit == pytest.approx(ours[i])
+        # The shipped fusion recalibrates that mean as a whole, as validation fitted it.
+        shipped = FusionSettings(weights=weights)
+        assert fuse_scores(scores, shipped).logit == pytest.approx(shipped.scale * ours[i] + shipped.bias)
     with pytest.raises(ValueError, match="positive weight"):
         fuse(logits, {"a": 0.0})
 
