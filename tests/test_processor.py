@@ -177,6 +177,28 @@ def test_an_unreadable_cached_verdict_is_a_miss_and_is_rescored(redis_service: S
     assert pipeline.metric("streamguard_dedupe_cache_unreadable_total") == 1
 
 
+def test_a_change_in_fusion_alone_reaches_cached_verdicts(redis_service: Service) -> None:
+    """Same models, same thresholds, a new fused calibration: the cache still answers (no detector runs
+    again), but under the fusion in force now, not the one that was in force when the content was judged."""
+    namespace = f"p{uuid.uuid4().hex[:8]}"
+    bright = png(250)
+    verdicts = []
+    for bias, event_id in ((-20.0, "before"), (20.0, "after")):
+        settings = load_settings(redis={"url": f"redis://{redis_service.address}/0"},
+                                 dedupe={"namespace": namespace}, fusion={"bias": bias})
+        pipeline = Pipeline(settings, RedisDedupe(settings.dedupe, settings.redis))
+        try:
+            pipeline.run(event(event_id, bright))
+        finally:
+            pipeline.close()
+        ((_, verdict),) = pipeline.sink.verdicts
+        verdicts.append(verdict)
+    before, after = verdicts
+    assert after.duplicate_of == "before" and after.scores == before.scores
+    assert (before.label, after.label) == ("real", "ai_generated")
+    assert after.explanation is not None and after.explanation.calibration_bias == 20.0
+
+
 def test_decoded_pixels_per_piece_stay_under_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     images = [encode(noise((1000, 1000), seed=i), "PNG") for i in range(5)]
     with Scorer(load_settings(), build_plugin_manager(load_settings().plugins)) as probe:

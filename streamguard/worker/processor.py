@@ -470,11 +470,12 @@ class BatchProcessor:
         if near is not None:
             update["near_duplicate_of"] = self._near(near, tenant)
         verdict = original.model_copy(update=update)
-        if not same_tenant or verdict.policy_version != policy_version(tenant.policy):
-            # Another tenant's (or an older policy's) decision: decide again from the cached scores.
-            evidence = [] if same_tenant else [Evidence(kind="shared_cache", name="dedupe",
-                                                        detail={"content_sha256": cached.sha256})]
-            verdict = self._decider.decide(verdict, tenant, evidence)
+        # Decided again from the cached scores every time, not only for another tenant or other thresholds:
+        # the fusion's weights and calibration are not in the cache key, and fusing is arithmetic, so a
+        # change in any of them reaches cached content at once without running a detector.
+        evidence = [] if same_tenant else [Evidence(kind="shared_cache", name="dedupe",
+                                                    detail={"content_sha256": cached.sha256})]
+        verdict = self._decider.decide(verdict, tenant, evidence)
         self._publish(item, verdict)
         self._release(item)
 
