@@ -168,7 +168,10 @@ def _run_round(topics: Topics, tmp_path: Path, round_: int, env: dict[str, str],
     assert {d["error_type"] for d in mate_letters} == {"UnreadableRecord"}
     assert all("after an unreadable record" in d["message"] for d in mate_letters[1:])
     for s in lz4_batch:
-        assert letters[(s.partition, s.offset)] == 1
+        assert letters[(s.partition, s.offset)] == 1, (
+            f"lz4 record at {s.partition}/{s.offset}: {letters[(s.partition, s.offset)]} dead letters; letters in "
+            f"that partition: {sorted(o for p, o in letters if p == s.partition)}; lz4 sent at "
+            f"{[(x.partition, x.offset) for x in lz4_batch]}\n" + worker.log_path.read_text()[-3000:])
         assert by_position[(s.partition, s.offset)]["error_type"] == "UnreadableRecord"
     verdict_ids = Counter(outcomes.verdict_ids())
     for event_id in {m[0] for m in good(round_)}:
