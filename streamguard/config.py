@@ -682,6 +682,13 @@ class ServeSettings(_Section):
         "again when it changes (a rotated Kubernetes Secret).")
     rate_per_s: float = Field(20.0, gt=0, description="Sustained requests per second per key (token bucket).")
     burst: int = Field(40, gt=0, description="Requests a key may make at once before rate_per_s applies.")
+    # auto, not redis: redis.url always has a default, so only dedupe being on says a Redis is really there;
+    # without one, redis would limit locally anyway, after warning about it.
+    rate_limit_store: Literal["auto", "redis", "local"] = Field(
+        "auto", description="Where the rate limits' buckets live. redis: in [redis] (keys under dedupe.namespace), "
+        "so all replicas share one budget per key; while Redis cannot answer, each replica limits locally. local: "
+        "in this process, so N replicas allow a key N times its rate. auto: redis when dedupe is enabled, else "
+        "local.")
     max_body_bytes: int | None = Field(
         None, gt=0, description="Largest raw image body; larger is refused from its Content-Length, before the "
         "body is read. Unset: intake.max_bytes.")

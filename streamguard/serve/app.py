@@ -22,7 +22,7 @@ from streamguard.serve.auth import KeyRing
 from streamguard.serve.batcher import MicroBatcher
 from streamguard.serve.http import CheckApi, PooledHTTPServer, handler_class
 from streamguard.serve.metrics import ServeMetrics
-from streamguard.serve.ratelimit import RateLimiter
+from streamguard.serve.ratelimit_redis import open_limiter
 from streamguard.worker.health import HealthServer, HealthState
 from streamguard.worker.loop import build_scorer
 from streamguard.worker.metrics import WorkerMetrics
@@ -94,8 +94,9 @@ class CheckService:
                                      max_queue=serve.max_queue, tick=self._tick,
                                      observe_batch=self.metrics.batch_size.observe,
                                      review=self._review.send if self._review is not None else None)
+        self._limiter = open_limiter(settings, lambda reason: self.metrics.ratelimit_fallbacks.labels(reason).inc())
         api = CheckApi(settings=serve, max_image_bytes=serve.max_body_bytes or settings.intake.max_bytes, keys=keys,
-                       limiter=RateLimiter(), batcher=self._batcher, metrics=self.metrics)
+                       limiter=self._limiter, batcher=self._batcher, metrics=self.metrics)
         self._server = PooledHTTPServer((serve.host, serve.port), handler_class(api), serve.threads,
                                         serve.max_connections, self.metrics)
         self._health_server = HealthServer.from_settings(self.health, self.metrics.render, settings.worker)
@@ -130,6 +131,7 @@ class CheckService:
             self._review.close()
         self.scorer.close()
         self.dedupe.close()
+        self._limiter.close()
         self._fetcher.close()
         self._health_server.close()
         log.info("serve.stopped")

@@ -34,7 +34,7 @@ from streamguard.serve.auth import ApiKey, KeyRing
 from streamguard.serve.batcher import MicroBatcher, NoOutcome, Overloaded, ReviewUnavailable
 from streamguard.serve.checks import UriCheck, as_record, upload_event, uri_event
 from streamguard.serve.metrics import ServeMetrics
-from streamguard.serve.ratelimit import RateLimiter, retry_after_header
+from streamguard.serve.ratelimit import Limiter, retry_after_header
 
 log = structlog.get_logger(__name__)
 
@@ -58,7 +58,7 @@ class CheckApi:
     settings: ServeSettings
     max_image_bytes: int
     keys: KeyRing | None  # None: serve.auth is off
-    limiter: RateLimiter
+    limiter: Limiter
     batcher: MicroBatcher
     metrics: ServeMetrics
 

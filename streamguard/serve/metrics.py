@@ -26,6 +26,12 @@ class ServeMetrics:
         self.refused_connections = Counter("streamguard_http_refused_connections",
                                            "Connections closed at once because serve.max_connections were open.",
                                            registry=r)
+        self.ratelimit_fallbacks = Counter(
+            "streamguard_http_ratelimit_fallbacks",
+            "Requests rate-limited by this process's own buckets because the shared ones in Redis could not "
+            "answer: unreachable (down, timed out) or error (Redis answered with one).", ["reason"], registry=r)
+        for reason in ("unreachable", "error"):  # at 0 from the start, so a rate() over them has a baseline
+            self.ratelimit_fallbacks.labels(reason)
 
     def render(self) -> bytes:
         return self.worker.render()

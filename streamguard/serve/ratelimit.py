@@ -1,8 +1,11 @@
-"""Per-key token buckets: a key may spend ``burst`` requests at once, then ``rate`` a second.
+"""Per-key rate limits: a key may spend ``burst`` requests at once, then ``rate`` a second.
 
-A refusal says how long until the next token, which becomes the 429's Retry-After. Buckets live in this
-process: with N replicas behind a load balancer a key gets up to N times its rate, which is the usual
-trade for not putting Redis on every request's path.
+A refusal says how long until the next token, which becomes the 429's Retry-After. Two `Limiter`s give the
+same answers: `RateLimiter` keeps the buckets in this process, and `RedisRateLimiter`
+(`streamguard.serve.ratelimit_redis`) keeps them in Redis, so every replica behind a load balancer spends
+one budget per key. Which one serves is ``serve.rate_limit_store``; the Redis one falls back to a
+`RateLimiter` of its own while Redis cannot answer, so an outage costs the limit's precision (each replica
+then allows a key its full rate), never the limit itself.
 """
 
 from __future__ import annotations
@@ -12,10 +15,19 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 # Past this many buckets the full ones are dropped (a full bucket is what a new one would be): with
 # auth off, buckets are per client address, and addresses are not a bounded set.
 _MAX_BUCKETS = 10_000
+
+
+class Limiter(Protocol):
+    def take(self, key: str, rate: float, burst: int) -> float:
+        """Spend one token of ``key``'s bucket: 0.0 if there was one, else the seconds until there is."""
+        ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -48,6 +60,9 @@ class RateLimiter:
                 bucket.tokens -= 1.0
                 return 0.0
             return (1.0 - bucket.tokens) / rate
+
+    def close(self) -> None:
+        pass
 
     def _drop_full(self, now: float) -> None:
         self._buckets = {key: b for key, b in self._buckets.items()
