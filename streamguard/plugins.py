@@ -26,6 +26,7 @@ DEFAULT_PLUGINS: dict[str, str] = {
     "builtin-univfd": "streamguard.builtin.univfd.plugin",
     "builtin-pinclip": "streamguard.builtin.pinclip.plugin",
     "builtin-mpft": "streamguard.builtin.mpft.plugin",
+    "builtin-nirnet": "streamguard.builtin.nirnet.plugin",
     "builtin-credentials": "streamguard.builtin.credentials.plugin",
 }
 
@@ -44,7 +45,9 @@ class PluginInfo:
 # Built-ins that load only when named in `plugins.enable` (or `plugins.allow`). pin-clip runs a full CLIP
 # branch per image and, validated leave-one-source-out, lowered the fused verdict's balanced AUC on unseen
 # sources (docs/validation.md): it is kept for operators who want to watch it, not paid for by default.
-OPT_IN_PLUGINS = frozenset({"builtin-pinclip"})
+# nirnet ships no weights yet: on by default it would warn about a detector nobody asked for in every
+# process; like pin-clip, it earns a default place by its leave-one-source-out validation once trained.
+OPT_IN_PLUGINS = frozenset({"builtin-pinclip", "builtin-nirnet"})
 
 
 def is_allowed(name: str, settings: PluginSettings) -> bool:
