@@ -230,7 +230,8 @@ class ReviewRequest(_Record):
     event_id: str
     tenant: str | None = None
     content_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    reason: str = Field(description="Why it needs review: the label (uncertain, ...) or degraded.")
+    reason: str = Field(description="Why it needs review: the label (uncertain, ...), degraded, or "
+                        "bank_disagreement (`streamguard rescore --bank`: the models now disagree with a bank).")
     image_uri: str | None = Field(default=None, description="Where to fetch the image, for URI events.")
     source_topic: str | None = Field(default=None, description="Else the original record: topic, partition, offset.")
     source_partition: int | None = None
@@ -241,12 +242,16 @@ class ReviewRequest(_Record):
     probability: float | None = Field(default=None, ge=0.0, le=1.0)
     scores: list[DetectorScore] = Field(default_factory=list)
     explanation: Explanation | None = None
+    bank: str | None = Field(default=None, description="bank_disagreement: the bank holding the content.")
+    bank_label: Literal["ai_generated", "real"] | None = Field(
+        default=None, description="bank_disagreement: the bank's label, which `label` (the models') contradicts.")
     requested_at: datetime = Field(default_factory=_now)
 
 
 class ReviewDecision(_Record):
     """A reviewer's answer, on the decisions topic. Copy ``pdq``/``pdq_quality`` from the request so that
-    near-duplicates match the bank entry."""
+    near-duplicates match the bank entry, and ``image_uri`` so that the bank entry can be judged again
+    (`streamguard rescore --bank`)."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
     event_id: str
@@ -257,6 +262,8 @@ class ReviewDecision(_Record):
     note: str | None = Field(default=None, max_length=4000)
     pdq: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     pdq_quality: int | None = Field(default=None, ge=0, le=100)
+    image_uri: str | None = Field(default=None, max_length=4096,
+                                  description="The request's image_uri: kept with the bank entry.")
     decided_at: datetime = Field(default_factory=_now)
 
 

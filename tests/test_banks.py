@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image, ImageDraw
+from redis import Redis
 
 from streamguard.banks import BankEntry, BankMatch, BanksUnavailable, BankStore, open_banks
 from streamguard.banks import index as index_module
@@ -25,7 +26,7 @@ from streamguard.banks.index import NO_RANK, NearIndex, Rows, hash_words, probe_
 from streamguard.cli import cli
 from streamguard.cli.banks import content_hashes
 from streamguard.config import IntakeSettings, Settings, load_settings
-from streamguard.dedupe import PerceptualHash, hamming, perceptual_hash
+from streamguard.dedupe import PerceptualHash, hamming
 from streamguard.dedupe.redis_store import band_probes
 from streamguard.devstack import Service, free_port, start_redis
 
@@ -296,7 +297,7 @@ def test_index_finds_exactly_what_a_linear_scan_finds(monkeypatch: pytest.Monkey
 
 def fill(store: BankStore) -> None:
     store.add(AI, "ai_generated", sha("a1"), random_hash(50), note="from the generator's gallery, row 1")
-    store.add(AI, "ai_generated", sha("a2"), None)
+    store.add(AI, "ai_generated", sha("a2"), None, source="https://images.example/a2.png")
     store.add(AI, "ai_generated", sha("a3"), random_hash(51, quality=30), note='has "quotes", commas')
     store.add_many([BankEntry(AI, "ai_generated", None, random_hash(52))])
 
@@ -346,6 +347,41 @@ def test_import_reads_threatexchange_csv_and_hma_signal_lists() -> None:
     assert [s.kind for s in read_signals(io.StringIO(lines), "te-lines", report, bank=AI)] == ["pdq", "sha256"]
     bare = read_signals(io.StringIO(f"{pdq}\n"), "te-lines", ImportReport(), bank=AI, signal_type="pdq")
     assert [s.value for s in bare] == [pdq]
+
+
+def test_entries_keep_their_image_source_and_only_those_pay_for_it(settings_for: Any,
+                                                                   redis_service: Service) -> None:
+    settings, store = settings_for()
+    uri = "https://images.example/reviewed.png"
+    store.add(AI, "ai_generated", sha("with"), random_hash(60), source=uri)
+    store.add(AI, "ai_generated", sha("without"), random_hash(61))
+    store.add(REAL, "real", sha("other bank"), None)
+    store.add(AI, "ai_generated", sha("with"), None, source="https://elsewhere.example/")  # already banked
+    assert {e.sha256: e.source for e in store.entries(AI)} == {sha("with"): uri, sha("without"): None}
+    # Read from any id on, as a resumed audit does; ids are shared by every bank.
+    ids = [entry_id for entry_id, _ in store.entries_between(AI, 0, store.written())]
+    assert ids == [0, 1] and store.written() == 3
+    assert [e.sha256 for _, e in store.entries_between(AI, 1, 3)] == [sha("without")]
+    assert list(store.entries_between(AI, 2, 3)) == []
+    # An entry without a source costs nothing more than before: no field, the record stays 68 bytes.
+    client = Redis.from_url(redis_url(redis_service))
+    try:
+        keys = client.keys(f"{settings.banks.key_prefix}:s:*")
+        assert len(keys) == 1 and client.hgetall(keys[0]) == {b"0": uri.encode()}
+        assert client.strlen(f"{settings.banks.key_prefix}:r:0") == 3 * 68
+    finally:
+        client.close()
+
+    # Our CSV carries it both ways; a CSV without the column still imports.
+    exported = export(store, AI, "csv")
+    assert exported.splitlines()[0] == "signal_type,signal,label,note,source" and uri in exported
+    signals = read_signals(io.StringIO(exported), "csv", ImportReport(), bank=AI)
+    entries = list(to_entries(signals, lambda bank: "ai_generated", 100, ImportReport()))
+    assert {e.source for e in entries if e.sha256 == sha("with")} == {uri}
+    old = f"signal_type,signal,label,note\nsha256,{sha(1)},ai_generated,\n"
+    (entry,) = to_entries(read_signals(io.StringIO(old), "csv", ImportReport(), bank=AI),
+                          lambda bank: "ai_generated", 100, ImportReport())
+    assert entry.source is None
 
 
 def test_import_refuses_bad_rows_naming_the_line() -> None:
@@ -436,5 +472,8 @@ def test_matching_fails_open_when_redis_goes_away(tmp_path: Path) -> None:
         assert found is not None and (found.kind, found.distance) == ("near", 0)
         with pytest.raises(BanksUnavailable, match="refresh failed"):
             store.refresh()
+        # A bank audit asks strictly: "Redis is down" must not read as "not banked".
+        with pytest.raises(BanksUnavailable, match="match failed"):
+            store.match(sha("gone"), base, [AI], fail_open=False)
     finally:
         store.close()

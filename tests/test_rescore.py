@@ -4,10 +4,12 @@ dedupe cache, and carry on after a stop or a SIGKILL without skipping anything."
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -246,3 +248,39 @@ def test_rescore_of_files_compares_with_the_cached_verdicts(judged: Judged, monk
     assert sorted(v["event_id"] for v, _ in published) == sorted(expected)
     assert {v["event_id"]: v["label"] for v, _ in published} == expected
     assert all(v["rescored_from"]["label"] == judged.verdicts[v["event_id"]]["label"] for v, _ in published)
+
+
+def test_rescore_of_datasets_reads_tar_archives_and_manifests(judged: Judged, monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path) -> None:
+    # The layouts `eval` reads: a tar of label folders, and a manifest naming files beside it. Their labels
+    # are not what is compared: the cached verdicts are.
+    ids = sorted(e for e in judged.images if e != "copy-0")
+    in_tar, in_manifest = ids[::2], ids[1::2]
+    archive = tmp_path / "judged.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for i, event_id in enumerate(in_tar):
+            info = tarfile.TarInfo(f"{'ai' if i % 2 else 'real'}/{event_id}.png")
+            info.size = len(judged.images[event_id])
+            tar.addfile(info, io.BytesIO(judged.images[event_id]))
+    listed = tmp_path / "listed"
+    (listed / "images").mkdir(parents=True)
+    rows = ["path,label"]
+    for event_id in in_manifest:
+        (listed / "images" / f"{event_id}.png").write_bytes(judged.images[event_id])
+        rows.append(f"images/{event_id}.png,real")
+    rows.append("images/gone.png,ai")  # listed, not there
+    (listed / "manifest.csv").write_text("\n".join(rows) + "\n")
+
+    original = _new_versions_key()
+    # A policy no other test caches under: the newest cached verdict of each content is the worker's.
+    policy = {"STREAMGUARD_POLICY__AI_THRESHOLD": "0.7"}
+    code, summary, log = _invoke(judged, monkeypatch, "--data", str(archive), "--data", str(listed), "--dry-run",
+                                 "--previous-versions", original, "--state-dir", str(tmp_path / "state"),
+                                 "--chunk-size", "16", **policy)
+    assert code == 0 and summary["done"], log
+    expected = {e: label for e, label in judged.expected_changes(ai=0.7).items() if e != "copy-0"}
+    assert expected and set(expected) & set(in_tar) and set(expected) & set(in_manifest)
+    changes = [json.loads(line) for line in log.splitlines()[:-1]]
+    assert {c["event_id"]: c["to"] for c in changes} == expected
+    counts = summary["this_run"]
+    assert counts["read"] == len(ids) + 1 and counts["unreadable_file"] == 1 and counts["judged"] == len(ids)

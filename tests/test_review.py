@@ -195,8 +195,10 @@ def test_decisions_survive_a_sigkill_mid_stream(topics: ReviewTopics, redis_serv
     # One decision per poll: each is applied, published and committed on its own, so a kill lands mid-stream.
     env = _env(topics, redis_service, STREAMGUARD_REVIEW__BATCH_SIZE="1")
     shas = [hashlib.sha256(f"{topics.prefix}-{i}".encode()).hexdigest() for i in range(200)]
+    # Half were URI events: their entries keep the URI (a bank audit fetches it), the others have none.
     decisions = [ReviewDecision(event_id=f"d-{i}", content_sha256=sha, label="real" if i % 2 else "ai_generated",
-                                reviewer="bob") for i, sha in enumerate(shas)]
+                                reviewer="bob", image_uri=f"https://images.example/{i}.png" if i % 4 < 2 else None)
+                 for i, sha in enumerate(shas)]
     sent = _send_decisions(topics, decisions)
     doomed = ApplyProcess(env, tmp_path, "doomed")
     try:
@@ -223,6 +225,8 @@ def test_decisions_survive_a_sigkill_mid_stream(topics: ReviewTopics, redis_serv
             bank = "review-ai" if decision.label == "ai_generated" else "review-real"
             match = banks.match(decision.content_sha256, None, [bank])
             assert match is not None and match.label == decision.label, decision.event_id
+        sources = {e.sha256: e.source for bank in ("review-ai", "review-real") for e in banks.entries(bank)}
+        assert sources == {d.content_sha256: d.image_uri for d in decisions}
     finally:
         banks.close()
     committed = streamio.committed_offsets({"bootstrap_servers": topics.bootstrap},

@@ -1,6 +1,7 @@
 """Bank contents as files: our plain CSV and the two ThreatExchange/HMA signal-list formats.
 
-- ``csv``: header ``signal_type,signal,label,note``, one signal a row; the bank is named on the command.
+- ``csv``: header ``signal_type,signal,label,note[,source]``, one signal a row; the bank is named on the
+  command. ``source`` (optional on import, always written) is where the image can be fetched again.
 - ``te-csv``: what python-threatexchange writes with ``threatexchange dataset -P --csv`` (header
   ``collab,signal_type,signal_str,category,tags``); the collaboration is the bank unless one is named.
   Rows whose category is ``FALSE_POSITIVE`` (contributors said it does not match) are skipped.
@@ -32,6 +33,7 @@ FORMATS: tuple[Format, ...] = ("csv", "te-csv", "te-lines")
 SignalKind = Literal["sha256", "pdq"]
 
 CSV_COLUMNS = ("signal_type", "signal", "label", "note")
+CSV_SOURCE = "source"  # optional: files written before it existed still import
 TE_CSV_COLUMNS = ("collab", "signal_type", "signal_str", "category", "tags")
 _KINDS: dict[str, SignalKind] = {"sha256": "sha256", "photo_sha256": "sha256", "video_sha256": "sha256",
                                  "pdq": "pdq"}
@@ -46,6 +48,7 @@ class Signal:
     value: str
     label: str | None
     note: str | None
+    source: str | None = None
 
 
 @dataclass
@@ -67,7 +70,7 @@ def read_signals(stream: TextIO, fmt: Format, report: ImportReport, bank: str | 
             if bank is None:
                 raise ValueError("a plain CSV names no bank: say which (--bank)")
             yield from _signal(report, line, bank, row["signal_type"], row["signal"], row["label"] or None,
-                               row["note"] or None)
+                               row["note"] or None, row.get(CSV_SOURCE) or None)
     elif fmt == "te-csv":
         for line, row in _csv_rows(stream, TE_CSV_COLUMNS):
             if row["category"].strip().upper() == "FALSE_POSITIVE":
@@ -96,9 +99,10 @@ def to_entries(signals: Iterable[Signal], label_for: Callable[[str], Label], qua
         if signal.label is not None and signal.label != label:
             raise ValueError(f"line {signal.line}: label {signal.label!r}, but bank {signal.bank!r} holds {label}")
         if signal.kind == "sha256":
-            yield BankEntry(signal.bank, label, sha256=signal.value, pdq=None, note=signal.note)
+            yield BankEntry(signal.bank, label, sha256=signal.value, pdq=None, note=signal.note, source=signal.source)
         else:
-            yield BankEntry(signal.bank, label, sha256=None, pdq=from_hex(signal.value, quality), note=signal.note)
+            yield BankEntry(signal.bank, label, sha256=None, pdq=from_hex(signal.value, quality), note=signal.note,
+                            source=signal.source)
 
 
 def write_entries(stream: TextIO, fmt: Format, entries: Iterable[BankEntry], min_quality: int) -> dict[str, int]:
@@ -106,7 +110,7 @@ def write_entries(stream: TextIO, fmt: Format, entries: Iterable[BankEntry], min
     counts = {"signals": 0, "low_quality_pdq": 0}
     writer = None if fmt == "te-lines" else csv.writer(stream, lineterminator="\n")
     if writer is not None:
-        writer.writerow(CSV_COLUMNS if fmt == "csv" else TE_CSV_COLUMNS)
+        writer.writerow((*CSV_COLUMNS, CSV_SOURCE) if fmt == "csv" else TE_CSV_COLUMNS)
     for entry in entries:
         signals: list[tuple[str, str]] = []
         if entry.sha256 is not None:
@@ -120,7 +124,7 @@ def write_entries(stream: TextIO, fmt: Format, entries: Iterable[BankEntry], min
             if writer is None:
                 stream.write(f"{kind} {value}\n")
             elif fmt == "csv":
-                writer.writerow([kind, value, entry.label, entry.note or ""])
+                writer.writerow([kind, value, entry.label, entry.note or "", entry.source or ""])
             else:
                 writer.writerow([entry.bank, kind, value, "TRUE_POSITIVE", entry.note or ""])
             counts["signals"] += 1
@@ -137,7 +141,7 @@ def _csv_rows(stream: TextIO, columns: tuple[str, ...]) -> Iterator[tuple[int, d
 
 
 def _signal(report: ImportReport, line: int, bank: str, signal_type: str, value: str, label: str | None,
-            note: str | None) -> Iterator[Signal]:
+            note: str | None, source: str | None = None) -> Iterator[Signal]:
     report.read += 1
     kind = _KINDS.get(signal_type.strip().lower())
     if kind is None:
@@ -148,4 +152,4 @@ def _signal(report: ImportReport, line: int, bank: str, signal_type: str, value:
         raise ValueError(f"line {line}: a {kind} signal is 64 hex digits, not {value[:80]!r}")
     if label is not None and label not in LABELS:
         raise ValueError(f"line {line}: label is one of {', '.join(LABELS)}, not {label!r}")
-    yield Signal(line=line, bank=bank, kind=kind, value=value, label=label, note=note)
+    yield Signal(line=line, bank=bank, kind=kind, value=value, label=label, note=note, source=source)

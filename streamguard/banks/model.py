@@ -35,13 +35,16 @@ class BankMatch:
 
 @dataclass(frozen=True)
 class BankEntry:
-    """One banked item: content's SHA-256, its PDQ, or both (at least one)."""
+    """One banked item: content's SHA-256, its PDQ, or both (at least one). ``source``: where the image
+    can be fetched again (the review request's URI), so that the models can judge banked content again
+    (`streamguard rescore --bank`); imported signal lists carry none."""
 
     bank: str
     label: Label
     sha256: str | None
     pdq: PerceptualHash | None
     note: str | None = None
+    source: str | None = None
 
     def __post_init__(self) -> None:
         check_bank_name(self.bank)

@@ -12,6 +12,8 @@ Keys, all under ``banks.key_prefix`` (``{p}``):
   for Redis's compact hash encoding at 10M entries (~10 fields each).
 - ``{p}:p:{pdq[:5]}``: the same for entries that came with a PDQ hash alone (imported signal lists).
 - ``{p}:n:{id // 256}``: hash, entry id -> note, for entries that have one.
+- ``{p}:s:{id // 256}``: hash, entry id -> source (the image's URI), for entries that have one (those a
+  reviewer decided on a URI event); a flag bit of the record says so, and entries without one cost nothing.
 - ``{p}:counts``: hash, bank id -> entries.
 
 Entries are written by one Lua script per batch: the id, the record, the index fields and the count land
@@ -56,7 +58,7 @@ from streamguard.dedupe.phash import PerceptualHash
 
 log = structlog.get_logger(__name__)
 
-FLAG_SHA, FLAG_PDQ, FLAG_NOTE = 1, 2, 4
+FLAG_SHA, FLAG_PDQ, FLAG_NOTE, FLAG_SOURCE = 1, 2, 4, 8
 RECORD = np.dtype([("flags", "u1"), ("quality", "u1"), ("bank", ">u2"), ("sha", "u1", (32,)),
                    ("pdq", "u1", (32,))])
 CHUNK_RECORDS = 1 << 16
@@ -76,14 +78,14 @@ return v
 """
 
 # ARGV: prefix, records per chunk, record size, the batch's records concatenated, then per entry: index key,
-# index field, note, bank id. One HSETNX per entry decides whether it is new (and claims its index field);
-# the new records are then written with one SETRANGE per chunk, the counters once per batch.
+# index field, note, source, bank id. One HSETNX per entry decides whether it is new (and claims its index
+# field); the new records are then written with one SETRANGE per chunk, the counters once per batch.
 _ADD_LUA = """
 local p, chunk, size, blob = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local first = tonumber(redis.call('GET', p .. ':seq') or '0')
 local seq, j = first, 0
 local pieces, counts, out = {}, {}, {}
-for i = 5, #ARGV, 4 do
+for i = 5, #ARGV, 5 do
     j = j + 1
     out[j] = 0
     if redis.call('HSETNX', ARGV[i], ARGV[i + 1], seq) == 1 then
@@ -91,7 +93,10 @@ for i = 5, #ARGV, 4 do
         if ARGV[i + 2] ~= '' then
             redis.call('HSET', p .. ':n:' .. math.floor(seq / 256), seq, ARGV[i + 2])
         end
-        counts[ARGV[i + 3]] = (counts[ARGV[i + 3]] or 0) + 1
+        if ARGV[i + 3] ~= '' then
+            redis.call('HSET', p .. ':s:' .. math.floor(seq / 256), seq, ARGV[i + 3])
+        end
+        counts[ARGV[i + 4]] = (counts[ARGV[i + 4]] or 0) + 1
         seq = seq + 1
         out[j] = 1
     end
@@ -155,14 +160,21 @@ class BankStore:
 
     # -- matching ----------------------------------------------------------------------------------
 
-    def match(self, sha256: str, pdq: PerceptualHash | None, banks: Sequence[str]) -> BankMatch | None:
+    def match(self, sha256: str, pdq: PerceptualHash | None, banks: Sequence[str],
+              fail_open: bool = True) -> BankMatch | None:
         """The first of ``banks`` holding this exact content; else the nearest PDQ within the distance
-        (ties: the earlier bank in ``banks``). Banks nobody has written to yet match nothing."""
+        (ties: the earlier bank in ``banks``). Banks nobody has written to yet match nothing. With
+        ``fail_open`` False a Redis failure raises `BanksUnavailable` instead of answering "no match" (a
+        bank audit must not pass content by as unbanked)."""
         check_sha256(sha256)
         known = [(name, *self._banks[name]) for name in banks if name in self._banks]
         if not known:
             return None
-        exact = self._exact(sha256, known)
+        if not fail_open:
+            with self._errors("match"):
+                exact = self._exact_lookup(sha256, known)
+        else:
+            exact = self._exact(sha256, known)
         if exact is not None:
             return exact
         if pdq is None or pdq.quality < self.min_quality:
@@ -176,10 +188,8 @@ class BankStore:
     def _exact(self, sha256: str, known: list[tuple[str, int, Label]]) -> BankMatch | None:
         if self._clock() < self._down_until:
             return None
-        digest = bytes.fromhex(sha256)
         try:
-            found = self._client.hmget(self._bucket("x", sha256), [digest + bank.to_bytes(2, "big")
-                                                                   for _, bank, _ in known])
+            return self._exact_lookup(sha256, known)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             # A dead Redis must cost one socket timeout per retry interval, not one per image.
             self._down_until = self._clock() + self._retry_interval_s
@@ -190,6 +200,11 @@ class BankStore:
         except RedisError as exc:
             log.warning("banks.redis_error", op="match", error=repr(exc))
             return None
+
+    def _exact_lookup(self, sha256: str, known: list[tuple[str, int, Label]]) -> BankMatch | None:
+        digest = bytes.fromhex(sha256)
+        found = self._client.hmget(self._bucket("x", sha256), [digest + bank.to_bytes(2, "big")
+                                                               for _, bank, _ in known])
         for (name, _, label), value in zip(known, found, strict=True):
             if value is not None:
                 return BankMatch(bank=name, label=label, kind="exact", distance=0, content_sha256=sha256)
@@ -208,10 +223,11 @@ class BankStore:
 
     # -- adding ------------------------------------------------------------------------------------
 
-    def add(self, bank: str, label: Label, sha256: str, pdq: PerceptualHash | None, note: str | None = None) -> None:
+    def add(self, bank: str, label: Label, sha256: str, pdq: PerceptualHash | None, note: str | None = None,
+            source: str | None = None) -> None:
         """Bank content by its SHA-256 and, if given, its PDQ hash (near-matched only at or above the
         quality rule). Adding content already in the bank changes nothing."""
-        self.add_many([BankEntry(bank=bank, label=label, sha256=sha256, pdq=pdq, note=note)])
+        self.add_many([BankEntry(bank=bank, label=label, sha256=sha256, pdq=pdq, note=note, source=source)])
 
     def add_many(self, entries: Iterable[BankEntry]) -> int:
         """Bank entries in batches; returns how many were new."""
@@ -236,7 +252,7 @@ class BankStore:
             bank = self._bank_id(entry.bank, entry.label)
             bank_bytes = bank.to_bytes(2, "big")
             flags = ((FLAG_SHA if entry.sha256 else 0) | (FLAG_PDQ if entry.pdq else 0)
-                     | (FLAG_NOTE if entry.note else 0))
+                     | (FLAG_NOTE if entry.note else 0) | (FLAG_SOURCE if entry.source else 0))
             sha = bytes.fromhex(entry.sha256) if entry.sha256 else bytes(32)
             pdq = entry.pdq.bits if entry.pdq else bytes(32)
             if entry.sha256:
@@ -244,7 +260,7 @@ class BankStore:
             else:
                 key, field = self._bucket("p", pdq.hex()), pdq + bank_bytes
             records.append(_PACK.pack(flags, entry.pdq.quality if entry.pdq else 0, bank, sha, pdq))
-            args += [key, field, entry.note or "", bank]
+            args += [key, field, entry.note or "", entry.source or "", bank]
         head: list[bytes | str | int] = [self._prefix, CHUNK_RECORDS, RECORD.itemsize, b"".join(records)]
         return sum(self._add_script(keys=[], args=head + args))
 
@@ -305,17 +321,29 @@ class BankStore:
 
     def entries(self, bank: str) -> Iterator[BankEntry]:
         """Every entry of ``bank``, in the order they were added."""
+        for _, entry in self.entries_between(bank, 0, self.written()):
+            yield entry
+
+    def written(self) -> int:
+        """Entries ever written, of every bank: entry ids are below it."""
+        with self._errors("read"):
+            return int(self._client.get(self._key("seq")) or 0)
+
+    def entries_between(self, bank: str, start: int, stop: int) -> Iterator[tuple[int, BankEntry]]:
+        """``(entry id, entry)`` of ``bank`` with ids in ``start..stop-1``, in id order. The ids of one bank
+        are not contiguous (banks share one sequence), so a caller that resumes keeps the last id seen."""
         with self._errors("read"):
             self._load_banks()
             if bank not in self._banks:
                 raise ValueError(f"no bank named {bank!r}")
             bank_id, label = self._banks[bank]
-            seq = int(self._client.get(self._key("seq")) or 0)
-            for first, records in self._records(0, seq, with_ids=True):
+            for first, records in self._records(start, stop, with_ids=True):
                 ids = np.flatnonzero(records["bank"] == bank_id)
-                notes = self._notes([first + int(i) for i in ids if records["flags"][i] & FLAG_NOTE])
+                notes = self._texts("n", [first + int(i) for i in ids if records["flags"][i] & FLAG_NOTE])
+                sources = self._texts("s", [first + int(i) for i in ids if records["flags"][i] & FLAG_SOURCE])
                 for i in ids:
-                    yield _entry(records[i], bank, label, notes.get(first + int(i)))
+                    entry_id = first + int(i)
+                    yield entry_id, _entry(records[i], bank, label, notes.get(entry_id), sources.get(entry_id))
 
     def ping(self) -> None:
         with self._errors("connect"):
@@ -341,12 +369,13 @@ class BankStore:
         return Rows(words=hash_words(np.ascontiguousarray(usable["pdq"])), banks=usable["bank"].astype(np.uint16),
                     shas=np.ascontiguousarray(usable["sha"]), has_sha=(usable["flags"] & FLAG_SHA) != 0)
 
-    def _notes(self, ids: list[int]) -> dict[int, str]:
+    def _texts(self, kind: str, ids: list[int]) -> dict[int, str]:
+        """Notes (``kind`` "n") or sources ("s") of the entries ``ids``."""
         if not ids:
             return {}
         pipe = self._client.pipeline(transaction=False)
         for entry_id in ids:
-            pipe.hget(self._key("n", str(entry_id // NOTE_BUCKET)), entry_id)
+            pipe.hget(self._key(kind, str(entry_id // NOTE_BUCKET)), entry_id)
         return {entry_id: raw.decode() for entry_id, raw in zip(ids, pipe.execute(), strict=True) if raw is not None}
 
     # -- background refresh, lifecycle -------------------------------------------------------------
@@ -394,11 +423,11 @@ class BankStore:
                                    f"{type(exc).__name__}: {exc}") from exc
 
 
-def _entry(record: np.void, bank: str, label: Label, note: str | None) -> BankEntry:
+def _entry(record: np.void, bank: str, label: Label, note: str | None, source: str | None) -> BankEntry:
     flags = int(record["flags"])
     sha = record["sha"].tobytes().hex() if flags & FLAG_SHA else None
     pdq = PerceptualHash(bits=record["pdq"].tobytes(), quality=int(record["quality"])) if flags & FLAG_PDQ else None
-    return BankEntry(bank=bank, label=label, sha256=sha, pdq=pdq, note=note)
+    return BankEntry(bank=bank, label=label, sha256=sha, pdq=pdq, note=note, source=source)
 
 
 def open_banks(settings: Settings) -> BankStore | None:

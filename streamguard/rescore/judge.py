@@ -18,7 +18,7 @@ from streamguard.config import Settings
 from streamguard.decide import Decider
 from streamguard.dedupe.phash import PerceptualHash, perceptual_hash
 from streamguard.dedupe.store import versions_key
-from streamguard.rescore.sources import Candidate
+from streamguard.rescore.sources import Banked, Candidate
 from streamguard.schemas import RescoredFrom, Verdict
 from streamguard.scoring import DetectorsUnavailable, ImageJob, Outcome, Scorer
 from streamguard.tenants import Tenants
@@ -34,6 +34,7 @@ class Judged:
     current: Verdict  # for the same event and tenant, as the worker would publish it now
     dedupe_key: str  # the tenant's pool in the dedupe store
     phash: PerceptualHash | None
+    banked: Banked | None = None  # previous is a bank's label
 
     @property
     def changed(self) -> bool:
@@ -73,14 +74,15 @@ class Rescorer:
             if isinstance(scored, str):
                 problems[scored] += 1
                 continue
-            judged.append(self._for_event(candidate.previous, scored))
+            judged.append(self._for_event(candidate, scored))
         return judged, problems
 
-    def _for_event(self, previous: Verdict, scored: _Scored) -> Judged:
+    def _for_event(self, candidate: Candidate, scored: _Scored) -> Judged:
+        previous = candidate.previous
         tenant = self._tenants.resolve(previous.tenant)
         own = scored.verdict.model_copy(update={"event_id": previous.event_id})
         current = self._decider.decide(own, tenant)
-        return Judged(previous, current, tenant.dedupe_key(self.versions_key), scored.phash)
+        return Judged(previous, current, tenant.dedupe_key(self.versions_key), scored.phash, candidate.banked)
 
     def _score_new(self, data: dict[str, bytes]) -> None:
         todo = [sha for sha in data if sha not in self._memo]

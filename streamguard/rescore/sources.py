@@ -1,5 +1,5 @@
 """Where judged content comes from, in chunks: a verdicts topic joined with its events, or image files
-compared with the dedupe cache.
+compared with the dedupe cache (a bank's entries: `streamguard.rescore.banked`).
 
 A source yields `Chunk`s in a fixed order, each with the cursor positions just past it; the run commits
 those positions once the chunk's verdicts are out. Every record or file read becomes a `Candidate` or a
@@ -14,15 +14,16 @@ from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from kafka import KafkaConsumer, TopicPartition
 from pydantic import ValidationError
 
+from streamguard.dedupe.phash import PerceptualHash
 from streamguard.fetch import ImageFetcher, event_bytes
 from streamguard.rescore.events import EventImages
+from streamguard.rescore.files import DataItem, DataReader, DataUnreadable, item_name
 from streamguard.rescore.previous import PreviousVerdicts
 from streamguard.schemas import Verdict
 from streamguard.streamio import ClientConfig
@@ -30,15 +31,27 @@ from streamguard.streamio import ClientConfig
 log = structlog.get_logger(__name__)
 
 FILES_CURSOR = "files"
+ENTRIES_CURSOR = "entries"
 _POLL_MS = 200
 
 
 @dataclass(frozen=True)
+class Banked:
+    """Where banked content's image came from, for the person who settles a disagreement."""
+
+    uri: str | None  # the bank entry's source
+    path: str | None  # a local file matched to the bank (``--data`` with ``--bank``)
+    pdq: PerceptualHash | None  # the banked one when there is one, so the decision banks the same hash
+
+
+@dataclass(frozen=True)
 class Candidate:
-    """One earlier judgement to check: the verdict it got, and the bytes that were judged."""
+    """One earlier judgement to check: the verdict it got, and the bytes that were judged. A bank's label
+    is a verdict with ``decided_by`` "bank" and ``banked`` set."""
 
     previous: Verdict
     data: bytes
+    banked: Banked | None = None
 
 
 @dataclass
@@ -163,47 +176,66 @@ class TopicSource:
         return verdict
 
 
-class DatasetSource:
-    """Image files in a fixed (sorted) order, each compared with its cached verdicts."""
+class FileSource:
+    """Image files in a fixed (sorted) order, one of each content per chunk; what each is compared with is
+    the subclass's (`_fill`)."""
 
-    def __init__(self, paths: Sequence[Path], cursor: list[int], previous: PreviousVerdicts) -> None:
-        self._paths = paths
+    def __init__(self, items: Sequence[DataItem], cursor: list[int]) -> None:
+        self._items = items
         self._next, self._end = cursor
-        self._previous = previous
+        self._reader = DataReader()
 
     def close(self) -> None:
-        return None
+        self._reader.close()
 
     def chunks(self, size: int, limit: int | None) -> Iterator[Chunk]:
         stop = self._end if limit is None else min(self._end, self._next + limit)
         while self._next < stop:
-            batch = self._paths[self._next:min(stop, self._next + size)]
+            batch = self._items[self._next:min(stop, self._next + size)]
             self._next += len(batch)
-            yield self._chunk(batch, self._next)
+            chunk = Chunk(candidates=[], cursors={FILES_CURSOR: self._next}, read=len(batch))
+            self._fill(chunk, self._read(batch, chunk))
+            yield chunk
 
-    def _chunk(self, paths: Sequence[Path], next_: int) -> Chunk:
-        chunk = Chunk(candidates=[], cursors={FILES_CURSOR: next_}, read=len(paths))
-        files: dict[str, bytes] = {}
-        for path in paths:
+    def _read(self, items: Sequence[DataItem], chunk: Chunk) -> dict[str, tuple[DataItem, bytes]]:
+        """SHA-256 -> the first readable item of that content and its bytes."""
+        files: dict[str, tuple[DataItem, bytes]] = {}
+        for item in items:
             try:
-                data = path.read_bytes()
-            except OSError as exc:
+                data = self._reader.read(item)
+            except DataUnreadable as exc:
                 chunk.skipped["unreadable_file"] += 1
-                log.warning("rescore.unreadable_file", path=str(path), error=exc.strerror or str(exc))
+                log.warning("rescore.unreadable_file", path=item_name(item), error=str(exc))
                 continue
             sha = hashlib.sha256(data).hexdigest()
             if sha in files:
                 chunk.skipped["copy"] += 1  # one file of each content answers for its cached verdicts
                 continue
-            files[sha] = data
+            files[sha] = (item, data)
+        return files
+
+    def _fill(self, chunk: Chunk, files: dict[str, tuple[DataItem, bytes]]) -> None:
+        raise NotImplementedError
+
+
+class DatasetSource(FileSource):
+    """Image files, each compared with its cached verdicts."""
+
+    def __init__(self, items: Sequence[DataItem], cursor: list[int], previous: PreviousVerdicts) -> None:
+        super().__init__(items, cursor)
+        self._previous = previous
+
+    def _fill(self, chunk: Chunk, files: dict[str, tuple[DataItem, bytes]]) -> None:
         found = self._previous.latest(sorted(files))
-        for sha, data in files.items():
+        for sha, (_, data) in files.items():
             verdicts = found.get(sha)
             if not verdicts:
                 chunk.skipped["not_judged"] += 1  # no event was ever judged on it: nothing to correct
                 continue
             chunk.candidates.extend(Candidate(verdict, data) for verdict in verdicts)
-        return chunk
 
 
-Source = TopicSource | DatasetSource
+class Source(Protocol):
+    def chunks(self, size: int, limit: int | None) -> Iterator[Chunk]: ...
+
+    def close(self) -> None: ...

@@ -64,6 +64,8 @@ class DecisionApplier:
         # The cache answers this tenant's later copies even where the bank is not subscribed.
         self._dedupe.put(decision.content_sha256, tenant.dedupe_key(self._versions_key), verdict, phash)
         note = f"review by {decision.reviewer}" + (f": {decision.note}" if decision.note else "")
-        self._banks.add(bank, decision.label, decision.content_sha256, phash, note=note[:1000])
+        # The image's URI stays with the entry: without it a bank cannot be audited against the models.
+        self._banks.add(bank, decision.label, decision.content_sha256, phash, note=note[:1000],
+                        source=decision.image_uri)
         log.info("review.applied", event_id=decision.event_id, tenant=tenant.name, label=decision.label, bank=bank)
         return verdict

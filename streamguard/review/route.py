@@ -7,10 +7,14 @@ the content to a bank, near-duplicates included, without fetching the image agai
 
 from __future__ import annotations
 
+from typing import Literal
+
 from streamguard.config import ReviewSettings
 from streamguard.dedupe.phash import PerceptualHash, to_hex
-from streamguard.schemas import ImageEvent, ReviewRequest, Verdict
+from streamguard.schemas import Evidence, ImageEvent, ReviewRequest, Verdict
 from streamguard.worker.records import InRecord
+
+BANK_DISAGREEMENT = "bank_disagreement"
 
 
 def review_reason(verdict: Verdict, settings: ReviewSettings) -> str | None:
@@ -40,4 +44,31 @@ def review_request(verdict: Verdict, reason: str, event: ImageEvent, record: InR
         scores=verdict.scores,
         explanation=verdict.explanation,
         **located,  # type: ignore[arg-type]
+    )
+
+
+def bank_disagreement_request(verdict: Verdict, bank: str, bank_label: Literal["ai_generated", "real"],
+                              image_uri: str | None, phash: PerceptualHash | None,
+                              evidence: dict[str, str | int] | None = None) -> ReviewRequest:
+    """Banked content the current models label otherwise (`streamguard rescore --bank`): a person decides
+    which is wrong. ``verdict`` is the models' (its label, scores, explanation); the bank's label and the
+    match go beside it, and into the explanation's evidence as a bank match is shown elsewhere."""
+    explanation = verdict.explanation
+    if explanation is not None:
+        found = Evidence(kind="bank", name=bank, detail={"label": bank_label, **(evidence or {})})
+        explanation = explanation.model_copy(update={"evidence": [found, *explanation.evidence]})
+    return ReviewRequest(
+        event_id=verdict.event_id,
+        tenant=verdict.tenant,
+        content_sha256=verdict.content_sha256,
+        reason=BANK_DISAGREEMENT,
+        image_uri=image_uri,
+        pdq=to_hex(phash) if phash is not None else None,
+        pdq_quality=phash.quality if phash is not None else None,
+        label=verdict.label,
+        probability=verdict.probability,
+        scores=verdict.scores,
+        explanation=explanation,
+        bank=bank,
+        bank_label=bank_label,
     )
