@@ -8,9 +8,9 @@ STAMP := $(VENV)/.installed
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 PIP := $(PY) -m pip --disable-pip-version-check
 # Every extra (see pyproject.toml): the worker's Triton client, in-process torch detectors with the backbone
-# conversion and training, the evaluation harness, and what the tests and the local services need. A lean
-# worker that judges on Triton needs only `pip install '.[triton-client]'` (no torch).
-EXTRAS := triton-client,inprocess,eval,test,dev
+# conversion and training, the evaluation harness, a VAE reader for NIRNet's simulator, and what the tests
+# and the local services need. A lean worker that judges on Triton needs only `pip install '.[triton-client]'` (no torch).
+EXTRAS := triton-client,inprocess,eval,vae,test,dev
 DEMO_DIR := .cache/demo
 SAMPLES ?= $(DEMO_DIR)
 

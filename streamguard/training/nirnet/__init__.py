@@ -1,0 +1,11 @@
+"""NIRNet's training data side (arXiv 2503.09314): the noise-based imprint simulator.
+
+- `residuals`: where an imprint is measured, behind one `ResidualSource` interface: against a fixed
+  denoiser, through an autoencoder trained here (`autoencoder`), or through an operator-supplied VAE.
+- `imprint`: the radial frequency bands, per-band per-channel zero-mean Laplace scales (`ImprintStats`,
+  JSON beside a model and named in its card), and `ImprintSimulator`, which fuses sources with Dirichlet
+  weights and a scale jitter and adds band-shaped noise to real images: content-matched "fake" samples.
+- `groups`: fitting one `ImprintStats` per generator from a labelled dataset, on native-pixel crops.
+
+Serving never imports this package; it imports nothing from serving's NIRNet either.
+"""
