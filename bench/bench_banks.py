@@ -11,11 +11,10 @@ before and after; a worker's store is then opened with `open_banks` (load time, 
 growth) and `BankStore.match` is timed per query: near hits (a banked hash with 0-31 random bits flipped,
 the SHA-256 unbanked, so the exact lookup runs and misses first), misses (random hashes), and exact hits.
 
-``--index-sizes``: the near index alone, built from N random hashes in memory (no Redis; banking 10M
-items through Redis takes about 8 minutes on this shared 2-core machine, so the default run measures
-Redis at 1M and the index at 1M and 10M). Redis memory at such a size is not measured; the record
-strings grow linearly (68 bytes an item) and the exact index's buckets fill up, so bytes per item at 1M
-are an upper bound.
+``--index-sizes``: the near index alone, built from N random hashes in memory (no Redis). Banking 10M
+items through Redis takes about 8 minutes on this shared 2-core machine, so the default run measures Redis
+at 1M and the index at 1M and 10M; ``--sizes 10M`` measures the whole path at 10M (README: 129 MiB of
+Redis a million there, against 186 at 1M, as fixed costs spread over more items).
 
 The baseline is a linear scan in numpy over the same hashes (XOR and a 16-bit popcount table, 1M rows at a
 time), on ``--baseline-queries`` of the near-hit queries; the bench checks that both find the same
