@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 from stack import Topics, WorkerProcess, missing, produce, read_outcomes, wait_for_outcomes, worker_env
 from streamguard import streamio
 from streamguard.banks import BankStore
+from streamguard.cli.banks import content_hashes
 from streamguard.config import load_settings
 from streamguard.devstack import Service, create_topics
 from streamguard.schemas import ImageEvent, ReviewDecision, ReviewRequest
@@ -188,6 +189,44 @@ def test_a_decision_overrides_the_verdict_and_answers_copies_from_the_bank(topic
             "match": kind, "distance": verdict["matched_bank"]["distance"], "label": "ai_generated"}}
     assert 0 < by_id["near"]["matched_bank"]["distance"] <= 31
     assert len(_records(topics.bootstrap, topics.review, 2, timeout_s=2)) == 1  # banked answers need no person
+
+
+def test_a_reversed_decision_answers_the_next_copies_with_the_later_label(topics: ReviewTopics,
+                                                                         redis_service: Service,
+                                                                         tmp_path: Path) -> None:
+    picture = _picture()
+    original = _bytes(picture, "PNG")
+    near_copy = _bytes(picture.resize((384, 384), Image.Resampling.BILINEAR), "JPEG", quality=70)
+    content_sha256 = hashlib.sha256(original).hexdigest()
+    _, pdq = content_hashes(original, load_settings().intake)  # what the review request would carry
+    assert pdq is not None
+    # acme lists review-real first: were "real" not withdrawn from it, the reversed decision would keep
+    # answering every copy, exact and near (both banks would hold the content at distance 0).
+    env = _env(topics, redis_service, STREAMGUARD_TENANTS__ACME__BANKS='["review-real", "review-ai"]')
+    decisions = [ReviewDecision(event_id="orig", content_sha256=content_sha256, tenant="acme", label=label,
+                                reviewer=reviewer, pdq=pdq.bits.hex(), pdq_quality=pdq.quality)
+                 for label, reviewer in (("real", "alice"), ("ai_generated", "carol"))]
+    applier = ApplyProcess(env, tmp_path)
+    worker = WorkerProcess(env, tmp_path)
+    try:
+        _send_decisions(topics, decisions)  # one key, one partition: applied in this order
+        deadline = time.monotonic() + 60
+        while len([v for v in read_outcomes(topics).verdicts if v["decided_by"] == "review"]) < 2:
+            assert time.monotonic() < deadline, applier.log_path.read_text()[-3000:]
+            time.sleep(0.3)
+        time.sleep(1.0)  # the worker's near index takes in bank changes every 0.3 s
+        copies = produce(topics, [event_message(ImageEvent(event_id="exact", image=original, tenant="acme")),
+                                  event_message(ImageEvent(event_id="near", image=near_copy, tenant="acme"))])
+        outcomes = wait_for_outcomes(topics, copies)
+    finally:
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(60) == 0
+        assert applier.stop() == 0
+    by_id = {v["event_id"]: v for v in outcomes.verdicts}
+    for event_id in ("exact", "near"):
+        verdict = by_id[event_id]
+        assert verdict["label"] == "ai_generated" and verdict["decided_by"] == "bank", verdict
+        assert (verdict["matched_bank"]["bank"], verdict["matched_bank"]["kind"]) == ("review-ai", event_id)
 
 
 def test_decisions_survive_a_sigkill_mid_stream(topics: ReviewTopics, redis_service: Service,

@@ -24,6 +24,10 @@ Why in memory, and why this scheme (numbers for 10M random hashes, PDQ's distanc
   table: 133 MiB per million hashes measured, 1.32 GB per worker process at 10M; Redis holds ~195 bytes
   an item at 1M (less as the exact index's buckets fill). HMA's stated target is 10M PDQ hashes in under
   8 GB.
+- **Withdrawals.** Rows are never removed (Redis is append-only, and a withdrawal can be undone by adding
+  the content again); a withdrawn row is masked instead: each `Rows` may carry ``dead``, the sorted row
+  numbers that must not answer, checked only against the few candidates already within the distance.
+  Without withdrawals it is None: no byte per hash; with them, 8 bytes per withdrawn row.
 - **Freshness.** A snapshot is immutable: queries read whichever snapshot is current without locks.
   Additions land in a small delta table scanned linearly (at most `DELTA_MAX` rows, ~1 ms); past that
   the postings are rebuilt in the refresher thread (a stable radix sort of uint16 per band; 1.1 s at 1M,
@@ -32,6 +36,7 @@ Why in memory, and why this scheme (numbers for 10M random hashes, PDQ's distanc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import combinations
@@ -75,12 +80,14 @@ def probe_cells(words: np.ndarray, max_distance: int) -> np.ndarray:
 @dataclass(frozen=True)
 class Rows:
     """Banked PDQ hashes: (N, 16) uint16 words, (N,) uint16 bank ids, (N, 32) uint8 content SHA-256
-    (all zero where the entry came without one: ``has_sha`` says which)."""
+    (all zero where the entry came without one: ``has_sha`` says which). ``dead``: sorted int64 row numbers
+    of withdrawn rows, which never answer; None when there are none."""
 
     words: np.ndarray
     banks: np.ndarray
     shas: np.ndarray
     has_sha: np.ndarray
+    dead: np.ndarray | None = None
 
     @classmethod
     def empty(cls) -> Rows:
@@ -91,15 +98,32 @@ class Rows:
         return len(self.banks)
 
     def nbytes(self) -> int:
-        return self.words.nbytes + self.banks.nbytes + self.shas.nbytes + self.has_sha.nbytes
+        return (self.words.nbytes + self.banks.nbytes + self.shas.nbytes + self.has_sha.nbytes
+                + (self.dead.nbytes if self.dead is not None else 0))
+
+    def bits(self, rows: np.ndarray) -> np.ndarray:
+        """The PDQ bits of ``rows`` as (k, 32) uint8, as banked (the inverse of `hash_words`)."""
+        return self.words[rows].astype(">u2").view(np.uint8).reshape(-1, HASH_BYTES)
+
+    def with_dead(self, dead: np.ndarray | None) -> Rows:
+        """These rows with ``dead`` (row numbers, any order) masked instead of whatever was masked before."""
+        if dead is not None:
+            dead = np.unique(dead.astype(np.int64)) if len(dead) else None
+        return Rows(self.words, self.banks, self.shas, self.has_sha, dead)
 
     @staticmethod
     def concat(parts: list[Rows]) -> Rows:
         parts = [p for p in parts if len(p)]
         if len(parts) <= 1:
             return parts[0] if parts else Rows.empty()
+        dead, start = [], 0
+        for part in parts:
+            if part.dead is not None:
+                dead.append(part.dead + start)
+            start += len(part)
         return Rows(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("words", "banks", "shas",
-                                                                                "has_sha")))
+                                                                                "has_sha")),
+                    dead=np.concatenate(dead) if dead else None)
 
 
 @dataclass(frozen=True)
@@ -141,6 +165,11 @@ class NearIndex:
 
     def nbytes(self) -> int:
         return self.main.nbytes() + self.postings.nbytes + self.offsets.nbytes + self.delta.nbytes()
+
+    def masked(self, dead_of: Callable[[Rows], np.ndarray | None]) -> NearIndex:
+        """A new snapshot whose withdrawn rows are ``dead_of`` (main, then delta); the postings are shared."""
+        return NearIndex(self.main.with_dead(dead_of(self.main)), self.postings, self.offsets,
+                         self.delta.with_dead(dead_of(self.delta)))
 
     def with_rows(self, rows: Rows) -> NearIndex:
         """A new snapshot holding ``rows`` too; this one is unchanged."""
@@ -189,6 +218,13 @@ def _closest(rows: Rows, candidates: np.ndarray | None, words: np.ndarray, max_d
     ok = (distances <= max_distance) & (ranks < NO_RANK)
     if not ok.any():
         return None
+    if rows.dead is not None:
+        # Withdrawn rows, checked only among the few already within the distance: the next best answers.
+        within = np.flatnonzero(ok)
+        ids = within if candidates is None else candidates[within].astype(np.int64)
+        ok[within[np.isin(ids, rows.dead)]] = False
+        if not ok.any():
+            return None
     key = np.where(ok, distances.astype(np.int64) * (1 << 32) + ranks, np.iinfo(np.int64).max)
     at = int(np.argmin(key))
     row = at if candidates is None else int(candidates[at])

@@ -1,4 +1,4 @@
-"""``streamguard banks``: import, export, add to, list and match against the hash banks."""
+"""``streamguard banks``: import, export, add to, withdraw from, list and match against the hash banks."""
 
 from __future__ import annotations
 
@@ -99,6 +99,43 @@ def import_command(app: AppContext, source: TextIO, fmt: Format, bank: str | Non
         signals = read_signals(source, fmt, report, bank=bank, signal_type=signal_type)
         report.added = store.add_many(to_entries(signals, _label_for(app.settings, store, label), quality, report))
     click.echo(json.dumps(dataclasses.asdict(report)))
+
+
+@banks_group.command("withdraw")
+@click.option("--bank", help="The bank to withdraw from (te-csv files: default, each row's collab).")
+@click.option("--sha256", "sha256s", multiple=True, help="Withdraw this content SHA-256 (hex): no exact match, "
+              "nor a near one through the entries banked with it.")
+@click.option("--pdq", "pdqs", multiple=True, help="Withdraw this PDQ hash (64 hex): no near match through it.")
+@click.option("--from", "source", type=click.File("r", encoding="utf-8"), help="Withdraw the signals of this "
+              "file (- for stdin), in an import format.")
+@_format_option
+@click.option("--signal-type", help="te-lines: every line is a bare signal of this type (pdq, sha256).")
+@pass_app
+def withdraw_command(app: AppContext, bank: str | None, sha256s: tuple[str, ...], pdqs: tuple[str, ...],
+                     source: TextIO | None, fmt: Format, signal_type: str | None) -> None:
+    """Withdraw content from a bank: workers stop matching it (exact at once, near within
+    banks.refresh_interval_s) and export leaves it out. Adding it to the bank again restores it."""
+    if not (sha256s or pdqs or source):
+        raise click.UsageError("nothing to withdraw: give --sha256, --pdq or --from FILE")
+    if (sha256s or pdqs) and bank is None:
+        raise click.UsageError("--sha256 and --pdq need --bank")
+    report = ImportReport()
+    wanted: dict[str, tuple[list[str], list[str]]] = {}
+    if bank is not None and (sha256s or pdqs):
+        report.read += len(sha256s) + len(pdqs)
+        wanted[bank] = ([s.strip().lower() for s in sha256s], [p.strip().lower() for p in pdqs])
+    with _store(app.settings) as store:
+        if source is not None:
+            for signal in read_signals(source, fmt, report, bank=bank, signal_type=signal_type):
+                shas, hashes = wanted.setdefault(signal.bank, ([], []))
+                (shas if signal.kind == "sha256" else hashes).append(signal.value)
+        banks = {}
+        for name, (shas, hashes) in wanted.items():
+            withdrawn = store.withdraw_many(name, shas, hashes)
+            banks[name] = {"withdrawn": withdrawn, "already_withdrawn": len(shas) + len(hashes) - withdrawn}
+    click.echo(json.dumps({"read": report.read, "withdrawn": sum(b["withdrawn"] for b in banks.values()),
+                           "already_withdrawn": sum(b["already_withdrawn"] for b in banks.values()),
+                           "skipped": report.skipped, "banks": banks}))
 
 
 @banks_group.command("export")

@@ -4,6 +4,13 @@ Order matters for at-least-once: the cache and the bank are written before the v
 the decision is committed only after the broker acknowledged that verdict (`consumer`). A decision seen
 twice writes the same cache entry and bank entry again (adding banked content is a no-op) and publishes
 the same verdict again; nothing is lost when the process dies between any two steps.
+
+The later decision wins: the content is added to the decided bank and then withdrawn from the other review
+bank, where an earlier, reversed decision may have put it (banks are append-only; a withdrawal masks it).
+Adding first, then withdrawing: a crash between the two leaves the content banked (in both banks, the old
+label answering only where the tenant lists the old bank first) until the decision, not committed, is
+applied again and withdraws it; withdrawing first would leave it in no bank at all meanwhile. Adding to a
+bank also restores content withdrawn from it, so a decision reversed twice ends in its latest state.
 """
 
 from __future__ import annotations
@@ -40,7 +47,8 @@ class DecisionApplier:
         written (the decision is then not committed, and is applied again)."""
         review = self._settings.review
         tenant = self._tenants.resolve(decision.tenant)
-        bank = review.bank_ai if decision.label == "ai_generated" else review.bank_real
+        bank, other = ((review.bank_ai, review.bank_real) if decision.label == "ai_generated"
+                       else (review.bank_real, review.bank_ai))
         phash = from_hex(decision.pdq, decision.pdq_quality or 0) if decision.pdq is not None else None
         version = policy_version(tenant.policy)
         verdict = Verdict(
@@ -67,5 +75,9 @@ class DecisionApplier:
         # The image's URI stays with the entry: without it a bank cannot be audited against the models.
         self._banks.add(bank, decision.label, decision.content_sha256, phash, note=note[:1000],
                         source=decision.image_uri)
-        log.info("review.applied", event_id=decision.event_id, tenant=tenant.name, label=decision.label, bank=bank)
+        # After the add, never before (module docstring): an earlier, reversed decision stops answering.
+        # Only content the other bank holds (by SHA-256) is withdrawn: a first decision leaves no trace there.
+        withdrawn = self._banks.withdraw(other, decision.content_sha256, phash, if_banked=True)
+        log.info("review.applied", event_id=decision.event_id, tenant=tenant.name, label=decision.label, bank=bank,
+                 withdrawn_from=other if withdrawn else None)
         return verdict
