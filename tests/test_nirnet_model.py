@@ -246,7 +246,7 @@ def test_spec_declares_native_raw_crops_and_a_version_of_the_weights(tmp_path: P
     spec = _spec(_settings(tmp_path / "a", clip_dir))
     assert spec.contract == InputContract(size=32, fit="crop", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), crops=4)
     assert spec.version.startswith("nirnet-1+") and spec.weights_dir == tmp_path / "a"
-    assert spec.triton_model is None and spec.trunk is None
+    assert spec.triton_model == "nirnet" and spec.trunk is None  # the ensemble `triton build` writes
     # Same files, same version; other weights, or the same weights under another config, another version.
     save_model(_model(seed=1), tmp_path / "a2")
     assert _spec(_settings(tmp_path / "a2", clip_dir)).version == spec.version

@@ -1,4 +1,4 @@
-"""``streamguard train``: train a built-in detector's weights from labelled data (univfd, pin-clip, mpft)."""
+"""``streamguard train``: train a built-in detector's weights from labelled data (univfd, pin-clip, mpft, nirnet)."""
 
 from __future__ import annotations
 
@@ -170,6 +170,79 @@ def train_mpft_command(app: AppContext, rho_min: float, rho_max: float, **option
     from streamguard.builtin.mpft.plugin import WEIGHTS_DIR
 
     _run_finetune(app, "mpft", WEIGHTS_DIR, options, {"rho_min": rho_min, "rho_max": rho_max})
+
+
+def _branches(value: str) -> tuple[str, ...]:
+    from streamguard.builtin.nirnet.files import BRANCHES
+
+    names = tuple(b.strip() for b in value.split(",") if b.strip())
+    if not names or any(b not in BRANCHES for b in names):
+        raise click.BadParameter(f"{value!r}: a comma-separated subset of {','.join(BRANCHES)}")
+    return names
+
+
+@train_group.command("nirnet")
+@click.option("--data", "data", multiple=True, required=True, help="Dataset (any layout `eval` reads); repeatable.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path(".cache/nirnet"),
+              show_default=True, help="Weights directory; shipping is a deliberate copy into the plugin's weights/.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--epochs", type=int, default=5, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Images per step (each brings its crops).")
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
+@click.option("--patience", type=int, default=2, show_default=True,
+              help="Epochs without a better val AUC before stopping.")
+@click.option("--crop-size", type=int, default=128, show_default=True, help="Native crop side (never resized).")
+@click.option("--crops", type=int, default=2, show_default=True, help="Random training crops per image and epoch.")
+@click.option("--serve-crops", type=int, default=4, show_default=True,
+              help="Crops the served detector (and validation) averages per image.")
+@click.option("--branches", default="noise,frequency,semantic", show_default=True,
+              help="Enabled branches, a subset of noise,frequency,semantic (ablations).")
+@click.option("--extractor-depth", type=int, default=8, show_default=True)
+@click.option("--width", type=int, default=32, show_default=True, help="Extractor and branch width.")
+@click.option("--feature-dim", type=int, default=64, show_default=True)
+@click.option("--hidden-dim", type=int, default=64, show_default=True)
+@click.option("--no-simulator", is_flag=True, help="Train without simulated imprints (ablation).")
+@click.option("--simulated-share", type=float, default=0.5, show_default=True,
+              help="Chance that a real training crop also comes back imprinted, as an extra generated sample.")
+@click.option("--residual-source", default="denoiser", show_default=True,
+              help="Where imprints are measured: denoiser, autoencoder (trained here) or vae:PATH (diffusers VAE).")
+@click.option("--autoencoder-steps", type=int, default=200, show_default=True)
+@click.option("--jpeg-share", type=float, default=0.2, show_default=True,
+              help="Chance that any training crop, real or generated, is JPEG re-encoded.")
+@click.option("--limit-per-group", type=int, default=None, help="Seeded subsample per (label, generator/source).")
+@click.option("--holdout-generator", "holdout_generators", multiple=True,
+              help="Keep this generator out of training and imprint fitting; scored into held_out.json; repeatable.")
+@click.option("--holdout-source", "holdout_sources", multiple=True,
+              help="Keep this source out of training and imprint fitting; scored into held_out.json; repeatable.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".cache/train"),
+              show_default=True, help="Checkpoints.")
+@click.option("--resume", is_flag=True, help="Continue from the last epoch's checkpoint.")
+@click.option("--progress/--no-progress", default=None, help="Progress bars on stderr (default: on a terminal).")
+@pass_app
+def train_nirnet_command(app: AppContext, branches: str, no_simulator: bool, progress: bool | None,
+                         data: tuple[str, ...], out: Path, **options: Any) -> None:
+    """Train NIRNet (noise imprints, native crops, simulated fakes); writes the detector's files."""
+    require("`streamguard train nirnet`", "inprocess", "eval")
+    from streamguard.training.nirnet.recipe import NirnetRecipe
+    from streamguard.training.nirnet.train import train_nirnet
+
+    try:
+        recipe = NirnetRecipe(data=data, out=out, branches=_branches(branches), simulator=not no_simulator,
+                              progress=progress if progress is not None else sys.stderr.isatty(), **options)
+        run = train_nirnet(app.settings, recipe)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+    report = run.report
+    summary: dict[str, Any] = {k: report[k] for k in ("version", "method", "branches", "best_epoch",
+                                                        "stopped_early", "counts")}
+    summary["residual_source"] = report["simulator"]["residual_source"]
+    summary["out"] = str(run.out)
+    for split in ("val", "test"):
+        if split in report:
+            summary[split] = report[split]["overall"]
+    click.echo(json.dumps(summary, indent=2))
 
 
 @train_group.command("loso")

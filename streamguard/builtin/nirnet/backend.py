@@ -19,6 +19,7 @@ import torch
 
 from streamguard.backbone import ClipImageEncoder, load_backbone
 from streamguard.builtin.cliphead.model import HeadMismatch
+from streamguard.builtin.nirnet.detector import distinct_images, whole_contract
 from streamguard.builtin.nirnet.model import NIRNet, load_model
 from streamguard.config import BackboneSettings
 from streamguard.detectors.spec import DetectorInput
@@ -28,6 +29,12 @@ from streamguard.intake.contract import InputContract, prepare
 # Crops per forward pass. The extractor keeps full resolution through every layer: a batch of 16 images
 # x 4 crops of 256 px would hold ~0.5 GB per activation at width 32, so crops go through in slices.
 CROPS_PER_PASS = 16
+
+
+def semantic_contract(encoder: ClipImageEncoder) -> InputContract:
+    """CLIP's own input, whatever the crops' contract: the resized, CLIP-normalised whole image. The trainer
+    (`streamguard.training.nirnet`) embeds its images through this very contract."""
+    return whole_contract(encoder.image_size)  # the one the Triton backend prepares for the ensemble's CLIP
 
 
 class NirnetBackend:
@@ -41,8 +48,7 @@ class NirnetBackend:
         self._per_pass = max(1, crops_per_pass)
         self._model = model.eval().to(self._device)
         self._encoder = encoder.eval().to(self._device) if model.config.semantic and encoder is not None else None
-        # CLIP's own input, whatever the crops' contract: the resized, CLIP-normalised whole image.
-        self._whole = InputContract(size=self._encoder.image_size, fit="resize") if self._encoder is not None else None
+        self._whole = semantic_contract(self._encoder) if self._encoder is not None else None
 
     def predict(self, batch: Sequence[DetectorInput]) -> list[float | None]:
         if not batch:
@@ -63,18 +69,11 @@ class NirnetBackend:
         """Each input's CLIP embedding of the image it came from: one encoder pass per distinct image."""
         if self._encoder is None or self._whole is None:
             return None
-        slot: dict[int, int] = {}
-        images = []
-        for item in batch:
-            # By identity: a multi-view image's crops all carry the very same DecodedImage object.
-            if id(item.image) not in slot:
-                slot[id(item.image)] = len(images)
-                images.append(item.image)
+        images, slots = distinct_images(batch)  # the Triton backend sends each crop's image the same way
         pixels = torch.from_numpy(np.stack([prepare(image, self._whole) for image in images])).to(self._device)
         with torch.inference_mode():
             embeddings = self._encoder(pixels).float()
-        index = torch.tensor([slot[id(item.image)] for item in batch], device=self._device)
-        return embeddings[index]
+        return embeddings[torch.tensor(slots, device=self._device)]
 
     def close(self) -> None:
         self._model.to("cpu")

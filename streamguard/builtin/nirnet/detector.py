@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -9,13 +10,11 @@ from typing import TYPE_CHECKING
 import structlog
 
 from streamguard.builtin.nirnet.files import CONFIG_FILE, WEIGHTS_FILE, NirnetConfig, has_weights, read_config, version
-from streamguard.config import Settings
-from streamguard.detectors.spec import Calibration, DetectorSpec, LoadContext
+from streamguard.config import Settings, TritonSettings
+from streamguard.detectors.spec import Calibration, DetectorBackend, DetectorInput, DetectorSpec, LoadContext
 from streamguard.extras import missing_extra
 from streamguard.intake.contract import InputContract
-
-if TYPE_CHECKING:
-    from streamguard.detectors.spec import DetectorBackend
+from streamguard.intake.decode import DecodedImage
 
 log = structlog.get_logger(__name__)
 
@@ -27,6 +26,24 @@ def contract(config: NirnetConfig) -> InputContract:
     extractor sees the values the imprint lives in. The trainer prepares its crops with this same contract."""
     return InputContract(size=config.crop_size, fit="crop", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
                          crops=config.crops, aggregate=config.aggregate)
+
+
+def whole_contract(image_size: int) -> InputContract:
+    """CLIP's own input for the semantic branch, whatever the crops' contract: the resized, CLIP-normalised
+    whole image. The in-process backend and the Triton backend both prepare it with this."""
+    return InputContract(size=image_size, fit="resize")
+
+
+def distinct_images(batch: Sequence[DetectorInput]) -> tuple[list[DecodedImage], list[int]]:
+    """The distinct images of ``batch`` (crops of one image carry the very same `DecodedImage` object: by
+    identity) and, for each input, the index of its image among them."""
+    slot: dict[int, int] = {}
+    images: list[DecodedImage] = []
+    for item in batch:
+        if id(item.image) not in slot:
+            slot[id(item.image)] = len(images)
+            images.append(item.image)
+    return images, [slot[id(item.image)] for item in batch]
 
 
 @dataclass(frozen=True)
@@ -74,7 +91,16 @@ class NirnetDetector:
             calibration=Calibration.load(directory),
             weights_dir=directory,
             description=self.description,
-            # In-process only for now: on Triton it would be an ensemble (extractor and branches on the crops,
-            # CLIP on the whole image), which `streamguard triton build` does not make yet.
-            triton_model=None,
+            # On Triton: the ensemble `streamguard triton build` writes (`streamguard.triton.build_nirnet`), which
+            # takes the crops as PIXELS like any model and, with the semantic branch, each crop's whole image
+            # beside it: its own backend sends both (`streamguard.backends.triton_nirnet`).
+            triton_model=self.name,  # the ensemble is named like the detector
+            triton_backend=_triton_backend if config.semantic else None,
         )
+
+
+def _triton_backend(model: str, settings: TritonSettings, version: str) -> DetectorBackend:
+    # Imported here: registering the detector needs neither tritonclient nor numpy's Triton path.
+    from streamguard.backends.triton_nirnet import NirnetTritonBackend
+
+    return NirnetTritonBackend(settings, expected_version=version, model=model)
