@@ -33,7 +33,8 @@ def _weights(values: tuple[str, ...]) -> dict[str, Path]:
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
               help="Instance kind: KIND_CPU or KIND_GPU.")
 @click.option("--format", "fmt", type=click.Choice(["python", "onnx"]), default="python", show_default=True,
-              help="python: torch in the Python backend; onnx: ONNX export, TensorRT fp16 on GPU.")
+              help="python: torch in the Python backend; onnx: ONNX export, TensorRT fp16 on GPU. "
+                   "NIRNet is always an ensemble of Python-backend parts.")
 @click.option("--model", "models", multiple=True,
               help="Detector to include (repeatable; default: every built-in detector that has weights).")
 @click.option("--weights", "weights", multiple=True, metavar="NAME=DIR",
@@ -44,7 +45,8 @@ def _weights(values: tuple[str, ...]) -> dict[str, Path]:
 @pass_app
 def triton_build_command(app: AppContext, out: Path, device: str, fmt: str, models: tuple[str, ...],
                          weights: tuple[str, ...], shared_trunk: bool) -> None:
-    """Write OUT/<detector>: config.pbtxt plus 1/model.py (python) or 1/model.onnx (onnx), with its version."""
+    """Write OUT/<detector>: config.pbtxt plus 1/model.py (python) or 1/model.onnx (onnx), with its version;
+    for nirnet, the ensemble OUT/nirnet and its parts OUT/nirnet_* (`--weights nirnet=DIR` for unshipped weights)."""
     require("`streamguard triton build`", "inprocess")
     from streamguard.triton.build import build_repository
 

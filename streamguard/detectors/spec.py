@@ -131,6 +131,9 @@ class DetectorSpec:
       ``streamguard_version`` must equal ``version`` (else its logits would meet another calibration).
     - ``trunk``: where it branches off a shared backbone, if it does (see `TrunkSpec`); None: it runs
       its own whole model, as any detector may.
+    - ``triton_backend``: builds the backend that calls ``triton_model``, for a model whose inputs are more
+      than the contract's pixels: called with the model's name, the ``triton.*`` settings (a
+      `streamguard.config.TritonSettings`) and the expected version. None: the generic Triton backend.
     """
 
     name: str
@@ -143,6 +146,7 @@ class DetectorSpec:
     # Its model's name in a Triton repository (`streamguard triton build`); None: it runs in-process only.
     triton_model: str | None = None
     trunk: TrunkSpec | None = None
+    triton_backend: Callable[[str, Any, str], DetectorBackend] | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):

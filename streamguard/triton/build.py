@@ -10,6 +10,9 @@ Two formats:
   ``onnx-template.pbtxt``: ONNX Runtime backend, and on GPU the TensorRT execution accelerator at fp16.
 
 Both carry ``streamguard_version``, which the worker's Triton backend checks against its own detector spec.
+
+NIRNet (``nirnet``, when its weights exist or ``weights["nirnet"]`` names them) is written as an ensemble of
+Python-backend parts whatever the format (`build_nirnet`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from streamguard.config import BackboneSettings
 from streamguard.triton.pbtxt import Device, set_kind, set_name, set_parameter, strip_accelerator
 from streamguard.builtin.cliphead import ClipHeadDetector
 from streamguard.triton.served import served_detector, served_detectors
+from streamguard.builtin.nirnet.plugin import NAME as NIRNET, WEIGHTS_DIR as NIRNET_WEIGHTS
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "triton_repo"
 ONNX_TEMPLATE = "onnx-template.pbtxt"
@@ -47,9 +51,12 @@ class BuildResult:
 
 def default_models(weights: Mapping[str, Path] | None = None) -> list[str]:
     """Every served detector that has weights, shipped or given."""
+    from streamguard.builtin.nirnet.files import has_weights
+
     weights = weights or {}
-    return [name for name, served in served_detectors().items()
-            if served.has_weights(weights.get(name, served.default_weights))]
+    names = [name for name, served in served_detectors().items()
+             if served.has_weights(weights.get(name, served.default_weights))]
+    return names + ([NIRNET] if has_weights(weights.get(NIRNET, NIRNET_WEIGHTS)) else [])
 
 
 def build_repository(out: Path, device: Device = "cpu", weights: Mapping[str, Path] | None = None,
@@ -67,7 +74,7 @@ def build_repository(out: Path, device: Device = "cpu", weights: Mapping[str, Pa
     if shared_trunk and fmt != "python":
         raise ValueError("the shared trunk is built for the Python backend only (--format python)")
     weights = dict(weights or {})
-    unknown = set(weights) - set(served_detectors())
+    unknown = set(weights) - set(served_detectors()) - {NIRNET}
     if unknown:
         raise ValueError(f"weights given for unknown detectors: {sorted(unknown)}")
     names = list(models) if models is not None else default_models(weights)
@@ -76,6 +83,13 @@ def build_repository(out: Path, device: Device = "cpu", weights: Mapping[str, Pa
     result = BuildResult(repository=out, device=device, format=fmt)
     built = {}
     for name in names:
+        if name == NIRNET:
+            # An ensemble of Python-backend parts whatever ``fmt`` (`build_nirnet`); never on the shared trunk.
+            from streamguard.triton.build_nirnet import build_nirnet
+
+            directory = weights.get(name, NIRNET_WEIGHTS).expanduser().resolve()
+            result.models[name] = build_nirnet(out, directory, device, backbone, templates)
+            continue
         served = served_detector(name)
         directory = weights.get(name, served.default_weights).expanduser().resolve()
         if not served.has_weights(directory):
