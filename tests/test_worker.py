@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import time
 import urllib.request
@@ -274,7 +275,7 @@ def test_content_leased_by_another_worker_is_not_scored_twice(topics: Topics, re
     from streamguard.dedupe import RedisDedupe, versions_key
     from streamguard.config import load_settings
     from streamguard.policy import policy_version
-    from streamguard.schemas import Verdict
+    from streamguard.schemas import DetectorScore, Verdict
 
     contested, other = encode(solid(240), "PNG"), encode(solid(20), "PNG")
     sha = __import__("hashlib").sha256(contested).hexdigest()
@@ -290,8 +291,11 @@ def test_content_leased_by_another_worker_is_not_scored_twice(topics: Topics, re
         # The other worker finishes: its verdict is cached under the key this worker computes.
         policy = policy_version(load_settings().policy)  # the policy the worker runs (the tests' pinned one)
         vkey = versions_key({"brightness": "test-1", "provenance": PROVENANCE_VERSION}, policy)
+        # Cached answers are decided again from their scores: one score whose logit fuses to 0.97.
+        score = DetectorScore(detector="brightness", version="test-1", logit=math.log(0.97 / 0.03),
+                              probability=0.97, latency_ms=1.0)
         theirs = Verdict(event_id="scored-elsewhere", content_sha256=sha, label="ai_generated", probability=0.97,
-                         scores=[], policy_version=policy,
+                         scores=[score], policy_version=policy,
                          model_versions={"brightness": "test-1", "provenance": PROVENANCE_VERSION})
         store.put(sha, vkey, theirs, None)
         store.release(sha, "elsewhere")
@@ -301,7 +305,7 @@ def test_content_leased_by_another_worker_is_not_scored_twice(topics: Topics, re
         assert worker.wait(60) == 0
         store.close()
     verdict = next(v for v in outcomes.verdicts if v["event_id"] == "contested-0")
-    assert verdict["duplicate_of"] == "scored-elsewhere" and verdict["probability"] == 0.97
+    assert verdict["duplicate_of"] == "scored-elsewhere" and verdict["probability"] == pytest.approx(0.97)
 
 
 def test_copies_inside_one_batch_are_scored_once(topics: Topics, tmp_path: Path) -> None:
