@@ -253,8 +253,9 @@ def train_nirnet_command(app: AppContext, branches: str, no_simulator: bool, pro
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path(".cache/loso"),
               show_default=True, help="Fold runs and loso.json.")
 @click.option("--method", "methods", multiple=True,
-              type=click.Choice(("univfd", "pin-clip", "mpft", "dinov2-probe", "rigid")),
+              type=click.Choice(("univfd", "pin-clip", "mpft", "nirnet", "dinov2-probe", "rigid")),
               help="Detectors to validate (default: the three CLIP ones; two or more also choose fusion weights). "
+                   "nirnet: trained per fold with `train nirnet`'s defaults and --epochs. "
                    "dinov2-probe: a probe on frozen DINOv2 ViT-S/14 features; rigid: RIGID's noise-stability score "
                    "on them; both measured, not shipped.")
 @click.option("--folds", type=int, default=None,
@@ -262,7 +263,7 @@ def train_nirnet_command(app: AppContext, branches: str, no_simulator: bool, pro
 @click.option("--fold", "fold_names", multiple=True, help="Train only this fold (see the plan in the log).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--limit-per-group", type=int, default=None, help="Seeded subsample per (label, generator/source).")
-@click.option("--epochs", type=int, default=5, show_default=True, help="Epochs of pin-clip and mpft per fold.")
+@click.option("--epochs", type=int, default=5, show_default=True, help="Epochs of pin-clip, mpft and nirnet per fold.")
 @click.option("--max-false-flag", type=float, default=0.02, show_default=True,
               help="Most real photos of any one source the ai threshold may flag.")
 @click.option("--max-false-clear", type=float, default=0.10, show_default=True,
@@ -284,10 +285,10 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
                        report_name: str) -> None:
     """Leave-one-source-out validation: per-source results on unseen sources, fusion weights and thresholds."""
     require("`streamguard train loso`", "inprocess", "eval")
-    from streamguard.training.loso import LOSO_METHODS, LosoConfig, run_loso
+    from streamguard.training.loso import DEFAULT_METHODS, LosoConfig, run_loso
 
     try:
-        cfg = LosoConfig(data=data, loso_data=loso_data, out=out, methods=methods or LOSO_METHODS, folds=folds,
+        cfg = LosoConfig(data=data, loso_data=loso_data, out=out, methods=methods or DEFAULT_METHODS, folds=folds,
                          seed=seed, limit_per_group=limit_per_group, epochs=epochs, device=device,
                          cache_dir=cache_dir, progress=progress if progress is not None else sys.stderr.isatty(),
                          max_false_flag=max_false_flag, max_false_clear=max_false_clear, fold_names=fold_names,
@@ -306,7 +307,7 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
 @click.option("--loso-data", "loso_data", multiple=True, required=True, help="As given to `train loso`.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path(".cache/loso"),
               show_default=True, help="The finished `train loso` run.")
-@click.option("--method", type=click.Choice(("univfd", "pin-clip", "mpft")), required=True)
+@click.option("--method", type=click.Choice(("univfd", "pin-clip", "mpft", "nirnet")), required=True)
 @click.option("--variant", "variants", multiple=True, required=True,
               help="VIEW[@PERTURBATION]: VIEW is resize, cropsN or cropsN+whole (add -trimmed for a trimmed "
                    "mean), e.g. crops4+whole, resize@jpeg75, resize@downscale0.5.")

@@ -39,7 +39,9 @@ from streamguard.training.held_out import HELD_OUT_FILE, HeldOutScore, load_held
 
 log = structlog.get_logger(__name__)
 
-LOSO_METHODS = ("univfd", "pin-clip", "mpft")
+LOSO_METHODS = ("univfd", "pin-clip", "mpft", "nirnet")
+# What `train loso` validates unless told: the detectors with shipped weights (nirnet joins once it ships).
+DEFAULT_METHODS = ("univfd", "pin-clip", "mpft")
 # Measured against the shipped methods, not shipped: a probe on frozen DINOv2 ViT-S/14 features, and
 # RIGID's training-free noise-stability score on them.
 CANDIDATE_METHODS = ("dinov2-probe", "rigid")
@@ -138,7 +140,7 @@ class LosoConfig:
     data: tuple[str, ...]
     loso_data: tuple[str, ...]
     out: Path
-    methods: tuple[str, ...] = LOSO_METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     folds: int | None = None
     seed: int = 0
     limit_per_group: int | None = None
@@ -194,6 +196,15 @@ def train_fold(settings: Settings, cfg: LosoConfig, method: str, fold: Fold) -> 
             data=cfg.data, out=directory, seed=cfg.seed, limit_per_group=cfg.limit_per_group, device=cfg.device,
             cache_dir=cfg.cache_dir, holdout_generators=fold.generators, holdout_sources=fold.sources,
             backbone={"univfd": "clip", "dinov2-probe": "dinov2", "rigid": "rigid"}[method]))  # type: ignore[arg-type]
+    elif method == "nirnet":
+        from streamguard.training.nirnet.recipe import NirnetRecipe
+        from streamguard.training.nirnet.train import train_nirnet
+
+        # Its own checkpoints per fold: a fold's run must never resume another fold's.
+        train_nirnet(settings, NirnetRecipe(
+            data=cfg.data, out=directory, seed=cfg.seed, epochs=cfg.epochs, limit_per_group=cfg.limit_per_group,
+            holdout_generators=fold.generators, holdout_sources=fold.sources, device=cfg.device,
+            cache_dir=cfg.cache_dir, progress=cfg.progress))
     else:
         from streamguard.training.recipe import Recipe, train_detector
 

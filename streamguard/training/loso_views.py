@@ -69,7 +69,6 @@ def score_variant(settings: Settings, cfg: LosoConfig, method: str, fold: Fold, 
     ``variant`` by that fold's model, calibrated as its ``held_out.json``."""
     import time
 
-    from streamguard.builtin.cliphead import builtin_detectors
     from streamguard.config import DetectorSettings
     from streamguard.detectors.runner import DetectorRunner
     from streamguard.evaluation.datasets import SampleReader
@@ -85,7 +84,7 @@ def score_variant(settings: Settings, cfg: LosoConfig, method: str, fold: Fold, 
     wanted = [s for s in base if s.split != "test" and (limit is None or s.id in limit)]
     options = {**settings.detectors.options, method: {"weights_dir": str(directory)}}
     fold_settings = settings.model_copy(update={"detectors": settings.detectors.model_copy(update={"options": options})})
-    spec = builtin_detectors()[method].spec(fold_settings)
+    spec = _detectors()[method].spec(fold_settings)
     if spec is None or spec.contract is None:
         raise ValueError(f"no {method} model in {directory}")
     contract = variant.contract(spec.contract)
@@ -113,6 +112,14 @@ def score_variant(settings: Settings, cfg: LosoConfig, method: str, fold: Fold, 
     path.write_text(json.dumps({"variant": asdict(variant), "scores": [asdict(s) for s in out]}, indent=1) + "\n")
     log.info("loso.variant_scored", method=method, fold=fold.name, variant=variant.name, images=len(out))
     return out
+
+
+def _detectors() -> dict[str, Any]:
+    """The built-in detectors a fold trains, by method name: each builds its spec from a weights folder."""
+    from streamguard.builtin.cliphead import builtin_detectors
+    from streamguard.builtin.nirnet.plugin import DETECTOR as NIRNET
+
+    return {**builtin_detectors(), NIRNET.name: NIRNET}
 
 
 def compare_variants(pooled: dict[str, list[HeldOutScore]], pools: dict[str, str], ai_threshold: float,
