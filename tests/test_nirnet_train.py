@@ -221,3 +221,20 @@ def test_held_out_generator_never_reaches_training_or_the_imprints(dataset: Path
     holdout, scores = load_held_out(out)
     assert holdout["generators"] == ["blockgen"]
     assert {s.generator for s in scores if s.label == 1} == {"blockgen"} and len(scores) == 5
+
+
+def test_clip_embeddings_are_cached_between_runs(dataset: Path, clip_dir: Path, tmp_path: Path) -> None:
+    """Every fold of a leave-one-source-out run embeds the same images: the second run reads the first's."""
+    first = tmp_path / "first"
+    ok(train(dataset, first, clip_dir, "--epochs", "1", "--seed", "5"))
+    (cache,) = (tmp_path / "cache").glob("nirnet-clip-*.npz")
+    stored = np.load(cache)
+    assert len(stored["ids"]) == sum(sum(c.values()) for _, _, c in GROUPS) and stored["x"].shape[1] == EMBED
+    again = tmp_path / "again"
+    ok(train(dataset, again, clip_dir, "--epochs", "1", "--seed", "5"))
+    assert (again / WEIGHTS_FILE).read_bytes() == (first / WEIGHTS_FILE).read_bytes()
+    # Read, not recomputed: other embeddings in the cache make other weights.
+    np.savez(cache, ids=stored["ids"], x=np.zeros_like(stored["x"]))
+    tampered = tmp_path / "tampered"
+    ok(train(dataset, tampered, clip_dir, "--epochs", "1", "--seed", "5"))
+    assert (tampered / WEIGHTS_FILE).read_bytes() != (first / WEIGHTS_FILE).read_bytes()

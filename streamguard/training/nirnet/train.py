@@ -166,16 +166,30 @@ class Inputs:
     the backend's own whole-image preparation) and kept in memory for every epoch."""
 
     def __init__(self, intake: IntakeSettings, encoder: torch.nn.Module | None, whole: InputContract | None,
-                 device: str) -> None:
+                 device: str, cache: Path | None = None) -> None:
+        """``cache``: an .npz of embeddings by sample id, read at the start and rewritten with what this run
+        added; its name must carry everything an embedding depends on (`embedding_cache`)."""
         self.intake = intake
         self.encoder = encoder
         self.whole = whole
         self.device = torch.device(device)
         self.reader = SampleReader()
         self.embeddings: dict[str, torch.Tensor] = {}
+        self._cache = cache if encoder is not None else None
+        self._added = 0
+        if self._cache is not None and self._cache.is_file():
+            stored = np.load(self._cache, allow_pickle=False)
+            self.embeddings = {i: torch.from_numpy(x.copy()) for i, x in zip(stored["ids"].tolist(), stored["x"],
+                                                                               strict=True)}
 
     def close(self) -> None:
         self.reader.close()
+        if self._cache is not None and self._added:
+            ids = sorted(self.embeddings)
+            self._cache.parent.mkdir(parents=True, exist_ok=True)
+            staged = self._cache.with_suffix(".tmp.npz")
+            np.savez(staged, ids=np.asarray(ids), x=np.stack([self.embeddings[i].numpy() for i in ids]))
+            staged.replace(self._cache)  # whole or not at all: a killed run leaves the previous cache
 
     def image(self, sample: Sample) -> Image.Image:
         return decode_image(self.reader.read(sample), self.intake, None).rgb
@@ -193,7 +207,7 @@ class Inputs:
                 advance(1)
                 continue
             usable.append(sample)
-            if whole is None:
+            if whole is None or sample.id in self.embeddings:
                 advance(1)
                 continue
             pending.append((sample, whole))
@@ -213,9 +227,18 @@ class Inputs:
             out = self.encoder(pixels).float().cpu()
         for i, (sample, _) in enumerate(pending):
             self.embeddings[sample.id] = out[i].clone()
+        self._added += len(pending)
 
     def embedding(self, sample: Sample) -> torch.Tensor | None:
         return self.embeddings[sample.id] if self.encoder is not None else None
+
+
+def embedding_cache(cache_dir: Path, encoder_version: str | None, whole: InputContract | None) -> Path:
+    """Where the frozen encoder's embeddings of whole images live between runs: every fold of a leave-one-
+    source-out run embeds the same images (a CLIP pass each, the slowest part of a CPU run). Keyed by the
+    encoder's version and the whole-image contract; sample ids name files, whose bytes a dataset keeps."""
+    key = hashlib.sha256(json.dumps([encoder_version, None if whole is None else asdict(whole)]).encode())
+    return cache_dir / f"nirnet-clip-{key.hexdigest()[:16]}.npz"
 
 
 def _jpeg(crop: np.ndarray, rng: random.Random) -> np.ndarray:
@@ -375,7 +398,8 @@ def train_on_splits(settings: Settings, recipe: NirnetRecipe, splits: Splits) ->
     best = _state(model)
 
     bars = Bars(recipe.progress)
-    inputs = Inputs(settings.intake, encoder, whole, recipe.device)
+    inputs = Inputs(settings.intake, encoder, whole, recipe.device,
+                    embedding_cache(recipe.cache_dir, config.backbone, whole) if encoder is not None else None)
     try:
         with bars.running():
             everything = [*splits.train, *splits.val, *splits.test]
