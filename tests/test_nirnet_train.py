@@ -238,3 +238,13 @@ def test_clip_embeddings_are_cached_between_runs(dataset: Path, clip_dir: Path, 
     tampered = tmp_path / "tampered"
     ok(train(dataset, tampered, clip_dir, "--epochs", "1", "--seed", "5"))
     assert (tampered / WEIGHTS_FILE).read_bytes() != (first / WEIGHTS_FILE).read_bytes()
+
+
+def test_each_class_has_half_the_say_in_the_loss() -> None:
+    from streamguard.training.nirnet.train import class_balanced
+
+    labels = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0])
+    weights = class_balanced(labels)
+    assert float((weights * labels).sum()) == pytest.approx(float((weights * (1 - labels)).sum()))
+    assert float(weights.mean()) == pytest.approx(1.0)
+    assert torch.equal(class_balanced(torch.ones(3)), torch.ones(3))  # one class: nothing to balance

@@ -233,6 +233,18 @@ class Inputs:
         return self.embeddings[sample.id] if self.encoder is not None else None
 
 
+def class_balanced(labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss weights that give each class half the batch's say. The shared data holds several
+    generated images per real one, and the simulator adds more: unweighted, the head learns the prior
+    (every real photo scored above 0.5 on the first runs) and a temperature, which cannot move a threshold,
+    does not undo it. Mean weight 1, so the loss keeps its scale."""
+    n = len(labels)
+    fakes = labels.sum()
+    if fakes in (0, n):
+        return torch.ones_like(labels)
+    return torch.where(labels > 0.5, n / (2 * fakes), n / (2 * (n - fakes)))
+
+
 def embedding_cache(cache_dir: Path, encoder_version: str | None, whole: InputContract | None) -> Path:
     """Where the frozen encoder's embeddings of whole images live between runs: every fold of a leave-one-
     source-out run embeds the same images (a CLIP pass each, the slowest part of a CPU run). Keyed by the
@@ -447,7 +459,9 @@ def train_on_splits(settings: Settings, recipe: NirnetRecipe, splits: Splits) ->
                     batch = make_batch([train[i] for i in index], inputs, recipe, simulator, epoch, step)
                     logits = model(batch.pixels.to(recipe.device),
                                    None if batch.embeddings is None else batch.embeddings.to(recipe.device))
-                    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels.to(logits))
+                    labels = batch.labels.to(logits)
+                    loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                        logits, labels, weight=class_balanced(labels))
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
