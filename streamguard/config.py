@@ -721,11 +721,12 @@ class BackboneSettings(_Section):
         description="Operator-supplied weights instead of the cache: a transformers CLIP directory, or an "
         "OpenAI / open_clip state dict file (ViT-L/14 included).",
     )
-    precision: Literal["fp32", "int8"] = Field(
+    precision: Literal["fp32", "int8", "int8-mixed"] = Field(
         "fp32",
-        description="What the in-process detectors run the encoder's blocks at: fp32 (the reference) or int8 "
-        "(dynamic quantization of their linear layers; CPU only, faster; int8 detector versions end in "
-        "`.int8`). Training and `triton build` always use fp32.",
+        description="What the in-process detectors run the encoder's blocks at: fp32 (the reference), int8 "
+        "(dynamic quantization of their linear layers; CPU only, faster) or int8-mixed (int8 with the MLP output "
+        "layers, whose inputs carry activation outliers, left float; CPU only). Detector versions end in "
+        "`.int8` / `.int8-mixed` at those. Training and `triton build` always use fp32.",
     )
 
 

@@ -137,5 +137,5 @@ def build_branch(detector: ClipHeadDetector, encoder: ClipImageEncoder, director
         _require_float(detector, encoder)
         merge_adapters(blocks, load_adapters(detector, directory, encoder))
     if encoder.precision == REFERENCE:
-        apply_precision(blocks.values(), precision)
+        apply_precision(blocks, precision)  # by index: precisions may keep some blocks' layers float
     return ClipBranchHead([blocks[i] for i in range(start, total)], encoder, probe)
