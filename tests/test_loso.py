@@ -216,13 +216,13 @@ def test_loso_trains_nirnet_per_fold_and_fuses_it(dataset: Path, backbone: Path,
     out = tmp_path / "loso"
     args = ["train", "loso", "--data", str(dataset), "--loso-data", str(dataset), "--out", str(out),
             "--cache-dir", str(tmp_path / "cache"), "--method", "univfd", "--method", "nirnet", "--folds", "2",
-            "--epochs", "1", "--no-progress"]
+            "--epochs", "1", "--limit-per-group", "10", "--no-progress"]
     result = CliRunner().invoke(cli, args, env=_env(backbone, STREAMGUARD_LOG__LEVEL="info"))
     assert result.exit_code == 0, f"{result.output}\n{result.stderr}\n{result.exception!r}"
     report = json.loads((out / "loso.json").read_text())
-    assert report["images"] == 4 * (COUNTS["train"] + COUNTS["val"])
+    assert report["limit_per_group"] == 10 and 0 < report["images"] < 4 * (COUNTS["train"] + COUNTS["val"])
     assert set(report["weights"]["weights"]) == {"univfd", "nirnet"}
-    assert {g: r["n"] for g, r in report["detectors"]["nirnet"]["groups"].items()} == {g: 11 for g, _ in GROUPS}
+    assert set(report["detectors"]["nirnet"]["groups"]) == {g for g, _ in GROUPS}
     for fold in report["folds"]:
         held = set(fold["generators"]) | set(fold["sources"])
         directory = out / "nirnet" / fold["name"]
@@ -234,9 +234,11 @@ def test_loso_trains_nirnet_per_fold_and_fuses_it(dataset: Path, backbone: Path,
         fitted = set(training["simulator"]["fitted_on"]["generators"])
         assert fitted and not fitted & held, training["simulator"]["fitted_on"]
 
+    # Without the run's --limit-per-group, and with another fold count: the folds and their images are the
+    # ones the run's report recorded (planned again, other settings name fold runs that do not exist).
     variants = CliRunner().invoke(cli, [
         "train", "loso-variants", "--data", str(dataset), "--loso-data", str(dataset), "--out", str(out),
-        "--method", "nirnet", "--folds", "2", "--variant", "resize@jpeg75"], env=_env(backbone))
+        "--method", "nirnet", "--folds", "3", "--variant", "resize@jpeg75"], env=_env(backbone))
     assert variants.exit_code == 0, f"{variants.output}\n{variants.stderr}\n{variants.exception!r}"
     compared = json.loads((out / "loso-variants.nirnet.json").read_text())
     assert list(compared["variants"]) == ["resize", "resize@jpeg75"] and compared["images"] == report["images"]

@@ -311,7 +311,7 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
 @click.option("--variant", "variants", multiple=True, required=True,
               help="VIEW[@PERTURBATION]: VIEW is resize, cropsN or cropsN+whole (add -trimmed for a trimmed "
                    "mean), e.g. crops4+whole, resize@jpeg75, resize@downscale0.5.")
-@click.option("--folds", type=int, default=None, help="As given to `train loso`.")
+@click.option("--folds", type=int, default=None, help="Unused: the folds, pools and sample are those loso.json recorded.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--limit-per-group", type=int, default=None,
               help="Score at most N held-out images per group (seeded) under each variant.")

@@ -190,18 +190,20 @@ def run_variants(settings: Settings, cfg: LosoConfig, method: str, variants: Seq
     the reference) and compare them; written to ``loso-variants.<method>.json`` beside ``loso.json``. With
     ``unseen`` (name -> `eval` scores.csv with the same perturbations), the default fused verdict too."""
     from streamguard.evaluation import load_samples
-    from streamguard.training.loso import groups_of, plan_folds, pool_groups
 
-    held = load_samples(cfg.loso_data, seed=cfg.seed, limit_per_group=cfg.limit_per_group)
-    pools = pool_groups(held, cfg.min_group_images)
-    folds = plan_folds(groups_of(held), cfg.folds, pools)
+    report = json.loads((cfg.out / "loso.json").read_text())
+    # The sample, folds and pools the LOSO run used, as its report recorded them: planned again here, a run
+    # made with --limit-per-group would be looked for under fold names it never had.
+    seed = report.get("seed", cfg.seed)
+    held = load_samples(cfg.loso_data, seed=seed, limit_per_group=report.get("limit_per_group"))
+    pools: dict[str, str] = report.get("pools", {})
+    folds = [Fold(f["name"], tuple(f["generators"]), tuple(f["sources"])) for f in report["folds"]]
     by_id = {s.id: s for s in held}
     limit = None
     if limit_per_group is not None:
         from streamguard.evaluation.datasets import subsample
 
-        limit = {s.id for s in subsample([s for s in held if s.split != "test"], limit_per_group, cfg.seed)}
-    report = json.loads((cfg.out / "loso.json").read_text())
+        limit = {s.id for s in subsample([s for s in held if s.split != "test"], limit_per_group, seed)}
     thresholds = report["thresholds"]
     pooled: dict[str, list[HeldOutScore]] = {}
     for variant in [Variant(), *variants]:
