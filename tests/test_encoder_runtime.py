@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from test_training_units import pixels, tiny_encoder
@@ -18,8 +19,6 @@ from streamguard.backbone import onnx_runtime
 from streamguard.backbone.onnx_runtime import OrtEncoder, OrtMismatch, graph_key
 from streamguard.backbone.precision import BLOCK_LINEARS
 
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(scope="module")

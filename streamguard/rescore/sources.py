@@ -8,6 +8,8 @@ skip reason, so a run accounts for all of its range.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import hashlib
 import time
 from collections import Counter, deque
@@ -176,7 +178,7 @@ class TopicSource:
         return verdict
 
 
-class FileSource:
+class FileSource(ABC):
     """Image files in a fixed (sorted) order, one of each content per chunk; what each is compared with is
     the subclass's (`_fill`)."""
 
@@ -214,8 +216,9 @@ class FileSource:
             files[sha] = (item, data)
         return files
 
+    @abstractmethod
     def _fill(self, chunk: Chunk, files: dict[str, tuple[DataItem, bytes]]) -> None:
-        raise NotImplementedError
+        """Add to ``chunk`` what each content's source says of it (its old verdicts, or its bank entry)."""
 
 
 class DatasetSource(FileSource):
