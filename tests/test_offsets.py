@@ -79,3 +79,18 @@ def test_first_commit_point_is_the_first_offset_before_anything_finishes() -> No
     assert tracker.commit_points() == {"a": 40}
     tracker.mark_committed({"a": 40})
     assert tracker.commit_points() == {}
+
+
+@given(schedules())
+def test_resume_point_skips_nothing_unfinished_even_after_a_commit(schedule: tuple[int, list[int], list[int]]) -> None:
+    _, offsets, finished = schedule
+    tracker: OffsetTracker[str] = OffsetTracker()
+    assert tracker.resume_point("p") is None
+    for offset in offsets:
+        tracker.add("p", offset)
+    for offset in finished:
+        tracker.done("p", offset)
+    tracker.mark_committed(tracker.commit_points())
+    unfinished = [o for o in offsets if o not in finished]
+    # Unlike a commit point, it is reported even when it did not advance past the last commit.
+    assert tracker.resume_point("p") == (min(unfinished) if unfinished else max(offsets) + 1)

@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from kafka import KafkaConsumer
 
 from images import encode, noise, solid, truncated_jpeg
 from stack import (
@@ -163,6 +164,48 @@ def test_workers_joining_and_leaving_lose_nothing(topics: Topics, tmp_path: Path
     # Both original workers held partitions at the same time: the group split the work.
     split = [e["partitions"] for e in second.events() if e.get("event") == "worker.partitions_assigned"]
     assert any(0 < len(p) < topics.partitions for p in split)
+
+
+def test_partitions_kept_through_a_rebalance_redeliver_their_work_in_flight(topics: Topics, tmp_path: Path) -> None:
+    """kafka-python 3.0 keeps a partition's fetch position when a rebalance hands it back to the same
+    member; the worker drops what it had in flight at the revoke, so it must fetch that work again."""
+    # Slow enough that the worker still has records in flight when the second member joins.
+    env = worker_env(topics, None, STREAMGUARD_DETECTORS__OPTIONS='{"brightness": {"delay_s": 0.2}}')
+    worker = WorkerProcess(env, tmp_path)
+    intruder = None
+    try:
+        worker.wait_for_event("worker.partitions_assigned")
+        sent = produce(topics, image_events(_distinct_images(60, seed=7), prefix="k"))
+        deadline = time.monotonic() + 60
+        while not read_outcomes(topics).verdicts:
+            assert time.monotonic() < deadline, worker.log_path.read_text()[-2000:]
+            time.sleep(0.1)
+        # A second member joins while records are in flight, takes some partitions and leaves: the worker
+        # is revoked twice and keeps some of its partitions both times.
+        intruder = KafkaConsumer(topics.input, bootstrap_servers=topics.bootstrap, group_id=topics.group,
+                                 enable_auto_commit=False, session_timeout_ms=6000, heartbeat_interval_ms=1000)
+        deadline = time.monotonic() + 30
+        while not (intruder.assignment() and _holds_some(worker, topics.partitions)):
+            assert time.monotonic() < deadline, "the group was not split"
+            intruder.poll(timeout_ms=200, max_records=1)
+            intruder.pause(*intruder.assignment())  # it takes partitions, never work
+        intruder.close(autocommit=False)
+        intruder = None
+        outcomes = wait_for_outcomes(topics, sent, timeout=90)
+    finally:
+        if intruder is not None:
+            intruder.close(autocommit=False)
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(60) == 0
+    assert not missing(sent, outcomes)
+    rewound = [e["rewound"] for e in worker.events() if e.get("event") == "worker.partitions_assigned"]
+    assert any(rewound), "no partition was handed back with work in flight: the test proved nothing"
+
+
+def _holds_some(worker: WorkerProcess, partitions: int) -> bool:
+    """Whether the worker's latest assignment is a part of the topic's partitions."""
+    assigned = [e["partitions"] for e in worker.events() if e.get("event") == "worker.partitions_assigned"]
+    return bool(assigned) and 0 < len(assigned[-1]) < partitions
 
 
 def test_redis_outage_keeps_processing_and_dedupe_resumes(topics: Topics, tmp_path: Path) -> None:

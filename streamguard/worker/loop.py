@@ -84,6 +84,8 @@ class Worker:
         self._epochs: dict[TopicPartition, int] = {}
         self._positions: dict[TopicPartition, int] = {}
         self._paused: set[TopicPartition] = set()
+        # Where each revoked partition's consuming must resume if the next assignment hands it back.
+        self._resume: dict[TopicPartition, int] = {}
         self._detector_seen: dict[str, tuple[int, int]] = {}
         self._stop = threading.Event()
         self._fatal: Exception | None = None
@@ -359,8 +361,10 @@ class Worker:
             for tp in partitions:
                 self._epochs[tp] = self._epochs.get(tp, 0) + 1
                 self._positions.pop(tp, None)
+                resume = self._tracker.resume_point(tp)
+                if resume is not None:
+                    self._resume[tp] = resume
             self._tracker.forget(partitions)
-            self._paused -= partitions
         if points:
             # A blocking commit on the IO thread raises in kafka-python 3.x; an async one is queued ahead
             # of the rebalance's JoinGroup on the same coordinator connection.
@@ -368,11 +372,31 @@ class Worker:
         log.info("worker.partitions_revoked", partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in partitions),
                  committed=len(points), lost=not commit)
 
-    def _assigned(self, partitions: set[TopicPartition]) -> None:
+    def _assigned(self, consumer: KafkaConsumer, partitions: set[TopicPartition]) -> None:
+        """A new epoch for each assigned partition, fetching again from where nothing unfinished is skipped.
+
+        kafka-python 3.0.12 (EAGER protocol) keeps a partition's fetch position and paused flag when the
+        rebalance hands it back to the same member, and it applies the assignment before calling this. So
+        two kinds of records were fetched but will never be judged here, being of an older epoch: those in
+        flight at the revoke, and those a poll returned since (between the revoke and now). Without a seek
+        back, the next commit would pass them: they would be lost, not merely late."""
         with self._lock:
-            for tp in partitions:
+            stale = set(self._resume) | partitions
+            rewind: dict[TopicPartition, int] = {}
+            for tp in stale:
                 self._epochs[tp] = self._epochs.get(tp, 0) + 1
-        log.info("worker.partitions_assigned", partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in partitions))
+                points = [p for p in (self._resume.get(tp), self._tracker.resume_point(tp)) if p is not None]
+                if tp in partitions and points:
+                    rewind[tp] = min(points)
+            self._tracker.forget(stale)
+            self._resume.clear()  # a partition not handed back lost its state: it starts from the commit
+            self._paused -= stale
+        for tp, offset in rewind.items():
+            consumer.seek(tp, offset)
+        if partitions:
+            consumer.resume(*partitions)  # flow control pauses them again if it must
+        log.info("worker.partitions_assigned", partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in partitions),
+                 rewound={f"{tp.topic}-{tp.partition}": o for tp, o in sorted(rewind.items())})
 
     def _is_current(self, record: InRecord) -> bool:
         with self._lock:
@@ -445,4 +469,4 @@ class _Rebalance(ConsumerRebalanceListener):
         self._worker._revoked(self._consumer, set(lost), commit=False)
 
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self._worker._assigned(set(assigned))
+        self._worker._assigned(self._consumer, set(assigned))

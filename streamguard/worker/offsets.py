@@ -53,6 +53,12 @@ class OffsetTracker(Generic[P]):
             return len(part.pending) if part else 0
         return sum(len(p.pending) for p in self._parts.values())
 
+    def resume_point(self, partition: P) -> int | None:
+        """Where consuming must resume for nothing unfinished to be skipped: the smallest offset in
+        flight, else one past the highest seen (None: nothing seen)."""
+        part = self._parts.get(partition)
+        return part.commit_point() if part is not None else None
+
     def commit_points(self, partitions: set[P] | None = None) -> dict[P, int]:
         """Offsets to commit (the next offset to consume), only where they advanced."""
         out: dict[P, int] = {}
