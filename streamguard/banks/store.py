@@ -41,12 +41,9 @@ from contextlib import contextmanager
 
 import numpy as np
 import structlog
-from redis import Redis
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from streamguard.banks.index import NO_RANK, NearIndex, Rows, hash_words
 from streamguard.banks.model import (
@@ -61,6 +58,7 @@ from streamguard.banks.model import (
 )
 from streamguard.config import RedisSettings, Settings
 from streamguard.dedupe.phash import PerceptualHash
+from streamguard.redis_client import connect
 
 log = structlog.get_logger(__name__)
 
@@ -181,13 +179,7 @@ class BankStore:
         self._refresh_interval_s = banks.refresh_interval_s
         self._retry_interval_s = settings.redis.retry_interval_s
         self._clock = clock
-        self._client = Redis.from_url(
-            self._url,
-            socket_timeout=settings.redis.socket_timeout_s,
-            socket_connect_timeout=settings.redis.socket_timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            **settings.redis.tls_options(),
-        )
+        self._client = connect(settings.redis, url=self._url)
         self._create_bank = self._client.register_script(_CREATE_BANK_LUA)
         self._add_script = self._client.register_script(_ADD_LUA)
         self._withdraw_script = self._client.register_script(_WITHDRAW_LUA)

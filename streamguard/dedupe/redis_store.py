@@ -31,16 +31,15 @@ from typing import TypeVar
 
 import structlog
 from redis import Redis
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from streamguard.config import DedupeSettings, RedisSettings
 from streamguard.dedupe.phash import HASH_BITS, PerceptualHash, bit_distance
 from streamguard.dedupe.store import CachedVerdict, DedupeStats, NearMatch
 from streamguard.schemas import Verdict
+from streamguard.redis_client import connect
 
 log = structlog.get_logger(__name__)
 
@@ -117,15 +116,7 @@ class RedisDedupe:
         self._settings = settings
         self._retry_interval_s = redis.retry_interval_s
         self._clock = clock
-        self._client: Redis = Redis.from_url(
-            redis.url,
-            socket_timeout=redis.socket_timeout_s,
-            socket_connect_timeout=redis.socket_timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            decode_responses=True,
-            # rediss:// URLs: the CA to verify the server with, and a client certificate for mutual TLS.
-            **redis.tls_options(),
-        )
+        self._client: Redis = connect(redis, decode_responses=True)
         self._release_script = self._client.register_script(_RELEASE_LUA)
         self._renew_script = self._client.register_script(_RENEW_LUA)
         self._lock = threading.Lock()

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from redis import Redis
 
 from streamguard.config import RedisSettings
+from streamguard.redis_client import connect
 from streamguard.schemas import Verdict
 
 log = structlog.get_logger(__name__)
@@ -24,9 +25,7 @@ _SHA_HEX = 64
 
 
 def redis_client(settings: RedisSettings) -> Redis:
-    return Redis.from_url(settings.url, socket_timeout=settings.socket_timeout_s,
-                          socket_connect_timeout=settings.socket_timeout_s, decode_responses=True,
-                          **settings.tls_options())
+    return connect(settings, decode_responses=True, in_stream=False)
 
 
 def discover_versions_keys(client: Redis, namespace: str) -> list[str]:

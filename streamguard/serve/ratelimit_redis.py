@@ -26,14 +26,13 @@ from collections.abc import Callable
 
 import structlog
 from redis import Redis
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from streamguard.config import RedisSettings, Settings
 from streamguard.serve.ratelimit import Limiter, RateLimiter
+from streamguard.redis_client import connect
 
 log = structlog.get_logger(__name__)
 
@@ -65,14 +64,7 @@ class RedisRateLimiter:
 
     def __init__(self, redis: RedisSettings, namespace: str, on_fallback: Callable[[str], None] = _ignore,
                  local: RateLimiter | None = None, clock: Callable[[], float] = time.monotonic) -> None:
-        self._client: Redis = Redis.from_url(
-            redis.url,
-            socket_timeout=redis.socket_timeout_s,
-            socket_connect_timeout=redis.socket_timeout_s,
-            # redis-py retries ten times by default, with backoff: a dead Redis would hold every request.
-            retry=Retry(NoBackoff(), 0),
-            **redis.tls_options(),
-        )
+        self._client: Redis = connect(redis)
         self._script = self._client.register_script(_GCRA_LUA)
         self._prefix = f"{namespace}:rl:"
         self._local = local or RateLimiter(clock)
