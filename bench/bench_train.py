@@ -43,7 +43,7 @@ from streamguard.backbone import ClipImageEncoder, load_backbone
 from streamguard.backbone.lora import LoraConfig
 from streamguard.builtin.cliphead import CONTRACT
 from streamguard.config import BackboneSettings, IntakeSettings
-from streamguard.evaluation.datasets import load_samples
+from streamguard.evaluation.datasets import Sample, load_samples
 from streamguard.training.data import Entry, Feed, augmentation_key
 from streamguard.training.model import TunedClip, tuned_start
 from streamguard.training.mpft import MpftConfig
@@ -79,6 +79,16 @@ def _jpeg(size: tuple[int, int], seed: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
+
+
+def write_data(root: Path, images: int) -> list[Sample]:
+    """``images`` synthetic JPEGs under ``root`` (odd ones in ``fake/``, even ones in ``real/``), read back."""
+    for label in ("real", "fake"):
+        (root / label).mkdir(parents=True)
+    for i in range(images):
+        label = "fake" if i % 2 else "real"
+        (root / label / f"{i}.jpg").write_bytes(_jpeg(SIZES[i % len(SIZES)], i))
+    return load_samples([root])
 
 
 def _backbone(kind: str) -> ClipImageEncoder:
@@ -164,13 +174,7 @@ def main() -> None:
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         root = Path(tmp)
-        for label in ("real", "fake"):
-            (root / "data" / label).mkdir(parents=True)
-        for i in range(args.images):
-            label = "fake" if i % 2 else "real"
-            (root / "data" / label / f"{i}.jpg").write_bytes(_jpeg(SIZES[i % len(SIZES)], i))
-        samples = load_samples([root / "data"])
-        entries = [Entry(s, augmentation_key(0, 0, True)) for s in samples]
+        entries = [Entry(s, augmentation_key(0, 0, True)) for s in write_data(root / "data", args.images)]
         for variant in variants:
             rows[variant.name] = _run(variant, args.backbone, entries, root / "cache", args)
 

@@ -329,6 +329,18 @@ def make_batch(samples: Sequence[Sample], inputs: Inputs, recipe: NirnetRecipe,
                      torch.tensor(labels), len(to_imprint))
 
 
+def train_step(model: NIRNet, optimizer: torch.optim.Optimizer, batch: StepBatch, device: str) -> float:
+    """One optimizer step on ``batch`` with the class-balanced loss; returns the loss. Public so the
+    benchmark (`bench/bench_nirnet.py`) times the very step the loop takes."""
+    logits = model(batch.pixels.to(device), None if batch.embeddings is None else batch.embeddings.to(device))
+    labels = batch.labels.to(logits)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, weight=class_balanced(labels))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
 # --- scoring as served -------------------------------------------------------------------------------------
 
 
@@ -457,18 +469,11 @@ def train_on_splits(settings: Settings, recipe: NirnetRecipe, splits: Splits) ->
                 loss_sum, crops_seen, simulated = 0.0, 0, 0
                 for step, index in enumerate(steps):
                     batch = make_batch([train[i] for i in index], inputs, recipe, simulator, epoch, step)
-                    logits = model(batch.pixels.to(recipe.device),
-                                   None if batch.embeddings is None else batch.embeddings.to(recipe.device))
-                    labels = batch.labels.to(logits)
-                    loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                        logits, labels, weight=class_balanced(labels))
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    loss_sum += float(loss.detach()) * len(batch.labels)
+                    loss = train_step(model, optimizer, batch, recipe.device)
+                    loss_sum += loss * len(batch.labels)
                     crops_seen += len(batch.labels)
                     simulated += batch.simulated
-                    advance(len(index), info=f"loss {float(loss.detach()):.4f}")
+                    advance(len(index), info=f"loss {loss:.4f}")
                 seconds = time.perf_counter() - t0
                 val_metrics = _metrics(val, score_samples(model, val, inputs, recipe.device))
                 record = {"epoch": epoch, "train_loss": loss_sum / max(crops_seen, 1), "crops": crops_seen,
