@@ -110,7 +110,7 @@ def prepare_views(image: DecodedImage, contract: InputContract) -> np.ndarray:
     if image.reduced:
         raise ValueError("a crop contract needs native pixels but the image was decoded reduced")
     w, h = image.rgb.size
-    views = [_crop_pad(image.rgb, contract.size, left, top) for left, top in crop_boxes(w, h, contract.size,
+    views = [crop_pad(image.rgb, contract.size, left, top) for left, top in crop_boxes(w, h, contract.size,
                                                                                          contract.crops)]
     if contract.whole:
         views.append(_resize_center_crop(image.rgb, contract.size))
@@ -172,10 +172,12 @@ def _resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
 
 def _center_crop_pad(img: Image.Image, size: int) -> np.ndarray:
     w, h = img.size
-    return _crop_pad(img, size, (w - min(w, size)) // 2, (h - min(h, size)) // 2)
+    return crop_pad(img, size, (w - min(w, size)) // 2, (h - min(h, size)) // 2)
 
 
-def _crop_pad(img: Image.Image, size: int, left: int, top: int) -> np.ndarray:
+def crop_pad(img: Image.Image, size: int, left: int, top: int) -> np.ndarray:
+    """The ``size`` x ``size`` native pixels at (``left``, ``top``), mirror-padded where the image is smaller:
+    what a crop-mode view is, in serving and in training alike."""
     w, h = img.size
     crop_w, crop_h = min(w, size), min(h, size)
     # Crop before converting to an array: np.asarray of the whole image would copy every native pixel.

@@ -39,7 +39,7 @@ from streamguard.config import IntakeSettings, Settings
 from streamguard.detectors.calibration import Calibration, sigmoid
 from streamguard.evaluation.datasets import FAKE, Sample, SampleReader
 from streamguard.intake import decode_image, prepare
-from streamguard.intake.contract import InputContract, _crop_pad, aggregate_logits, prepare_views
+from streamguard.intake.contract import InputContract, aggregate_logits, crop_pad, prepare_views
 from streamguard.training.checkpoint import load_checkpoint, save_checkpoint
 from streamguard.training.data import Splits, split_samples
 from streamguard.training.held_out import HELD_OUT_FILE, held_out_scores, save_held_out
@@ -267,7 +267,7 @@ def training_crops(image: Image.Image, recipe: NirnetRecipe, rng: random.Random)
     crops = []
     for _ in range(recipe.crops):
         left, top = rng.randint(0, max(w - size, 0)), rng.randint(0, max(h - size, 0))
-        crop = _crop_pad(image, size, left, top)
+        crop = crop_pad(image, size, left, top)
         if rng.random() < 0.5:
             crop = crop[:, ::-1]
         crops.append(np.ascontiguousarray(crop))
