@@ -2,7 +2,8 @@
 the shared trunk (``detectors.shared_trunk = true``: the frozen blocks once per batch, 12 + 2 + 2 block
 passes an image) against today's separate models (``false``: 3 x 12), in-process, same images, same run.
 
-    .venv/bin/python bench/bench_trunk.py [--images 16] [--repeat 2] [--triton] [--out bench/results/trunk.json]
+    .venv/bin/python bench/bench_trunk.py [--images 16] [--repeat 2] [--runtime-variants] [--triton]
+        [--out bench/results/trunk.json]
 
 Each variant is a real `Scorer` (the worker's detection path: one runner thread per detector, batches of
 ``detectors.batch_size``), timed on `Scorer.judge` over images decoded beforehand, so the ratio is the
@@ -10,6 +11,11 @@ detectors' alone. With ``--repeat N`` the variants alternate within each round a
 counts, so a neighbouring process stealing CPU for a while biases neither. Prints images/s of each, the
 ratio, and the largest difference between the two variants' raw logits per detector; writes JSON.
 Needs the real backbone (``streamguard backbone fetch``, run by ``make``).
+
+``--runtime-variants`` also times the shared trunk run by ONNX Runtime (``backbone.runtime = "onnxruntime"``)
+at fp32 and int8-mixed, alternating with the others in the same rounds, against the torch shared trunk at
+fp32: images/s ratio and the largest raw-logit difference per detector. Their graphs are exported into the
+backbone cache at the first start (tens of seconds), before any timing.
 
 ``--triton`` also builds a repository with the shared trunk (``triton build --shared-trunk``), starts
 tritonserver on this machine with the three detectors' own models and the shared-trunk ensemble, and
@@ -40,6 +46,8 @@ from streamguard.scoring import ImageJob, Outcome, Scorer
 DETECTORS = ("univfd", "pin-clip", "mpft")
 PLUGINS = ("builtin-fusion", "builtin-policy", "builtin-univfd", "builtin-pinclip", "builtin-mpft")
 SIZES = [(1280, 960), (640, 480), (512, 512), (1024, 768)]
+# The ONNX Runtime shared trunk at each backbone.precision, by variant name.
+RUNTIMES = {"ort-fp32": "fp32", "ort-int8-mixed": "int8-mixed"}
 
 
 def _settings(shared: bool, batch_size: int, **sections: Any) -> Settings:
@@ -95,6 +103,15 @@ def _worst(a: dict[str, list[float]], b: dict[str, list[float]]) -> dict[str, fl
     return {name: float(np.max(np.abs(np.subtract(a[name], b[name])))) for name in DETECTORS}
 
 
+def _runtimes(n: int, seconds: dict[str, list[float]], logits: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+    """The ONNX Runtime variants against the torch shared trunk at fp32 (``shared_trunk``)."""
+    torch_fp32 = min(seconds["shared_trunk"])
+    return {name: {"images_per_s": round(n / min(seconds[name]), 3),
+                   "ratio_vs_torch_fp32_shared_trunk": round(torch_fp32 / min(seconds[name]), 2),
+                   "max_abs_raw_logit_diff_vs_torch_fp32": _worst(logits[name], logits["shared_trunk"])}
+            for name in RUNTIMES}
+
+
 def _triton(jobs: list[ImageJob], args: argparse.Namespace, inprocess: dict[str, list[float]]) -> dict[str, Any]:
     from streamguard.devstack import start_triton
     from streamguard.triton.build import build_repository
@@ -131,13 +148,20 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=16, help="Images per variant and round.")
     parser.add_argument("--batch-size", type=int, default=16, help="detectors.batch_size of both variants.")
     parser.add_argument("--repeat", type=int, default=2, help="Rounds; the best of each variant counts.")
+    parser.add_argument("--runtime-variants", action="store_true",
+                        help="Also the shared trunk on ONNX Runtime at fp32 and int8-mixed.")
     parser.add_argument("--triton", action="store_true", help="Also compare the two through a real tritonserver.")
     args = parser.parse_args()
 
     jobs = [ImageJob(f"img-{i}", photo_jpeg(SIZES[i % len(SIZES)], i)) for i in range(args.images)]
+    variants: dict[str, Callable[[], Settings]] = {"separate": lambda: _settings(False, args.batch_size),
+                                                   "shared_trunk": lambda: _settings(True, args.batch_size)}
+    if args.runtime_variants:
+        for name, precision in RUNTIMES.items():
+            variants[name] = lambda precision=precision: _settings(
+                True, args.batch_size, backbone={"runtime": "onnxruntime", "precision": precision})
     load_before = os.getloadavg()[0]
-    seconds, logits = _compare({"separate": lambda: _settings(False, args.batch_size),
-                                "shared_trunk": lambda: _settings(True, args.batch_size)}, jobs, args.repeat)
+    seconds, logits = _compare(variants, jobs, args.repeat)
     load_after = os.getloadavg()[0]
 
     n = len(jobs)
@@ -167,6 +191,13 @@ def main() -> None:
     print(f"in-process, separate models (baseline): {n / separate:7.3f} images/s")
     print(f"in-process, shared trunk              : {n / shared:7.3f} images/s  {separate / shared:.2f}x")
     print("  max |raw logit difference|: " + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
+    if args.runtime_variants:
+        runtimes = result["runtimes"] = _runtimes(n, seconds, logits)
+        for name, row in runtimes.items():
+            print(f"in-process, shared trunk, {name:<14}: {row['images_per_s']:7.3f} images/s  "
+                  f"{row['ratio_vs_torch_fp32_shared_trunk']:.2f}x torch fp32 shared trunk")
+            print("  max |raw logit - torch fp32|: " + ", ".join(
+                f"{k} {v:.2e}" for k, v in row["max_abs_raw_logit_diff_vs_torch_fp32"].items()))
     if args.triton:
         triton = result["triton"] = _triton(jobs, args, logits["separate"])
         print(f"triton, one model per detector (baseline): {triton['baseline_separate_models_images_per_s']:7.3f} "

@@ -728,6 +728,13 @@ class BackboneSettings(_Section):
         "layers, whose inputs carry activation outliers, left float; CPU only). Detector versions end in "
         "`.int8` / `.int8-mixed` at those. Training and `triton build` always use fp32.",
     )
+    runtime: Literal["torch", "onnxruntime"] = Field(
+        "torch",
+        description="What runs the in-process shared trunk (the encoder blocks the CLIP detectors share): torch, "
+        "or onnxruntime (a graph exported once per backbone and branch points into cache_dir, at `precision`, "
+        "int8 by ONNX Runtime's own quantization; CPU only, detectors.shared_trunk only; the heads stay torch). "
+        "Detector versions end in `.ort-fp32` / `.ort-int8` / `.ort-int8-mixed` with it.",
+    )
 
 
 class LogSettings(_Section):
@@ -793,6 +800,18 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"detectors.timeout_s ({self.detectors.timeout_s:g}) must exceed triton.retry_budget_s + "
                 f"triton.request_timeout_s ({needed:g})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _onnxruntime_runs_the_shared_trunk(self) -> Settings:
+        uses_inprocess = (self.detectors.backend == "inprocess"
+                          or "inprocess" in self.detectors.backend_overrides.values())
+        if uses_inprocess and self.backbone.runtime == "onnxruntime" and not self.detectors.shared_trunk:
+            # Else the detectors would load their whole torch models while their versions say ONNX Runtime.
+            raise ValueError(
+                'backbone.runtime = "onnxruntime" runs the shared trunk only (only the trunk is exported, not the '
+                'detectors\' whole models): set detectors.shared_trunk = true or backbone.runtime = "torch"'
             )
         return self
 

@@ -14,7 +14,7 @@ import sys
 
 # The top-level modules each extra provides, in the order they are worth naming.
 EXTRAS: dict[str, tuple[str, ...]] = {
-    "inprocess": ("torch", "transformers", "safetensors", "onnx", "ml_dtypes"),
+    "inprocess": ("torch", "transformers", "safetensors", "onnx", "ml_dtypes", "onnxruntime"),
     "eval": ("sklearn", "scipy", "matplotlib"),
     "triton-client": ("tritonclient", "grpc"),
 }

@@ -114,6 +114,9 @@ class Scorer:
     def start(self) -> Scorer:
         for runner in self.runners:
             runner.start()
+        # Now that every branch is known: a trunk compiled per set of branch points is made here, not in the
+        # first batch, whose timeout an export would overrun.
+        self._trunks.prepare()
         return self
 
     def close(self) -> None:

@@ -60,15 +60,13 @@ def test_other_weights_get_another_graph(cache: Path) -> None:
 
 
 def test_a_graph_that_differs_from_torch_is_refused_and_removed(tmp_path: Path) -> None:
-    import onnxruntime
-
     encoder, other = tiny_encoder(0).eval(), tiny_encoder(1).eval()
     path = onnx_runtime.export_encoder(encoder, tmp_path / "g.onnx")
     with pytest.raises(OrtMismatch, match="differs from torch"):
-        OrtEncoder._check(other, path, onnxruntime)
+        onnx_runtime.check_encoder(other, path)
     assert not path.exists()
     # The encoder's own graph passes the same check.
-    OrtEncoder._check(encoder, onnx_runtime.export_encoder(encoder, path), onnxruntime)
+    onnx_runtime.check_encoder(encoder, onnx_runtime.export_encoder(encoder, path))
     assert path.is_file()
 
 

@@ -52,7 +52,7 @@ def keeps_float(precision: str, block: int, layer: str, num_layers: int) -> bool
 
 
 class PrecisionUnsupported(BackboneError):
-    """A precision the device cannot run (int8 anywhere but the CPU)."""
+    """A precision or runtime the device cannot run (int8, or ONNX Runtime, anywhere but the CPU)."""
 
 
 def check_device(precision: str, device: str | torch.device) -> None:

@@ -40,29 +40,41 @@ class ClipTrunk:
         return self._precision
 
     def resolve(self, branch_block: int | None) -> int:
-        total = vit.num_layers(self._encoder)
-        block = total if branch_block is None else branch_block
-        if not 0 <= block <= total:
-            raise ValueError(f"branch_block {branch_block} is not a block of this backbone's {total}")
-        return block
+        return resolve_block(self._encoder, branch_block)
 
     def run(self, pixels: Sequence[np.ndarray], blocks: Sequence[int]) -> dict[int, torch.Tensor]:
         return self.forward(torch.from_numpy(np.stack(pixels)).to(self._device), blocks)
 
     def forward(self, pixels: torch.Tensor, blocks: Sequence[int]) -> dict[int, torch.Tensor]:
         """The hidden states entering each of ``blocks`` (ascending) for a (N, 3, H, W) batch on the device."""
-        out: dict[int, torch.Tensor] = {}
         with torch.inference_mode():
-            hidden = vit.tokens(self._encoder, pixels)
-            done = 0
-            for block in blocks:
-                hidden = vit.run_layers(self._layers[done:block], hidden)
-                out[block] = hidden
-                done = block
-        return out
+            return hidden_states(self._encoder, self._layers, pixels, blocks)
 
     def close(self) -> None:
         self._encoder.to("cpu")
+
+
+def resolve_block(encoder: ClipImageEncoder, branch_block: int | None) -> int:
+    """The block index a `TrunkSpec.branch_block` means on ``encoder``: None is after its last block."""
+    total = vit.num_layers(encoder)
+    block = total if branch_block is None else branch_block
+    if not 0 <= block <= total:
+        raise ValueError(f"branch_block {branch_block} is not a block of this backbone's {total}")
+    return block
+
+
+def hidden_states(encoder: ClipImageEncoder, layers: torch.nn.ModuleList, pixels: torch.Tensor,
+                  blocks: Sequence[int]) -> dict[int, torch.Tensor]:
+    """The hidden states entering each of ``blocks`` (ascending; the number of blocks is after the last one):
+    ``encoder``'s tokens through ``layers`` (its blocks, or converted copies of them)."""
+    out: dict[int, torch.Tensor] = {}
+    hidden = vit.tokens(encoder, pixels)
+    done = 0
+    for block in blocks:
+        hidden = vit.run_layers(layers[done:block], hidden)
+        out[block] = hidden
+        done = block
+    return out
 
 
 class TorchHead:

@@ -13,6 +13,8 @@ lock, while the others wait; the rest read what it left. Batches are recognised 
 equal input contracts get the very same prepared arrays from the `Scorer`, and an entry holds them, so an
 id is never reused while its entry lives. Branches are grouped by contract: those with another contract
 get their own trunk pass (their pixels differ, and so would the trunk's output), to their own blocks.
+A trunk compiled per set of branch points (ONNX Runtime's, ``backbone.runtime``) is made once every branch
+is added (`SharedTrunks.prepare`, from `Scorer.start`), not in the first batch.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import structlog
 
 from streamguard.config import Settings
 from streamguard.detectors.spec import CLIP_TRUNK, BranchContext, DetectorInput, DetectorSpec, LoadContext
-from streamguard.extras import missing_extra
+from streamguard.extras import missing_extra, require
 from streamguard.intake.contract import InputContract
 
 log = structlog.get_logger(__name__)
@@ -71,10 +73,18 @@ class LocalTrunk(Trunk, Protocol):
 def _load_clip(settings: Settings, device: str) -> LocalTrunk:
     from streamguard.backbone import load_backbone
     from streamguard.backbone.precision import check_device
-    from streamguard.backends.torch_trunk import ClipTrunk
 
     precision = settings.backbone.precision
     check_device(precision, device)
+    if settings.backbone.runtime == "onnxruntime":
+        from streamguard.backends.ort_trunk import OrtTrunk, cache_dir, check_cpu
+
+        check_cpu(device)
+        require('backbone.runtime = "onnxruntime"', "inprocess")
+        return OrtTrunk(load_backbone(settings.backbone, device, precision="fp32"),
+                        cache_dir(settings.backbone.cache_dir), precision)
+    from streamguard.backends.torch_trunk import ClipTrunk
+
     # Loaded at fp32 and converted by the trunk: heads copy their blocks from the float encoder, to merge
     # adapters into them before they are quantized.
     return ClipTrunk(load_backbone(settings.backbone, device, precision="fp32"), device, precision)
@@ -109,6 +119,7 @@ class SharedTrunk:
     _groups: dict[InputContract | None, _Group] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _pending: OrderedDict[tuple[Any, ...], _Entry] = field(default_factory=OrderedDict)
+    _failed: Exception | None = None  # `prepare` failed: no batch can run
 
     @property
     def branches(self) -> int:
@@ -125,6 +136,8 @@ class SharedTrunk:
         that takes the same input."""
         key = (contract, *(id(item.pixels) for item in batch))
         with self._lock:
+            if self._failed is not None:
+                raise self._failed
             group = self._groups[contract]
             entry = self._pending.get(key)
             if entry is None or any(a.pixels is not b.pixels for a, b in zip(entry.batch, batch, strict=True)):
@@ -144,6 +157,20 @@ class SharedTrunk:
             if entry.error is not None:
                 raise entry.error
             return entry.hidden[block]
+
+    def prepare(self) -> None:
+        """Let a trunk that compiles per set of branch points (`OrtTrunk.prepare`) do it for each input now.
+        A failure is every later batch's, as if the trunk had failed on it, not retried per batch."""
+        prepare = getattr(self.trunk, "prepare", None)
+        if prepare is None:
+            return
+        with self._lock:
+            try:
+                for group in self._groups.values():
+                    prepare(sorted(group.blocks))
+            except Exception as exc:  # noqa: BLE001 - raised to every branch by `hidden`
+                log.error("trunk.prepare_failed", trunk=self.name, error=f"{type(exc).__name__}: {exc}")
+                self._failed = exc
 
     def close(self) -> None:
         with self._lock:
@@ -241,6 +268,13 @@ class SharedTrunks:
                     raise
                 log.info("trunk.loaded", trunk=name)
             return self._trunks[name]
+
+    def prepare(self) -> None:
+        """Once every branch is added (`Scorer.start`): each trunk readies itself for the branch points in use."""
+        with self._lock:
+            trunks = list(self._trunks.values())
+        for shared in trunks:
+            shared.prepare()
 
     def close(self) -> None:
         with self._lock:

@@ -65,15 +65,20 @@ class ClipHeadDetector:
             h.update((directory / name).read_bytes())
         return h.hexdigest()[:10]
 
-    def version(self, directory: Path, precision: str = "fp32") -> str:
-        """``<name>-<prefix>+<digest>``, and ``.int8`` when it runs at int8 (fp32 versions as they always were)."""
-        suffix = "" if precision == "fp32" else f".{precision}"
+    def version(self, directory: Path, computation: str = "fp32") -> str:
+        """``<name>-<prefix>+<digest>``, and ``.<computation>`` (``.int8``, ``.ort-fp32``) for any other computation
+        than torch at fp32 (whose versions stay as they always were)."""
+        suffix = "" if computation == "fp32" else f".{computation}"
         return f"{self.name}-{VERSION_PREFIX}+{self.weights_digest(directory)}{suffix}"
 
-    def precision(self, settings: Settings) -> str:
-        """What it runs its encoder at: ``backbone.precision`` in-process; on Triton, what the repository was
+    def computation(self, settings: Settings) -> str:
+        """What computes its encoder, as its version names it: in-process ``backbone.precision``, prefixed
+        ``ort-`` when ONNX Runtime runs the trunk (``backbone.runtime``); on Triton, what the repository was
         built with, always fp32 (`streamguard triton build`), so the version matches the server's."""
-        return settings.backbone.precision if settings.detectors.backend_for(self.name) == "inprocess" else "fp32"
+        if settings.detectors.backend_for(self.name) != "inprocess":
+            return "fp32"
+        precision = settings.backbone.precision
+        return f"ort-{precision}" if settings.backbone.runtime == "onnxruntime" else precision
 
     def retrain_hint(self) -> str:
         return f"retrain it with `streamguard train {self.name}` on this backbone"
@@ -125,7 +130,7 @@ class ClipHeadDetector:
 
         return DetectorSpec(
             name=self.name,
-            version=self.version(directory, self.precision(settings)),
+            version=self.version(directory, self.computation(settings)),
             load=inprocess_loader(build),
             contract=CONTRACT,
             calibration=Calibration.load(directory),
