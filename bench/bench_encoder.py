@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import machine
 from synthetic import photo_jpeg
 from streamguard.backbone import ClipImageEncoder, load_backbone
 from streamguard.backbone.onnx_runtime import OrtEncoder
@@ -281,17 +280,10 @@ def main() -> None:
                       f"|p - p fp32| max {a.get('probability_max_abs_diff', float('nan')):.4f} "
                       f"mean {a.get('probability_mean_abs_diff', float('nan')):.5f}")
     result.update({
-        "torch_threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
         "quantized_engine": torch.backends.quantized.engine,
-        # Other processes on the same cores slow torch far more than proportionally: the load is recorded.
-        "load_average_before_end": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
     })
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    result.update(machine.record(load_before))
+    machine.write(args.out, result)
     print(f"-> {args.out}")
 
 

@@ -17,9 +17,7 @@ share of time spent decoding, and each ratio to the naive loop; writes the numbe
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import machine
 from synthetic import photo_jpeg
 from streamguard.backbone import ClipImageEncoder, load_backbone
 from streamguard.config import BackboneSettings, IntakeSettings
@@ -112,20 +111,14 @@ def main() -> None:
         "images": n,
         "image_sizes": [f"{w}x{h}" for w, h in SIZES],
         "repeat": args.repeat,
-        "torch_threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
         # torch's worker threads slow down far more than proportionally when another process wants the same
         # cores, so a result taken under load says so here.
-        "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "baseline_naive_images_per_s": round(n / naive.seconds, 2),
         "pipeline_by_batch_size": rows,
         "min_cosine_pipeline_vs_naive": round(agreement, 4),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    result.update(machine.record(load_before))
+    machine.write(args.out, result)
     print(f"naive (full decode, batch 1): {n / naive.seconds:8.2f} images/s (baseline)")
     for label, row in rows.items():
         print(f"pipeline batch {label:>2}           : {row['images_per_s']:8.2f} images/s "

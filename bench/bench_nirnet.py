@@ -27,9 +27,7 @@ slows torch far more than proportionally.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +35,7 @@ from typing import Any
 
 import torch
 
+import machine
 from bench_train import Variant, _backbone, _run, write_data
 from bench_trunk import SIZES
 from synthetic import photo_jpeg
@@ -249,18 +248,9 @@ def main() -> None:
         result["inference"] = _inference(args)
     if not args.skip_training:
         result["training"] = _training(args)
-    load_after = os.getloadavg()[0]
-    result.update({
-        "torch_threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "load_average_before_after": [round(load_before, 2), round(load_after, 2)],
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-    })
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"load average {load_before:.2f} -> {load_after:.2f} on {os.cpu_count()} CPUs -> {args.out}")
+    result.update(machine.record(load_before))
+    machine.write(args.out, result)
+    print(f"load average {load_before:.2f} -> {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs -> {args.out}")
 
 
 if __name__ == "__main__":

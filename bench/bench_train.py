@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
-import platform
 import tempfile
 import time
 from dataclasses import dataclass
@@ -39,6 +37,7 @@ import torch
 from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
+import machine
 from streamguard.backbone import ClipImageEncoder, load_backbone
 from streamguard.backbone.lora import LoraConfig
 from streamguard.builtin.cliphead import CONTRACT
@@ -195,17 +194,11 @@ def main() -> None:
         "steps": args.steps,
         "tune_blocks": args.tune_blocks,
         "images": args.images,
-        "torch_threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "variants": rows,
         "ratios": {k: v for k, v in ratios.items() if v is not None},
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    result.update(machine.record(load_before))
+    machine.write(out, result)
     for name, value in result["ratios"].items():
         print(f"{name:<38} {value:.2f}x")
     print(f"load average {load_before:.2f} -> {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs -> {out}")

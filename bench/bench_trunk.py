@@ -26,9 +26,7 @@ one request per batch to the ensemble (``triton.trunk_model``), each checked aga
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+import machine
 from synthetic import photo_jpeg
 from streamguard.config import Settings, load_settings
 from streamguard.plugins import build_plugin_manager
@@ -180,13 +178,6 @@ def main() -> None:
         "ratio_vs_baseline": round(separate / shared, 2),
         "seconds": {k: [round(s, 2) for s in v] for k, v in seconds.items()},
         "max_abs_raw_logit_diff": worst,
-        "torch_threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        # Other processes on the same cores slow torch far more than proportionally: the load is recorded.
-        "load_average_before_after": [round(load_before, 2), round(load_after, 2)],
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
     }
     print(f"in-process, separate models (baseline): {n / separate:7.3f} images/s")
     print(f"in-process, shared trunk              : {n / shared:7.3f} images/s  {separate / shared:.2f}x")
@@ -206,9 +197,8 @@ def main() -> None:
               f"images/s  {triton['ratio_vs_baseline']:.2f}x")
         for name, diff in triton["max_abs_raw_logit_diff_vs_inprocess"].items():
             print(f"  {name}: max |raw logit - in-process|: " + ", ".join(f"{k} {v:.2e}" for k, v in diff.items()))
-    result["load_average_end"] = round(os.getloadavg()[0], 2)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    result.update(machine.record(load_before))
+    machine.write(args.out, result)
     print(f"load average {load_before:.2f} -> {load_after:.2f} on {os.cpu_count()} CPUs -> {args.out}")
 
 

@@ -31,7 +31,7 @@ from streamguard.backbone.onnx_runtime import (
     parity_pixels,
 )
 from streamguard.backbone.precision import REFERENCE, PrecisionUnsupported, check_device
-from streamguard.backends.torch_trunk import hidden_states, resolve_block
+from streamguard.backends.torch_trunk import EncoderTrunk, hidden_states
 
 CACHE_NAME = "onnx-trunk"
 
@@ -67,7 +67,7 @@ class _Trunk(torch.nn.Module):
         return tuple(hidden_states(self.encoder, layers, pixels, self.blocks).values())
 
 
-class OrtTrunk:
+class OrtTrunk(EncoderTrunk):
     """``encoder``'s trunk in ONNX Runtime, its graph for a set of branch points made at the first `prepare` or
     `run` for them. ``encoder`` stays fp32 and untouched: heads copy their blocks from it."""
 
@@ -80,17 +80,6 @@ class OrtTrunk:
         self._precision = precision
         self._key = graph_key(encoder, "trunk")  # hashes the weights: once, not per set of branch points
         self._sessions: dict[tuple[int, ...], Any] = {}
-
-    @property
-    def backbone(self) -> ClipImageEncoder:
-        return self._encoder
-
-    @property
-    def precision(self) -> str:
-        return self._precision
-
-    def resolve(self, branch_block: int | None) -> int:
-        return resolve_block(self._encoder, branch_block)
 
     def prepare(self, blocks: Sequence[int]) -> None:
         """Export (first time) and load the graph for ``blocks``: at start-up, not in a first batch's timeout."""

@@ -13,7 +13,26 @@ from streamguard.backbone import ClipImageEncoder, vit
 from streamguard.backbone.precision import REFERENCE, apply_precision
 
 
-class ClipTrunk:
+class EncoderTrunk:
+    """What a `LocalTrunk` on a CLIP encoder answers about itself, whatever runs its blocks: subclasses set
+    ``_encoder`` (fp32, for heads to copy their blocks from) and ``_precision``."""
+
+    _encoder: ClipImageEncoder
+    _precision: str
+
+    @property
+    def backbone(self) -> ClipImageEncoder:
+        return self._encoder
+
+    @property
+    def precision(self) -> str:
+        return self._precision
+
+    def resolve(self, branch_block: int | None) -> int:
+        return resolve_block(self._encoder, branch_block)
+
+
+class ClipTrunk(EncoderTrunk):
     """The CLIP image encoder run block by block, keeping the hidden states at the branch points
     (a `streamguard.detectors.trunk.LocalTrunk`).
 
@@ -30,17 +49,6 @@ class ClipTrunk:
         if self._precision != encoder.precision:
             self._layers = copy.deepcopy(self._layers)
             apply_precision(self._layers, precision)
-
-    @property
-    def backbone(self) -> ClipImageEncoder:
-        return self._encoder
-
-    @property
-    def precision(self) -> str:
-        return self._precision
-
-    def resolve(self, branch_block: int | None) -> int:
-        return resolve_block(self._encoder, branch_block)
 
     def run(self, pixels: Sequence[np.ndarray], blocks: Sequence[int]) -> dict[int, torch.Tensor]:
         return self.forward(torch.from_numpy(np.stack(pixels)).to(self._device), blocks)
