@@ -211,7 +211,6 @@ def test_save_then_load_gives_the_same_model(tmp_path: Path) -> None:
 
 
 def test_without_weights_the_plugin_registers_nothing(tmp_path: Path) -> None:
-    assert not (DETECTOR.default_weights / WEIGHTS_FILE).exists()  # no weights ship yet
     settings = load_settings(plugins={"deny": OTHERS, "enable": ["builtin-nirnet"]},
                              detectors={"options": {"nirnet": {"weights_dir": str(tmp_path / "none")}}})
     pm = build_plugin_manager(settings.plugins)
@@ -222,8 +221,30 @@ def test_without_weights_the_plugin_registers_nothing(tmp_path: Path) -> None:
     (missing,) = [e for e in logs if e["event"] == "detector.weights_missing"]
     assert missing["detector"] == "nirnet" and missing["log_level"] == "warning"
     assert missing["weights_dir"] == str(tmp_path / "none")
-    # Opt-in while no weights ship: a default process does not even load the plugin.
+    # Opt-in: a default process does not even load the plugin.
     assert not build_plugin_manager(load_settings().plugins).has_plugin("builtin-nirnet")
+
+
+def test_the_shipped_weights_are_small_documented_and_score() -> None:
+    directory = DETECTOR.default_weights
+    files = {p.name for p in directory.iterdir()}
+    assert {WEIGHTS_FILE, CONFIG_FILE, "calibration.json", "meta.json", "training.json", "MODEL_CARD.md"} <= files
+    assert sum(p.stat().st_size for p in directory.iterdir()) < 5 * 1024 * 1024
+    config = NirnetConfig.from_json((directory / CONFIG_FILE).read_text())
+    assert config.backbone == load_backbone(BackboneSettings()).version  # its semantic branch's CLIP
+    settings = load_settings(plugins={"deny": OTHERS, "enable": ["builtin-nirnet"]})
+    with Scorer(settings, build_plugin_manager(settings.plugins)) as scorer:
+        (spec,) = scorer.specs
+        assert spec.name == "nirnet" and spec.calibration.method == "temperature"
+        # The card describes these weights, not older ones.
+        assert spec.version in (directory / "MODEL_CARD.md").read_text()
+        rng = np.random.default_rng(0)
+        jobs = [ImageJob(str(i), encode(Image.fromarray(rng.integers(0, 256, (300, 420, 3), dtype=np.uint8)), fmt))
+                for i, fmt in enumerate(("PNG", "JPEG"))]
+        outcomes = scorer.score(jobs)
+    for outcome in outcomes:
+        (score,) = outcome.verdict.scores  # type: ignore[union-attr]
+        assert score.error is None and score.probability is not None and 0.0 < score.probability < 1.0
 
 
 def test_unreadable_config_registers_nothing(tmp_path: Path) -> None:

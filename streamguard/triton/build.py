@@ -11,7 +11,7 @@ Two formats:
 
 Both carry ``streamguard_version``, which the worker's Triton backend checks against its own detector spec.
 
-NIRNet (``nirnet``, when its weights exist or ``weights["nirnet"]`` names them) is written as an ensemble of
+NIRNet (``nirnet``, when named in ``models`` or given ``weights["nirnet"]``) is written as an ensemble of
 Python-backend parts whatever the format (`build_nirnet`).
 """
 
@@ -50,13 +50,15 @@ class BuildResult:
 
 
 def default_models(weights: Mapping[str, Path] | None = None) -> list[str]:
-    """Every served detector that has weights, shipped or given."""
+    """Every served CLIP detector that has weights, shipped or given; NIRNet only when its weights are given
+    (or it is named in ``models``): it is opt-in in the worker, and its ensemble brings a CLIP encoder of its
+    own into the server, which a repository for the default detectors should not load."""
     from streamguard.builtin.nirnet.files import has_weights
 
     weights = weights or {}
     names = [name for name, served in served_detectors().items()
              if served.has_weights(weights.get(name, served.default_weights))]
-    return names + ([NIRNET] if has_weights(weights.get(NIRNET, NIRNET_WEIGHTS)) else [])
+    return names + ([NIRNET] if NIRNET in weights and has_weights(weights[NIRNET]) else [])
 
 
 def build_repository(out: Path, device: Device = "cpu", weights: Mapping[str, Path] | None = None,
