@@ -82,7 +82,7 @@ def test_first_commit_point_is_the_first_offset_before_anything_finishes() -> No
 
 
 @given(schedules())
-def test_resume_point_skips_nothing_unfinished_even_after_a_commit(schedule: tuple[int, list[int], list[int]]) -> None:
+def test_resume_point_is_the_first_unfinished_offset_even_after_a_commit(schedule: tuple[int, list[int], list[int]]) -> None:
     _, offsets, finished = schedule
     tracker: OffsetTracker[str] = OffsetTracker()
     assert tracker.resume_point("p") is None

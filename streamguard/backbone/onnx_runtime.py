@@ -20,9 +20,7 @@ what it costs (README "int8 encoder on the CPU").
 from __future__ import annotations
 
 import copy
-import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -32,7 +30,7 @@ import numpy as np
 import structlog
 import torch
 
-from streamguard.backbone.cache_files import cache_lock
+from streamguard.backbone.cache_files import cache_lock, staged_file
 from streamguard.backbone.digest import weights_digest
 from streamguard.backbone.errors import BackboneError
 from streamguard.backbone.model import ClipImageEncoder
@@ -90,20 +88,12 @@ def export_graph(module: torch.nn.Module, image_size: int, path: Path, outputs: 
     """Write ``module`` (pixels (N, 3, S, S) -> ``outputs``, each with the batch first) as ONNX at
     ``image_size``, batch axis dynamic, atomically."""
     sample = torch.zeros(1, 3, image_size, image_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        with warnings.catch_warnings(), torch.inference_mode():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter, on purpose (no onnxscript)
-            torch.onnx.export(module.eval(), (sample,), tmp, input_names=[INPUT], output_names=list(outputs),
-                              dynamic_axes={name: {0: "batch"} for name in (INPUT, *outputs)},
-                              opset_version=OPSET, dynamo=False)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the cache unreadable to another service user
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with staged_file(path) as tmp, warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter, on purpose (no onnxscript)
+        torch.onnx.export(module.eval(), (sample,), str(tmp), input_names=[INPUT], output_names=list(outputs),
+                          dynamic_axes={name: {0: "batch"} for name in (INPUT, *outputs)},
+                          opset_version=OPSET, dynamo=False)
     return path
 
 
@@ -153,15 +143,9 @@ def quantize_graph(source: Path, path: Path, precision: str, num_layers: int) ->
         (kept if keeps_float(precision, block, layer, num_layers) else chosen).append(node.name)
     if not chosen:
         raise OrtMismatch(f"{source}: no block linear MatMul found to quantize (exporter naming changed?)")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        quantize_dynamic(str(source), tmp, per_channel=True, reduce_range=True, weight_type=QuantType.QInt8,
+    with staged_file(path) as tmp:
+        quantize_dynamic(str(source), str(tmp), per_channel=True, reduce_range=True, weight_type=QuantType.QInt8,
                          op_types_to_quantize=["MatMul"], nodes_to_quantize=chosen)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     log.debug("backbone.ort_quantized", path=str(path), quantized=len(chosen), kept_float=len(kept))
     return path
 
