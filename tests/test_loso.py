@@ -177,6 +177,32 @@ def test_loso_end_to_end(dataset: Path, backbone: Path, tmp_path: Path) -> None:
         assert any(abs(r["logit"] - expected[r["id"]]) > 1e-3 for r in crops)  # other pixels, other scores
     assert set(compared["variants"]["crops2+whole"]["accuracy_change"]) == {g for g, _ in GROUPS}
 
+    # The same fold models on the shared trunk at a faster serving: ONNX Runtime at fp32 gives the reference's
+    # scores; a run with a per-group limit is extended, not redone, by a run without one.
+    def serving(*extra: str) -> dict[str, Any]:
+        result = CliRunner().invoke(cli, [
+            "train", "loso-variants", "--data", str(dataset), "--loso-data", str(dataset), "--out", str(out),
+            "--method", "univfd", "--variant", "resize:ort-fp32", "--variant", "resize:ort-int8-mixed", *extra],
+            env=_env(backbone, STREAMGUARD_BACKBONE__CACHE_DIR=str(tmp_path / "backbone-cache")))
+        assert result.exit_code == 0, f"{result.output}\n{result.stderr}\n{result.exception!r}"
+        return json.loads((out / "loso-variants.univfd.json").read_text())
+
+    first = json.loads((out / "univfd" / report["folds"][0]["name"] / "held_out.resize.json").read_text())["scores"]
+    assert serving("--limit-per-group", "1")["images"] < report["images"]
+    fold = out / "univfd" / report["folds"][0]["name"]
+    few = {r["id"]: r["logit"] for r in json.loads((fold / "held_out.resize_ort-int8-mixed.json").read_text())["scores"]}
+    assert few
+    served = serving()
+    assert served["images"] == report["images"]
+    assert list(served["variants"]) == ["resize", "resize:ort-fp32", "resize:ort-int8-mixed"]
+    ort = json.loads((fold / "held_out.resize_ort-fp32.json").read_text())
+    assert ort["version"].endswith(".ort-fp32")
+    assert {r["id"]: r["logit"] for r in ort["scores"]} == {
+        r["id"]: pytest.approx(r["logit"], abs=1e-4) for r in first}
+    quantized = json.loads((fold / "held_out.resize_ort-int8-mixed.json").read_text())
+    assert quantized["version"].endswith(".ort-int8-mixed") and len(quantized["scores"]) == len(first)
+    assert {r["id"]: r["logit"] for r in quantized["scores"] if r["id"] in few} == few  # kept, not scored again
+
     # A detector that was not retrained per fold joins by its `eval` scores on images it never saw: the report
     # covers the images every detector scored, and fusion weighs it too.
     rows = ["id,path,member,label,generator,family,source,split,perturbation,score,error"]

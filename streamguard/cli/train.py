@@ -309,8 +309,9 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
               show_default=True, help="The finished `train loso` run.")
 @click.option("--method", type=click.Choice(("univfd", "pin-clip", "mpft", "nirnet")), required=True)
 @click.option("--variant", "variants", multiple=True, required=True,
-              help="VIEW[@PERTURBATION]: VIEW is resize, cropsN or cropsN+whole (add -trimmed for a trimmed "
-                   "mean), e.g. crops4+whole, resize@jpeg75, resize@downscale0.5.")
+              help="VIEW[@PERTURBATION][:SERVING]: VIEW is resize, cropsN or cropsN+whole (add -trimmed for a "
+                   "trimmed mean); SERVING is fp32 (the default), int8, int8-mixed or those with ort- (ONNX "
+                   "Runtime), on the shared trunk; e.g. crops4+whole, resize@jpeg75, resize:ort-int8-mixed.")
 @click.option("--folds", type=int, default=None, help="Unused: the folds, pools and sample are those loso.json recorded.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--limit-per-group", type=int, default=None,
@@ -322,7 +323,8 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
 def train_loso_variants_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[str, ...], out: Path,
                                 method: str, variants: tuple[str, ...], folds: int | None, seed: int,
                                 limit_per_group: int | None, unseen_scores: tuple[str, ...]) -> None:
-    """Score the LOSO fold models' held-out images under other views or perturbations, per group."""
+    """Score the LOSO fold models' held-out images under other views, perturbations or encoder servings,
+    per group."""
     require("`streamguard train loso-variants`", "inprocess", "eval")
     from streamguard.training.loso import LosoConfig
     from streamguard.training.loso_views import parse_variant, run_variants

@@ -6,6 +6,8 @@ input contract. Two questions need the same held-out images scored otherwise, by
   resized whole view, against the resized whole view alone? Answered per group, on unseen sources.
 - **Robustness.** What do JPEG q75 and a 0.5x downscale cost on unseen sources (not on the seen test split,
   where a detector may have memorised the generator)?
+- **Serving.** Does a faster encoder (int8, ONNX Runtime) keep the AUC on unseen sources, not only on the
+  test split? Scored on the shared trunk that `backbone.precision` / `backbone.runtime` give the worker.
 
 Each variant is scored through the serving path (the detector's `DetectorSpec` from its fold's weights,
 run by a `DetectorRunner`), so the numbers are what the worker would publish. Results sit beside the fold's
@@ -35,28 +37,52 @@ from streamguard.training.loso import Fold, LosoConfig, fold_dir
 
 log = structlog.get_logger(__name__)
 
+# The encoder a variant is served at: `backbone.precision`, with ``ort-`` for `backbone.runtime = onnxruntime`.
+SERVINGS = ("fp32", "int8", "int8-mixed", "ort-fp32", "ort-int8", "ort-int8-mixed")
+
+
 @dataclass(frozen=True)
 class Variant:
     """``view``: ``resize`` (the shipped contract), ``cropsN`` (N native crops) or ``cropsN+whole``, with
-    ``-trimmed`` for a trimmed mean of the views' logits; ``perturb``: a perturbation name or ``none``."""
+    ``-trimmed`` for a trimmed mean of the views' logits; ``perturb``: a perturbation name or ``none``;
+    ``serving``: one of `SERVINGS` (fp32 is the detector's own unshared model, the reference)."""
 
     view: str = "resize"
     perturb: str = "none"
+    serving: str = "fp32"
 
     def __post_init__(self) -> None:
         with_views(InputContract(), self.view)  # refuses an unknown view name
+        if self.serving not in SERVINGS:
+            raise ValueError(f"unknown serving {self.serving!r} (one of {', '.join(SERVINGS)})")
+        if self.serving != "fp32" and self.view != "resize":
+            # The shared trunk runs the backbone's own contract: another view would not be what is served.
+            raise ValueError(f"serving {self.serving} scores the resize view only, not {self.view}")
 
     @property
     def name(self) -> str:
-        return self.view if self.perturb == "none" else f"{self.view}@{self.perturb}"
+        name = self.view if self.perturb == "none" else f"{self.view}@{self.perturb}"
+        return name if self.serving == "fp32" else f"{name}:{self.serving}"
 
     def contract(self, base: InputContract) -> InputContract:
         return with_views(base, self.view)
 
+    def settings(self, settings: Settings) -> Settings:
+        """``settings`` with the backbone served as ``serving`` says (the shared trunk for all but fp32)."""
+        if self.serving == "fp32":
+            return settings
+        runtime = "onnxruntime" if self.serving.startswith("ort-") else "torch"
+        backbone = settings.backbone.model_copy(update={"precision": self.serving.removeprefix("ort-"),
+                                                        "runtime": runtime})
+        detectors = settings.detectors.model_copy(update={"shared_trunk": True})
+        return settings.model_copy(update={"backbone": backbone, "detectors": detectors})
+
 
 def parse_variant(text: str) -> Variant:
-    view, _, perturb = text.partition("@")
-    return Variant(view, perturb or "none")
+    """``VIEW[@PERTURBATION][:SERVING]``, e.g. ``resize@jpeg75`` or ``resize:ort-int8-mixed``."""
+    rest, _, serving = text.partition(":")
+    view, _, perturb = rest.partition("@")
+    return Variant(view, perturb or "none", serving or "fp32")
 
 
 def variant_file(variant: Variant) -> str:
@@ -66,34 +92,56 @@ def variant_file(variant: Variant) -> str:
 def score_variant(settings: Settings, cfg: LosoConfig, method: str, fold: Fold, variant: Variant,
                   samples: dict[str, Sample], limit: set[str] | None = None) -> list[HeldOutScore]:
     """The fold's held-out images (outside the test split, within ``limit`` when given) scored under
-    ``variant`` by that fold's model, calibrated as its ``held_out.json``."""
+    ``variant`` by that fold's model, calibrated as its ``held_out.json``. Images an earlier call scored are
+    read back, and only those it did not score are scored (a run with a larger limit extends a smaller one)."""
+    directory = fold_dir(cfg, method, fold)
+    path = directory / variant_file(variant)
+    done = {row["id"]: HeldOutScore(**row) for row in json.loads(path.read_text())["scores"]} if path.is_file() else {}
+    _, base = load_held_out(directory)
+    wanted = [s for s in base if s.split != "test" and (limit is None or s.id in limit)]
+    missing = [s for s in wanted if s.id not in done]
+    if missing:
+        version, scored = _score(settings, method, directory, variant, missing, samples)
+        done.update((score.id, score) for score in scored)
+        rows = sorted(done.values(), key=lambda s: s.id)
+        path.write_text(json.dumps({"variant": asdict(variant), "version": version,
+                                    "scores": [asdict(s) for s in rows]}, indent=1) + "\n")
+        log.info("loso.variant_scored", method=method, fold=fold.name, variant=variant.name, images=len(missing))
+    return [done[s.id] for s in wanted]
+
+
+def _score(settings: Settings, method: str, directory: Path, variant: Variant, wanted: list[HeldOutScore],
+           samples: dict[str, Sample]) -> tuple[str, list[HeldOutScore]]:
+    """The model version that scored, and ``wanted`` with the logits it gave under ``variant``."""
     import time
 
     from streamguard.config import DetectorSettings
     from streamguard.detectors.runner import DetectorRunner
+    from streamguard.detectors.trunk import SharedTrunks
     from streamguard.evaluation.datasets import SampleReader
     from streamguard.evaluation.perturb import perturb
     from streamguard.intake import decode_image
     from streamguard.scoring import _input
 
-    directory = fold_dir(cfg, method, fold)
-    path = directory / variant_file(variant)
-    if path.is_file():
-        return [HeldOutScore(**row) for row in json.loads(path.read_text())["scores"]]
-    _, base = load_held_out(directory)
-    wanted = [s for s in base if s.split != "test" and (limit is None or s.id in limit)]
     options = {**settings.detectors.options, method: {"weights_dir": str(directory)}}
-    fold_settings = settings.model_copy(update={"detectors": settings.detectors.model_copy(update={"options": options})})
+    fold_settings = variant.settings(
+        settings.model_copy(update={"detectors": settings.detectors.model_copy(update={"options": options})}))
     spec = _detectors()[method].spec(fold_settings)
     if spec is None or spec.contract is None:
         raise ValueError(f"no {method} model in {directory}")
     contract = variant.contract(spec.contract)
-    # The fold's own model, unshared: a variant's contract differs from every other detector's.
-    runner = DetectorRunner(replace(spec, contract=contract, trunk=None), DetectorSettings(timeout_s=None))
+    if variant.serving == "fp32":
+        # The fold's own model, unshared: a view's contract differs from every other detector's.
+        trunks, spec = None, replace(spec, contract=contract, trunk=None)
+    else:
+        trunks = SharedTrunks(fold_settings)
+    runner = DetectorRunner(spec, DetectorSettings(timeout_s=None, shared_trunk=trunks is not None), None, trunks)
     runner.start()
     reader = SampleReader()
     out: list[HeldOutScore] = []
     try:
+        if trunks is not None:
+            trunks.prepare()
         for lo in range(0, len(wanted), 16):
             chunk = wanted[lo:lo + 16]
             inputs = []
@@ -109,9 +157,9 @@ def score_variant(settings: Settings, cfg: LosoConfig, method: str, fold: Fold, 
     finally:
         reader.close()
         runner.close()
-    path.write_text(json.dumps({"variant": asdict(variant), "scores": [asdict(s) for s in out]}, indent=1) + "\n")
-    log.info("loso.variant_scored", method=method, fold=fold.name, variant=variant.name, images=len(out))
-    return out
+        if trunks is not None:
+            trunks.close()
+    return spec.version, out
 
 
 def _detectors() -> dict[str, Any]:
