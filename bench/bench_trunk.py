@@ -21,6 +21,8 @@ backbone cache at the first start (tens of seconds), before any timing.
 tritonserver on this machine with the three detectors' own models and the shared-trunk ensemble, and
 compares the worker's Triton path both ways on the same images: one request per detector's model against
 one request per batch to the ensemble (``triton.trunk_model``), each checked against the in-process scores.
+``--triton-url HOST:PORT`` measures a server you started instead: on a GPU node, the repository from
+``streamguard triton build --device gpu --format onnx --shared-trunk`` (TensorRT fp16; see triton_repo/README.md).
 """
 
 from __future__ import annotations
@@ -119,19 +121,29 @@ def _triton(jobs: list[ImageJob], args: argparse.Namespace, inprocess: dict[str,
     from streamguard.triton.build import build_repository
     from streamguard.triton.shared_trunk import ENSEMBLE_MODEL
 
+    if args.triton_url:
+        return _through(args.triton_url, jobs, args, inprocess, f"tritonserver at {args.triton_url} (run by you)")
     with tempfile.TemporaryDirectory(prefix="bench-trunk-") as work:
         built = build_repository(Path(work) / "models", device="cpu", shared_trunk=True, models=list(DETECTORS))
         server = start_triton(Path(work) / "server", built.repository, [*DETECTORS, ENSEMBLE_MODEL], timeout_s=600)
         try:
-            common = {"url": server.grpc_address, "request_timeout_s": 600, "retry_budget_s": 60}
-            variants = {
-                "separate": lambda: _settings(False, args.batch_size, detectors={"backend": "triton"}, triton=common),
-                "shared_trunk": lambda: _settings(True, args.batch_size, detectors={"backend": "triton"},
-                                                  triton={**common, "trunk_model": ENSEMBLE_MODEL}),
-            }
-            seconds, logits = _compare(variants, jobs, args.repeat)
+            return _through(server.grpc_address, jobs, args, inprocess,
+                            "tritonserver (nvidia-pytriton wheel), Python backend, CPU, on the same cores as the client")
         finally:
             server.stop()
+
+
+def _through(url: str, jobs: list[ImageJob], args: argparse.Namespace, inprocess: dict[str, list[float]],
+             server: str) -> dict[str, Any]:
+    from streamguard.triton.shared_trunk import ENSEMBLE_MODEL
+
+    common = {"url": url, "request_timeout_s": 600, "retry_budget_s": 60}
+    variants = {
+        "separate": lambda: _settings(False, args.batch_size, detectors={"backend": "triton"}, triton=common),
+        "shared_trunk": lambda: _settings(True, args.batch_size, detectors={"backend": "triton"},
+                                          triton={**common, "trunk_model": ENSEMBLE_MODEL}),
+    }
+    seconds, logits = _compare(variants, jobs, args.repeat)
     n = len(jobs)
     separate, shared = min(seconds["separate"]), min(seconds["shared_trunk"])
     return {
@@ -140,7 +152,7 @@ def _triton(jobs: list[ImageJob], args: argparse.Namespace, inprocess: dict[str,
         "ratio_vs_baseline": round(separate / shared, 2),
         "seconds": {k: [round(s, 2) for s in v] for k, v in seconds.items()},
         "max_abs_raw_logit_diff_vs_inprocess": {k: _worst(v, inprocess) for k, v in logits.items()},
-        "server": "tritonserver (nvidia-pytriton wheel), Python backend, CPU, on the same cores as the client",
+        "server": server,
     }
 
 
@@ -153,6 +165,10 @@ def main() -> None:
     parser.add_argument("--runtime-variants", action="store_true",
                         help="Also the shared trunk at torch int8-mixed and on ONNX Runtime at fp32 and int8-mixed.")
     parser.add_argument("--triton", action="store_true", help="Also compare the two through a real tritonserver.")
+    parser.add_argument("--triton-url", default=None, metavar="HOST:PORT",
+                        help="With --triton: a running server instead of one started here, e.g. a GPU node serving "
+                             "`triton build --device gpu --format onnx --shared-trunk` (the three detectors' models "
+                             "and the ensemble loaded).")
     args = parser.parse_args()
 
     jobs = [ImageJob(f"img-{i}", photo_jpeg(SIZES[i % len(SIZES)], i)) for i in range(args.images)]
@@ -192,7 +208,7 @@ def main() -> None:
                   f"{row['ratio_vs_torch_fp32_shared_trunk']:.2f}x torch fp32 shared trunk")
             print("  max |raw logit - torch fp32|: " + ", ".join(
                 f"{k} {v:.2e}" for k, v in row["max_abs_raw_logit_diff_vs_torch_fp32"].items()))
-    if args.triton:
+    if args.triton or args.triton_url:
         triton = result["triton"] = _triton(jobs, args, logits["separate"])
         print(f"triton, one model per detector (baseline): {triton['baseline_separate_models_images_per_s']:7.3f} "
               "images/s")

@@ -47,9 +47,9 @@ def exports(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
     seen: list[tuple[str, ...]] = []
     export = ort_trunk.export_graph
 
-    def counted(module: torch.nn.Module, size: int, path: Path, outputs: Sequence[str]) -> Path:
+    def counted(module: torch.nn.Module, size: int, path: Path, outputs: Sequence[str], *rest: str) -> Path:
         seen.append(tuple(outputs))
-        return export(module, size, path, outputs)
+        return export(module, size, path, outputs, *rest)
 
     monkeypatch.setattr(ort_trunk, "export_graph", counted)
     return seen

@@ -25,6 +25,7 @@ from streamguard.builtin.univfd.plugin import DETECTOR as UNIVFD
 from streamguard.training.artifacts import save_probe
 from streamguard.cli import cli
 from streamguard.config import BackboneSettings
+from streamguard.triton.shared_trunk import ENSEMBLE_MODEL, HEAD_INPUT, TRUNK_MODEL, head_model, hidden_tensor
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +77,44 @@ def test_onnx_build(tiny: tuple[BackboneSettings, Path], tmp_path: Path, device:
     with torch.inference_mode():
         expected = model(torch.from_numpy(pixels)).numpy()
     assert got.shape == (5, 1)
+    np.testing.assert_allclose(got[:, 0], expected, atol=1e-4, rtol=0)
+
+
+def test_onnx_shared_trunk_build(tiny: tuple[BackboneSettings, Path], tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shared trunk as ONNX graphs for the GPU path: trunk and head in ONNX Runtime, wired as the
+    ensemble wires them, give the whole model's logits; the configs carry TensorRT fp16 and the tensors."""
+    backbone, head = tiny
+    monkeypatch.setenv("STREAMGUARD_BACKBONE__CHECKPOINT", str(backbone.checkpoint))
+    result = CliRunner().invoke(cli, ["triton", "build", "--format", "onnx", "--device", "gpu", "--shared-trunk",
+                                       "--model", "univfd", "--weights", f"univfd={head}", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert summary["shared_trunk"] == {"model": ENSEMBLE_MODEL, "detectors": {"univfd": UNIVFD.version(head)}}
+    for model in (TRUNK_MODEL, head_model("univfd")):
+        assert sorted(p.name for p in (tmp_path / model).rglob("*") if p.is_file()) == ["config.pbtxt", "model.onnx"]
+        config = _config(tmp_path / model / "config.pbtxt")
+        assert config.platform == "onnxruntime_onnx" and config.name == model and "role" not in config.parameters
+        (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+        assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
+    trunk_config = _config(tmp_path / TRUNK_MODEL / "config.pbtxt")
+    head_config = _config(tmp_path / head_model("univfd") / "config.pbtxt")
+    assert [o.name for o in trunk_config.output] == [hidden_tensor(2)]  # the tiny backbone has 2 blocks
+    assert [(i.name, tuple(i.dims)) for i in head_config.input] == [
+        (HEAD_INPUT, tuple(trunk_config.output[0].dims))]
+    assert head_config.parameters["streamguard_version"].string_value == UNIVFD.version(head)
+    ensemble = _config(tmp_path / ENSEMBLE_MODEL / "config.pbtxt")
+    assert [step.model_name for step in ensemble.ensemble_scheduling.step] == [TRUNK_MODEL, head_model("univfd")]
+
+    pixels = np.random.default_rng(2).normal(size=(4, 3, 224, 224)).astype(np.float32)
+    trunk = ort.InferenceSession(str(tmp_path / TRUNK_MODEL / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    (hidden,) = trunk.run([hidden_tensor(2)], {"PIXELS": pixels})
+    branch = ort.InferenceSession(str(tmp_path / head_model("univfd") / "1" / "model.onnx"),
+                                  providers=["CPUExecutionProvider"])
+    (got,) = branch.run(["LOGITS"], {HEAD_INPUT: hidden})
+    with torch.inference_mode():
+        expected = build_served(UNIVFD, load_backbone(backbone), head).eval()(torch.from_numpy(pixels)).numpy()
+    assert got.shape == (4, 1)
     np.testing.assert_allclose(got[:, 0], expected, atol=1e-4, rtol=0)
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from google.protobuf import text_format
 from PIL import Image
 from tritonclient.grpc import InferenceServerClient
@@ -19,7 +18,6 @@ from tritonclient.grpc import model_config_pb2
 
 from streamguard.backends.triton_grpc import VersionMismatch
 from streamguard.backends.triton_trunk import TritonTrunk
-from streamguard.cli import cli
 from streamguard.config import TritonSettings, load_settings
 from streamguard.devstack import TritonService, start_triton
 from streamguard.plugins import build_plugin_manager
@@ -130,6 +128,3 @@ def test_a_detector_version_the_ensemble_does_not_serve_is_refused(triton: Trito
         trunk.close()
 
 
-def test_the_shared_trunk_is_built_for_the_python_backend_only(tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli, ["triton", "build", "--format", "onnx", "--shared-trunk", str(tmp_path)])
-    assert result.exit_code != 0 and "Python backend only" in result.output

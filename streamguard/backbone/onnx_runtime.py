@@ -84,15 +84,16 @@ def eager_copy(encoder: ClipImageEncoder) -> ClipImageEncoder:
     return copied
 
 
-def export_graph(module: torch.nn.Module, image_size: int, path: Path, outputs: Sequence[str]) -> Path:
+def export_graph(module: torch.nn.Module, image_size: int, path: Path, outputs: Sequence[str],
+                 input_name: str = INPUT) -> Path:
     """Write ``module`` (pixels (N, 3, S, S) -> ``outputs``, each with the batch first) as ONNX at
     ``image_size``, batch axis dynamic, atomically."""
     sample = torch.zeros(1, 3, image_size, image_size)
     with staged_file(path) as tmp, warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter, on purpose (no onnxscript)
-        torch.onnx.export(module.eval(), (sample,), str(tmp), input_names=[INPUT], output_names=list(outputs),
-                          dynamic_axes={name: {0: "batch"} for name in (INPUT, *outputs)},
+        torch.onnx.export(module.eval(), (sample,), str(tmp), input_names=[input_name], output_names=list(outputs),
+                          dynamic_axes={name: {0: "batch"} for name in (input_name, *outputs)},
                           opset_version=OPSET, dynamo=False)
     return path
 
@@ -107,10 +108,10 @@ def parity_pixels(image_size: int) -> torch.Tensor:
     return torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
 
 
-def check_graph(path: Path, pixels: torch.Tensor, expected: Mapping[str, np.ndarray]) -> None:
+def check_graph(path: Path, pixels: torch.Tensor, expected: Mapping[str, np.ndarray], input_name: str = INPUT) -> None:
     """Refuse (and remove) the graph at ``path`` unless its outputs on ``pixels`` are ``expected`` to
     `PARITY_TOLERANCE`."""
-    got = dict(zip(expected, open_session(path).run(list(expected), {INPUT: pixels.numpy()}), strict=True))
+    got = dict(zip(expected, open_session(path).run(list(expected), {input_name: pixels.numpy()}), strict=True))
     for name, want in expected.items():
         scale = max(1.0, float(np.max(np.abs(want))))
         worst = float(np.max(np.abs(got[name] - want))) / scale if got[name].shape == want.shape else float("inf")

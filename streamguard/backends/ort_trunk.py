@@ -54,7 +54,22 @@ def _output(block: int) -> str:
     return f"hidden{block}"
 
 
-class _Trunk(torch.nn.Module):
+def export_trunk(encoder: ClipImageEncoder, blocks: Sequence[int], path: Path, outputs: Sequence[str],
+                 input_name: str = INPUT, image_size: int | None = None) -> Path:
+    """Write the trunk of fp32 ``encoder`` to ``blocks`` as ONNX (``outputs``: one name per block, in order) for
+    pixels of ``image_size`` (default: the encoder's own), and refuse it unless ONNX Runtime computes torch's
+    hidden states on it. The Triton build writes its trunk model with it, under Triton's tensor names."""
+    size = image_size or encoder.image_size
+    export_graph(_TrunkGraph(eager_copy(encoder), blocks), size, path, outputs, input_name)
+    pixels = parity_pixels(size)
+    with torch.inference_mode():
+        expected = hidden_states(encoder, encoder.model.vision_model.encoder.layers, pixels, blocks)
+    check_graph(path, pixels, {name: hidden.numpy() for name, hidden in zip(outputs, expected.values(), strict=True)},
+                input_name)
+    return path
+
+
+class _TrunkGraph(torch.nn.Module):
     """What the graph computes: `hidden_states` at ``blocks``, in their order."""
 
     def __init__(self, encoder: ClipImageEncoder, blocks: Sequence[int]) -> None:
@@ -109,9 +124,4 @@ class OrtTrunk(EncoderTrunk):
         return session
 
     def _export(self, blocks: tuple[int, ...], path: Path) -> None:
-        export_graph(_Trunk(eager_copy(self._encoder), blocks), self._encoder.image_size, path,
-                     [_output(block) for block in blocks])
-        pixels = parity_pixels(self._encoder.image_size)
-        with torch.inference_mode():
-            expected = hidden_states(self._encoder, self._encoder.model.vision_model.encoder.layers, pixels, blocks)
-        check_graph(path, pixels, {_output(block): hidden.numpy() for block, hidden in expected.items()})
+        export_trunk(self._encoder, blocks, path, [_output(block) for block in blocks])

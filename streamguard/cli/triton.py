@@ -41,7 +41,7 @@ def _weights(values: tuple[str, ...]) -> dict[str, Path]:
               help="A detector's weights directory instead of the shipped one (repeatable).")
 @click.option("--shared-trunk", is_flag=True,
               help="Also write the detectors on one shared CLIP trunk: the trunk, a head each and the ensemble "
-                   "the worker calls with triton.trunk_model (python format only).")
+                   "the worker calls with triton.trunk_model, in --format (onnx: TensorRT fp16 on GPU).")
 @pass_app
 def triton_build_command(app: AppContext, out: Path, device: str, fmt: str, models: tuple[str, ...],
                          weights: tuple[str, ...], shared_trunk: bool) -> None:

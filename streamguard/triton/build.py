@@ -68,13 +68,11 @@ def build_repository(out: Path, device: Device = "cpu", weights: Mapping[str, Pa
     """Write ``out/<model>`` for each of ``models`` (default: all with weights); other entries of ``out`` stay.
 
     ``shared_trunk`` also writes the same detectors on one shared trunk (`build_trunk`): the trunk, a head
-    each, and the ensemble the worker calls with ``triton.trunk_model`` (Python backend only)."""
+    each, and the ensemble the worker calls with ``triton.trunk_model``, in ``fmt`` as the detectors' own."""
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', not {device!r}")
     if fmt not in ("python", "onnx"):
         raise ValueError(f"format must be 'python' or 'onnx', not {fmt!r}")
-    if shared_trunk and fmt != "python":
-        raise ValueError("the shared trunk is built for the Python backend only (--format python)")
     weights = dict(weights or {})
     unknown = set(weights) - set(served_detectors()) - {NIRNET}
     if unknown:
@@ -101,8 +99,9 @@ def build_repository(out: Path, device: Device = "cpu", weights: Mapping[str, Pa
     if shared_trunk and built:
         from streamguard.triton.build_trunk import build_shared_trunk
 
-        result.shared_trunk.update(build_shared_trunk(out, built, device, backbone, templates / PYTHON_TEMPLATE,
-                                                      templates / PYTHON_MODEL))
+        template = templates / (PYTHON_TEMPLATE if fmt == "python" else ONNX_TEMPLATE)
+        model_file = templates / PYTHON_MODEL if fmt == "python" else None
+        result.shared_trunk.update(build_shared_trunk(out, built, device, backbone, template, model_file))
     return result
 
 
@@ -142,4 +141,5 @@ def _export(path: Path, served: ClipHeadDetector, weights: Path, backbone: Backb
     from streamguard.builtin.cliphead.model import build_served
     from streamguard.triton.onnx_export import export_onnx
 
-    export_onnx(build_served(served, load_backbone(backbone, "cpu", precision="fp32"), weights), path, INPUT_SIZE)
+    export_onnx(build_served(served, load_backbone(backbone, "cpu", precision="fp32"), weights), path,
+                (3, INPUT_SIZE, INPUT_SIZE))

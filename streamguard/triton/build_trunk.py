@@ -3,10 +3,12 @@ ensemble wiring them, so one request per batch runs the frozen blocks once for e
 
     PIXELS -> clip-trunk -> HIDDEN_<b> per branch block -> <detector>-head -> LOGITS_<detector>
 
-Trunk and heads are Python-backend models from the one template (``python-template.pbtxt``), with their
-tensors and a ``role`` parameter written in; the ensemble (``platform: "ensemble"``) is written here, with
-each detector's version in its own parameter (`shared_trunk.version_parameter`), which the worker checks
-like any model's. Tensor shapes come from the backbone the models will load, so it is loaded once here.
+Trunk and heads are written from the detectors' own template, with their tensors written in: Python-backend
+models (``python-template.pbtxt``, with a ``role`` parameter) or, with ``--format onnx``, ONNX graphs exported
+here and checked against torch in ONNX Runtime (``onnx-template.pbtxt``: TensorRT at fp16 on GPU). The
+ensemble (``platform: "ensemble"``) is written here, with each detector's version in its own parameter
+(`shared_trunk.version_parameter`), which the worker checks like any model's. Tensor shapes come from the
+backbone the models will load, so it is loaded once here.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from streamguard.triton.pbtxt import (
     set_parameter,
     set_tensors,
     set_warmup_input,
+    strip_accelerator,
     tensors,
 )
 from streamguard.triton.shared_trunk import (
@@ -44,28 +47,42 @@ LOGITS = ("LOGITS", (1,))
 
 
 def build_shared_trunk(out: Path, detectors: Mapping[str, tuple[ClipHeadDetector, Path]], device: Device,
-                       backbone: BackboneSettings, template: Path, model_file: Path) -> dict[str, str]:
-    """Write the trunk, a head per detector and the ensemble into ``out``; returns detector -> version."""
+                       backbone: BackboneSettings, template: Path, model_file: Path | None) -> dict[str, str]:
+    """Write the trunk, a head per detector and the ensemble into ``out``; returns detector -> version.
+    ``model_file``: the Python backend's ``model.py``; None exports ONNX graphs (``template`` the ONNX one)."""
     from streamguard.backbone import load_backbone, vit
 
     if len({ensemble_output(name) for name in detectors}) != len(detectors):
         raise ValueError(f"detector names {sorted(detectors)} collide as tensor names")
     encoder = load_backbone(backbone, "cpu", precision="fp32")
     total = vit.num_layers(encoder)
-    hidden = (1 + (encoder.image_size // encoder.patch_size) ** 2, encoder.hidden_size)
+    # Tokens of the served pixels (the contract's size; the encoder interpolates its position embedding when
+    # its own size differs, as a small test model's does).
+    hidden = (1 + (CONTRACT.size // encoder.patch_size) ** 2, encoder.hidden_size)
     blocks = {name: total if (b := served.branch_block(weights)) is None else b
               for name, (served, weights) in detectors.items()}
     # The template's own header describes a whole detector; each model here gets a line of its own instead.
     base = set_kind(re.sub(r"\A(#[^\n]*\n)+", "", template.read_text()), device)
-    base = set_parameter(base, "backbone_cache_dir", str(backbone.cache_dir.expanduser().resolve()))
-    checkpoint = backbone.checkpoint.expanduser().resolve() if backbone.checkpoint is not None else None
-    base = set_parameter(base, "backbone_checkpoint", str(checkpoint) if checkpoint else "")
+    if model_file is not None:
+        base = set_parameter(base, "backbone_cache_dir", str(backbone.cache_dir.expanduser().resolve()))
+        checkpoint = backbone.checkpoint.expanduser().resolve() if backbone.checkpoint is not None else None
+        base = set_parameter(base, "backbone_checkpoint", str(checkpoint) if checkpoint else "")
+    elif device == "cpu":
+        base = strip_accelerator(base)
+    points = sorted(set(blocks.values()))
 
     trunk = set_name(base, TRUNK_MODEL)
-    trunk = set_tensors(trunk, "output", [(hidden_tensor(b), hidden) for b in sorted(set(blocks.values()))])
+    trunk = set_tensors(trunk, "output", [(hidden_tensor(b), hidden) for b in points])
     trunk = set_parameter(trunk, "streamguard_version", f"{TRUNK_MODEL}+{encoder.version}")
-    trunk = add_parameter(add_parameter(trunk, "role", "trunk"), "blocks", json.dumps(sorted(set(blocks.values()))))
-    _write(out / TRUNK_MODEL, f"# The shared CLIP trunk (backbone {encoder.version}), to every branch point.\n" + trunk,
+    if model_file is not None:
+        trunk = add_parameter(add_parameter(trunk, "role", "trunk"), "blocks", json.dumps(points))
+    target = _directory(out / TRUNK_MODEL)
+    if model_file is None:
+        from streamguard.backends.ort_trunk import export_trunk
+
+        export_trunk(encoder, points, target / "1" / "model.onnx", [hidden_tensor(b) for b in points], PIXELS[0],
+                     CONTRACT.size)
+    _write(target, f"# The shared CLIP trunk (backbone {encoder.version}), to every branch point.\n" + trunk,
            model_file)
 
     versions = {}
@@ -75,22 +92,35 @@ def build_shared_trunk(out: Path, detectors: Mapping[str, tuple[ClipHeadDetector
         head = set_tensors(head, "input", [(HEAD_INPUT, hidden)])
         head = set_tensors(head, "output", [LOGITS])
         head = set_warmup_input(head, HEAD_INPUT, hidden)
-        head = set_parameter(head, "detector", name)
-        head = set_parameter(head, "weights_dir", str(weights))
         head = set_parameter(head, "streamguard_version", versions[name])
-        head = add_parameter(add_parameter(head, "role", "head"), "branch_block", str(blocks[name]))
-        _write(out / head_model(name), f"# {name}'s head on the shared trunk, from block {blocks[name]}.\n" + head,
-               model_file)
+        if model_file is not None:
+            head = set_parameter(head, "detector", name)
+            head = set_parameter(head, "weights_dir", str(weights))
+            head = add_parameter(add_parameter(head, "role", "head"), "branch_block", str(blocks[name]))
+        target = _directory(out / head_model(name))
+        if model_file is None:
+            from streamguard.builtin.cliphead.model import build_branch
+            from streamguard.triton.onnx_export import export_onnx
+
+            export_onnx(build_branch(served, encoder, weights, blocks[name]), target / "1" / "model.onnx", hidden,
+                        input_name=HEAD_INPUT, output_name=LOGITS[0])
+        _write(target, f"# {name}'s head on the shared trunk, from block {blocks[name]}.\n" + head, model_file)
     (out / ENSEMBLE_MODEL / "1").mkdir(parents=True, exist_ok=True)
     (out / ENSEMBLE_MODEL / "config.pbtxt").write_text(_ensemble(blocks, versions, hidden))
     return versions
 
 
-def _write(target: Path, config: str, model_file: Path) -> None:
+def _directory(target: Path) -> Path:
+    """``target`` emptied, with its version directory."""
     if target.exists():
         shutil.rmtree(target)
     (target / "1").mkdir(parents=True)
-    shutil.copyfile(model_file, target / "1" / "model.py")
+    return target
+
+
+def _write(target: Path, config: str, model_file: Path | None) -> None:
+    if model_file is not None:
+        shutil.copyfile(model_file, target / "1" / "model.py")
     (target / "config.pbtxt").write_text(config)
 
 

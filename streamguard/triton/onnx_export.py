@@ -8,6 +8,7 @@ ONNX Runtime against the torch model before the file is accepted.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +32,11 @@ def _eager_attention(model: torch.nn.Module) -> None:
             config._attn_implementation = "eager"
 
 
-def export_onnx(model: torch.nn.Module, path: Path, image_size: int, *, input_name: str = "PIXELS",
+def export_onnx(model: torch.nn.Module, path: Path, input_shape: Sequence[int], *, input_name: str = "PIXELS",
                 output_name: str = "LOGITS", atol: float = 1e-3, seed: int = 0) -> Path:
-    """Write ``model`` (pixels (N, 3, S, S) -> logits (N,)) as ONNX with a dynamic batch axis, outputs
-    shaped (N, 1) as the Triton config declares, and verify it on random input with ONNX Runtime."""
+    """Write ``model`` (input (N, *input_shape): pixels, or a trunk's hidden states for a head -> logits (N,))
+    as ONNX with a dynamic batch axis, outputs shaped (N, 1) as the Triton config declares, and verify it on
+    random input with ONNX Runtime."""
 
     class _Column(torch.nn.Module):
         def __init__(self, inner: torch.nn.Module) -> None:
@@ -48,7 +50,7 @@ def export_onnx(model: torch.nn.Module, path: Path, image_size: int, *, input_na
     _eager_attention(model)
     wrapped = _Column(model).eval()
     generator = torch.Generator().manual_seed(seed)
-    sample = torch.randn(2, 3, image_size, image_size, generator=generator)
+    sample = torch.randn(2, *input_shape, generator=generator)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.inference_mode():
         # Shape checks in Python turn into trace-time constants; the batch axis stays dynamic below.
@@ -59,8 +61,8 @@ def export_onnx(model: torch.nn.Module, path: Path, image_size: int, *, input_na
             dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}}, opset_version=OPSET,
             dynamo=False,
         )
-        expected = wrapped(torch.randn(3, 3, image_size, image_size, generator=generator.manual_seed(seed + 1)))
-    check = torch.randn(3, 3, image_size, image_size, generator=generator.manual_seed(seed + 1)).numpy()
+        expected = wrapped(torch.randn(3, *input_shape, generator=generator.manual_seed(seed + 1)))
+    check = torch.randn(3, *input_shape, generator=generator.manual_seed(seed + 1)).numpy()
     got = _run_onnx(path, input_name, check)
     worst = float(np.max(np.abs(got - expected.numpy())))
     if got.shape != tuple(expected.shape) or worst > atol:
