@@ -50,6 +50,12 @@ class IntakeSettings(_Section):
         description="Decoded pixels a batch may hold at once (estimated from headers); a larger batch is decoded "
         "and judged in chunks under it. One image over it still goes alone.",
     )
+    decode_threads: int = Field(
+        0, ge=0, description="Threads that decode and prepare a batch's images, per process: Pillow decodes and "
+        "resizes outside the GIL, so one image's pixels overlap another's Python work. 0: one per CPU this process "
+        "may use (at most 4); 1: none, in the caller's thread. Each thread briefly holds one image at full decoded "
+        "size on top of batch_pixel_budget.",
+    )
 
 
 class PluginSettings(_Section):

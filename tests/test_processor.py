@@ -137,6 +137,26 @@ def test_one_image_failing_in_detect_dead_letters_only_that_image(pipeline: Pipe
     assert letters["culprit"].stage == "detect" and "MemoryError" in letters["culprit"].message
 
 
+def test_one_image_failing_in_decode_dead_letters_only_that_image(pipeline: Pipeline,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding a piece together fails as a whole on an unexpected error: it is redone one image at a time."""
+    import streamguard.scoring as scoring
+
+    culprit = png(77)
+    decode = scoring.decode_image
+
+    def failing(data, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if data == culprit:
+            raise MemoryError("decoder ran out")
+        return decode(data, *args, **kwargs)
+
+    monkeypatch.setattr(scoring, "decode_image", failing)
+    pipeline.run(event("a", png(250)), event("culprit", culprit), event("b", png(10)))
+    assert pipeline.sink.outcomes() == {0: "verdict", 1: "InternalError", 2: "verdict"}
+    ((_, letter),) = pipeline.sink.dead_letters
+    assert letter.stage == "decode" and "MemoryError" in letter.message
+
+
 def test_a_failed_detector_gives_a_degraded_verdict_that_is_never_cached(redis_service: Service) -> None:
     settings = load_settings(redis={"url": f"redis://{redis_service.address}/0"},
                              dedupe={"namespace": f"p{uuid.uuid4().hex[:8]}"},

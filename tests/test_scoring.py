@@ -80,6 +80,46 @@ def test_detectors_get_their_own_contract_and_batches() -> None:
     assert native.batches[0][0].pixels.shape == (3, 48, 48)  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize(("threads", "heavy"), [(1, True), (3, True), (3, False)])
+def test_heavy_images_are_decoded_and_prepared_on_the_decode_threads_in_order(
+        threads: int, heavy: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With threads, images that take long enough to decode go to them (the first batch measures); light
+    ones stay on the caller's thread, where a hand-off would cost more than the decode."""
+    import threading
+
+    import streamguard.scoring as scoring
+
+    monkeypatch.setattr(scoring, "_PARALLEL_MIN_MS", 0.0 if heavy else 1e9)
+
+    rec = Recorder()
+    settings, pm = _pm_with(DetectorSpec(name="small", version="1", load=lambda ctx: rec,
+                                         contract=InputContract(size=32)), intake={"decode_threads": threads})
+    workers: dict[str, set[str]] = {"decode": set(), "prepare": set()}
+    for name, stage in (("decode_image", "decode"), ("_input", "prepare")):
+        original = getattr(scoring, name)
+
+        def spy(*args, _original=original, _stage=stage, **kwargs):  # type: ignore[no-untyped-def]
+            workers[_stage].add(threading.current_thread().name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(scoring, name, spy)
+    sizes = [(40 + 7 * i, 30 + 5 * i) for i in range(6)]
+    jobs = [ImageJob(str(i), encode(noise(size, seed=i), "PNG")) for i, size in enumerate(sizes)]
+    jobs.insert(3, ImageJob("bad", b"not an image"))
+    with Scorer(settings, pm) as scorer:
+        scorer.score(jobs[:1])
+        workers["decode"].clear(), workers["prepare"].clear()
+        outcomes = scorer.score(jobs)
+    assert [o.key for o in outcomes] == [j.key for j in jobs]
+    assert [type(o.error).__name__ for o in outcomes if o.error] == ["UnsupportedFormat"]
+    assert [(i.image.width, i.image.height) for i in rec.batches[1]] == sizes  # type: ignore[union-attr]
+    for names in workers.values():
+        if threads == 1 or not heavy:
+            assert names == {threading.current_thread().name}
+        else:
+            assert names and all(n.startswith("decode") for n in names)
+
+
 def test_resize_only_detectors_get_a_reduced_jpeg_decode() -> None:
     rec = Recorder()
     settings, pm = _pm_with(DetectorSpec(name="small", version="1", load=lambda ctx: rec,

@@ -147,14 +147,21 @@ class Worker:
 
     def _poll_until_stopped(self, consumer: KafkaConsumer) -> None:
         w = self._settings.worker
-        last_commit = last_lag = time.monotonic()
+        last_commit = last_lag = last_poll = time.monotonic()
         while not self._stop.is_set() and self._fatal is None:
             # With every partition paused a poll would only sleep; wait for acknowledgements instead, so
             # capacity frees up (and partitions resume) as soon as the broker confirms.
             assigned = consumer.assignment()
             with self._lock:
                 all_paused = bool(self._paused) and self._paused >= assigned
-            batch = self._poll(consumer, timeout_ms=0 if all_paused else w.poll_timeout_ms)
+            if all_paused and time.monotonic() - last_poll < w.poll_timeout_ms / 1000.0:
+                # Acknowledgements arrive a produce response at a time; a poll after each one costs the
+                # processing thread the GIL for kafka-python 3's round trips through its IO thread, and
+                # fetches nothing. Polling once per poll_timeout_ms still serves rebalances promptly.
+                batch: dict[TopicPartition, list[Any]] = {}
+            else:
+                batch = self._poll(consumer, timeout_ms=0 if all_paused else w.poll_timeout_ms)
+                last_poll = time.monotonic()
             self.health.progress()
             self._accept(batch)
             self._drain_acks(wait_s=w.poll_timeout_ms / 1000.0 if all_paused else 0.0)

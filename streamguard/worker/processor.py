@@ -297,13 +297,29 @@ class BatchProcessor:
             yield piece
 
     def _decode(self, items: list[_Item]) -> list[_Item]:
-        def decode(item: _Item) -> None:
-            job = ImageJob(key=item.event.event_id, data=item.data, sha256=item.sha256)  # type: ignore[union-attr,arg-type]
-            (item.outcome,) = self._scorer.decode([job])
+        """The piece decoded together (on the scorer's decode threads); bad bytes dead-letter their record.
+        An unexpected failure (a MemoryError, a decoder bug) fails the whole call: the piece is then decoded
+        one image at a time, so that only the image that fails is dead-lettered."""
+        def job(item: _Item) -> ImageJob:
+            return ImageJob(key=item.event.event_id, data=item.data, sha256=item.sha256)  # type: ignore[union-attr,arg-type]
+
+        def decoded(item: _Item) -> None:
+            if item.outcome is None:
+                (item.outcome,) = self._scorer.decode([job(item)])
             if item.outcome.error is not None:
                 raise item.outcome.error
 
-        return self._each("decode", items, decode)
+        t0 = time.perf_counter()
+        try:
+            outcomes = self._scorer.decode([job(item) for item in items])
+        except Exception as exc:  # noqa: BLE001 - retried one by one below, under the per-record guard
+            log.warning("worker.decode_batch_failed", records=len(items), error=f"{type(exc).__name__}: {exc}")
+        else:
+            for item, outcome in zip(items, outcomes, strict=True):
+                item.outcome = outcome
+        live = [item for item in items if self._guarded("decode", item, decoded) is not False]
+        self._observe("decode", t0, items)
+        return live
 
     def _reuse_near(self, items: list[_Item]) -> list[_Item]:
         settings = self._settings.dedupe
