@@ -218,16 +218,19 @@ def test_loso_end_to_end(dataset: Path, backbone: Path, tmp_path: Path) -> None:
     joined = json.loads((out / "with-oracle.json").read_text())
     assert joined["images"] == len(unseen) and set(joined["weights"]["weights"]) == {"univfd", "mpft", "oracle"}
     assert json.loads((out / "loso.json").read_text())["images"] == report["images"]  # the first report stays
-    # The default fused verdict under a perturbation: the fold models' perturbed scores with the unseen
-    # detector's perturbed eval rows, weighted and recalibrated as loso.json chose.
+    # A report's fused verdict under a perturbation: the fold models' perturbed scores with the unseen
+    # detector's perturbed eval rows, weighted and recalibrated as that report chose. loso.json does not
+    # weigh the oracle: its fusion leaves it out and covers every held-out image.
     again = CliRunner().invoke(cli, [
         "train", "loso-variants", "--data", str(dataset), "--loso-data", str(dataset), "--out", str(out),
-        "--method", "univfd", "--folds", "2", "--variant", "resize@jpeg75",
+        "--method", "univfd", "--folds", "2", "--variant", "resize@jpeg75", "--report", "with-oracle.json",
         "--unseen-scores", f"oracle={tmp_path / 'scores.csv'}"], env=_env(backbone))
     assert again.exit_code == 0, f"{again.output}\n{again.stderr}\n{again.exception!r}"
-    fused = json.loads((out / "loso-variants.univfd.json").read_text())["fused"]
-    assert fused["images"] == len(unseen) and list(fused["variants"]) == ["resize", "resize@jpeg75"]
-    assert "Default fused verdict" in again.stdout
+    fused = json.loads((out / "loso-variants.fused.json").read_text())["reports"]
+    assert fused["with-oracle.json"]["images"] == len(unseen)
+    assert list(fused["with-oracle.json"]["variants"]) == ["resize", "resize@jpeg75"]
+    assert json.loads((out / "loso-variants.univfd.json").read_text())["fused"]["images"] == report["images"]
+    assert "Default fused verdict" in again.stdout and "Fused verdict of with-oracle.json" in again.stdout
 
 
 def test_loso_refuses_held_out_data_it_does_not_train_on(dataset: Path, backbone: Path, tmp_path: Path) -> None:
@@ -274,3 +277,24 @@ def test_loso_trains_nirnet_per_fold_and_fuses_it(dataset: Path, backbone: Path,
         again = json.loads((out / "nirnet" / fold["name"] / "held_out.resize.json").read_text())["scores"]
         expected = {b.id: b.logit for b in base if b.split != "test"}
         assert {r["id"]: pytest.approx(expected[r["id"]], abs=1e-4) for r in again} == expected
+
+    # With NIRNet and without it, under the same perturbation: the same folds' univfd-only report, and both
+    # fusions compared over both methods' variant scores. Without NIRNet, the fusion is univfd's alone.
+    without = [a for i, a in enumerate(args) if "nirnet" not in args[i:i + 2]]  # "--method", "nirnet" dropped
+    alone = CliRunner().invoke(cli, [*without, "--report", "univfd-only.json"], env=_env(backbone))
+    assert alone.exit_code == 0, f"{alone.output}\n{alone.stderr}\n{alone.exception!r}"
+    both = CliRunner().invoke(cli, [
+        "train", "loso-variants", "--data", str(dataset), "--loso-data", str(dataset), "--out", str(out),
+        "--method", "univfd", "--method", "nirnet", "--variant", "resize@jpeg75", "--report", "univfd-only.json"],
+        env=_env(backbone))
+    assert both.exit_code == 0, f"{both.output}\n{both.stderr}\n{both.exception!r}"
+    fused = json.loads((out / "loso-variants.fused.json").read_text())
+    assert fused["methods"] == ["univfd", "nirnet"] and list(fused["reports"]) == ["loso.json", "univfd-only.json"]
+    assert set(fused["reports"]["loso.json"]["weights"]) == {"univfd", "nirnet"}
+    assert set(fused["reports"]["univfd-only.json"]["weights"]) == {"univfd"}
+    univfd = json.loads((out / "loso-variants.univfd.json").read_text())
+    for variant in ("resize", "resize@jpeg75"):
+        # A one-detector fusion is a monotone map of its logit: it ranks as the detector does.
+        assert fused["reports"]["univfd-only.json"]["variants"][variant]["balanced_auc"] == \
+            univfd["variants"][variant]["balanced_auc"]
+    assert "Fused verdict of univfd-only.json (univfd" in both.stdout

@@ -307,7 +307,8 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
 @click.option("--loso-data", "loso_data", multiple=True, required=True, help="As given to `train loso`.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path(".cache/loso"),
               show_default=True, help="The finished `train loso` run.")
-@click.option("--method", type=click.Choice(("univfd", "pin-clip", "mpft", "nirnet")), required=True)
+@click.option("--method", "methods", type=click.Choice(("univfd", "pin-clip", "mpft", "nirnet")), multiple=True,
+              required=True, help="Fold-trained method to score (repeatable: several are also fused).")
 @click.option("--variant", "variants", multiple=True, required=True,
               help="VIEW[@PERTURBATION][:SERVING]: VIEW is resize, cropsN or cropsN+whole (add -trimmed for a "
                    "trimmed mean); SERVING is fp32 (the default), int8, int8-mixed or those with ort- (ONNX "
@@ -319,10 +320,14 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
 @click.option("--unseen-scores", "unseen_scores", multiple=True, metavar="NAME=SCORES.CSV",
               help="As for `train loso`, an `eval` scores.csv run with the same perturbations: the default "
                    "fused verdict (loso.json's weights and calibration) is then compared under each variant.")
+@click.option("--report", "reports", multiple=True, metavar="NAME",
+              help="Another `train loso --report NAME` of the same folds (e.g. one without a detector) whose "
+                   "fusion is compared under each variant too, beside loso.json's (repeatable).")
 @pass_app
 def train_loso_variants_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[str, ...], out: Path,
-                                method: str, variants: tuple[str, ...], folds: int | None, seed: int,
-                                limit_per_group: int | None, unseen_scores: tuple[str, ...]) -> None:
+                                methods: tuple[str, ...], variants: tuple[str, ...], folds: int | None, seed: int,
+                                limit_per_group: int | None, unseen_scores: tuple[str, ...],
+                                reports: tuple[str, ...]) -> None:
     """Score the LOSO fold models' held-out images under other views, perturbations or encoder servings,
     per group."""
     require("`streamguard train loso-variants`", "inprocess", "eval")
@@ -330,20 +335,25 @@ def train_loso_variants_command(app: AppContext, data: tuple[str, ...], loso_dat
     from streamguard.training.loso_views import parse_variant, run_variants
 
     try:
-        cfg = LosoConfig(data=data, loso_data=loso_data, out=out, methods=(method,), folds=folds, seed=seed)
-        report = run_variants(app.settings, cfg, method, [parse_variant(v) for v in variants], limit_per_group,
-                              dict(_named_path(v) for v in unseen_scores))
+        cfg = LosoConfig(data=data, loso_data=loso_data, out=out, methods=methods, folds=folds, seed=seed)
+        result = run_variants(app.settings, cfg, methods, [parse_variant(v) for v in variants], limit_per_group,
+                              dict(_named_path(v) for v in unseen_scores), reports)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
-    lines = [f"{report['images']} held-out images, {method}:", "", "| variant | balanced AUC | change |", "|---|---|---|"]
-    for name, row in report["variants"].items():
-        lines.append(f"| {name} | {row['balanced_auc']} | {row.get('auc_change', '')} |")
-    if "fused" in report:
-        lines += ["", f"Default fused verdict ({report['fused']['images']} images):", "",
-                  "| variant | balanced AUC | change |", "|---|---|---|"]
-        for name, row in report["fused"]["variants"].items():
-            lines.append(f"| {name} | {row['balanced_auc']} | {row.get('auc_change', '')} |")
-    click.echo("\n".join(lines))
+
+    def table(title: str, compared: dict[str, Any]) -> list[str]:
+        return [title, "", "| variant | balanced AUC | change |", "|---|---|---|",
+                *(f"| {name} | {row['balanced_auc']} | {row.get('auc_change', '')} |"
+                  for name, row in compared["variants"].items()), ""]
+
+    lines: list[str] = []
+    for method, compared in result["methods"].items():
+        lines += table(f"{compared['images']} held-out images, {method}:", compared)
+    for name, compared in result["fused"].items():
+        which = "Default fused verdict" if name == "loso.json" else f"Fused verdict of {name}"
+        weights = ", ".join(f"{k} {v}" for k, v in compared["weights"].items())
+        lines += table(f"{which} ({weights}; {compared['images']} images):", compared)
+    click.echo("\n".join(lines).rstrip())
 
 
 def _named_path(value: str) -> tuple[str, Path]:

@@ -198,11 +198,13 @@ def compare_variants(pooled: dict[str, list[HeldOutScore]], pools: dict[str, str
     return out
 
 
-def fused_variants(pooled: dict[str, list[HeldOutScore]], unseen: dict[str, Path], method: str,
+def fused_variants(pooled: dict[str, dict[str, list[HeldOutScore]]], unseen: dict[str, Path],
                    report: dict[str, Any], pools: dict[str, str]) -> dict[str, Any]:
-    """The default fused verdict under each variant: ``method``'s variant scores fused with each unseen
-    detector's `eval` scores under the same perturbation (their unperturbed ones for a view), with the
-    weights and fused calibration ``loso.json`` chose, on the images all of them scored."""
+    """``report``'s fused verdict (a `train loso` report: its fusion weights and fused calibration) under each
+    variant: the fold-trained methods' variant scores (``pooled``: method -> variant -> scores) fused with
+    each unseen detector's `eval` scores under the same perturbation (their unperturbed ones for a view), on
+    the images all of them scored. A method or detector the report's fusion does not weigh is left out, so
+    one run compares the fusions of two reports (with a detector and without it) under the same variants."""
     import csv
     import math
 
@@ -210,33 +212,44 @@ def fused_variants(pooled: dict[str, list[HeldOutScore]], unseen: dict[str, Path
     weights, scale, bias = fusion["weights"], fusion.get("scale", 1.0), fusion.get("bias", 0.0)
     rows: dict[str, dict[str, dict[str, float]]] = {}
     for name, path in unseen.items():
+        if name not in weights:
+            continue
         with path.open(newline="") as f:
             for row in csv.DictReader(f):
                 if row["score"] and row["split"] != "test":
                     p = min(max(float(row["score"]), 1e-12), 1 - 1e-12)
                     rows.setdefault(name, {}).setdefault(row["perturbation"], {})[row["id"]] = math.log(p / (1 - p))
+    methods = [m for m in pooled if m in weights]
+    if not methods:
+        raise ValueError(f"the report's fusion weighs none of {sorted(pooled)} (it weighs {sorted(weights)})")
     fused: dict[str, list[HeldOutScore]] = {}
-    for variant_name, scores in pooled.items():
+    for variant_name in pooled[methods[0]]:
         perturbation = parse_variant(variant_name).perturb
-        others = {name: by.get(perturbation, {}) for name, by in rows.items()}
+        sources = {m: {s.id: s.logit for s in pooled[m][variant_name]} for m in methods}
+        sources |= {name: by.get(perturbation, {}) for name, by in rows.items()}
         out = []
-        for s in scores:
-            parts = {method: s.logit, **{name: o[s.id] for name, o in others.items() if s.id in o}}
-            if len(parts) < 1 + len(others):
+        for s in pooled[methods[0]][variant_name]:
+            parts = {name: logits[s.id] for name, logits in sources.items() if s.id in logits}
+            if len(parts) < len(sources):
                 continue
-            total = sum(weights.get(n, 1.0) for n in parts)
-            mean = sum(weights.get(n, 1.0) * z for n, z in parts.items()) / total
+            total = sum(weights[n] for n in parts)
+            mean = sum(weights[n] * z for n, z in parts.items()) / total if total > 0 else 0.0
             out.append(replace(s, logit=scale * mean + bias))
         fused[variant_name] = out
     thresholds = report["thresholds"]
     return compare_variants(fused, pools, thresholds["ai_threshold"], thresholds["real_threshold"])
 
 
-def run_variants(settings: Settings, cfg: LosoConfig, method: str, variants: Sequence[Variant],
-                 limit_per_group: int | None = None, unseen: dict[str, Path] | None = None) -> dict[str, Any]:
-    """Score every fold's held-out images under each variant (the shipped view on original bytes first, as
-    the reference) and compare them; written to ``loso-variants.<method>.json`` beside ``loso.json``. With
-    ``unseen`` (name -> `eval` scores.csv with the same perturbations), the default fused verdict too."""
+def run_variants(settings: Settings, cfg: LosoConfig, methods: Sequence[str], variants: Sequence[Variant],
+                 limit_per_group: int | None = None, unseen: dict[str, Path] | None = None,
+                 reports: Sequence[str] = ()) -> dict[str, Any]:
+    """Score every fold's held-out images under each variant, for each of ``methods`` (the shipped view on
+    original bytes first, as the reference), and compare them: written per method to
+    ``loso-variants.<method>.json`` beside ``loso.json``. The fused verdict under each variant is compared too
+    when there is something to fuse (``unseen``: name -> `eval` scores.csv with the same perturbations, or
+    several methods): for ``loso.json``'s fusion and each of ``reports`` (other `train loso --report` files
+    of the same folds, e.g. one made without a detector), in ``loso-variants.fused.json``, and for one
+    method also under ``fused`` in its own file."""
     from streamguard.evaluation import load_samples
 
     report = json.loads((cfg.out / "loso.json").read_text())
@@ -253,16 +266,29 @@ def run_variants(settings: Settings, cfg: LosoConfig, method: str, variants: Seq
 
         limit = {s.id for s in subsample([s for s in held if s.split != "test"], limit_per_group, seed)}
     thresholds = report["thresholds"]
-    pooled: dict[str, list[HeldOutScore]] = {}
-    for variant in [Variant(), *variants]:
-        scores: list[HeldOutScore] = []
-        for fold in folds:
-            scores.extend(score_variant(settings, cfg, method, fold, variant, by_id, limit))
-        pooled[variant.name] = scores
-    result = {"method": method, "limit_per_group": limit_per_group,
-              "thresholds": {"ai_threshold": thresholds["ai_threshold"], "real_threshold": thresholds["real_threshold"]},
-              **compare_variants(pooled, pools, thresholds["ai_threshold"], thresholds["real_threshold"])}
-    if unseen:
-        result["fused"] = fused_variants(pooled, unseen, method, report, pools)
-    (cfg.out / f"loso-variants.{method}.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    pooled: dict[str, dict[str, list[HeldOutScore]]] = {}
+    results: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        pooled[method] = {}
+        for variant in [Variant(), *variants]:
+            scores: list[HeldOutScore] = []
+            for fold in folds:
+                scores.extend(score_variant(settings, cfg, method, fold, variant, by_id, limit))
+            pooled[method][variant.name] = scores
+        results[method] = {
+            "method": method, "limit_per_group": limit_per_group,
+            "thresholds": {"ai_threshold": thresholds["ai_threshold"], "real_threshold": thresholds["real_threshold"]},
+            **compare_variants(pooled[method], pools, thresholds["ai_threshold"], thresholds["real_threshold"])}
+    fused: dict[str, Any] = {}
+    if unseen or len(methods) > 1:
+        for name in ("loso.json", *reports):
+            chosen = report if name == "loso.json" else json.loads((cfg.out / name).read_text())
+            fused[name] = {"weights": chosen["settings"]["fusion"]["weights"],
+                           **fused_variants(pooled, unseen or {}, chosen, pools)}
+        (cfg.out / "loso-variants.fused.json").write_text(json.dumps(
+            {"methods": list(methods), "limit_per_group": limit_per_group, "reports": fused}, indent=2) + "\n")
+    for method, result in results.items():
+        if len(methods) == 1 and fused:
+            result["fused"] = fused["loso.json"]
+        (cfg.out / f"loso-variants.{method}.json").write_text(json.dumps(result, indent=2) + "\n")
+    return {"methods": results, "fused": fused}
