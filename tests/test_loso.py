@@ -58,6 +58,14 @@ def _events(result: Result, name: str) -> list[dict[str, Any]]:
     return out
 
 
+def loso_variants(dataset: Path, out: Path, backbone: Path, *extra: str, **env: str) -> Result:
+    """`train loso-variants` of the run in ``out``; fails the test unless it succeeded."""
+    args = ["train", "loso-variants", "--data", str(dataset), "--loso-data", str(dataset), "--out", str(out), *extra]
+    result = CliRunner().invoke(cli, args, env=_env(backbone, **env))
+    assert result.exit_code == 0, f"{result.output}\n{result.stderr}\n{result.exception!r}"
+    return result
+
+
 def test_folds_keep_real_sources_apart_and_balance_sizes() -> None:
     groups = {"imagenet": ("source", 130), "bsd": ("source", 90), "ld": ("generator", 135),
               "dalle": ("generator", 136), "sg2": ("generator", 54), "vq": ("generator", 38)}
@@ -158,11 +166,8 @@ def test_loso_end_to_end(dataset: Path, backbone: Path, tmp_path: Path) -> None:
     assert np.isfinite(report["detectors"]["fused"]["balanced_auc"])
 
     # The fold models scored again under other views and perturbations, through the serving path.
-    variants = CliRunner().invoke(cli, [
-        "train", "loso-variants", "--data", str(dataset), "--loso-data", str(dataset), "--out", str(out),
-        "--method", "univfd", "--folds", "2", "--variant", "crops2+whole", "--variant", "resize@jpeg75"],
-        env=_env(backbone))
-    assert variants.exit_code == 0, f"{variants.output}\n{variants.stderr}\n{variants.exception!r}"
+    loso_variants(dataset, out, backbone, "--method", "univfd", "--folds", "2", "--variant", "crops2+whole",
+                  "--variant", "resize@jpeg75")
     compared = json.loads((out / "loso-variants.univfd.json").read_text())
     assert list(compared["variants"]) == ["resize", "crops2+whole", "resize@jpeg75"]
     assert compared["images"] == report["images"]
@@ -180,11 +185,8 @@ def test_loso_end_to_end(dataset: Path, backbone: Path, tmp_path: Path) -> None:
     # The same fold models on the shared trunk at a faster serving: ONNX Runtime at fp32 gives the reference's
     # scores; a run with a per-group limit is extended, not redone, by a run without one.
     def serving(*extra: str) -> dict[str, Any]:
-        result = CliRunner().invoke(cli, [
-            "train", "loso-variants", "--data", str(dataset), "--loso-data", str(dataset), "--out", str(out),
-            "--method", "univfd", "--variant", "resize:ort-fp32", "--variant", "resize:ort-int8-mixed", *extra],
-            env=_env(backbone, STREAMGUARD_BACKBONE__CACHE_DIR=str(tmp_path / "backbone-cache")))
-        assert result.exit_code == 0, f"{result.output}\n{result.stderr}\n{result.exception!r}"
+        loso_variants(dataset, out, backbone, "--method", "univfd", "--variant", "resize:ort-fp32", "--variant",
+                      "resize:ort-int8-mixed", *extra, STREAMGUARD_BACKBONE__CACHE_DIR=str(tmp_path / "backbone-cache"))
         return json.loads((out / "loso-variants.univfd.json").read_text())
 
     first = json.loads((out / "univfd" / report["folds"][0]["name"] / "held_out.resize.json").read_text())["scores"]
@@ -221,11 +223,8 @@ def test_loso_end_to_end(dataset: Path, backbone: Path, tmp_path: Path) -> None:
     # A report's fused verdict under a perturbation: the fold models' perturbed scores with the unseen
     # detector's perturbed eval rows, weighted and recalibrated as that report chose. loso.json does not
     # weigh the oracle: its fusion leaves it out and covers every held-out image.
-    again = CliRunner().invoke(cli, [
-        "train", "loso-variants", "--data", str(dataset), "--loso-data", str(dataset), "--out", str(out),
-        "--method", "univfd", "--folds", "2", "--variant", "resize@jpeg75", "--report", "with-oracle.json",
-        "--unseen-scores", f"oracle={tmp_path / 'scores.csv'}"], env=_env(backbone))
-    assert again.exit_code == 0, f"{again.output}\n{again.stderr}\n{again.exception!r}"
+    again = loso_variants(dataset, out, backbone, "--method", "univfd", "--folds", "2", "--variant", "resize@jpeg75",
+                          "--report", "with-oracle.json", "--unseen-scores", f"oracle={tmp_path / 'scores.csv'}")
     fused = json.loads((out / "loso-variants.fused.json").read_text())["reports"]
     assert fused["with-oracle.json"]["images"] == len(unseen)
     assert list(fused["with-oracle.json"]["variants"]) == ["resize", "resize@jpeg75"]
@@ -265,10 +264,7 @@ def test_loso_trains_nirnet_per_fold_and_fuses_it(dataset: Path, backbone: Path,
 
     # Without the run's --limit-per-group, and with another fold count: the folds and their images are the
     # ones the run's report recorded (planned again, other settings name fold runs that do not exist).
-    variants = CliRunner().invoke(cli, [
-        "train", "loso-variants", "--data", str(dataset), "--loso-data", str(dataset), "--out", str(out),
-        "--method", "nirnet", "--folds", "3", "--variant", "resize@jpeg75"], env=_env(backbone))
-    assert variants.exit_code == 0, f"{variants.output}\n{variants.stderr}\n{variants.exception!r}"
+    loso_variants(dataset, out, backbone, "--method", "nirnet", "--folds", "3", "--variant", "resize@jpeg75")
     compared = json.loads((out / "loso-variants.nirnet.json").read_text())
     assert list(compared["variants"]) == ["resize", "resize@jpeg75"] and compared["images"] == report["images"]
     # "resize" names the shipped contract, which for NIRNet is its native crops: held_out.json again.
@@ -283,11 +279,8 @@ def test_loso_trains_nirnet_per_fold_and_fuses_it(dataset: Path, backbone: Path,
     without = [a for i, a in enumerate(args) if "nirnet" not in args[i:i + 2]]  # "--method", "nirnet" dropped
     alone = CliRunner().invoke(cli, [*without, "--report", "univfd-only.json"], env=_env(backbone))
     assert alone.exit_code == 0, f"{alone.output}\n{alone.stderr}\n{alone.exception!r}"
-    both = CliRunner().invoke(cli, [
-        "train", "loso-variants", "--data", str(dataset), "--loso-data", str(dataset), "--out", str(out),
-        "--method", "univfd", "--method", "nirnet", "--variant", "resize@jpeg75", "--report", "univfd-only.json"],
-        env=_env(backbone))
-    assert both.exit_code == 0, f"{both.output}\n{both.stderr}\n{both.exception!r}"
+    both = loso_variants(dataset, out, backbone, "--method", "univfd", "--method", "nirnet", "--variant",
+                         "resize@jpeg75", "--report", "univfd-only.json")
     fused = json.loads((out / "loso-variants.fused.json").read_text())
     assert fused["methods"] == ["univfd", "nirnet"] and list(fused["reports"]) == ["loso.json", "univfd-only.json"]
     assert set(fused["reports"]["loso.json"]["weights"]) == {"univfd", "nirnet"}
