@@ -37,6 +37,7 @@ test: setup
 
 bench: setup
 	$(PY) bench/bench_intake.py
+	$(PY) bench/bench_decode.py
 	$(PY) bench/bench_memory.py
 	$(PY) bench/bench_worker.py
 	$(PY) bench/bench_features.py
