@@ -181,6 +181,7 @@ class Scorer:
         except StreamguardError as exc:
             outcome.error = exc
         ms = outcome.timings_ms["decode"] = _ms(t0)
+        # Updated from the decode threads without a lock: a lost update only makes the average a little late.
         last = self._decode_ms
         self._decode_ms = ms if last is None else last + _DECODE_MS_SMOOTHING * (ms - last)
         return outcome
