@@ -133,6 +133,8 @@ def _score(settings: Settings, method: str, directory: Path, variant: Variant, w
     if variant.serving == "fp32":
         # The fold's own model, unshared: a view's contract differs from every other detector's.
         trunks, spec = None, replace(spec, contract=contract, trunk=None)
+    elif spec.trunk is None:
+        raise ValueError(f"{method} runs on no shared trunk: it has no serving but fp32 to score")
     else:
         trunks = SharedTrunks(fold_settings)
     runner = DetectorRunner(spec, DetectorSettings(timeout_s=None, shared_trunk=trunks is not None), None, trunks)
