@@ -265,6 +265,10 @@ def test_loso_trains_nirnet_per_fold_and_fuses_it(dataset: Path, backbone: Path,
     # Without the run's --limit-per-group, and with another fold count: the folds and their images are the
     # ones the run's report recorded (planned again, other settings name fold runs that do not exist).
     loso_variants(dataset, out, backbone, "--method", "nirnet", "--folds", "3", "--variant", "resize@jpeg75")
+    refused = CliRunner().invoke(cli, ["train", "loso-variants", "--data", str(dataset), "--loso-data", str(dataset),
+                                       "--out", str(out), "--method", "nirnet", "--variant", "resize:int8"],
+                                 env=_env(backbone))
+    assert refused.exit_code != 0 and "runs on no shared trunk" in refused.output
     compared = json.loads((out / "loso-variants.nirnet.json").read_text())
     assert list(compared["variants"]) == ["resize", "resize@jpeg75"] and compared["images"] == report["images"]
     # "resize" names the shipped contract, which for NIRNet is its native crops: held_out.json again.
