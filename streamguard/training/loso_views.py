@@ -137,7 +137,7 @@ def _score(settings: Settings, method: str, directory: Path, variant: Variant, w
         raise ValueError(f"{method} runs on no shared trunk: it has no serving but fp32 to score")
     else:
         trunks = SharedTrunks(fold_settings)
-    runner = DetectorRunner(spec, DetectorSettings(timeout_s=None, shared_trunk=trunks is not None), None, trunks)
+    runner = DetectorRunner(spec, DetectorSettings(timeout_s=None), None, trunks)
     runner.start()
     reader = SampleReader()
     out: list[HeldOutScore] = []
@@ -200,27 +200,32 @@ def compare_variants(pooled: dict[str, list[HeldOutScore]], pools: dict[str, str
     return out
 
 
-def fused_variants(pooled: dict[str, dict[str, list[HeldOutScore]]], unseen: dict[str, Path],
-                   report: dict[str, Any], pools: dict[str, str]) -> dict[str, Any]:
-    """``report``'s fused verdict (a `train loso` report: its fusion weights and fused calibration) under each
-    variant: the fold-trained methods' variant scores (``pooled``: method -> variant -> scores) fused with
-    each unseen detector's `eval` scores under the same perturbation (their unperturbed ones for a view), on
-    the images all of them scored. A method or detector the report's fusion does not weigh is left out, so
-    one run compares the fusions of two reports (with a detector and without it) under the same variants."""
+def unseen_logits(unseen: dict[str, Path]) -> dict[str, dict[str, dict[str, float]]]:
+    """Each unseen detector's `eval` scores.csv (outside the test split) as name -> perturbation -> id -> logit."""
     import csv
     import math
 
-    fusion = report["settings"]["fusion"]
-    weights, scale, bias = fusion["weights"], fusion.get("scale", 1.0), fusion.get("bias", 0.0)
     rows: dict[str, dict[str, dict[str, float]]] = {}
     for name, path in unseen.items():
-        if name not in weights:
-            continue
         with path.open(newline="") as f:
             for row in csv.DictReader(f):
                 if row["score"] and row["split"] != "test":
                     p = min(max(float(row["score"]), 1e-12), 1 - 1e-12)
                     rows.setdefault(name, {}).setdefault(row["perturbation"], {})[row["id"]] = math.log(p / (1 - p))
+    return rows
+
+
+def fused_variants(pooled: dict[str, dict[str, list[HeldOutScore]]],
+                   unseen: dict[str, dict[str, dict[str, float]]], report: dict[str, Any],
+                   pools: dict[str, str]) -> dict[str, Any]:
+    """``report``'s fused verdict (a `train loso` report: its fusion weights and fused calibration) under each
+    variant: the fold-trained methods' variant scores (``pooled``: method -> variant -> scores) fused with
+    each unseen detector's `eval` logits (`unseen_logits`) under the same perturbation (their unperturbed ones
+    for a view), on the images all of them scored. A method or detector the report's fusion does not weigh is
+    left out, so one run compares the fusions of two reports (with a detector and without it)."""
+    fusion = report["settings"]["fusion"]
+    weights, scale, bias = fusion["weights"], fusion.get("scale", 1.0), fusion.get("bias", 0.0)
+    rows = {name: by for name, by in unseen.items() if name in weights}
     methods = [m for m in pooled if m in weights]
     if not methods:
         raise ValueError(f"the report's fusion weighs none of {sorted(pooled)} (it weighs {sorted(weights)})")
@@ -283,10 +288,11 @@ def run_variants(settings: Settings, cfg: LosoConfig, methods: Sequence[str], va
             **compare_variants(pooled[method], pools, thresholds["ai_threshold"], thresholds["real_threshold"])}
     fused: dict[str, Any] = {}
     if unseen or len(methods) > 1:
+        logits = unseen_logits(unseen or {})
         for name in ("loso.json", *reports):
             chosen = report if name == "loso.json" else json.loads((cfg.out / name).read_text())
             fused[name] = {"weights": chosen["settings"]["fusion"]["weights"],
-                           **fused_variants(pooled, unseen or {}, chosen, pools)}
+                           **fused_variants(pooled, logits, chosen, pools)}
         (cfg.out / "loso-variants.fused.json").write_text(json.dumps(
             {"methods": list(methods), "limit_per_group": limit_per_group, "reports": fused}, indent=2) + "\n")
     for method, result in results.items():
