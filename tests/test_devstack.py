@@ -25,7 +25,9 @@ def _sg(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 
 def test_dev_up_prints_exports_and_dev_down_stops_everything(tmp_path: Path) -> None:
-    up = _sg("dev", "up", "--workdir", str(tmp_path), "--partitions", "3")
+    # Settings as a developer's: the CLIP detectors the suite denies elsewhere are what Triton serves here.
+    env = {k: v for k, v in os.environ.items() if k != "STREAMGUARD_PLUGINS__DENY"}
+    up = _sg("dev", "up", "--workdir", str(tmp_path), "--partitions", "3", env=env)
     assert up.returncode == 0, up.stderr
     exports = dict(line.removeprefix("export ").split("=", 1) for line in up.stdout.splitlines())
     services = load_state(tmp_path)
@@ -36,7 +38,7 @@ def test_dev_up_prints_exports_and_dev_down_stops_everything(tmp_path: Path) -> 
         consumer.close()
         assert partitions == {"images": 3, "verdicts": 3, "images.dlq": 1}
         assert redis.Redis.from_url(exports["STREAMGUARD_REDIS__URL"]).ping()
-        # Triton serves the built univfd repository, and comes back from the state file with its ports.
+        # Triton comes back from the state file with its ports.
         triton = next(s for s in services if s.name == "triton")
         assert isinstance(triton, TritonService) and triton.grpc_address == exports["STREAMGUARD_TRITON__URL"]
         client = grpcclient.InferenceServerClient(triton.grpc_address)
@@ -44,11 +46,16 @@ def test_dev_up_prints_exports_and_dev_down_stops_everything(tmp_path: Path) -> 
             index = {m["name"]: m.get("state") for m in client.get_model_repository_index(as_json=True)["models"]}
         finally:
             client.close()
+        # The CLIP detectors the worker loads by default (not the opt-in pin-clip) on one shared trunk, which
+        # the worker is told to call; no whole models.
         from streamguard.triton.build import default_models
+        from streamguard.triton.shared_trunk import ENSEMBLE_MODEL, models_of
 
-        assert index == dict.fromkeys(default_models(), "READY")
+        assert set(default_models()) == {"univfd", "pin-clip", "mpft"}
+        assert index == dict.fromkeys(models_of(["univfd", "mpft"]), "READY")
+        assert exports["STREAMGUARD_TRITON__TRUNK_MODEL"] == ENSEMBLE_MODEL
         # A second `up` reuses the running services.
-        again = _sg("dev", "up", "--workdir", str(tmp_path))
+        again = _sg("dev", "up", "--workdir", str(tmp_path), env=env)
         assert again.stdout == up.stdout
         settings = json.loads(_sg("config", "show", env={**os.environ, **exports}).stdout)
         assert settings["kafka"]["bootstrap_servers"] == bootstrap

@@ -48,6 +48,12 @@ class BuildResult:
     # With the shared trunk: detector -> version served by the ensemble (`shared_trunk.ENSEMBLE_MODEL`).
     shared_trunk: dict[str, str] = field(default_factory=dict)
 
+    def model_names(self) -> list[str]:
+        """Every model written, for a server with explicit model control to load."""
+        from streamguard.triton.shared_trunk import models_of
+
+        return list(self.models) + (models_of(self.shared_trunk) if self.shared_trunk else [])
+
 
 def default_models(weights: Mapping[str, Path] | None = None) -> list[str]:
     """Every served CLIP detector that has weights, shipped or given; NIRNet only when its weights are given
@@ -64,11 +70,15 @@ def default_models(weights: Mapping[str, Path] | None = None) -> list[str]:
 def build_repository(out: Path, device: Device = "cpu", weights: Mapping[str, Path] | None = None,
                      backbone: BackboneSettings | None = None, templates: Path = TEMPLATES,
                      fmt: Format = "python", models: Sequence[str] | None = None,
-                     shared_trunk: bool = False) -> BuildResult:
+                     shared_trunk: bool = False, whole_models: bool = True) -> BuildResult:
     """Write ``out/<model>`` for each of ``models`` (default: all with weights); other entries of ``out`` stay.
 
     ``shared_trunk`` also writes the same detectors on one shared trunk (`build_trunk`): the trunk, a head
-    each, and the ensemble the worker calls with ``triton.trunk_model``, in ``fmt`` as the detectors' own."""
+    each, and the ensemble the worker calls with ``triton.trunk_model``, in ``fmt`` as the detectors' own.
+    ``whole_models`` False (with ``shared_trunk``) writes the CLIP detectors on the trunk only: a server for
+    a worker that sets ``triton.trunk_model`` never calls their whole models."""
+    if not whole_models and not shared_trunk:
+        raise ValueError("whole_models=False leaves nothing to serve the CLIP detectors without shared_trunk")
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', not {device!r}")
     if fmt not in ("python", "onnx"):
@@ -94,7 +104,8 @@ def build_repository(out: Path, device: Device = "cpu", weights: Mapping[str, Pa
         directory = weights.get(name, served.default_weights).expanduser().resolve()
         if not served.has_weights(directory):
             raise FileNotFoundError(f"no {name} weights in {directory}")
-        result.models[name] = _build_model(out, served, directory, device, backbone, templates, fmt)
+        if whole_models:
+            result.models[name] = _build_model(out, served, directory, device, backbone, templates, fmt)
         built[name] = (served, directory)
     if shared_trunk and built:
         from streamguard.triton.build_trunk import build_shared_trunk

@@ -11,6 +11,7 @@ sends each batch once to the ensemble (``triton.trunk_model``) and hands every d
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 TRUNK_MODEL = "clip-trunk"
 ENSEMBLE_MODEL = "clip-detectors"
@@ -20,6 +21,11 @@ HEAD_INPUT = "HIDDEN"
 def _tensor_safe(name: str) -> str:
     # Detector names may hold '-' and '.'; tensor and parameter names stay plain identifiers.
     return re.sub(r"[^A-Za-z0-9_]", "_", name)
+
+
+def models_of(detectors: Iterable[str]) -> list[str]:
+    """The models of the ensemble serving ``detectors``: the trunk, their heads, the ensemble."""
+    return [TRUNK_MODEL, *(head_model(d) for d in detectors), ENSEMBLE_MODEL]
 
 
 def head_model(detector: str) -> str:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from streamguard.backends.inprocess import inprocess_loader
-from streamguard.config import Settings
+from streamguard.config import PluginSettings, Settings
 from streamguard.detectors.spec import CLIP_TRUNK, BranchContext, Calibration, DetectorSpec, LoadContext, TrunkSpec
 from streamguard.intake.contract import InputContract
 
@@ -160,13 +160,16 @@ def adapter_blocks(path: Path) -> list[int]:
     return sorted(blocks)
 
 
-def builtin_detectors() -> dict[str, ClipHeadDetector]:
+def builtin_detectors(plugins: PluginSettings | None = None) -> dict[str, ClipHeadDetector]:
     """The CLIP-head detectors of the default plugins, by name: what `triton build` serves and what
-    `train` writes. Derived from the plugin list, so a new built-in is served by adding its plugin."""
-    from streamguard.plugins import DEFAULT_PLUGINS
+    `train` writes. Derived from the plugin list, so a new built-in is served by adding its plugin.
+    ``plugins``: only those these settings load (opt-in ones only when enabled), as a worker would."""
+    from streamguard.plugins import DEFAULT_PLUGINS, is_allowed
 
     found: dict[str, ClipHeadDetector] = {}
-    for module in DEFAULT_PLUGINS.values():
+    for plugin, module in DEFAULT_PLUGINS.items():
+        if plugins is not None and not is_allowed(plugin, plugins):
+            continue
         detector = getattr(importlib.import_module(module), "DETECTOR", None)
         if isinstance(detector, ClipHeadDetector):
             found[detector.name] = detector
