@@ -2,7 +2,8 @@
 
 At fp32 it gives torch's hidden states and the detectors' logits within 1e-4; at int8-mixed it runs ORT's int8
 graph, near fp32; its graph is exported once per weights and branch points, at start-up; detector versions
-name the runtime; a GPU, the whole-model path and a missing onnxruntime are refused with the reason.
+name the runtime; a GPU, the whole-model path and a missing onnxruntime are refused with the reason. The
+heads run on ORT too, quantized as the trunk; one ORT cannot run falls back to torch.
 
 On the tiny CLIP and detector weights of tests/test_trunk.py, graphs in a temporary cache.
 """
@@ -18,15 +19,19 @@ import onnx
 import pydantic
 import pytest
 import torch
+from structlog.testing import capture_logs
 from test_training_units import pixels
 from test_trunk import _FakeTrunk, _batch, _jobs, _raw, tiny  # noqa: F401 - ``tiny`` is a fixture used below
 
 from streamguard import extras
 from streamguard.backbone import BackboneError, load_backbone
 from streamguard.backends import ort_trunk
-from streamguard.backends.ort_trunk import OrtTrunk
-from streamguard.backends.torch_trunk import ClipTrunk
+from streamguard.backends.ort_trunk import OrtHead, OrtTrunk
+from streamguard.backends.torch_trunk import ClipTrunk, TorchHead
 from streamguard.builtin.cliphead import CONTRACT
+from streamguard.builtin.cliphead.model import build_branch
+from streamguard.builtin.mpft.plugin import DETECTOR as MPFT
+from streamguard.builtin.pinclip.plugin import DETECTOR as PINCLIP
 from streamguard.config import BackboneSettings, Settings, load_settings
 from streamguard.detectors.trunk import SharedTrunk
 from streamguard.plugins import build_plugin_manager
@@ -121,11 +126,17 @@ def test_detectors_on_onnxruntime_score_as_on_torch(tiny: dict[str, Path], cache
     scores = {}
     for runtime, precision in (("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8-mixed")):
         settings = _settings(tiny, cache, runtime, precision)
-        with Scorer(settings, build_plugin_manager(settings.plugins)) as scorer:
+        with capture_logs() as logs, Scorer(settings, build_plugin_manager(settings.plugins)) as scorer:
             assert all(r.load_error is None for r in scorer.runners), [r.load_error for r in scorer.runners]
             if runtime == "onnxruntime":  # exported at start-up, before the first batch
                 assert list(cache.glob(f"onnx-trunk/*-b2-3-4.{precision}*.onnx"))
+                # The heads too; univfd's has no blocks, which torch leaves float at int8-mixed: so does ORT.
+                for name, block in (("pin-clip", 2), ("mpft", 3), ("univfd", 4)):
+                    graph = "fp32" if name == "univfd" else precision
+                    assert len(list(cache.glob(f"onnx-trunk/head-{name}-*-b{block}-*.{graph}*.onnx"))) == 1, name
             scores[runtime, precision] = _raw(scorer, _jobs(4))
+        assert not [log for log in logs if log["event"] == "trunk.head_torch_fallback"]
+    assert not list(cache.glob("onnx-trunk/head-univfd-*.int8*"))
     reference = scores["torch", "fp32"]
     assert set(reference) == set(CLIP_DETECTORS)
     for name in CLIP_DETECTORS:
@@ -136,6 +147,73 @@ def test_detectors_on_onnxruntime_score_as_on_torch(tiny: dict[str, Path], cache
                                    err_msg=name)
     assert any(not np.allclose(scores["onnxruntime", "int8-mixed"][n], reference[n], rtol=0, atol=1e-4)
                for n in CLIP_DETECTORS)
+
+
+def _head_inputs(tiny: dict[str, Path]) -> tuple[Any, dict[int, torch.Tensor]]:
+    """The tiny encoder and torch's hidden states at the adapted heads' branch points, for six images."""
+    encoder = _encoder(tiny)
+    return encoder, ClipTrunk(encoder, "cpu").run(list(pixels(6, seed=5).numpy()), [2, 3])
+
+
+def test_int8_mixed_heads_quantize_their_block_linears_but_fc2(tiny: dict[str, Path], tmp_path: Path) -> None:
+    encoder, hidden = _head_inputs(tiny)
+    trunk = OrtTrunk(encoder, tmp_path, "int8-mixed")
+    for detector, block, blocks in ((PINCLIP, 2, 2), (MPFT, 3, 1)):
+        def load(precision: str) -> torch.nn.Module:
+            return build_branch(detector, encoder, tiny[detector.name], block, precision)
+
+        head = trunk.make_head(load, block, detector.name, {})
+        assert isinstance(head, OrtHead) and head.path.name.endswith(".int8-mixed-s8pc7.onnx")
+        nodes = onnx.load(str(head.path)).graph.node
+        ops = [n.op_type for n in nodes]
+        floats = [n.name for n in nodes if n.op_type == "MatMul" and ("_proj/" in n.name or "/mlp/" in n.name)]
+        # q, k, v, out and fc1 of each of its blocks in int8, every fc2 (and no other block linear) float.
+        assert ops.count("MatMulInteger") == 5 * blocks and ops.count("DynamicQuantizeLinear") > 0, detector.name
+        assert floats == [f"/head/blocks.{i}/mlp/fc2/MatMul" for i in range(blocks)], detector.name
+        expected = np.array(TorchHead(load("fp32"), "cpu").predict(hidden[block]))
+        got = np.array(head.predict(hidden[block]))
+        # Logits spread ~0.4 on these tiny heads; int8-mixed moves them ~0.03 (as torch's int8-mixed does).
+        np.testing.assert_allclose(got, expected, rtol=0, atol=0.1, err_msg=detector.name)
+        assert np.abs(got - expected).max() > 1e-5, detector.name  # it did run int8
+
+
+def test_a_head_onnx_runtime_cannot_run_falls_back_to_torch_at_the_trunks_precision(
+        tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    encoder, hidden = _head_inputs(tiny)
+    trunk = OrtTrunk(encoder, tmp_path, "int8-mixed")
+
+    class Renamed(torch.nn.Module):
+        """A third-party head whose block copy the int8 recipe cannot find by name."""
+
+        def __init__(self, head: torch.nn.Module) -> None:
+            super().__init__()
+            self.tuned = head.blocks
+            self.rest = head
+
+        def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+            for layer in self.tuned:
+                hidden = layer(hidden, None)
+            return self.rest.probe(self.rest.projection(self.rest.post_layernorm(hidden[:, 0])))
+
+    def fails(*args: Any) -> Path:
+        raise RuntimeError("an operator ONNX has no symbol for")
+
+    for make, reason in ((lambda head: head, "RuntimeError: an operator"), (Renamed, "no block linear MatMul")):
+        loads: list[str] = []
+
+        def load(precision: str) -> torch.nn.Module:
+            loads.append(precision)
+            return make(build_branch(MPFT, encoder, tiny["mpft"], 3, precision))
+
+        with monkeypatch.context() as patch, capture_logs() as logs:
+            if make is not Renamed:
+                patch.setattr(ort_trunk, "export_module", fails)
+            head = trunk.make_head(load, 3, "mpft", {})
+        assert isinstance(head, TorchHead) and loads == ["fp32", "int8-mixed"]
+        (warning,) = [log for log in logs if log["event"] == "trunk.head_torch_fallback"]
+        assert warning["detector"] == "mpft" and reason in warning["reason"], warning
+        # What the torch trunk runs: the head built at int8-mixed.
+        assert head.predict(hidden[3]) == TorchHead(load("int8-mixed"), "cpu").predict(hidden[3])
 
 
 def test_versions_name_the_runtime(tiny: dict[str, Path], cache: Path) -> None:

@@ -5,8 +5,8 @@ into a cache directory under a name keyed by a digest of the weights the encoder
 encoder with adapters merged gets its own file, and changed weights never reuse a stale graph), checked
 against torch on seeded pixels (to 1e-4 of the largest output), and run in an ``InferenceSession`` with all
 graph optimizations and torch's intra-op thread count. ``OrtEncoder(encoder, cache_dir)`` is the whole encoder
-(pixels -> embedding), measured by bench/bench_encoder.py; `streamguard.backends.ort_trunk` the shared trunk,
-a serving path: it runs the in-process detectors' trunk when ``backbone.runtime = "onnxruntime"``.
+(pixels -> embedding), measured by bench/bench_encoder.py; `streamguard.backends.ort_trunk` the shared trunk
+and its detectors' heads, a serving path: it runs them in-process when ``backbone.runtime = "onnxruntime"``.
 
 At ``int8`` (or ``int8-mixed``) ONNX Runtime's dynamic int8 version of that graph runs instead: the block
 linears' MatMuls only (attention's activation products and the projection stay float), int8 weights per
@@ -24,7 +24,7 @@ import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import structlog
@@ -37,6 +37,7 @@ from streamguard.backbone.model import ClipImageEncoder
 from streamguard.backbone.precision import REFERENCE, keeps_float
 
 log = structlog.get_logger(__name__)
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 OPSET = 17
 INPUT = "pixels"
@@ -49,6 +50,9 @@ PARITY_TOLERANCE = 1e-4
 QUANT_RECIPE = "s8pc7"
 # A block linear's MatMul in the legacy exporter's node names: /model/vision_model/encoder/layers.5/mlp/fc2/MatMul
 _BLOCK_MATMUL = re.compile(r"/layers\.(\d+)/((?:self_attn|mlp)/\w+)/MatMul$")
+# The same in a detector's head, whose copies of the blocks from its branch point on are ``blocks[i]``
+# (`streamguard.builtin.cliphead.model.ClipBranchHead`): /head/blocks.0/mlp/fc2/MatMul
+HEAD_BLOCK_MATMUL = re.compile(r"/blocks\.(\d+)/((?:self_attn|mlp)/\w+)/MatMul$")
 
 
 class OrtMismatch(BackboneError):
@@ -76,9 +80,14 @@ def eager_copy(encoder: ClipImageEncoder) -> ClipImageEncoder:
     exporter freezes. The caller's encoder is untouched."""
     if encoder.precision != REFERENCE:
         raise OrtMismatch(f"export the fp32 encoder, not one at {encoder.precision}")
-    copied = copy.deepcopy(encoder).float().cpu().eval()
-    for module in copied.modules():
-        config = getattr(module, "config", None)
+    return eager_module(encoder)
+
+
+def eager_module(module: ModuleT) -> ModuleT:
+    """`eager_copy` for any float module holding CLIP blocks (a detector's head): the caller's is untouched."""
+    copied = copy.deepcopy(module).float().cpu().eval()
+    for inner in copied.modules():
+        config = getattr(inner, "config", None)
         if config is not None and hasattr(config, "_attn_implementation"):
             config._attn_implementation = "eager"
     return copied
@@ -88,7 +97,12 @@ def export_graph(module: torch.nn.Module, image_size: int, path: Path, outputs: 
                  input_name: str = INPUT) -> Path:
     """Write ``module`` (pixels (N, 3, S, S) -> ``outputs``, each with the batch first) as ONNX at
     ``image_size``, batch axis dynamic, atomically."""
-    sample = torch.zeros(1, 3, image_size, image_size)
+    return export_module(module, torch.zeros(1, 3, image_size, image_size), path, outputs, input_name)
+
+
+def export_module(module: torch.nn.Module, sample: torch.Tensor, path: Path, outputs: Sequence[str],
+                  input_name: str) -> Path:
+    """`export_graph` for an input shaped as ``sample`` (a head's hidden states), its first axis dynamic."""
     with staged_file(path) as tmp, warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter, on purpose (no onnxscript)
@@ -129,18 +143,20 @@ def check_encoder(encoder: ClipImageEncoder, path: Path) -> None:
     check_graph(path, pixels, {OUTPUT: expected})
 
 
-def quantize_graph(source: Path, path: Path, precision: str, num_layers: int) -> Path:
+def quantize_graph(source: Path, path: Path, precision: str, num_layers: int, *,
+                   pattern: re.Pattern[str] = _BLOCK_MATMUL, first_block: int = 0) -> Path:
     """ONNX Runtime's dynamic int8 of the block linears of ``source`` (per-channel weights), the layers that
-    ``precision`` keeps float left out."""
+    ``precision`` keeps float left out. ``pattern`` finds a block linear's MatMul by node name (groups: the
+    block's index in the graph, the layer), ``first_block`` is the encoder's index of the graph's block 0."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     chosen, kept = [], []
     for node in onnx.load(str(source), load_external_data=False).graph.node:
-        match = _BLOCK_MATMUL.search(node.name) if node.op_type == "MatMul" else None
+        match = pattern.search(node.name) if node.op_type == "MatMul" else None
         if match is None:
             continue
-        block, layer = int(match[1]), match[2].replace("/", ".")
+        block, layer = first_block + int(match[1]), match[2].replace("/", ".")
         (kept if keeps_float(precision, block, layer, num_layers) else chosen).append(node.name)
     if not chosen:
         raise OrtMismatch(f"{source}: no block linear MatMul found to quantize (exporter naming changed?)")
@@ -151,10 +167,12 @@ def quantize_graph(source: Path, path: Path, precision: str, num_layers: int) ->
     return path
 
 
-def cached_graph(cache_dir: Path, key: str, precision: str, num_layers: int, export: Callable[[Path], Any]) -> Path:
+def cached_graph(cache_dir: Path, key: str, precision: str, num_layers: int, export: Callable[[Path], Any], *,
+                 pattern: re.Pattern[str] = _BLOCK_MATMUL, first_block: int = 0) -> Path:
     """The graph ``key`` at ``precision`` in ``cache_dir``, made only when absent: ``export`` writes (and checks)
     the fp32 one, which int8 precisions then quantize (``num_layers``: blocks of the encoder, for the layers the
-    precision keeps float). Under a lock per key: workers starting together export once."""
+    precision keeps float; ``pattern``, ``first_block``: as `quantize_graph`). Under a lock per key: workers
+    starting together export once."""
     fp32 = cache_dir / f"{key}.fp32.onnx"
     path = fp32 if precision == REFERENCE else cache_dir / f"{key}.{precision}-{QUANT_RECIPE}.onnx"
     if path.is_file():
@@ -164,15 +182,18 @@ def cached_graph(cache_dir: Path, key: str, precision: str, num_layers: int, exp
             export(fp32)
             log.info("backbone.ort_exported", path=str(fp32), bytes=fp32.stat().st_size)
         if not path.is_file():
-            quantize_graph(fp32, path, precision, num_layers)
+            quantize_graph(fp32, path, precision, num_layers, pattern=pattern, first_block=first_block)
     return path
 
 
-def open_session(path: Path, threads: int | None = None) -> Any:
-    """An ONNX Runtime CPU session on the graph at ``path``."""
+def open_session(path: Path, threads: int | None = None, *, spinning: bool = True) -> Any:
+    """An ONNX Runtime CPU session on the graph at ``path``. ``spinning`` False: its threads sleep between
+    runs instead of busy-waiting, for sessions that run beside others (heads, each in its runner thread)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1

@@ -2,38 +2,56 @@
 
 `OrtTrunk` is a `streamguard.detectors.trunk.LocalTrunk` like `ClipTrunk`, and gives what it gives: the
 hidden states entering each requested block (embeddings, pre-layernorm, blocks), computed by one ONNX
-graph per set of branch points instead of torch. The heads stay torch, built on the fp32 encoder it holds
-and converted to its precision as on the torch trunk. The graph is exported into ``<backbone.cache_dir>/
+graph per set of branch points instead of torch. The graph is exported into ``<backbone.cache_dir>/
 onnx-trunk`` (`streamguard.backbone.onnx_runtime`: keyed by the weights, the image size, the branch points,
 opset and torch release, and the int8 recipe), checked against torch's trunk at fp32, and
 quantized by ONNX Runtime at int8 / int8-mixed with the layers that precision keeps float left out.
 A ViT-B/16 graph is ~350 MB at fp32 (~175 MB at int8-mixed): a cache, never the repository.
+
+The heads run on ONNX Runtime too (`OrtHead`, from `OrtTrunk.make_head`): pin-clip's and mpft's two tuned
+blocks are a quarter of the block passes per image. A head is built on the fp32 encoder it holds, exported
+(keyed by its weights, class, options and branch block), checked against torch, and quantized as the trunk,
+its blocks counted from the branch point. A head ONNX Runtime cannot run that way (its export fails, or it
+has blocks the int8 recipe cannot find) runs in torch at the trunk's precision, as on the torch trunk; one
+without blocks (univfd's pooling and probe) runs its fp32 graph at every precision, as torch leaves it float.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import structlog
 import torch
 
 from streamguard.backbone import ClipImageEncoder, vit
+from streamguard.backbone.digest import weights_digest
 from streamguard.backbone.onnx_runtime import (
+    HEAD_BLOCK_MATMUL,
     INPUT,
+    OPSET,
     cached_graph,
     check_graph,
     eager_copy,
+    eager_module,
     export_graph,
+    export_module,
     graph_key,
     open_session,
     parity_pixels,
 )
 from streamguard.backbone.precision import REFERENCE, PrecisionUnsupported, check_device
-from streamguard.backends.torch_trunk import EncoderTrunk, hidden_states
+from streamguard.backends.torch_trunk import EncoderTrunk, TorchHead, hidden_states
+
+log = structlog.get_logger(__name__)
 
 CACHE_NAME = "onnx-trunk"
+HEAD_INPUT = "hidden"
+HEAD_OUTPUT = "logits"
 
 
 def cache_dir(backbone_cache: Path) -> Path:
@@ -82,6 +100,58 @@ class _TrunkGraph(torch.nn.Module):
         return tuple(hidden_states(self.encoder, layers, pixels, self.blocks).values())
 
 
+def export_head(head: torch.nn.Module, hidden: torch.Tensor, path: Path) -> Path:
+    """Write fp32 ``head`` (hidden states (N, T, H) -> one logit per image, read as `TorchHead` reads its
+    output) as ONNX, batch axis dynamic, and refuse it unless ONNX Runtime computes torch's logits on
+    ``hidden`` (a batch of two)."""
+    export_module(_HeadGraph(eager_module(head)), hidden[:1], path, [HEAD_OUTPUT], HEAD_INPUT)
+    with torch.inference_mode():
+        expected = _HeadGraph(head)(hidden).numpy()
+    check_graph(path, hidden, {HEAD_OUTPUT: expected}, HEAD_INPUT)
+    return path
+
+
+def head_key(head: torch.nn.Module, detector: str, options: Mapping[str, Any], block: int, image_size: int) -> str:
+    """What a head's exported graph depends on, as `graph_key` for the trunk's. A head's code is not fixed
+    like CLIP's: its class, and the options its loader may have baked in as constants, count too."""
+    digest = hashlib.sha256()
+    for part in (weights_digest(head.state_dict()), f"{type(head).__module__}.{type(head).__qualname__}",
+                 json.dumps(dict(options), sort_keys=True, default=str)):
+        digest.update(part.encode() + b"\0")
+    return (f"head-{detector}-{digest.hexdigest()[:16]}-b{block}-s{image_size}-op{OPSET}"
+            f"-torch{torch.__version__.split('+')[0]}")
+
+
+class _HeadGraph(torch.nn.Module):
+    """What a head's graph computes: the logit per image `TorchHead.predict` takes from the head's output."""
+
+    def __init__(self, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden).reshape(hidden.shape[0], -1)[:, 0].float()
+
+
+class OrtHead:
+    """A head's graph in ONNX Runtime, as a backend runs it: what `TorchHead` gives (non-finite logits
+    included, which the runner turns into errors)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        # Heads run at once, one per runner thread, right after the trunk: spinning pools would fight for the
+        # cores the others compute on.
+        self._session: Any = open_session(path, spinning=False)
+
+    def predict(self, hidden: torch.Tensor) -> list[float | None]:
+        array = np.ascontiguousarray(hidden.detach().to("cpu", torch.float32).numpy())
+        (logits,) = self._session.run([HEAD_OUTPUT], {HEAD_INPUT: array})
+        return list(logits.reshape(len(array), -1)[:, 0].tolist())
+
+    def close(self) -> None:
+        self._session = None
+
+
 class OrtTrunk(EncoderTrunk):
     """``encoder``'s trunk in ONNX Runtime, its graph for a set of branch points made at the first `prepare` or
     `run` for them. ``encoder`` stays fp32 and untouched: heads copy their blocks from it."""
@@ -111,6 +181,18 @@ class OrtTrunk(EncoderTrunk):
         outputs = self._session(key).run([_output(block) for block in key], {INPUT: array})
         return {block: torch.from_numpy(out) for block, out in zip(key, outputs, strict=True)}
 
+    def make_head(self, load: Callable[[str], torch.nn.Module], block: int, detector: str,
+                  options: Mapping[str, Any]) -> OrtHead | TorchHead:
+        """``detector``'s head, which ``load`` builds at the precision it is given, branching at ``block``: on
+        ONNX Runtime, or in torch at this trunk's precision when it cannot run there (a warning says why)."""
+        module = load(REFERENCE).eval().requires_grad_(False)
+        try:
+            return OrtHead(self._head_graph(module, block, detector, options))
+        except Exception as exc:  # noqa: BLE001 - any head that runs on the torch trunk must run here
+            log.warning("trunk.head_torch_fallback", detector=detector, precision=self._precision,
+                        reason=f"{type(exc).__name__}: {exc}")
+        return TorchHead(module if self._precision == REFERENCE else load(self._precision), "cpu")
+
     def close(self) -> None:
         self._sessions.clear()
 
@@ -125,3 +207,21 @@ class OrtTrunk(EncoderTrunk):
 
     def _export(self, blocks: tuple[int, ...], path: Path) -> None:
         export_trunk(self._encoder, blocks, path, [_output(block) for block in blocks])
+
+    def _head_graph(self, head: torch.nn.Module, block: int, detector: str, options: Mapping[str, Any]) -> Path:
+        # The torch trunk converts the blocks a head copied and nothing else: a head without any runs float at
+        # every precision, so its fp32 graph computes what it would. One with blocks the recipe cannot find
+        # by name is refused by `quantize_graph` (and falls back), rather than run float under an int8 version.
+        layer = type(self._encoder.model.vision_model.encoder.layers[0])
+        has_blocks = any(isinstance(module, layer) for module in head.modules())
+        key = head_key(head, detector, options, block, self._encoder.image_size)
+        return cached_graph(self._cache_dir, key, self._precision if has_blocks else REFERENCE,
+                            vit.num_layers(self._encoder), lambda fp32: self._export_head(head, block, fp32),
+                            pattern=HEAD_BLOCK_MATMUL, first_block=block)
+
+    def _export_head(self, head: torch.nn.Module, block: int, path: Path) -> None:
+        # Real hidden states rather than noise: CLIP's outlier channels (~100) are what parity must hold on.
+        pixels = parity_pixels(self._encoder.image_size)
+        with torch.inference_mode():
+            hidden = hidden_states(self._encoder, self._encoder.model.vision_model.encoder.layers, pixels, [block])
+        export_head(head, hidden[block], path)

@@ -14,7 +14,8 @@ equal input contracts get the very same prepared arrays from the `Scorer`, and a
 id is never reused while its entry lives. Branches are grouped by contract: those with another contract
 get their own trunk pass (their pixels differ, and so would the trunk's output), to their own blocks.
 A trunk compiled per set of branch points (ONNX Runtime's, ``backbone.runtime``) is made once every branch
-is added (`SharedTrunks.prepare`, from `Scorer.start`), not in the first batch.
+is added (`SharedTrunks.prepare`, from `Scorer.start`), not in the first batch; such a trunk also runs the
+heads on its runtime, each compiled as its branch is added.
 """
 
 from __future__ import annotations
@@ -230,11 +231,19 @@ class SharedTrunks:
             shared = self._trunk(trunk_spec.backbone, lambda: LOADERS[trunk_spec.backbone](self._settings, ctx.device))
             local: LocalTrunk = shared.trunk  # type: ignore[assignment]
             block = local.resolve(trunk_spec.branch_block)
-            module = trunk_spec.load_head(BranchContext(trunk=local.backbone, device=ctx.device, options=ctx.options,
-                                                        precision=local.precision))
-            from streamguard.backends.torch_trunk import TorchHead
 
-            head = TorchHead(module, ctx.device)
+            def load(precision: str) -> Any:
+                return trunk_spec.load_head(BranchContext(trunk=local.backbone, device=ctx.device,
+                                                          options=ctx.options, precision=precision))
+
+            # A trunk with its own runtime for heads (`OrtTrunk.make_head`) builds them itself, here at start-up.
+            make_head = getattr(local, "make_head", None)
+            if make_head is not None:
+                head = make_head(load, block, spec.name, ctx.options)
+            else:
+                from streamguard.backends.torch_trunk import TorchHead
+
+                head = TorchHead(load(local.precision), ctx.device)
         except ModuleNotFoundError as exc:
             extra = missing_extra(exc, FEATURE)
             if extra is None:
