@@ -17,6 +17,9 @@ eval "$("$sg" dev up --workdir "$workdir")"
 export STREAMGUARD_DETECTORS__BACKEND=triton
 # Every CLIP detector on two CPU cores is slow next to a GPU: give requests time rather than fail them.
 export STREAMGUARD_TRITON__REQUEST_TIMEOUT_S=120 STREAMGUARD_DETECTORS__TIMEOUT_S=300
+# One worker on a local broker: Tansu holds a new group's first join for half the session timeout (5 s at the
+# worker's default 10 s), which is most of what this demo would wait for.
+export STREAMGUARD_WORKER__SESSION_TIMEOUT_MS=3000 STREAMGUARD_WORKER__HEARTBEAT_INTERVAL_MS=1000
 export STREAMGUARD_WORKER__HEALTH_PORT=0 STREAMGUARD_WORKER__HEALTH_HOST=127.0.0.1 STREAMGUARD_LOG__FORMAT=json
 first=$("$sg" produce "$samples")
 second=$("$sg" produce "$samples")

@@ -7,28 +7,47 @@ thresholds. Cached verdicts go through here again for the same reason.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import pluggy
 
+from streamguard.config import FusionSettings, PolicySettings
 from streamguard.fusion import FusedScore
 from streamguard.policy import Decision
 from streamguard.schemas import DetectorContribution, DetectorScore, Evidence, Explanation, MatchedBank, Verdict
 from streamguard.tenants import Tenant
 
 
+@dataclass(frozen=True)
+class Judgement:
+    """What fusion and policy made of a verdict's scores, and under which settings (`Scorer.judge`)."""
+
+    fusion: FusionSettings
+    policy: PolicySettings
+    fused: FusedScore
+    decision: Decision
+
+
 class Decider:
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self._pm = pm
 
-    def decide(self, verdict: Verdict, tenant: Tenant, evidence: Sequence[Evidence] = ()) -> Verdict:
-        """``verdict`` re-decided from its scores for ``tenant``, with its explanation. Verdicts a bank or a
-        person decided keep their label: no threshold applies to them."""
+    def decide(self, verdict: Verdict, tenant: Tenant, evidence: Sequence[Evidence] = (), *,
+               judged: Judgement | None = None, changes: Mapping[str, Any] | None = None) -> Verdict:
+        """``verdict`` re-decided from its scores for ``tenant``, with its explanation, and ``changes`` made
+        in the same copy. Verdicts a bank or a person decided keep their label: no threshold applies to them.
+        ``judged``: the scorer's own judgement of these scores, taken as it is when the tenant's settings are
+        the very ones it was made under (the default tenant), instead of fusing and deciding again."""
         if verdict.decided_by != "model":
-            return verdict.model_copy(update={"tenant": tenant.name})
+            return verdict.model_copy(update={**(changes or {}), "tenant": tenant.name})
         scores = verdict.scores
-        fused: FusedScore = self._pm.hook.fuse_scores(scores=scores, settings=tenant.fusion)
-        decision: Decision = self._pm.hook.decide_verdict(fused=fused, scores=scores, settings=tenant.policy)
+        if judged is not None and judged.fusion is tenant.fusion and judged.policy is tenant.policy:
+            fused, decision = judged.fused, judged.decision
+        else:
+            fused = self._pm.hook.fuse_scores(scores=scores, settings=tenant.fusion)
+            decision = self._pm.hook.decide_verdict(fused=fused, scores=scores, settings=tenant.policy)
         failed = sorted({score.detector for score in scores if score.error is not None})
         explanation = Explanation(
             tenant=tenant.name,
@@ -43,6 +62,7 @@ class Decider:
             evidence=[*evidence, *credential_evidence(scores)],
         )
         return verdict.model_copy(update={
+            **(changes or {}),
             "label": decision.label,
             "probability": fused.probability,
             "policy_version": decision.policy_version,

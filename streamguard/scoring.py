@@ -19,6 +19,7 @@ import pluggy
 import structlog
 
 from streamguard.config import Settings
+from streamguard.decide import Judgement
 from streamguard.detectors.runner import DetectorRunner, DetectorUnavailable
 from streamguard.detectors.spec import DetectorInput, DetectorSpec
 from streamguard.detectors.trunk import SharedTrunks
@@ -69,6 +70,7 @@ class Outcome:
     sha256: str
     image: DecodedImage | None = None
     verdict: Verdict | None = None
+    judgement: Judgement | None = None  # how fusion and policy made ``verdict``, for `Decider.decide` to reuse
     error: StreamguardError | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
 
@@ -205,7 +207,7 @@ class Scorer:
         detect_ms = _ms(t0)
         for outcome, item_scores in zip(decoded, scores, strict=True):
             outcome.timings_ms["detect"] = detect_ms
-            outcome.verdict = self._judge(outcome, item_scores)
+            outcome.verdict, outcome.judgement = self._judge(outcome, item_scores)
 
     def _detect(self, images: list[DecodedImage]) -> list[list[DetectorScore]]:
         """Every detector on every image; detectors run concurrently, each in its own batches."""
@@ -235,10 +237,11 @@ class Scorer:
             raise DetectorsUnavailable(unavailable)
         return per_image
 
-    def _judge(self, outcome: Outcome, scores: list[DetectorScore]) -> Verdict:
+    def _judge(self, outcome: Outcome, scores: list[DetectorScore]) -> tuple[Verdict, Judgement]:
         t0 = time.perf_counter()
-        fused: FusedScore = self._pm.hook.fuse_scores(scores=scores, settings=self._settings.fusion)
-        decision: Decision = self._pm.hook.decide_verdict(fused=fused, scores=scores, settings=self._settings.policy)
+        fusion, policy = self._settings.fusion, self._settings.policy
+        fused: FusedScore = self._pm.hook.fuse_scores(scores=scores, settings=fusion)
+        decision: Decision = self._pm.hook.decide_verdict(fused=fused, scores=scores, settings=policy)
         outcome.timings_ms["fuse"] = _ms(t0)
         failed = sorted({score.detector for score in scores if score.error is not None})
         verdict = Verdict(
@@ -254,4 +257,4 @@ class Scorer:
             failed_detectors=failed,
         )
         call_each(self._pm, "verdict_ready", verdict=verdict)
-        return verdict
+        return verdict, Judgement(fusion, policy, fused, decision)

@@ -289,3 +289,37 @@ def test_a_failure_in_dedupe_dead_letters_only_that_record(settings: Settings) -
     assert pipeline.sink.outcomes() == {0: "verdict", 1: "InternalError", 2: "verdict"}
     ((_, letter),) = pipeline.sink.dead_letters
     assert letter.stage == "dedupe" and "store bug" in letter.message
+
+
+def test_the_default_tenant_reuses_the_scorers_judgement_and_others_are_decided_again(settings: Settings) -> None:
+    """Fusion and policy run once per content for the default tenant (its settings are the scorer's), and
+    again for a tenant with thresholds of its own; both verdicts are what deciding from scratch gives."""
+    from streamguard.decide import Decider
+    from streamguard.hookspecs import hookimpl
+    from streamguard.tenants import Tenants
+
+    class CountFusions:
+        calls = 0
+
+        @hookimpl(wrapper=True)
+        def fuse_scores(self, scores, settings):  # type: ignore[no-untyped-def]
+            CountFusions.calls += 1
+            return (yield)
+
+    settings = settings.model_copy(update={"tenants": load_settings(tenants={"strict": {"ai_threshold": 1.0}}).tenants})
+    pipeline = Pipeline(settings)
+    try:
+        pipeline.scorer.plugin_manager.register(CountFusions())
+        value, headers = encode_event(ImageEvent(event_id="strict-1", image=png(250), tenant="strict"), "binary")
+        pipeline.run(event("default-1", png(250)), (value, headers))
+    finally:
+        pipeline.close()
+    verdicts = {verdict.event_id: verdict for _, verdict in pipeline.sink.verdicts}
+    assert CountFusions.calls == 2  # the scorer's, then the strict tenant's; none for the default tenant
+    assert verdicts["default-1"].label == "ai_generated" and verdicts["strict-1"].label != "ai_generated"
+    tenants, decider = Tenants(settings), Decider(pipeline.scorer.plugin_manager)
+    for event_id, tenant in (("default-1", None), ("strict-1", "strict")):
+        published = verdicts[event_id]
+        again = decider.decide(published, tenants.resolve(tenant))
+        assert (again.label, again.probability, again.explanation) == (published.label, published.probability,
+                                                                       published.explanation)

@@ -406,8 +406,8 @@ class BatchProcessor:
         elif item.near is not None and item.near.sha256 != item.sha256:
             self._metrics.dedupe_hits.labels("near").inc()
             verdict = verdict.model_copy(update={"near_duplicate_of": self._near(item.near, item.tenant)})
-        verdict = verdict.model_copy(update={"timings_ms": {**item.timings_ms, **verdict.timings_ms}})
-        verdict = self._decider.decide(verdict, item.tenant)
+        verdict = self._decider.decide(verdict, item.tenant, judged=owner.outcome.judgement,  # type: ignore[union-attr]
+                                       changes={"timings_ms": {**item.timings_ms, **verdict.timings_ms}})
         # A tenant's copies of one content go to review once; later ones are duplicates of it.
         self._publish(item, verdict, review=verdict.duplicate_of is None)
         # Published: from here on a failure must not dead-letter the record too (two outcomes for one).
