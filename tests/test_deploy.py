@@ -635,6 +635,7 @@ def test_values_schema_describes_every_key_and_refuses_others() -> None:
         ("image.tag=latest", "tag"),
         ("image.digest=sha256:1234", "digest"),
         ("kafka.bootstrapServers=kafka", "bootstrapServers"),
+        ("triton.trunkModel=clip/detectors", "trunkModel"),
     ],
 )
 def test_values_schema_refuses_typos_and_bad_values(tools: Tools, setting: str, message: str) -> None:
@@ -663,6 +664,7 @@ def test_values_schema_refuses_typos_and_bad_values(tools: Tools, setting: str, 
         (["triton.server.modelRepository.source=pvc"], "pvc.claimName"),
         (["triton.server.enabled=false"], "triton.url is required"),
         (["triton.server.enabled=false", "triton.url=triton.example:8001"], "networkPolicy.worker.triton.to"),
+        (["triton.server.models={univfd,mpft}"], 'triton.trunkModel "clip-detectors" is not among triton.server.models'),
     ],
 )
 def test_render_refuses_inconsistent_values(tools: Tools, settings: list[str], message: str) -> None:
@@ -730,6 +732,27 @@ def test_workers_reach_triton_through_the_headless_service(rendered: dict[tuple[
     assert TritonSettings(url=url).grpc_target() == url  # the worker takes it as gRPC's dns resolver target
     pdb = find(docs, "PodDisruptionBudget", "-triton")
     assert selects(pdb["spec"]["selector"]["matchLabels"], pod_labels)
+
+
+def load_models(deployment: dict[str, Any]) -> list[str]:
+    return [a.split("=", 1)[1] for a in container(deployment, "tritonserver")["args"] if a.startswith("--load-model=")]
+
+
+def test_workers_call_the_shared_trunk_triton_loads(tools: Tools,
+                                                    rendered: dict[tuple[str, str], list[dict[str, Any]]]) -> None:
+    """By default each batch goes once to the shared-trunk ensemble, and Triton loads it and its parts for the
+    detectors the Triton image builds by default; trunkModel "" goes back to one whole model per detector."""
+    from streamguard.triton.shared_trunk import ENSEMBLE_MODEL, models_of
+
+    docs = manifests(rendered, "default")
+    assert worker_env(docs)["STREAMGUARD_TRITON__TRUNK_MODEL"] == ENSEMBLE_MODEL
+    assert load_models(triton(docs)) == models_of(dockerfile_arg("Dockerfile.triton", "MODELS").split())
+    # ["*"] loads the ensemble with the rest of the repository: the render-time check lets it through.
+    assert worker_env(manifests(rendered, "triton-gpu"))["STREAMGUARD_TRITON__TRUNK_MODEL"] == ENSEMBLE_MODEL
+    whole = [d for d in yaml.safe_load_all(template(tools, "default", KUBE_VERSIONS[-1], "--set", "triton.trunkModel=",
+                                                    "--set", "triton.server.models={univfd,mpft}").stdout) if d]
+    assert not [name for name in worker_env(whole) if name.endswith("TRUNK_MODEL")]
+    assert load_models(triton(whole)) == ["univfd", "mpft"]
 
 
 def test_triton_on_gpu_nodes(rendered: dict[tuple[str, str], list[dict[str, Any]]]) -> None:
@@ -1013,6 +1036,13 @@ def dockerfile(name: str) -> str:
     return (DEPLOY / name).read_text()
 
 
+def dockerfile_arg(name: str, arg: str) -> str:
+    """The default of build argument ARG in Dockerfile NAME."""
+    found = re.findall(rf'^ARG {arg}=(?:"([^"]*)"|(\S*))\s*$', dockerfile(name), re.M)
+    assert len(found) == 1, f"ARG {arg} in {name}: {found}"
+    return found[0][0] or found[0][1]
+
+
 def instructions(name: str) -> str:
     """The Dockerfile without its comments."""
     return "\n".join(line for line in dockerfile(name).splitlines() if not line.lstrip().startswith("#"))
@@ -1080,6 +1110,58 @@ def test_inprocess_and_triton_images_carry_the_backbone() -> None:
     # The repository is built where the chart's init container copies it from.
     out = re.search(r"streamguard triton build .* (\S+)\s*$", triton_text, re.M)
     assert out and out.group(1) == values()["triton"]["server"]["modelRepository"]["image"]["path"]
+
+
+def test_the_triton_image_builds_what_the_chart_loads(tmp_path: Path) -> None:
+    """Dockerfile.triton's `triton build` with its default arguments, run here in the python format with the
+    shipped weights: the ensemble serves exactly the CLIP detectors a worker loads by default (Triton runs
+    every head it holds on every request; the worker sends every CLIP detector it loads to it), the chart's
+    default models are all in the repository, and so are the whole models triton.trunkModel "" loads."""
+    from click.testing import CliRunner
+
+    from streamguard.builtin.cliphead.detector import builtin_detectors
+    from streamguard.cli import cli
+    from streamguard.config import PluginSettings
+    from streamguard.triton.build import default_models
+    from streamguard.triton.shared_trunk import ENSEMBLE_MODEL, models_of
+
+    command = re.search(r"^.*streamguard triton build (.*)$", instructions("Dockerfile.triton"), re.M)
+    assert command and "--shared-trunk" in command.group(1).split(), command
+    detectors = dockerfile_arg("Dockerfile.triton", "MODELS").split()
+    loaded = builtin_detectors(PluginSettings())  # the defaults, not the tests' denials (conftest.py)
+    assert detectors == [name for name in default_models() if name in loaded]
+    whole_models = dockerfile_arg("Dockerfile.triton", "WHOLE_MODELS")
+    assert whole_models in ("true", "false")
+    args = ["triton", "build", "--shared-trunk", *(a for name in detectors for a in ("--model", name)),
+            *(["--trunk-only"] if whole_models == "false" else []), str(tmp_path)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert summary["shared_trunk"]["model"] == ENSEMBLE_MODEL == values()["triton"]["trunkModel"]
+    assert list(summary["shared_trunk"]["detectors"]) == detectors
+    ensemble = (tmp_path / ENSEMBLE_MODEL / "config.pbtxt").read_text()
+    assert re.findall(r'model_name: "([^"]+)"', ensemble) == models_of(detectors)[:-1]  # the trunk, the heads
+    assert set(values()["triton"]["server"]["models"]) <= set(summary["load"])
+    assert list(summary["models"]) == (detectors if whole_models == "true" else [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(summary["load"])
+
+
+def test_triton_build_trunk_only(tmp_path: Path) -> None:
+    """--trunk-only writes the CLIP detectors on the trunk alone, and only with --shared-trunk."""
+    from click.testing import CliRunner
+
+    from streamguard.cli import cli
+    from streamguard.triton.shared_trunk import models_of
+
+    result = CliRunner().invoke(cli, ["triton", "build", "--trunk-only", str(tmp_path / "none")])
+    assert result.exit_code == 2 and "--trunk-only needs --shared-trunk" in result.output, result.output
+    assert not (tmp_path / "none").exists()
+    result = CliRunner().invoke(cli, ["triton", "build", "--shared-trunk", "--trunk-only", "--model", "univfd",
+                                      str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert summary["models"] == {} and summary["load"] == models_of(["univfd"])
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == sorted(models_of(["univfd"]))
 
 
 def test_requirements_helper_refuses_an_unknown_extra() -> None:

@@ -238,6 +238,10 @@ Checks of combinations the schema cannot express; included by the worker Deploym
 {{- if and (include "streamguard.tritonDeployed" .) (eq .Values.triton.server.modelRepository.source "pvc") (not .Values.triton.server.modelRepository.pvc.claimName) }}
 {{- fail "triton.server.modelRepository.pvc.claimName is required with modelRepository.source pvc" }}
 {{- end }}
+{{- $models := .Values.triton.server.models }}
+{{- if and (include "streamguard.tritonDeployed" .) .Values.triton.trunkModel (not (has "*" $models)) (not (has .Values.triton.trunkModel $models)) }}
+{{- fail (printf "triton.trunkModel %q is not among triton.server.models %v: the workers would call a model Triton never loaded (load it and its parts, or set triton.trunkModel \"\" for the whole models)" .Values.triton.trunkModel $models) }}
+{{- end }}
 {{- if and (eq .Values.detectors.backend "triton") (not .Values.triton.server.enabled) (not .Values.triton.url) }}
 {{- fail "triton.url is required when triton.server.enabled is false and detectors.backend is triton" }}
 {{- end }}
