@@ -208,6 +208,12 @@ def test_fake_wheel_to_cache_to_encoder(tiny: tuple[CLIPVisionModelWithProjectio
     encoder = load_backbone(BackboneSettings(cache_dir=cache_dir))
     assert encoder.version == manifest.weights_sha256[:12]
     assert (encoder.embed_dim, encoder.image_size, encoder.patch_size) == (16, 32, 8)
+    # What a Triton build reads without loading it is what the loaded encoder says.
+    from streamguard.backbone import vit
+    from streamguard.backbone.manifest import BackboneShape, describe_cache
+
+    assert describe_cache(cache_dir) == BackboneShape(encoder.version, vit.num_layers(encoder), encoder.patch_size,
+                                                      encoder.hidden_size, encoder.image_size)
     x = torch.randn(4, 3, 32, 32)
     assert cosine(embed(encoder, x), embed(model, x)).min() > 0.99
     with torch.inference_mode():
@@ -238,6 +244,10 @@ def test_wheel_without_the_model_is_an_error(tmp_path: Path) -> None:
 def test_missing_cache_names_the_fetch_command(tmp_path: Path) -> None:
     with pytest.raises(BackboneMissing, match=FETCH):
         load_backbone(BackboneSettings(cache_dir=tmp_path / "nothing-here"))
+    from streamguard.backbone.manifest import describe_cache
+
+    with pytest.raises(BackboneMissing, match=FETCH):
+        describe_cache(tmp_path / "nothing-here")
     result = CliRunner().invoke(cli, ["backbone", "info"], env={"STREAMGUARD_BACKBONE__CACHE_DIR": str(tmp_path)})
     assert result.exit_code == 1 and FETCH in result.output
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import structlog
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionConfig
@@ -26,34 +26,17 @@ from streamguard.backbone.arch import config_from_dict
 from streamguard.backbone.cache_files import fsync, swap_in, write_text
 from streamguard.backbone.digest import file_sha256
 from streamguard.backbone.errors import FETCH_COMMAND, BackboneCorrupt, BackboneMissing
+from streamguard.backbone.manifest import (  # noqa: F401 - the layout's torch-free home, re-exported
+    CACHE_NAME,
+    CONFIG_FILE,
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    Manifest,
+    cache_path,
+)
 
 log = structlog.get_logger(__name__)
 
-CACHE_NAME = "clip-vit-b16"
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = 1
-
-
-class Manifest(BaseModel):
-    """Where the cached weights came from and what they must hash to."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    format: int = MANIFEST_FORMAT
-    source_wheel: str
-    source_wheel_sha256: str
-    source_member: str
-    tensors: int
-    parameters: int
-    weights_sha256: str
-    safetensors_sha256: str
-    converted_by: str
-
-
-def cache_path(cache_dir: Path) -> Path:
-    return Path(cache_dir).expanduser() / CACHE_NAME
 
 
 def write_cache(

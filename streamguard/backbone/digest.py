@@ -14,8 +14,6 @@ from pathlib import Path
 
 import torch
 
-SHORT_ID_CHARS = 12
-
 
 def file_sha256(path: Path) -> str:
     with path.open("rb") as fh:
@@ -32,7 +30,3 @@ def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
         # A flat uint8 view exposes the raw bytes without a copy, whatever the dtype (bfloat16 has no numpy one).
         h.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
-
-
-def short_id(digest: str) -> str:
-    return digest[:SHORT_ID_CHARS]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from streamguard.backbone.digest import short_id
+from streamguard.backbone.manifest import short_id, square_side
 
 
 class ClipImageEncoder(torch.nn.Module):
@@ -49,11 +49,11 @@ class ClipImageEncoder(torch.nn.Module):
 
     @property
     def image_size(self) -> int:
-        return _side(self.config.image_size)
+        return square_side(self.config.image_size)
 
     @property
     def patch_size(self) -> int:
-        return _side(self.config.patch_size)
+        return square_side(self.config.patch_size)
 
     @property
     def version(self) -> str:
@@ -69,11 +69,3 @@ class ClipImageEncoder(torch.nn.Module):
     def _resized(self, pixels: torch.Tensor) -> bool:
         return tuple(pixels.shape[-2:]) != (self.image_size, self.image_size)
 
-
-def _side(value: object) -> int:
-    # CLIPVisionConfig types sizes loosely (int or pair); CLIP's embeddings only build square ones.
-    if isinstance(value, int):
-        return value
-    if isinstance(value, list | tuple) and len(value) == 2 and value[0] == value[1]:
-        return int(value[0])
-    raise ValueError(f"CLIP needs square images and patches, not {value!r}")

@@ -19,6 +19,7 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
+from streamguard.backbone.manifest import BackboneShape, describe_cache
 from streamguard.builtin.cliphead import CONTRACT, ClipHeadDetector
 from streamguard.config import BackboneSettings
 from streamguard.triton.pbtxt import (
@@ -50,15 +51,24 @@ def build_shared_trunk(out: Path, detectors: Mapping[str, tuple[ClipHeadDetector
                        backbone: BackboneSettings, template: Path, model_file: Path | None) -> dict[str, str]:
     """Write the trunk, a head per detector and the ensemble into ``out``; returns detector -> version.
     ``model_file``: the Python backend's ``model.py``; None exports ONNX graphs (``template`` the ONNX one)."""
-    from streamguard.backbone import load_backbone, vit
-
     if len({ensemble_output(name) for name in detectors}) != len(detectors):
         raise ValueError(f"detector names {sorted(detectors)} collide as tensor names")
-    encoder = load_backbone(backbone, "cpu", precision="fp32")
-    total = vit.num_layers(encoder)
+    # The Python backend's configs only need the encoder's shape: read from the cache, without loading torch
+    # (seconds of `dev up`). An ONNX export, or an operator's checkpoint, needs the encoder itself.
+    encoder = None
+    if model_file is not None and backbone.checkpoint is None:
+        shape = describe_cache(backbone.cache_dir)
+    else:
+        from streamguard.backbone import load_backbone, vit
+
+        encoder = load_backbone(backbone, "cpu", precision="fp32")
+        shape = BackboneShape(version=encoder.version, num_layers=vit.num_layers(encoder),
+                              patch_size=encoder.patch_size, hidden_size=encoder.hidden_size,
+                              image_size=encoder.image_size)
+    total = shape.num_layers
     # Tokens of the served pixels (the contract's size; the encoder interpolates its position embedding when
     # its own size differs, as a small test model's does).
-    hidden = (1 + (CONTRACT.size // encoder.patch_size) ** 2, encoder.hidden_size)
+    hidden = (1 + (CONTRACT.size // shape.patch_size) ** 2, shape.hidden_size)
     blocks = {name: total if (b := served.branch_block(weights)) is None else b
               for name, (served, weights) in detectors.items()}
     # The template's own header describes a whole detector; each model here gets a line of its own instead.
@@ -73,7 +83,7 @@ def build_shared_trunk(out: Path, detectors: Mapping[str, tuple[ClipHeadDetector
 
     trunk = set_name(base, TRUNK_MODEL)
     trunk = set_tensors(trunk, "output", [(hidden_tensor(b), hidden) for b in points])
-    trunk = set_parameter(trunk, "streamguard_version", f"{TRUNK_MODEL}+{encoder.version}")
+    trunk = set_parameter(trunk, "streamguard_version", f"{TRUNK_MODEL}+{shape.version}")
     if model_file is not None:
         trunk = add_parameter(add_parameter(trunk, "role", "trunk"), "blocks", json.dumps(points))
     target = _directory(out / TRUNK_MODEL)
@@ -82,7 +92,7 @@ def build_shared_trunk(out: Path, detectors: Mapping[str, tuple[ClipHeadDetector
 
         export_trunk(encoder, points, target / "1" / "model.onnx", [hidden_tensor(b) for b in points], PIXELS[0],
                      CONTRACT.size)
-    _write(target, f"# The shared CLIP trunk (backbone {encoder.version}), to every branch point.\n" + trunk,
+    _write(target, f"# The shared CLIP trunk (backbone {shape.version}), to every branch point.\n" + trunk,
            model_file)
 
     versions = {}

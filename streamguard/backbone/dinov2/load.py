@@ -12,7 +12,8 @@ import structlog
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from streamguard.backbone.digest import short_id, weights_digest
+from streamguard.backbone.digest import weights_digest
+from streamguard.backbone.manifest import short_id
 from streamguard.backbone.dinov2.cache import WEIGHTS_FILE, cache_path
 from streamguard.backbone.dinov2.model import Dinov2Encoder, arch_from_state, build_encoder
 from streamguard.backbone.dinov2.pins import FETCH_COMMAND, WEIGHTS_SHA256
