@@ -25,7 +25,15 @@ from streamguard.detectors.spec import DetectorInput, DetectorSpec
 from streamguard.detectors.trunk import SharedTrunks
 from streamguard.errors import StreamguardError
 from streamguard.fusion import FusedScore
-from streamguard.intake import DecodedImage, InputContract, decode_image, decode_side, prepare, prepare_views
+from streamguard.intake import (
+    DecodedImage,
+    ImageHeader,
+    InputContract,
+    decode_image,
+    decode_side,
+    prepare,
+    prepare_views,
+)
 from streamguard.plugins import call_each
 from streamguard.policy import Decision
 from streamguard.registry import collect_detectors
@@ -62,6 +70,9 @@ class ImageJob:
     key: str  # the event id (worker) or the path (scan)
     data: bytes
     sha256: str | None = None  # when the caller hashed the bytes already
+    # `read_header` of ``data`` at the scorer's `decode_side`, when the caller read it (to bound a batch):
+    # decoded from, instead of parsing the header again.
+    header: ImageHeader | None = None
 
 
 @dataclass
@@ -179,7 +190,7 @@ class Scorer:
         t0, cpu0 = time.perf_counter(), time.thread_time()
         outcome = Outcome(key=job.key, sha256=job.sha256 or hashlib.sha256(job.data).hexdigest())
         try:
-            outcome.image = decode_image(job.data, self._settings.intake, self._decode_side)
+            outcome.image = decode_image(job.data, self._settings.intake, self._decode_side, job.header)
         except StreamguardError as exc:
             outcome.error = exc
         outcome.timings_ms["decode"] = _ms(t0)

@@ -25,6 +25,7 @@ from streamguard.intake import (
     decode_side,
     estimate_decoded_pixels,
     prepare,
+    read_header,
 )
 
 LIMITS = IntakeSettings()
@@ -324,8 +325,14 @@ def _estimate_cases() -> list[tuple[str, bytes, int | None, int]]:
                          ids=[c[0] for c in _estimate_cases()])
 def test_estimate_decoded_pixels_matches_what_decode_holds(data: bytes, side: int | None, pixels: int) -> None:
     assert estimate_decoded_pixels(data, LIMITS, side) == pixels
-    rgb = decode_image(data, LIMITS, min_side=side).rgb
-    assert rgb.size[0] * rgb.size[1] == pixels
+    decoded = decode_image(data, LIMITS, min_side=side)
+    assert decoded.rgb.size[0] * decoded.rgb.size[1] == pixels
+    # Decoded from the header a batch read to size itself (drafted already for a JPEG): the same image, the
+    # original's sides and frames included.
+    header = read_header(data, LIMITS, side)
+    assert header.decoded_pixels == pixels
+    again = decode_image(data, LIMITS, min_side=side, header=header)
+    assert again == decoded and np.array_equal(np.asarray(again.rgb), np.asarray(decoded.rgb))
 
 
 def test_estimate_decoded_pixels_reads_only_the_header(no_pixel_decoding: None) -> None:

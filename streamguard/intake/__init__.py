@@ -9,7 +9,7 @@ from streamguard.intake.contract import (
     prepare,
     prepare_views,
 )
-from streamguard.intake.decode import DecodedImage, decode_image, estimate_decoded_pixels
+from streamguard.intake.decode import DecodedImage, ImageHeader, decode_image, estimate_decoded_pixels, read_header
 
 __all__ = [
     "CLIP_MEAN",
@@ -20,6 +20,8 @@ __all__ = [
     "decode_image",
     "decode_side",
     "estimate_decoded_pixels",
+    "ImageHeader",
+    "read_header",
     "prepare",
     "prepare_views",
 ]

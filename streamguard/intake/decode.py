@@ -25,7 +25,6 @@ from streamguard.config import IntakeSettings
 from streamguard.errors import (
     CorruptImage,
     EmptyImage,
-    IntakeError,
     TooLarge,
     UnsupportedFormat,
     UnsupportedGeometry,
@@ -81,17 +80,42 @@ class DecodedImage:
         return self.rgb.size != (self.width, self.height)
 
 
-def decode_image(data: bytes, limits: IntakeSettings, min_side: int | None = None) -> DecodedImage:
+@dataclass(frozen=True)
+class ImageHeader:
+    """An image opened but not decoded, its header checked against the limits, and what decoding it will
+    hold (`decoded_pixels`). A batch bounds what it decodes at once by reading them; handing each to
+    `decode_image` then saves parsing every header twice. Decoded once, by one thread."""
+
+    image: ImageFile.ImageFile
+    format: str
+    size: tuple[int, int]  # the header's, before any reduced-size decoding
+    frames: int
+    decoded_pixels: int
+
+
+def read_header(data: bytes, limits: IntakeSettings, min_side: int | None = None) -> ImageHeader:
+    """``data`` opened for `decode_image` at ``min_side``. Raises an `IntakeError` for bytes it will refuse;
+    hostile headers may raise anything else."""
+    img = _open_checked(data, limits)
+    fmt = _format(img)
+    size = img.size
+    frames = getattr(img, "n_frames", 1)
+    if min_side is not None and fmt == "JPEG":
+        img.draft("RGB", (min_side, min_side))  # only rewrites the header's scale and size
+    width, height = _reduced_size(img.size, _reduce_factor(img.size, min_side))
+    return ImageHeader(img, fmt, size, frames, width * height)
+
+
+def decode_image(data: bytes, limits: IntakeSettings, min_side: int | None = None,
+                 header: ImageHeader | None = None) -> DecodedImage:
     """Decode ``data``. With ``min_side``, the image may be held at reduced size: a JPEG decoded at a
     power-of-two reduction (Pillow's draft mode) keeping both sides at least ``min_side``, any image
     reduced by an integer factor while both sides stay at least ``_REDUCING_GAP * min_side``. None means
-    native pixels are needed."""
-    img = _open_checked(data, limits)
-    fmt = _format(img)
-    width, height = img.size
-    frames = getattr(img, "n_frames", 1)
-    if min_side is not None and fmt == "JPEG":
-        img.draft("RGB", (min_side, min_side))
+    native pixels are needed. ``header``: `read_header` of the same bytes at the same ``min_side``, not yet
+    decoded."""
+    if header is None:
+        header = read_header(data, limits, min_side)
+    img, fmt, (width, height), frames = header.image, header.format, header.size, header.frames
     try:
         img.load()
     except Exception as exc:  # noqa: BLE001 - decoders raise many types on hostile input
@@ -121,17 +145,11 @@ def estimate_decoded_pixels(data: bytes, settings: IntakeSettings, decode_side: 
     pixel is decoded); 0 for bytes the decode step will refuse. A batch can use it to bound what it holds
     at once; the one image being decoded briefly needs its full (drafted) size on top."""
     try:
-        img = _open_checked(data, settings)
-    except IntakeError:
+        header = read_header(data, settings, decode_side)
+    except Exception:  # noqa: BLE001 - refused or hostile headers: the decode step reports what is wrong
         return 0
-    try:
-        with img:
-            if decode_side is not None and _format(img) == "JPEG":
-                img.draft("RGB", (decode_side, decode_side))  # only rewrites the header's scale and size
-            width, height = _reduced_size(img.size, _reduce_factor(img.size, decode_side))
-    except Exception:  # noqa: BLE001 - hostile headers: the decode step reports what is wrong
-        return 0
-    return width * height
+    header.image.close()
+    return header.decoded_pixels
 
 
 def _open_checked(data: bytes, limits: IntakeSettings) -> ImageFile.ImageFile:

@@ -34,7 +34,7 @@ from streamguard.dedupe.phash import PerceptualHash, perceptual_hash
 from streamguard.dedupe.store import CachedVerdict, DedupeStore, NearMatch, versions_key
 from streamguard.errors import HeadersTooLarge, InternalError, RecordTooLarge, StreamguardError, UnreadableRecord
 from streamguard.fetch import ImageFetcher, event_bytes
-from streamguard.intake import estimate_decoded_pixels
+from streamguard.intake import ImageHeader, read_header
 from streamguard.policy import policy_version
 from streamguard.review.route import review_reason, review_request
 from streamguard.schemas import DeadLetter, Evidence, ImageEvent, MatchedBank, NearDuplicate, Verdict
@@ -64,6 +64,7 @@ class _Item:
     dedupe_key: str = ""  # the tenant's pool in the dedupe store
     data: bytes | None = None
     sha256: str | None = None
+    header: ImageHeader | None = None  # read to bound its piece, until it is decoded
     outcome: Outcome | None = None
     phash: PerceptualHash | None = None
     near: NearMatch | None = None
@@ -284,8 +285,9 @@ class BatchProcessor:
         used = 0
         for group in groups.values():
             try:
-                pixels = estimate_decoded_pixels(group[0].data, self._settings.intake,  # type: ignore[arg-type]
-                                                 self._scorer.decode_side)
+                group[0].header = read_header(group[0].data, self._settings.intake,  # type: ignore[arg-type]
+                                              self._scorer.decode_side)
+                pixels = group[0].header.decoded_pixels
             except Exception:  # noqa: BLE001 - the decode stage reports what is wrong with the bytes
                 pixels = 0
             if piece and used + pixels > budget:
@@ -300,18 +302,24 @@ class BatchProcessor:
         """The piece decoded together (on the scorer's decode threads); bad bytes dead-letter their record.
         An unexpected failure (a MemoryError, a decoder bug) fails the whole call: the piece is then decoded
         one image at a time, so that only the image that fails is dead-lettered."""
-        def job(item: _Item) -> ImageJob:
-            return ImageJob(key=item.event.event_id, data=item.data, sha256=item.sha256)  # type: ignore[union-attr,arg-type]
+        def job(item: _Item, header: ImageHeader | None) -> ImageJob:
+            return ImageJob(key=item.event.event_id, data=item.data, sha256=item.sha256,  # type: ignore[union-attr,arg-type]
+                            header=header)
 
         def decoded(item: _Item) -> None:
-            if item.outcome is None:
-                (item.outcome,) = self._scorer.decode([job(item)])
+            if item.outcome is None:  # one image at a time, its header read again: the batch's may be spent
+                (item.outcome,) = self._scorer.decode([job(item, None)])
             if item.outcome.error is not None:
                 raise item.outcome.error
 
         t0 = time.perf_counter()
+        # Handed over and forgotten here: a header left on an item would keep its decoded pixels (Pillow's
+        # image becomes the RGB one) past its piece, and pieces exist to bound those.
+        headers = [item.header for item in items]
+        for item in items:
+            item.header = None
         try:
-            outcomes = self._scorer.decode([job(item) for item in items])
+            outcomes = self._scorer.decode([job(item, header) for item, header in zip(items, headers, strict=True)])
         except Exception as exc:  # noqa: BLE001 - retried one by one below, under the per-record guard
             log.warning("worker.decode_batch_failed", records=len(items), error=f"{type(exc).__name__}: {exc}")
         else:
