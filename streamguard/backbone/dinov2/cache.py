@@ -13,10 +13,10 @@ from pathlib import Path
 
 import structlog
 import torch
-from pydantic import BaseModel, ConfigDict
 from safetensors.torch import save_file
 
 from streamguard.backbone.cache_files import fsync, swap_in
+from streamguard.backbone.manifest import WheelManifest
 
 log = structlog.get_logger(__name__)
 
@@ -25,18 +25,8 @@ WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 
 
-class Dinov2Manifest(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    format: int = 1
+class Dinov2Manifest(WheelManifest):
     model: str = "dinov2-vit-s14"
-    source_wheel: str
-    source_wheel_sha256: str
-    source_member: str
-    tensors: int
-    parameters: int
-    weights_sha256: str
-    converted_by: str
 
 
 def cache_path(cache_dir: Path) -> Path:
