@@ -275,20 +275,26 @@ def run_loso(settings: Settings, cfg: LosoConfig) -> dict[str, Any]:
     return report
 
 
+def score_logit(score: str) -> float:
+    """The logit of an `eval` scores.csv probability, clipped so a saturated 0 or 1 stays finite."""
+    import math
+
+    p = min(max(float(score), 1e-12), 1 - 1e-12)
+    return math.log(p / (1 - p))
+
+
 def read_unseen_scores(path: Path) -> list[HeldOutScore]:
     """An `eval` scores.csv (unperturbed rows, outside the test split) as held-out scores: its probabilities
     are the detector's calibrated ones, so their logits are what fusion averages."""
     import csv
-    import math
 
     out: list[HeldOutScore] = []
     with path.open(newline="") as f:
         for row in csv.DictReader(f):
             if row["perturbation"] != "none" or row["split"] == "test" or not row["score"]:
                 continue
-            p = min(max(float(row["score"]), 1e-12), 1 - 1e-12)
             out.append(HeldOutScore(row["id"], int(row["label"]), row["generator"], row["source"], row["split"],
-                                    math.log(p / (1 - p))))
+                                    score_logit(row["score"])))
     if not out:
         raise ValueError(f"{path}: no unperturbed scores outside the test split")
     return out

@@ -29,11 +29,11 @@ import structlog
 from streamguard.config import Settings
 from streamguard.detectors.calibration import sigmoid
 from streamguard.evaluation.datasets import Sample
-from streamguard.evaluation.selection import Scored, balanced_auc, verdict_rates
+from streamguard.evaluation.selection import Scored, balanced_auc, fuse, verdict_rates
 from streamguard.intake import InputContract
 from streamguard.intake.contract import with_views
 from streamguard.training.held_out import HeldOutScore, load_held_out
-from streamguard.training.loso import Fold, LosoConfig, fold_dir
+from streamguard.training.loso import Fold, LosoConfig, fold_dir, score_logit
 
 log = structlog.get_logger(__name__)
 
@@ -203,15 +203,13 @@ def compare_variants(pooled: dict[str, list[HeldOutScore]], pools: dict[str, str
 def unseen_logits(unseen: dict[str, Path]) -> dict[str, dict[str, dict[str, float]]]:
     """Each unseen detector's `eval` scores.csv (outside the test split) as name -> perturbation -> id -> logit."""
     import csv
-    import math
 
     rows: dict[str, dict[str, dict[str, float]]] = {}
     for name, path in unseen.items():
         with path.open(newline="") as f:
             for row in csv.DictReader(f):
                 if row["score"] and row["split"] != "test":
-                    p = min(max(float(row["score"]), 1e-12), 1 - 1e-12)
-                    rows.setdefault(name, {}).setdefault(row["perturbation"], {})[row["id"]] = math.log(p / (1 - p))
+                    rows.setdefault(name, {}).setdefault(row["perturbation"], {})[row["id"]] = score_logit(row["score"])
     return rows
 
 
@@ -234,15 +232,9 @@ def fused_variants(pooled: dict[str, dict[str, list[HeldOutScore]]],
         perturbation = parse_variant(variant_name).perturb
         sources = {m: {s.id: s.logit for s in pooled[m][variant_name]} for m in methods}
         sources |= {name: by.get(perturbation, {}) for name, by in rows.items()}
-        out = []
-        for s in pooled[methods[0]][variant_name]:
-            parts = {name: logits[s.id] for name, logits in sources.items() if s.id in logits}
-            if len(parts) < len(sources):
-                continue
-            total = sum(weights[n] for n in parts)
-            mean = sum(weights[n] * z for n, z in parts.items()) / total if total > 0 else 0.0
-            out.append(replace(s, logit=scale * mean + bias))
-        fused[variant_name] = out
+        scored = [s for s in pooled[methods[0]][variant_name] if all(s.id in logits for logits in sources.values())]
+        mean = fuse({name: np.array([logits[s.id] for s in scored]) for name, logits in sources.items()}, weights)
+        fused[variant_name] = [replace(s, logit=float(scale * z + bias)) for s, z in zip(scored, mean, strict=True)]
     thresholds = report["thresholds"]
     return compare_variants(fused, pools, thresholds["ai_threshold"], thresholds["real_threshold"])
 

@@ -27,6 +27,7 @@ from streamguard.config import BackboneSettings
 from streamguard.triton.pbtxt import Device, set_kind, set_name, set_parameter, strip_accelerator
 from streamguard.builtin.cliphead import ClipHeadDetector
 from streamguard.triton.served import served_detector, served_detectors
+from streamguard.triton.shared_trunk import models_of
 from streamguard.builtin.nirnet.plugin import NAME as NIRNET, WEIGHTS_DIR as NIRNET_WEIGHTS
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "triton_repo"
@@ -50,8 +51,6 @@ class BuildResult:
 
     def model_names(self) -> list[str]:
         """Every model written, for a server with explicit model control to load."""
-        from streamguard.triton.shared_trunk import models_of
-
         return list(self.models) + (models_of(self.shared_trunk) if self.shared_trunk else [])
 
 
