@@ -42,7 +42,10 @@ round's rates are listed. Prints events/s, the ratios and the time per stage; wr
 threads to DIR (the profiler slows them: those rates are not comparable). For a sampling profile of every
 thread, attach py-spy to the worker while it runs (`py-spy record --idle -t --pid PID`, the PID of
 `streamguard worker --processes 1`; its --subprocesses did not follow the worker here). --env NAME=VALUE
-passes settings to the worker (e.g. STREAMGUARD_WORKER__BATCH_SIZE=64) for experiments.
+passes settings to the worker (e.g. STREAMGUARD_WORKER__BATCH_SIZE=64) for experiments. --baseline-env
+NAME=VALUE runs, in every round, one more worker (the first N) with those settings on top: a change and
+what it replaced, measured seconds apart against the same raw loop (this machine's rates move by a third
+between rounds, a ratio between neighbours much less).
 """
 
 from __future__ import annotations
@@ -387,11 +390,12 @@ def _pod_env(bootstrap: str, topic: str, out_topic: str, dlq: str, group: str, h
 
 def run_pod(bootstrap: str, topic: str, out_topic: str, dlq: str, group: str, processes: int, m: int,
             input_ends: dict[int, int], args: argparse.Namespace, workdir: Path, plugin_path: str,
-            profile: Path | None = None) -> dict[str, Any]:
-    """`streamguard worker --processes N` until its M-th outcome, then SIGTERM."""
+            profile: Path | None = None, extra_env: Sequence[str] = ()) -> dict[str, Any]:
+    """`streamguard worker --processes N` until its M-th outcome, then SIGTERM. ``extra_env``: NAME=VALUE
+    settings over --env's (the baseline's)."""
     health_port = free_port()
     env = _pod_env(bootstrap, topic, out_topic, dlq, group, health_port, args.batch_size, args.compression,
-                   plugin_path, profile, dict(item.split("=", 1) for item in args.env))
+                   plugin_path, profile, dict(item.split("=", 1) for item in [*args.env, *extra_env]))
     log_path = workdir / f"worker-{processes}-{group}.log"
     watcher = _OutcomeWatcher(bootstrap, [out_topic, dlq])
     with open(log_path, "wb") as log_file:
@@ -548,6 +552,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra environment of the worker (e.g. STREAMGUARD_WORKER__MAX_IN_FLIGHT=512); repeatable")
+    parser.add_argument("--baseline-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="also run, in every round, a baseline worker (the first N) with these settings over "
+                             "--env's (e.g. an earlier default), reported beside the worker; repeatable")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds allowed per measured run")
     parser.add_argument("--stall", type=float, default=10.0,
                         help="seconds without a new worker outcome after which the worker counts as stalled")
@@ -612,6 +619,7 @@ def main() -> int:
         "summary": summary,
         "workers": {str(n): chosen for n, chosen in result["workers"].items()},
         "worker_settings": result["settings"],
+        "baseline": result["baseline"],
         "rounds": result["rounds"],
         "python": platform.python_version(),
         "machine": platform.machine(),
@@ -633,6 +641,7 @@ def _measure(bootstrap: str, messages: list[Message], args: argparse.Namespace, 
         topics |= {f"{prefix}.raw-out-{i}": args.partitions, f"{prefix}.raw-decode-out-{i}": args.partitions}
         for n in args.processes:
             topics |= {f"{prefix}.verdicts-{i}-{n}": args.partitions, f"{prefix}.dlq-{i}-{n}": 1}
+        topics |= {f"{prefix}.verdicts-{i}-baseline": args.partitions, f"{prefix}.dlq-{i}-baseline": 1}
     create_topics(bootstrap, topics)
     t0 = time.perf_counter()
     ends = _produce(bootstrap, topic, messages, args.compression)
@@ -658,7 +667,16 @@ def _measure(bootstrap: str, messages: list[Message], args: argparse.Namespace, 
                   f"({worker['events_per_s'] / raw_decode['events_per_s']:.3f} of raw + image work; {state})",
                   file=sys.stderr)
             workers[n] = worker
-        rounds.append({"raw": raw, "raw_decode": raw_decode, "workers": workers})
+        baseline = None
+        if args.baseline_env:
+            n = args.processes[0]
+            baseline = run_pod(bootstrap, topic, f"{prefix}.verdicts-{i}-baseline", f"{prefix}.dlq-{i}-baseline",
+                               f"{prefix}.baseline-{i}", n, len(messages), ends, args, workdir, plugin_path,
+                               extra_env=args.baseline_env)
+            print(f"round {i + 1}: baseline, {n} proc. {baseline['events_per_s']:9.1f} events/s "
+                  f"({baseline['events_per_s'] / raw_decode['events_per_s']:.3f} of raw + image work; worker / "
+                  f"baseline {workers[n]['events_per_s'] / baseline['events_per_s']:.3f})", file=sys.stderr)
+        rounds.append({"raw": raw, "raw_decode": raw_decode, "workers": workers, "baseline": baseline})
     chosen = {}
     for n in args.processes:
         # For each N, the round with the median worker / (raw + image work) ratio stands for the run.
@@ -678,19 +696,44 @@ def _measure(bootstrap: str, messages: list[Message], args: argparse.Namespace, 
     w, d = WorkerSettings(), DetectorSettings()
     return {
         "workers": chosen,
+        "baseline": _baseline_summary(rounds, args) if args.baseline_env else None,
         "rounds": [{"raw_events_per_s": r["raw"]["events_per_s"],
                     "raw_decode_events_per_s": r["raw_decode"]["events_per_s"],
                     "workers": {str(n): {"events_per_s": wr["events_per_s"], "stalled": wr["stalled"],
                                          "cpu_ms_per_event": wr["cpu_ms_per_event"],
                                          "ratio_vs_raw_decode": round(wr["events_per_s"]
                                                                       / r["raw_decode"]["events_per_s"], 3)}
-                                for n, wr in r["workers"].items()}} for r in rounds],
+                                for n, wr in r["workers"].items()},
+                    **({"baseline": {"events_per_s": r["baseline"]["events_per_s"],
+                                     "cpu_ms_per_event": r["baseline"]["cpu_ms_per_event"],
+                                     "ratio_vs_raw_decode": round(r["baseline"]["events_per_s"]
+                                                                  / r["raw_decode"]["events_per_s"], 3)}}
+                       if r["baseline"] is not None else {})} for r in rounds],
         "settings": {
             "batch_size": args.batch_size or w.batch_size, "batch_wait_ms": w.batch_wait_ms,
             "max_in_flight": w.max_in_flight, "max_in_flight_per_partition": w.max_in_flight_per_partition,
             "commit_interval_s": w.commit_interval_s, "poll_timeout_ms": w.poll_timeout_ms,
             "detector_batch_size": d.batch_size, "dedupe": False,
         },
+    }
+
+
+def _baseline_summary(rounds: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """The baseline beside the worker with the same N: medians over the rounds of its ratio to the raw loop
+    and of worker / baseline in the same round (the two ran seconds apart, on the same broker)."""
+    n = args.processes[0]
+    ratios = [r["baseline"]["events_per_s"] / r["raw_decode"]["events_per_s"] for r in rounds]
+    speedups = [r["workers"][n]["events_per_s"] / r["baseline"]["events_per_s"] for r in rounds]
+    cpu = [r["baseline"]["cpu_ms_per_event"] for r in rounds if r["baseline"]["cpu_ms_per_event"] is not None]
+    return {
+        "env": args.baseline_env,
+        "processes": n,
+        "median_ratio_vs_raw_decode": round(statistics.median(ratios), 3),
+        "median_worker_ratio_vs_raw_decode": round(statistics.median(
+            r["workers"][n]["events_per_s"] / r["raw_decode"]["events_per_s"] for r in rounds), 3),
+        "median_worker_vs_baseline": round(statistics.median(speedups), 3),
+        "median_cpu_ms_per_event": round(statistics.median(cpu), 4) if cpu else None,
+        "worker_vs_baseline_per_round": [round(x, 3) for x in speedups],
     }
 
 
@@ -709,6 +752,12 @@ def _print(out: dict[str, Any]) -> None:
         print(f"{'worker --processes ' + str(s['processes']):<24} {s['worker_events_per_s']:9.1f} "
               f"{cpu if cpu is not None else float('nan'):9.3f} {s['ratio_vs_raw_decode']:12.3f} "
               f"{s['ratio_vs_raw']:7.3f}{state}  (aim >= {out['aim_ratio_vs_raw_decode']} of raw + image work)")
+    base = out.get("baseline")
+    if base is not None:
+        print(f"baseline ({' '.join(base['env'])}), {base['processes']} proc.: median {base['median_ratio_vs_raw_decode']} "
+              f"of raw + image work (the worker {base['median_worker_ratio_vs_raw_decode']} over the same rounds); "
+              f"worker / baseline per round {base['worker_vs_baseline_per_round']}, median "
+              f"{base['median_worker_vs_baseline']}")
     for s in out["summary"]:
         worker = out["workers"][str(s["processes"])]["worker"]
         print(f"worker --processes {s['processes']}: {worker['batches']} batches "
