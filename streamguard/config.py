@@ -361,6 +361,15 @@ class KafkaSettings(_Section):
         None, description="Codec of what the worker (and `streamguard produce`) publishes; none, as Kafka "
         "spells it, means off.")
 
+    # kafka-python 3.0.12's default (16 KiB, as Java's) holds about 14 verdicts of ~1.1 KB: a batch fills
+    # before linger_ms runs out and goes at once, in a produce request of its own that the broker
+    # acknowledges (acks=all) on its own. At 256 KiB a partition's verdicts go out once per linger_ms
+    # instead. bench_worker, one process, same rounds: 1.22x the events/s, 15% less CPU per event (README,
+    # "Throughput"). kafka-python's batch builders grow as they fill: a large limit reserves no memory.
+    producer_batch_bytes: int = Field(
+        262_144, gt=0, description="Largest batch of records a producer sends to one partition at once "
+        "(kafka-python's batch_size); a batch also goes out when linger_ms has passed.")
+
     # kafka-python waits 30 s for a first broker; a worker that cannot reach any should say so sooner and
     # let its supervisor restart it.
     bootstrap_timeout_s: float = Field(

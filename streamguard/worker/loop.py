@@ -250,6 +250,7 @@ class Worker:
             self._work.put(accepted)
 
     def _drain_acks(self, wait_s: float = 0.0) -> None:
+        done: list[InRecord] = []
         while True:
             try:
                 ack = self._acks.get(timeout=wait_s) if wait_s else self._acks.get_nowait()
@@ -262,10 +263,13 @@ class Worker:
                           error=f"{type(ack.error).__name__}: {ack.error}")
                 self._fatal = ack.error
                 continue
-            with self._lock:
-                if self._epochs.get(ack.record.tp, 0) == ack.record.epoch:
-                    self._tracker.done(ack.record.tp, ack.record.offset)
+            done.append(ack.record)
+        # One lock for all of them: it is the rebalance callbacks' and the processing thread's too.
         with self._lock:
+            for record in done:
+                tp = record.tp
+                if self._epochs.get(tp, 0) == record.epoch:
+                    self._tracker.done(tp, record.offset)
             self.metrics.in_flight.set(self._tracker.in_flight())
 
     def _flow_control(self, consumer: KafkaConsumer) -> None:

@@ -551,8 +551,9 @@ class BatchProcessor:
     def _observe(self, stage: str, t0: float, items: list[_Item]) -> None:
         elapsed = time.perf_counter() - t0
         self._metrics.stage_seconds.labels(stage).observe(elapsed)
+        ms = round(elapsed * 1000.0, 3)
         for item in items:
-            item.timings_ms[stage] = round(elapsed * 1000.0, 3)
+            item.timings_ms[stage] = ms
 
 
 def _tenant_name(tenant: str | None) -> str:

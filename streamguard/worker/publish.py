@@ -33,6 +33,7 @@ def producer_config(settings: Settings) -> dict[str, Any]:
     return settings.kafka.client_config() | {
         "acks": "all",
         "linger_ms": 5,
+        "batch_size": settings.kafka.producer_batch_bytes,
         "max_request_size": settings.worker.max_record_bytes + 1024 * 1024,
         "compression_type": settings.kafka.compression_type,
     }
@@ -148,6 +149,9 @@ class Publisher:
         self._send(record, dead_letter_message(self._worker, record, letter))
 
     def _send(self, record: InRecord, *messages: OutMessage) -> None:
+        if len(messages) == 1:
+            self._send_one(record, messages[0])
+            return
         joined = _Joined(record, len(messages), self._acks)
         for message in messages:
             try:
@@ -158,6 +162,19 @@ class Publisher:
                 return
             future.add_callback(lambda _meta: joined.sent())
             future.add_errback(joined.failed)
+
+    def _send_one(self, record: InRecord, message: OutMessage) -> None:
+        """The common case, one message a record: its future says sent or failed, never both, so the
+        acknowledgement needs no `_Joined` (a lock per record on the producer's IO thread)."""
+        acks = self._acks
+        try:
+            future = self._producer.send(message.topic, key=message.key, value=message.value,
+                                         headers=message.headers)
+        except Exception as exc:  # noqa: BLE001 - e.g. a record over the size limit: still an outcome
+            acks.put(Ack(record, exc))
+            return
+        future.add_callback(lambda _meta: acks.put(Ack(record)))
+        future.add_errback(lambda exc: acks.put(Ack(record, exc)))
 
     def flush(self, timeout_s: float) -> None:
         """Wait for outstanding sends, so their acknowledgements are queued before a final commit."""
