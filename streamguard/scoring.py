@@ -241,7 +241,7 @@ class Scorer:
         unavailable: list[DetectorUnavailable] = []
         for runner, lo, n, future in pending:
             try:
-                scores = runner.collect(future, n, started)
+                scores = runner.collect(future, n, started, queued=lo // size)
             except DetectorUnavailable as exc:
                 unavailable.append(exc)  # collect the rest first: no call is left running unobserved
                 continue

@@ -134,6 +134,38 @@ def test_one_sigmoid_for_values_and_arrays() -> None:
     assert calibration.probability(np.array([0.5, 1e9])).tolist() == [0.5, 1.0]
 
 
+def test_the_timeout_is_per_call_when_a_batch_takes_several() -> None:
+    """Three calls queued at once on the detector's thread, each under the timeout but together over it:
+    none times out. A hung call still ends the calls behind it, one timeout each."""
+
+    class Slow:
+        def predict(self, batch: Sequence[DetectorInput]) -> list[float]:
+            time.sleep(0.3)
+            return [1.0] * len(batch)
+
+        def close(self) -> None:
+            pass
+
+    runner = _runner(Slow(), timeout_s=0.5)  # type: ignore[arg-type]
+    try:
+        started = time.perf_counter()
+        futures = [runner.submit([ITEM]) for _ in range(3)]
+        scores = [runner.collect(f, 1, started, queued=k)[0] for k, f in enumerate(futures)]
+        assert [s.error for s in scores] == [None, None, None] and runner.stats.timeouts == 0
+    finally:
+        runner.close()
+    release = threading.Event()
+    runner = _runner(Scripted(hang=release), timeout_s=0.1, breaker_failures=10)
+    try:
+        started = time.perf_counter()
+        futures = [runner.submit([ITEM]) for _ in range(2)]
+        scores = [runner.collect(f, 1, started, queued=k)[0] for k, f in enumerate(futures)]
+        assert all("timed out" in (s.error or "") for s in scores) and runner.stats.timeouts == 2
+    finally:
+        release.set()
+        runner.close()
+
+
 def test_no_timeout_waits_for_the_model() -> None:
     release = threading.Event()
     runner = _runner(Scripted([3.0], hang=release), timeout_s=None)  # type: ignore[arg-type]

@@ -146,15 +146,19 @@ class DetectorRunner:
 
         return self._executor.submit(views)
 
-    def collect(self, pending: Future[list[float | None]] | str, n: int, started: float) -> list[DetectorScore]:
-        """Wait for a submitted call (up to the timeout, counted from ``started``) and build scores."""
+    def collect(self, pending: Future[list[float | None]] | str, n: int, started: float,
+                queued: int = 0) -> list[DetectorScore]:
+        """Wait for a submitted call and build scores. ``queued``: the calls submitted before it since
+        ``started`` (a batch larger than `detectors.batch_size`). They run first, one at a time, on the
+        detector's thread, so the call may finish up to ``queued + 1`` timeouts after ``started``: the timeout
+        is per call whatever the batch, and a hung call still ends every call behind it in bounded time."""
         self.stats.calls += 1
         self.stats.images += n
         error: str | None = pending if isinstance(pending, str) else None
         logits: list[float | None] = []
         if isinstance(pending, Future):
             try:
-                logits = pending.result(timeout=self._time_left(started))
+                logits = pending.result(timeout=self._time_left(started, queued + 1))
                 if len(logits) != n:
                     error = f"returned {len(logits)} logits for {n} images"
             except FutureTimeout:
@@ -175,11 +179,11 @@ class DetectorRunner:
             return [self._score(None, latency_ms, error) for _ in range(n)]
         return [self._score(raw, latency_ms, None) for raw in logits]
 
-    def _time_left(self, started: float) -> float | None:
-        """What is left of the call's timeout; None (wait for the model) when there is no timeout."""
+    def _time_left(self, started: float, calls: int) -> float | None:
+        """What is left of ``calls`` timeouts since ``started``; None (wait for the model) without a timeout."""
         if self._timeout_s is None:
             return None
-        return max(self._timeout_s - (time.perf_counter() - started), 0.0)
+        return max(self._timeout_s * calls - (time.perf_counter() - started), 0.0)
 
     def _score(self, raw: float | None, latency_ms: float, error: str | None) -> DetectorScore:
         if error is None and raw is not None and not math.isfinite(raw):
