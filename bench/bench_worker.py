@@ -630,7 +630,8 @@ def main() -> int:
     args.out.write_text(json.dumps(output, indent=2) + "\n")
     _print(output)
     print(f"-> {args.out}")
-    return 1 if any(w["stalled"] for r in result["rounds"] for w in r["workers"].values()) else 0
+    runs = [run for r in result["rounds"] for run in [*r["workers"].values(), r.get("baseline") or {}]]
+    return 1 if any(run.get("stalled") for run in runs) else 0
 
 
 def _measure(bootstrap: str, messages: list[Message], args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -656,6 +657,14 @@ def _measure(bootstrap: str, messages: list[Message], args: argparse.Namespace, 
         raw_decode = run_raw(bootstrap, topic, f"{prefix}.raw-decode-out-{i}", f"{prefix}.raw-decode-{i}",
                              len(messages), args.timeout, work=_image_work(), compression=args.compression)
         print(f"round {i + 1}: raw + image work {raw_decode['events_per_s']:9.1f} events/s", file=sys.stderr)
+        def run_baseline(i: int = i) -> dict[str, Any]:
+            return run_pod(bootstrap, topic, f"{prefix}.verdicts-{i}-baseline", f"{prefix}.dlq-{i}-baseline",
+                           f"{prefix}.baseline-{i}", args.processes[0], len(messages), ends, args, workdir,
+                           plugin_path, extra_env=args.baseline_env)
+
+        # The baseline goes first in every other round, so neither side always runs on the broker the
+        # other has just worked.
+        baseline = run_baseline() if args.baseline_env and i % 2 == 1 else None
         workers = {}
         for n in args.processes:
             profile = args.profile if (args.profile is not None and i == args.repeat - 1) else None
@@ -667,15 +676,13 @@ def _measure(bootstrap: str, messages: list[Message], args: argparse.Namespace, 
                   f"({worker['events_per_s'] / raw_decode['events_per_s']:.3f} of raw + image work; {state})",
                   file=sys.stderr)
             workers[n] = worker
-        baseline = None
         if args.baseline_env:
-            n = args.processes[0]
-            baseline = run_pod(bootstrap, topic, f"{prefix}.verdicts-{i}-baseline", f"{prefix}.dlq-{i}-baseline",
-                               f"{prefix}.baseline-{i}", n, len(messages), ends, args, workdir, plugin_path,
-                               extra_env=args.baseline_env)
-            print(f"round {i + 1}: baseline, {n} proc. {baseline['events_per_s']:9.1f} events/s "
+            baseline = baseline or run_baseline()
+            first = "first" if i % 2 == 1 else "after the worker"
+            print(f"round {i + 1}: baseline, {args.processes[0]} proc. {baseline['events_per_s']:9.1f} events/s "
                   f"({baseline['events_per_s'] / raw_decode['events_per_s']:.3f} of raw + image work; worker / "
-                  f"baseline {workers[n]['events_per_s'] / baseline['events_per_s']:.3f})", file=sys.stderr)
+                  f"baseline {workers[args.processes[0]]['events_per_s'] / baseline['events_per_s']:.3f}; "
+                  f"run {first})", file=sys.stderr)
         rounds.append({"raw": raw, "raw_decode": raw_decode, "workers": workers, "baseline": baseline})
     chosen = {}
     for n in args.processes:
@@ -705,10 +712,11 @@ def _measure(bootstrap: str, messages: list[Message], args: argparse.Namespace, 
                                                                       / r["raw_decode"]["events_per_s"], 3)}
                                 for n, wr in r["workers"].items()},
                     **({"baseline": {"events_per_s": r["baseline"]["events_per_s"],
+                                     "stalled": r["baseline"]["stalled"], "ran_first": i % 2 == 1,
                                      "cpu_ms_per_event": r["baseline"]["cpu_ms_per_event"],
                                      "ratio_vs_raw_decode": round(r["baseline"]["events_per_s"]
                                                                   / r["raw_decode"]["events_per_s"], 3)}}
-                       if r["baseline"] is not None else {})} for r in rounds],
+                       if r["baseline"] is not None else {})} for i, r in enumerate(rounds)],
         "settings": {
             "batch_size": args.batch_size or w.batch_size, "batch_wait_ms": w.batch_wait_ms,
             "max_in_flight": w.max_in_flight, "max_in_flight_per_partition": w.max_in_flight_per_partition,
@@ -754,8 +762,9 @@ def _print(out: dict[str, Any]) -> None:
               f"{s['ratio_vs_raw']:7.3f}{state}  (aim >= {out['aim_ratio_vs_raw_decode']} of raw + image work)")
     base = out.get("baseline")
     if base is not None:
-        print(f"baseline ({' '.join(base['env'])}), {base['processes']} proc.: median {base['median_ratio_vs_raw_decode']} "
-              f"of raw + image work (the worker {base['median_worker_ratio_vs_raw_decode']} over the same rounds); "
+        print(f"baseline ({' '.join(base['env'])}), {base['processes']} proc.: median "
+              f"{base['median_ratio_vs_raw_decode']} of raw + image work (the worker "
+              f"{base['median_worker_ratio_vs_raw_decode']} over the same rounds); "
               f"worker / baseline per round {base['worker_vs_baseline_per_round']}, median "
               f"{base['median_worker_vs_baseline']}")
     for s in out["summary"]:

@@ -71,8 +71,9 @@ class PluginSettings(_Section):
 class DetectorSettings(_Section):
     timeout_s: float | None = Field(
         30.0, gt=0, description="Per call of one detector on up to batch_size images, in the worker (a batch "
-        "of more images is several calls, one after another); None waits as long as the model takes. scan, eval and calibrate wait unless given --detector-timeout: offline, a slow model is "
-        "no reason to lose the image.",
+        "of more images is several calls, one after another); None waits as long as the model takes. scan, "
+        "eval and calibrate wait unless given --detector-timeout: offline, a slow model is no reason to lose "
+        "the image.",
     )
     batch_size: int = Field(16, gt=0, description="Images per call of a detector.")
     breaker_failures: int = Field(5, gt=0, description="Consecutive failures that open the breaker.")
