@@ -40,6 +40,17 @@ def get(port: int, path: str = "/healthz", host: str = HOST) -> tuple[int, dict[
         return exc.code, json.loads(exc.read())
 
 
+def get_admitted(port: int, within_s: float) -> tuple[int, dict[str, Any]]:
+    """`get`, retried while the server refuses the connection (no slot free), for up to ``within_s``."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return get(port)
+        except (urllib.error.URLError, ConnectionError):
+            assert time.monotonic() < deadline, f"no connection slot came free within {within_s:g}s"
+            time.sleep(0.02)
+
+
 def connect(port: int) -> socket.socket:
     sock = socket.create_connection((HOST, port), timeout=5)
     return sock
@@ -104,14 +115,7 @@ def test_connections_over_the_limit_are_closed_at_once() -> None:
             for sock in idle:
                 sock.close()
         # Closed by their clients, the slots come back.
-        deadline = time.monotonic() + 5
-        while True:
-            try:
-                assert get(server.port)[0] == 200
-                break
-            except (urllib.error.URLError, ConnectionError):
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        assert get_admitted(server.port, within_s=5)[0] == 200
 
 
 def test_many_sequential_probes_release_their_slots() -> None:
@@ -120,14 +124,7 @@ def test_many_sequential_probes_release_their_slots() -> None:
     the next probe can come a moment too early and is refused; it then gets in on a retry."""
     with running(max_connections=2) as server:
         for _ in range(20):
-            deadline = time.monotonic() + 2
-            while True:
-                try:
-                    assert get(server.port)[0] == 200
-                    break
-                except (urllib.error.URLError, ConnectionError):
-                    assert time.monotonic() < deadline, "a slot was not released"
-                    time.sleep(0.02)
+            assert get_admitted(server.port, within_s=2)[0] == 200
 
 
 def test_binds_the_configured_host() -> None:
