@@ -295,3 +295,28 @@ def test_loso_trains_nirnet_per_fold_and_fuses_it(dataset: Path, backbone: Path,
         assert fused["reports"]["univfd-only.json"]["variants"][variant]["balanced_auc"] == \
             univfd["variants"][variant]["balanced_auc"]
     assert "Fused verdict of univfd-only.json (univfd" in both.stdout
+
+
+def test_loso_trains_nirnet_ablations_per_fold_under_their_own_names(dataset: Path, backbone: Path,
+                                                                    tmp_path: Path) -> None:
+    """An ablation is the default recipe with one thing changed, trained per fold into its own folder, and
+    reported beside the others: what the simulator and each branch are worth on unseen sources."""
+    out = tmp_path / "loso"
+    result = CliRunner().invoke(cli, [
+        "train", "loso", "--data", str(dataset), "--loso-data", str(dataset), "--out", str(out),
+        "--cache-dir", str(tmp_path / "cache"), "--method", "nirnet-frequency", "--method", "nirnet-no-simulator",
+        "--folds", "2", "--epochs", "1", "--limit-per-group", "10", "--no-progress"], env=_env(backbone))
+    assert result.exit_code == 0, f"{result.output}\n{result.stderr}\n{result.exception!r}"
+    report = json.loads((out / "loso.json").read_text())
+    assert set(report["weights"]["weights"]) == {"nirnet-frequency", "nirnet-no-simulator"}
+    for fold in report["folds"]:
+        frequency = json.loads((out / "nirnet-frequency" / fold["name"] / "training.json").read_text())
+        plain = json.loads((out / "nirnet-no-simulator" / fold["name"] / "training.json").read_text())
+        assert frequency["branches"] == ["frequency"] and frequency["simulator"]["enabled"] is True
+        assert "--branches frequency " in frequency["command"]
+        assert plain["branches"] == ["noise", "frequency", "semantic"] and plain["simulator"]["enabled"] is False
+        assert "--no-simulator" in plain["command"]
+    # Re-scored through the serving code, which reads the branches from the ablation's own weights.
+    loso_variants(dataset, out, backbone, "--method", "nirnet-frequency", "--variant", "resize@jpeg75")
+    compared = json.loads((out / "loso-variants.nirnet-frequency.json").read_text())
+    assert list(compared["variants"]) == ["resize", "resize@jpeg75"] and compared["images"] == report["images"]

@@ -11,6 +11,7 @@ import click
 
 from streamguard.cli.context import AppContext
 from streamguard.extras import require
+from streamguard.training.nirnet.recipe import ABLATIONS as NIRNET_ABLATIONS
 
 pass_app = click.make_pass_decorator(AppContext)
 
@@ -253,9 +254,10 @@ def train_nirnet_command(app: AppContext, branches: str, no_simulator: bool, pro
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path(".cache/loso"),
               show_default=True, help="Fold runs and loso.json.")
 @click.option("--method", "methods", multiple=True,
-              type=click.Choice(("univfd", "pin-clip", "mpft", "nirnet", "dinov2-probe", "rigid")),
+              type=click.Choice(("univfd", "pin-clip", "mpft", "nirnet", "dinov2-probe", "rigid", *NIRNET_ABLATIONS)),
               help="Detectors to validate (default: the three CLIP ones; two or more also choose fusion weights). "
-                   "nirnet: trained per fold with `train nirnet`'s defaults and --epochs. "
+                   "nirnet: trained per fold with `train nirnet`'s defaults and --epochs; nirnet-NAME: an ablation "
+                   "of it (no-simulator, autoencoder residuals, or one branch alone). "
                    "dinov2-probe: a probe on frozen DINOv2 ViT-S/14 features; rigid: RIGID's noise-stability score "
                    "on them; both measured, not shipped.")
 @click.option("--folds", type=int, default=None,
@@ -307,7 +309,8 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
 @click.option("--loso-data", "loso_data", multiple=True, required=True, help="As given to `train loso`.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path(".cache/loso"),
               show_default=True, help="The finished `train loso` run.")
-@click.option("--method", "methods", type=click.Choice(("univfd", "pin-clip", "mpft", "nirnet")), multiple=True,
+@click.option("--method", "methods", type=click.Choice(("univfd", "pin-clip", "mpft", "nirnet", *NIRNET_ABLATIONS)),
+              multiple=True,
               required=True, help="Fold-trained method to score (repeatable: several are also fused).")
 @click.option("--variant", "variants", multiple=True, required=True,
               help="VIEW[@PERTURBATION][:SERVING]: VIEW is resize, cropsN or cropsN+whole (add -trimmed for a "

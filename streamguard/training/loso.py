@@ -36,6 +36,7 @@ from streamguard.evaluation.selection import (
     verdict_rates,
 )
 from streamguard.training.held_out import HELD_OUT_FILE, HeldOutScore, load_held_out
+from streamguard.training.nirnet.recipe import ABLATIONS as NIRNET_ABLATIONS
 
 log = structlog.get_logger(__name__)
 
@@ -44,7 +45,7 @@ LOSO_METHODS = ("univfd", "pin-clip", "mpft", "nirnet")
 DEFAULT_METHODS = ("univfd", "pin-clip", "mpft")
 # Measured against the shipped methods, not shipped: a probe on frozen DINOv2 ViT-S/14 features, and
 # RIGID's training-free noise-stability score on them.
-CANDIDATE_METHODS = ("dinov2-probe", "rigid")
+CANDIDATE_METHODS = ("dinov2-probe", "rigid", *NIRNET_ABLATIONS)
 REPORT_FILE = "loso.json"
 
 
@@ -196,7 +197,7 @@ def train_fold(settings: Settings, cfg: LosoConfig, method: str, fold: Fold) -> 
             data=cfg.data, out=directory, seed=cfg.seed, limit_per_group=cfg.limit_per_group, device=cfg.device,
             cache_dir=cfg.cache_dir, holdout_generators=fold.generators, holdout_sources=fold.sources,
             backbone={"univfd": "clip", "dinov2-probe": "dinov2", "rigid": "rigid"}[method]))  # type: ignore[arg-type]
-    elif method == "nirnet":
+    elif method == "nirnet" or method in NIRNET_ABLATIONS:
         from streamguard.training.nirnet.recipe import NirnetRecipe
         from streamguard.training.nirnet.train import train_nirnet
 
@@ -204,7 +205,7 @@ def train_fold(settings: Settings, cfg: LosoConfig, method: str, fold: Fold) -> 
         train_nirnet(settings, NirnetRecipe(
             data=cfg.data, out=directory, seed=cfg.seed, epochs=cfg.epochs, limit_per_group=cfg.limit_per_group,
             holdout_generators=fold.generators, holdout_sources=fold.sources, device=cfg.device,
-            cache_dir=cfg.cache_dir, progress=cfg.progress))
+            cache_dir=cfg.cache_dir, progress=cfg.progress, **NIRNET_ABLATIONS.get(method, {})))
     else:
         from streamguard.training.recipe import Recipe, train_detector
 

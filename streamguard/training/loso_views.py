@@ -34,6 +34,7 @@ from streamguard.intake import InputContract
 from streamguard.intake.contract import with_views
 from streamguard.training.held_out import HeldOutScore, load_held_out
 from streamguard.training.loso import Fold, LosoConfig, fold_dir, score_logit
+from streamguard.training.nirnet.recipe import ABLATIONS as NIRNET_ABLATIONS
 
 log = structlog.get_logger(__name__)
 
@@ -123,10 +124,12 @@ def _score(settings: Settings, method: str, directory: Path, variant: Variant, w
     from streamguard.intake import decode_image
     from streamguard.scoring import _input
 
-    options = {**settings.detectors.options, method: {"weights_dir": str(directory)}}
+    detector = _detectors()[method]
+    # Keyed by the detector's name: an ablation ("nirnet-noise") is read by the detector it ablates.
+    options = {**settings.detectors.options, detector.name: {"weights_dir": str(directory)}}
     fold_settings = variant.settings(
         settings.model_copy(update={"detectors": settings.detectors.model_copy(update={"options": options})}))
-    spec = _detectors()[method].spec(fold_settings)
+    spec = detector.spec(fold_settings)
     if spec is None or spec.contract is None:
         raise ValueError(f"no {method} model in {directory}")
     contract = variant.contract(spec.contract)
@@ -165,11 +168,12 @@ def _score(settings: Settings, method: str, directory: Path, variant: Variant, w
 
 
 def _detectors() -> dict[str, Any]:
-    """The built-in detectors a fold trains, by method name: each builds its spec from a weights folder."""
+    """The built-in detectors a fold trains, by method name: each builds its spec from a weights folder (a
+    NIRNet ablation's folder says which branches it has)."""
     from streamguard.builtin.cliphead import builtin_detectors
     from streamguard.builtin.nirnet.plugin import DETECTOR as NIRNET
 
-    return {**builtin_detectors(), NIRNET.name: NIRNET}
+    return {**builtin_detectors(), NIRNET.name: NIRNET, **dict.fromkeys(NIRNET_ABLATIONS, NIRNET)}
 
 
 def compare_variants(pooled: dict[str, list[HeldOutScore]], pools: dict[str, str], ai_threshold: float,

@@ -30,6 +30,13 @@ from streamguard.builtin.nirnet.files import BRANCHES, NirnetConfig
 
 DEFAULT_OUT = Path(".cache/nirnet")  # shipping is a deliberate copy into the plugin's weights/ folder
 RESIDUAL_SOURCES = ("denoiser", "autoencoder", "vae:PATH")
+# The ablations `train loso --method` trains per fold, by name: each is the default recipe with one thing
+# changed, so its held-out scores beside "nirnet"'s say what that thing is worth on unseen sources.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "nirnet-no-simulator": {"simulator": False},
+    "nirnet-autoencoder": {"residual_source": "autoencoder"},
+    **{f"nirnet-{branch}": {"branches": (branch,)} for branch in BRANCHES},
+}
 
 
 @dataclass(frozen=True)
