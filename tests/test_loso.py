@@ -320,3 +320,18 @@ def test_loso_trains_nirnet_ablations_per_fold_under_their_own_names(dataset: Pa
     loso_variants(dataset, out, backbone, "--method", "nirnet-frequency", "--variant", "resize@jpeg75")
     compared = json.loads((out / "loso-variants.nirnet-frequency.json").read_text())
     assert list(compared["variants"]) == ["resize", "resize@jpeg75"] and compared["images"] == report["images"]
+
+    # A fold killed after its first epoch (no held_out.json yet) resumes from its checkpoint when the command
+    # runs again; under another recipe (another sample) the checkpoint is not this run's and it starts afresh.
+    fold = report["folds"][0]["name"]
+    base = ["train", "loso", "--data", str(dataset), "--loso-data", str(dataset), "--out", str(out), "--cache-dir",
+            str(tmp_path / "cache"), "--method", "nirnet-no-simulator", "--folds", "2", "--epochs", "2",
+            "--no-progress", "--fold", fold]
+    for limit, resumed in (("10", [1]), ("9", [])):
+        (out / "nirnet-no-simulator" / fold / "held_out.json").unlink()
+        again = CliRunner().invoke(cli, [*base, "--limit-per-group", limit],
+                                   env=_env(backbone, STREAMGUARD_LOG__LEVEL="info"))
+        assert again.exit_code == 0, f"{again.output}\n{again.stderr}\n{again.exception!r}"
+        assert [e["epochs_done"] for e in _events(again, "train.resumed")] == resumed
+        training = json.loads((out / "nirnet-no-simulator" / fold / "training.json").read_text())
+        assert [e["epoch"] for e in training["epochs"]] == [1, 2]

@@ -52,3 +52,13 @@ def load_checkpoint(directory: Path, fingerprint: dict[str, Any]) -> dict[str, A
         raise CheckpointMismatch(f"--resume: the checkpoint at {path} was written by another recipe "
                                  f"(differs in {', '.join(changed)}); start afresh without --resume")
     return payload
+
+
+def resumable(directory: Path, fingerprint: dict[str, Any]) -> bool:
+    """Whether ``directory`` holds a checkpoint this recipe may resume: one written under another recipe is
+    not (a caller that resumes whenever it can then starts that run afresh instead of failing)."""
+    try:
+        load_checkpoint(directory, fingerprint)
+    except (FileNotFoundError, CheckpointMismatch):
+        return False
+    return True

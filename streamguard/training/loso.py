@@ -201,19 +201,29 @@ def train_fold(settings: Settings, cfg: LosoConfig, method: str, fold: Fold) -> 
         from streamguard.training.nirnet.recipe import NirnetRecipe
         from streamguard.training.nirnet.train import train_nirnet
 
-        # Its own checkpoints per fold: a fold's run must never resume another fold's.
-        train_nirnet(settings, NirnetRecipe(
+        # Its own checkpoints per fold (keyed by the fold's folder): a fold's run never resumes another fold's.
+        train_nirnet(settings, _resuming(NirnetRecipe(
             data=cfg.data, out=directory, seed=cfg.seed, epochs=cfg.epochs, limit_per_group=cfg.limit_per_group,
             holdout_generators=fold.generators, holdout_sources=fold.sources, device=cfg.device,
-            cache_dir=cfg.cache_dir, progress=cfg.progress, **NIRNET_ABLATIONS.get(method, {})))
+            cache_dir=cfg.cache_dir, progress=cfg.progress, **NIRNET_ABLATIONS.get(method, {}))))
     else:
         from streamguard.training.recipe import Recipe, train_detector
 
-        train_detector(settings, Recipe(
+        train_detector(settings, _resuming(Recipe(
             method=method, data=cfg.data, out=directory, seed=cfg.seed, epochs=cfg.epochs,  # type: ignore[arg-type]
             limit_per_group=cfg.limit_per_group, holdout_generators=fold.generators, holdout_sources=fold.sources,
-            device=cfg.device, cache_dir=cfg.cache_dir, progress=cfg.progress))
+            device=cfg.device, cache_dir=cfg.cache_dir, progress=cfg.progress)))
     return directory
+
+
+def _resuming(recipe: Any) -> Any:
+    """The recipe, resuming the epochs a killed run of this fold checkpointed (its fold folder's checkpoint,
+    written under the same recipe); a fold's run is half an hour of CPU and more."""
+    from dataclasses import replace
+
+    from streamguard.training.checkpoint import resumable
+
+    return replace(recipe, resume=resumable(recipe.resolved_checkpoint_dir(), recipe.fingerprint()))
 
 
 def pooled_scores(cfg: LosoConfig, method: str, folds: Sequence[Fold]) -> list[HeldOutScore]:
