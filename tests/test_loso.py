@@ -232,6 +232,31 @@ def test_loso_end_to_end(dataset: Path, backbone: Path, tmp_path: Path) -> None:
     assert "Default fused verdict" in again.stdout and "Fused verdict of with-oracle.json" in again.stdout
 
 
+def test_a_rerun_under_other_settings_trains_the_fold_again(dataset: Path, backbone: Path, tmp_path: Path) -> None:
+    out, cache, fold = tmp_path / "loso", tmp_path / "cache", "photos+blockgen"
+
+    def run(*extra: str) -> tuple[set[str], set[str]]:
+        """The methods trained and the methods kept by a run of ``fold`` with these settings."""
+        result = loso(dataset, out, cache, backbone, "--fold", fold, *extra)
+        assert result.exit_code == 0, f"{result.output}\n{result.stderr}\n{result.exception!r}"
+        return ({e["method"] for e in _events(result, "loso.fold_start")},
+                {e["method"] for e in _events(result, "loso.fold_done_before")})
+
+    assert run("--epochs", "1") == ({"univfd", "mpft"}, set())
+    assert run("--epochs", "1") == (set(), {"univfd", "mpft"})
+    # More epochs retrain mpft; univfd's probe has no epochs, so its fold stands.
+    assert run("--epochs", "2") == ({"mpft"}, {"univfd"})
+    assert len(json.loads((out / "mpft" / fold / "training.json").read_text())["epochs"]) == 2
+    # Another sample of the data is another run for both.
+    assert run("--epochs", "2", "--limit-per-group", "12") == ({"univfd", "mpft"}, set())
+    # A fold folder from before the settings were recorded is kept, and the log says it was not checked.
+    (out / "univfd" / fold / "loso_run.json").unlink()
+    result = loso(dataset, out, cache, backbone, "--fold", fold, "--epochs", "2")
+    assert result.exit_code == 0, f"{result.output}\n{result.stderr}\n{result.exception!r}"
+    assert [e["method"] for e in _events(result, "loso.fold_settings_unrecorded")] == ["univfd"]
+    assert {e["method"] for e in _events(result, "loso.fold_start")} == {"mpft"}
+
+
 def test_loso_refuses_held_out_data_it_does_not_train_on(dataset: Path, backbone: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["train", "loso", "--data", str(dataset), "--loso-data", str(tmp_path),
                                       "--out", str(tmp_path / "o")], env=_env(backbone))

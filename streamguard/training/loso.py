@@ -8,7 +8,8 @@ generator or its camera source. Groups of other roots (CIFAKE) are never held ou
 Only the train and val splits of a held-out group count. The test split stays untouched, so the shipped
 models' test results are still a test of settings chosen here.
 
-A finished fold is not trained again: rerunning the command after a crash carries on where it stopped.
+A fold finished under the same settings is not trained again: rerunning the command after a crash carries on
+where it stopped, and a rerun with another sample or more epochs trains afresh (``loso_run.json``).
 """
 
 from __future__ import annotations
@@ -46,7 +47,11 @@ DEFAULT_METHODS = ("univfd", "pin-clip", "mpft")
 # Measured against the shipped methods, not shipped: a probe on frozen DINOv2 ViT-S/14 features, and
 # RIGID's training-free noise-stability score on them.
 CANDIDATE_METHODS = ("dinov2-probe", "rigid", *NIRNET_ABLATIONS)
+# Probes on frozen features: trained in one fit, so --epochs does not touch them.
+PROBE_METHODS = ("univfd", "dinov2-probe", "rigid")
 REPORT_FILE = "loso.json"
+# The settings a fold folder's run was trained under, beside its held_out.json.
+RUN_FILE = "loso_run.json"
 
 
 @dataclass(frozen=True)
@@ -174,23 +179,45 @@ def fold_dir(cfg: LosoConfig, method: str, fold: Fold) -> Path:
     return cfg.out / method / fold.name
 
 
-def _finished(directory: Path, fold: Fold) -> list[HeldOutScore] | None:
-    """The held-out scores of a finished run of ``fold`` in ``directory``; None when there is none."""
+def run_settings(cfg: LosoConfig, method: str) -> dict[str, Any]:
+    """What a fold's run depends on besides its hold-out. A rerun into the same --out under other settings
+    (another --limit-per-group sample, more epochs) trains again instead of pooling the old run's scores."""
+    return {"method": method, "data": list(cfg.data), "seed": cfg.seed, "limit_per_group": cfg.limit_per_group,
+            "epochs": None if method in PROBE_METHODS else cfg.epochs}
+
+
+def _finished(cfg: LosoConfig, method: str, fold: Fold) -> list[HeldOutScore] | None:
+    """The held-out scores of a finished run of ``fold`` under ``cfg``'s settings; None when there is none."""
+    directory = fold_dir(cfg, method, fold)
     if not (directory / HELD_OUT_FILE).is_file():
         return None
     holdout, scores = load_held_out(directory)
-    return scores if holdout == fold.holdout() else None
+    if holdout != fold.holdout():
+        return None
+    run_file = directory / RUN_FILE
+    if not run_file.is_file():
+        # Fold folders written before the settings were recorded (before December 2026) are trusted as they
+        # were: retraining them costs hours, and the log says which ones were not checked.
+        log.warning("loso.fold_settings_unrecorded", method=method, fold=fold.name, directory=str(directory))
+        return scores
+    recorded = json.loads(run_file.read_text())
+    if recorded != run_settings(cfg, method):
+        log.info("loso.fold_settings_changed", method=method, fold=fold.name, recorded=recorded)
+        return None
+    return scores
 
 
 def train_fold(settings: Settings, cfg: LosoConfig, method: str, fold: Fold) -> Path:
     """Train ``method`` with ``fold`` held out (unless already done); returns its directory."""
     directory = fold_dir(cfg, method, fold)
-    if _finished(directory, fold) is not None:
+    if _finished(cfg, method, fold) is not None:
         log.info("loso.fold_done_before", method=method, fold=fold.name)
         return directory
+    # Gone until this run has finished: a crash must not leave an older run's scores under these settings.
+    (directory / RUN_FILE).unlink(missing_ok=True)
     log.info("loso.fold_start", method=method, fold=fold.name, generators=list(fold.generators),
              sources=list(fold.sources))
-    if method in ("univfd", "dinov2-probe", "rigid"):
+    if method in PROBE_METHODS:
         from streamguard.training.univfd import TrainConfig, train_univfd
 
         train_univfd(settings, TrainConfig(
@@ -213,6 +240,7 @@ def train_fold(settings: Settings, cfg: LosoConfig, method: str, fold: Fold) -> 
             method=method, data=cfg.data, out=directory, seed=cfg.seed, epochs=cfg.epochs,  # type: ignore[arg-type]
             limit_per_group=cfg.limit_per_group, holdout_generators=fold.generators, holdout_sources=fold.sources,
             device=cfg.device, cache_dir=cfg.cache_dir, progress=cfg.progress)))
+    (directory / RUN_FILE).write_text(json.dumps(run_settings(cfg, method), indent=1) + "\n")
     return directory
 
 
@@ -231,7 +259,7 @@ def pooled_scores(cfg: LosoConfig, method: str, folds: Sequence[Fold]) -> list[H
     out: list[HeldOutScore] = []
     for fold in folds:
         directory = fold_dir(cfg, method, fold)
-        scores = _finished(directory, fold)
+        scores = _finished(cfg, method, fold)
         if scores is None:
             raise ValueError(f"{method} has no finished run for fold {fold.name} in {directory}")
         out.extend(s for s in scores if s.split != "test")
