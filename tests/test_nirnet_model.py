@@ -4,6 +4,7 @@ through the real Scorer on a tiny CLIP the tests make (models random but seeded;
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import subprocess
 import sys
@@ -236,8 +237,11 @@ def test_the_shipped_weights_are_small_documented_and_score() -> None:
     with Scorer(settings, build_plugin_manager(settings.plugins)) as scorer:
         (spec,) = scorer.specs
         assert spec.name == "nirnet" and spec.calibration.method == "temperature"
-        # The card describes these weights, not older ones.
-        assert spec.version in (directory / "MODEL_CARD.md").read_text()
+        # The card describes these weights, not older ones, and says which residual source and losses made them.
+        card = (directory / "MODEL_CARD.md").read_text()
+        meta = json.loads((directory / "meta.json").read_text())
+        assert spec.version in card and f"residual source `{meta['residual_source']}`" in card
+        assert "Difference-Aware Loss: off" in card and not meta.get("difference_loss")
         rng = np.random.default_rng(0)
         jobs = [ImageJob(str(i), encode(Image.fromarray(rng.integers(0, 256, (300, 420, 3), dtype=np.uint8)), fmt))
                 for i, fmt in enumerate(("PNG", "JPEG"))]

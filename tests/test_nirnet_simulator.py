@@ -6,6 +6,7 @@ import math
 import random
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -213,8 +214,9 @@ def test_vae_residual_without_weights_or_library_says_what_is_missing(tmp_path: 
         VaeResidual(tmp_path)
 
 
-def test_vae_residual_through_a_tiny_real_vae(tmp_path: Path) -> None:
-    """A tiny AutoencoderKL saved the diffusers way (the `vae` extra, installed by `make test`)."""
+def save_tiny_vae(path: Path) -> Any:
+    """A tiny AutoencoderKL (x2 downsampling, 4 latent channels) saved the diffusers way at ``path``; the
+    `vae` extra, installed by `make test`, provides diffusers. Returns the model."""
     import diffusers
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -222,7 +224,12 @@ def test_vae_residual_through_a_tiny_real_vae(tmp_path: Path) -> None:
             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
             block_out_channels=(8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16,
         ).eval()
-    vae.save_pretrained(tmp_path / "tiny-vae", safe_serialization=True)
+    vae.save_pretrained(path, safe_serialization=True)
+    return vae
+
+
+def test_vae_residual_through_a_tiny_real_vae(tmp_path: Path) -> None:
+    vae = save_tiny_vae(tmp_path / "tiny-vae")
     x = torch.rand(2, 3, 17, 20, generator=torch.Generator().manual_seed(0))
     source = VaeResidual(tmp_path / "tiny-vae")
     by_file = VaeResidual(tmp_path / "tiny-vae" / "diffusion_pytorch_model.safetensors")

@@ -28,6 +28,7 @@ from streamguard.training.held_out import load_held_out
 from streamguard.training.nirnet.imprint import load_imprints
 from streamguard.training.nirnet.recipe import NirnetRecipe
 from streamguard.training.nirnet.train import IMPRINTS_FILE, train_nirnet
+from test_nirnet_simulator import save_tiny_vae
 
 EMBED = 16
 SIZE = 48  # image side; crops of 32 leave room for random positions
@@ -143,6 +144,7 @@ def test_train_writes_a_model_the_plugin_loads_and_scores_with(full_run: Path, c
     assert report(out)["simulator"]["fitted_on"]["fakes"] == 6
     card = (out / "MODEL_CARD.md").read_text()
     assert "residual source `denoiser`" in card and "denoiser-median3" in card and "--seed 3" in card
+    assert "Difference-Aware Loss: off (it needs a VAE encoder" in card and report(out)["difference_loss"] is None
     meta = json.loads((out / "meta.json").read_text())
     assert meta["residual_source"] == "denoiser" and meta["seed"] == 3 and meta["command"].startswith(
         "streamguard train nirnet --data ")
@@ -177,6 +179,43 @@ def test_resumed_run_equals_the_uninterrupted_one(full_run: Path, dataset: Path,
     # Another recipe does not resume this checkpoint.
     refused = train(dataset, out, clip_dir, "--epochs", "3", "--seed", "3", "--jpeg-share", "0.5", "--resume")
     assert refused.exit_code == 1 and "another recipe" in refused.stderr
+
+
+def test_the_difference_aware_loss_through_an_operator_s_vae(full_run: Path, dataset: Path, clip_dir: Path,
+                                                             tmp_path: Path) -> None:
+    vae = tmp_path / "tiny-vae"
+    save_tiny_vae(vae)
+    out = tmp_path / "aware"
+    ok(train(dataset, out, clip_dir, "--epochs", "2", "--seed", "3", "--difference-vae", str(vae),
+             "--difference-weight", "0.5"))
+    run = report(out)
+    assert run["difference_loss"]["weight"] == 0.5 and run["difference_loss"]["vae"].startswith("vae-tiny-vae-")
+    assert all(e["difference_loss"] is not None and 0 < e["difference_loss"] for e in run["epochs"])
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "Difference-Aware Loss: on, through `vae-tiny-vae-" in card
+    assert f"--difference-vae {vae} --difference-weight 0.5" in run["command"]
+    # The loss moved the weights (same seed and data as full_run, which trained without it); serving is as
+    # without it: the projection is training-only.
+    assert (out / WEIGHTS_FILE).read_bytes() != (full_run / WEIGHTS_FILE).read_bytes()
+    (score,) = _score(out, clip_dir, smooth(7))
+    assert 0.0 <= score.probability <= 1.0
+    # Resumed, the loss's projection comes back too: the same weights as the uninterrupted run.
+    resumed = tmp_path / "resumed"
+    common = ("--seed", "3", "--difference-vae", str(vae), "--difference-weight", "0.5")
+    ok(train(dataset, resumed, clip_dir, "--epochs", "1", *common))
+    ok(train(dataset, resumed, clip_dir, "--epochs", "2", *common, "--resume"))
+    strip = [{k: v for k, v in e.items() if k != "seconds"} for e in report(resumed)["epochs"]]
+    assert strip == [{k: v for k, v in e.items() if k != "seconds"} for e in run["epochs"]]
+    assert (resumed / WEIGHTS_FILE).read_bytes() == (out / WEIGHTS_FILE).read_bytes()
+
+
+def test_the_difference_aware_loss_refuses_what_it_cannot_use(dataset: Path, clip_dir: Path, tmp_path: Path) -> None:
+    missing = train(dataset, tmp_path / "o", clip_dir, "--difference-vae", str(tmp_path / "nope"))
+    assert missing.exit_code == 1 and "--difference-vae: VAE weights not found" in missing.stderr
+    alone = train(dataset, tmp_path / "o", clip_dir, "--difference-vae", str(tmp_path), "--no-simulator")
+    assert alone.exit_code == 1 and "needs the simulator" in alone.stderr
+    semantic = train(dataset, tmp_path / "o", clip_dir, "--difference-vae", str(tmp_path), "--branches", "semantic")
+    assert semantic.exit_code == 1 and "only the noise and frequency branches read" in semantic.stderr
 
 
 def test_no_simulator_and_a_branch_subset(dataset: Path, clip_dir: Path, tmp_path: Path) -> None:

@@ -209,6 +209,11 @@ def _branches(value: str) -> tuple[str, ...]:
 @click.option("--residual-source", default="denoiser", show_default=True,
               help="Where imprints are measured: denoiser, autoencoder (trained here) or vae:PATH (diffusers VAE).")
 @click.option("--autoencoder-steps", type=int, default=200, show_default=True)
+@click.option("--difference-vae", default=None, metavar="PATH",
+              help="A diffusers AutoencoderKL whose encoder the Difference-Aware Loss trains the extractor "
+                   "against (off without one: no VAE ships or downloads here).")
+@click.option("--difference-weight", type=float, default=0.1, show_default=True,
+              help="Weight of the Difference-Aware Loss beside the classification loss.")
 @click.option("--jpeg-share", type=float, default=0.2, show_default=True,
               help="Chance that any training crop, real or generated, is JPEG re-encoded.")
 @click.option("--limit-per-group", type=int, default=None, help="Seeded subsample per (label, generator/source).")

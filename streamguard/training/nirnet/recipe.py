@@ -15,6 +15,9 @@ CPU defaults, and why:
 - ``residual_source`` denoiser: needs nothing trained or downloaded, and it measures every training
   generator's own imprint (one statistic per generator); ``autoencoder`` trains a tiny VAE-shaped
   autoencoder here, ``vae:PATH`` uses an operator's diffusers AutoencoderKL.
+- ``difference_vae`` None: the Difference-Aware Loss needs a VAE encoder, and none ships or downloads here;
+  ``difference_weight`` 0.1 when one is given keeps it a shaping term beside the classification loss (both
+  start near 1: the loss is relative to the latent difference's energy, BCE near log 2).
 """
 
 from __future__ import annotations
@@ -62,6 +65,10 @@ class NirnetRecipe:
     residual_source: str = "denoiser"
     autoencoder_steps: int = 200
     jpeg_share: float = 0.2  # chance that any training crop, whatever its label, is JPEG re-encoded
+    # The Difference-Aware Loss on the simulator's pairs, through an operator's diffusers AutoencoderKL
+    # (`difference.py`); off without one, as nothing of the kind ships or downloads here.
+    difference_vae: str | None = None
+    difference_weight: float = 0.1
     fit_max_per_group: int = 64  # images per generator the imprint statistics are fitted on
     pool_below: int = 8  # generators with fewer training fakes are pooled with their family for the stats
     limit_per_group: int | None = None
@@ -82,6 +89,14 @@ class NirnetRecipe:
             raise ValueError(f"residual source must be one of {RESIDUAL_SOURCES}, not {self.residual_source!r}")
         if self.residual_source == "vae:":
             raise ValueError("vae:PATH needs the path of a diffusers AutoencoderKL")
+        if self.difference_vae is not None:
+            if not self.simulator:
+                raise ValueError("the Difference-Aware Loss learns from the simulator's pairs: it needs the simulator")
+            if "noise" not in self.branches and "frequency" not in self.branches:
+                raise ValueError("the Difference-Aware Loss trains the extractor, which only the noise and "
+                                 "frequency branches read")
+            if self.difference_weight <= 0:
+                raise ValueError("difference_weight must be positive")
         self.model_config()  # branches and sizes checked where the model defines them
 
     @property
@@ -105,6 +120,8 @@ class NirnetRecipe:
                                "holdout_generators": list(self.holdout_generators),
                                "holdout_sources": list(self.holdout_sources)}
         out.update({k: getattr(self, k) for k in keep})
+        if self.difference_vae is not None:  # only when on: checkpoints of runs without it stay resumable
+            out.update(difference_vae=self.difference_vae, difference_weight=self.difference_weight)
         return json.loads(json.dumps(out, default=str))
 
     def resolved_checkpoint_dir(self) -> Path:
@@ -129,6 +146,8 @@ class NirnetRecipe:
             args += ["--simulated-share", repr(self.simulated_share), "--residual-source", self.residual_source]
             if self.residual_source == "autoencoder":
                 args += ["--autoencoder-steps", str(self.autoencoder_steps)]
+            if self.difference_vae is not None:
+                args += ["--difference-vae", self.difference_vae, "--difference-weight", repr(self.difference_weight)]
         else:
             args.append("--no-simulator")
         if self.limit_per_group is not None:

@@ -106,15 +106,26 @@ class VaeResidual:
     def name(self) -> str:
         return self._name
 
+    @property
+    def latent_channels(self) -> int:
+        return int(self.model.config.latent_channels)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Reflect-padded to the VAE's downsampling, so every native pixel reaches the latent."""
+        pad_h, pad_w = -x.shape[-2] % self.factor, -x.shape[-1] % self.factor
+        return F.pad(x, (0, pad_w, 0, pad_h), mode="reflect") if pad_h or pad_w else x
+
+    @torch.no_grad()
+    def latent(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's posterior mode of [0, 1] pixels: (N, latent_channels, ceil(H / f), ceil(W / f))."""
+        scaled = self.pad(x).to(self.device) * 2.0 - 1.0
+        latent: torch.Tensor = self.model.encode(scaled).latent_dist.mode()
+        return latent
+
     @torch.no_grad()
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        # Reflect-padded to the VAE's downsampling so every native pixel gets a reconstruction.
-        pad_h, pad_w = -h % self.factor, -w % self.factor
-        scaled = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect") if pad_h or pad_w else x
-        scaled = scaled.to(self.device) * 2.0 - 1.0
-        latent = self.model.encode(scaled).latent_dist.mode()
-        out = (self.model.decode(latent).sample.clamp(-1.0, 1.0) + 1.0) / 2.0
+        out = (self.model.decode(self.latent(x)).sample.clamp(-1.0, 1.0) + 1.0) / 2.0
         return x - out[..., :h, :w].to(x.device, x.dtype)
 
 

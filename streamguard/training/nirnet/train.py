@@ -44,6 +44,7 @@ from streamguard.training.checkpoint import load_checkpoint, save_checkpoint
 from streamguard.training.data import Splits, split_samples
 from streamguard.training.held_out import HELD_OUT_FILE, held_out_scores, save_held_out
 from streamguard.training.nirnet.autoencoder import train_autoencoder
+from streamguard.training.nirnet.difference import DifferenceAwareLoss
 from streamguard.training.nirnet.groups import FitLimits, choose, fit_groups, pooled_groups, read_crops
 from streamguard.training.nirnet.imprint import (
     ImprintSimulator,
@@ -129,6 +130,19 @@ def residual_source(recipe: NirnetRecipe, train: Sequence[Sample], intake: Intak
              generators=sorted({s.generator for s in chosen if s.label == FAKE}),
              final_loss=round(trained.losses[-1], 5) if trained.losses else None)
     return AutoencoderResidual(trained.model, label=f"s{recipe.seed}")
+
+
+def difference_loss(recipe: NirnetRecipe) -> DifferenceAwareLoss | None:
+    """The Difference-Aware Loss through the operator's VAE, seeded; None when the recipe names none."""
+    if recipe.difference_vae is None:
+        return None
+    try:
+        vae = VaeResidual(recipe.difference_vae, recipe.device)
+    except VaeUnavailable as exc:
+        raise ValueError(f"--difference-vae: {exc}") from None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_seeded("nirnet-difference", recipe.seed))
+        return DifferenceAwareLoss(vae).to(recipe.device)
 
 
 def fit_imprints(recipe: NirnetRecipe, train: Sequence[Sample],
@@ -285,6 +299,14 @@ class StepBatch:
     embeddings: torch.Tensor | None
     labels: torch.Tensor
     simulated: int
+    # The simulator's pairs before any JPEG (clean, imprinted), for the Difference-Aware Loss; None when off.
+    pairs: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class StepLoss:
+    total: float
+    difference: float | None  # the Difference-Aware Loss before its weight, when it is on
 
 
 def make_batch(samples: Sequence[Sample], inputs: Inputs, recipe: NirnetRecipe,
@@ -297,6 +319,7 @@ def make_batch(samples: Sequence[Sample], inputs: Inputs, recipe: NirnetRecipe,
     embeddings: list[torch.Tensor] = []
     labels: list[float] = []
     to_imprint: list[tuple[np.ndarray, torch.Tensor | None, random.Random]] = []
+    pairs: tuple[torch.Tensor, torch.Tensor] | None = None
     for sample in samples:
         rng = random.Random(_seeded("nirnet", recipe.seed, epoch, sample.id))
         embedding = inputs.embedding(sample)
@@ -325,20 +348,29 @@ def make_batch(samples: Sequence[Sample], inputs: Inputs, recipe: NirnetRecipe,
             if embedding is not None:
                 embeddings.append(embedding)  # the real image's: a content-matched pair
             labels.append(1.0)
+        if recipe.difference_vae is not None:
+            pairs = (_to_pixels([c for c, _, _ in to_imprint]), _to_pixels(list(as_uint8)))
     return StepBatch(_to_pixels(crops), torch.stack(embeddings) if embeddings else None,
-                     torch.tensor(labels), len(to_imprint))
+                     torch.tensor(labels), len(to_imprint), pairs)
 
 
-def train_step(model: NIRNet, optimizer: torch.optim.Optimizer, batch: StepBatch, device: str) -> float:
-    """One optimizer step on ``batch`` with the class-balanced loss; returns the loss. Public so the
-    benchmark (`bench/bench_nirnet.py`) times the very step the loop takes."""
+def train_step(model: NIRNet, optimizer: torch.optim.Optimizer, batch: StepBatch, device: str,
+               difference: DifferenceAwareLoss | None = None, difference_weight: float = 0.0) -> StepLoss:
+    """One optimizer step on ``batch``: the class-balanced loss, plus the weighted Difference-Aware Loss on
+    the batch's pairs when ``difference`` is given. Public so the benchmark (`bench/bench_nirnet.py`) times
+    the very step the loop takes."""
     logits = model(batch.pixels.to(device), None if batch.embeddings is None else batch.embeddings.to(device))
     labels = batch.labels.to(logits)
     loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, weight=class_balanced(labels))
+    aware = None
+    if difference is not None and batch.pairs is not None:
+        clean, imprinted = batch.pairs
+        aware = difference(model.extractor, clean.to(device), imprinted.to(device))
+        loss = loss + difference_weight * aware
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return float(loss.detach())
+    return StepLoss(float(loss.detach()), None if aware is None else float(aware.detach()))
 
 
 # --- scoring as served -------------------------------------------------------------------------------------
@@ -397,6 +429,7 @@ def train_on_splits(settings: Settings, recipe: NirnetRecipe, splits: Splits) ->
     ``splits.held_out`` into ``held_out.json``; writes the detector to ``recipe.out``."""
     _check_splits(splits)
     started = time.perf_counter()
+    difference = difference_loss(recipe)  # first: a missing VAE fails before minutes of embedding
     encoder = None
     whole = None
     backbone = None
@@ -417,7 +450,8 @@ def train_on_splits(settings: Settings, recipe: NirnetRecipe, splits: Splits) ->
         torch.manual_seed(_seeded("nirnet-init", recipe.seed))
         model = NIRNet(config)
     model.to(recipe.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    trained = [*model.parameters(), *(difference.parameters() if difference is not None else ())]
+    optimizer = torch.optim.AdamW(trained, lr=recipe.lr, weight_decay=recipe.weight_decay)
     state = LoopState()
     best = _state(model)
 
@@ -453,6 +487,8 @@ def train_on_splits(settings: Settings, recipe: NirnetRecipe, splits: Splits) ->
 
             if payload is not None:
                 model.load_state_dict(payload["weights"])
+                if difference is not None:
+                    difference.load_state_dict(payload["difference"])
                 optimizer.load_state_dict(payload["optimizer"])
                 state = LoopState(**payload["state"])
                 best = payload["best_weights"]
@@ -467,17 +503,22 @@ def train_on_splits(settings: Settings, recipe: NirnetRecipe, splits: Splits) ->
                 model.train()
                 t0 = time.perf_counter()
                 loss_sum, crops_seen, simulated = 0.0, 0, 0
+                aware: list[float] = []
                 for step, index in enumerate(steps):
                     batch = make_batch([train[i] for i in index], inputs, recipe, simulator, epoch, step)
-                    loss = train_step(model, optimizer, batch, recipe.device)
-                    loss_sum += loss * len(batch.labels)
+                    loss = train_step(model, optimizer, batch, recipe.device, difference, recipe.difference_weight)
+                    loss_sum += loss.total * len(batch.labels)
                     crops_seen += len(batch.labels)
                     simulated += batch.simulated
-                    advance(len(index), info=f"loss {loss:.4f}")
+                    if loss.difference is not None:
+                        aware.append(loss.difference)
+                    advance(len(index), info=f"loss {loss.total:.4f}")
                 seconds = time.perf_counter() - t0
                 val_metrics = _metrics(val, score_samples(model, val, inputs, recipe.device))
                 record = {"epoch": epoch, "train_loss": loss_sum / max(crops_seen, 1), "crops": crops_seen,
                           "simulated": simulated, "val": val_metrics, "seconds": round(seconds, 2)}
+                if difference is not None:
+                    record["difference_loss"] = float(np.mean(aware)) if aware else None
                 auc = val_metrics["auc"] if val_metrics["auc"] is not None else -math.inf
                 val_loss = val_metrics["log_loss"] if val_metrics["log_loss"] is not None else math.inf
                 improved = auc > state.best_auc or (auc == state.best_auc and val_loss < state.best_loss)
@@ -495,6 +536,7 @@ def train_on_splits(settings: Settings, recipe: NirnetRecipe, splits: Splits) ->
                 save_checkpoint(checkpoint_dir, {
                     "state": asdict(state), "weights": _state(model), "optimizer": optimizer.state_dict(),
                     "best_weights": best, "imprints": imprints_to_json(imprints) if imprints else "",
+                    "difference": difference.state_dict() if difference is not None else {},
                     "imprints_fitted_on": json.dumps(fitted_on),
                 }, fingerprint)
                 if state.stopped_early:
@@ -506,13 +548,13 @@ def train_on_splits(settings: Settings, recipe: NirnetRecipe, splits: Splits) ->
     finally:
         inputs.close()
     return _write(recipe, model, imprints, fitted_on, state, train, val, test, held, val_logits, test_logits,
-                  time.perf_counter() - started)
+                  time.perf_counter() - started, None if difference is None else difference.vae.name)
 
 
 def _write(recipe: NirnetRecipe, model: NIRNet, imprints: dict[str, ImprintStats], fitted_on: dict[str, Any],
            state: LoopState,
            train: list[Sample], val: list[Sample], test: list[Sample], held: list[Sample],
-           val_logits: np.ndarray, test_logits: np.ndarray, seconds: float) -> NirnetRun:
+           val_logits: np.ndarray, test_logits: np.ndarray, seconds: float, difference_vae: str | None) -> NirnetRun:
     from streamguard.evaluation.calibrate import fit_calibration, quality
 
     out = recipe.out
@@ -539,6 +581,8 @@ def _write(recipe: NirnetRecipe, model: NIRNet, imprints: dict[str, ImprintStats
         "simulator": {"enabled": bool(imprints), "residual_source": recipe.residual_source if imprints else None,
                       "residuals": residual, "simulated_share": recipe.simulated_share if imprints else 0.0,
                       "sources": {k: v.images for k, v in sorted(imprints.items())}, "fitted_on": fitted_on},
+        "difference_loss": ({"vae": difference_vae, "weight": recipe.difference_weight}
+                            if difference_vae is not None else None),
         "counts": {"train": len(train), "val": len(val), "test": len(test), "held_out": len(held)},
         "train_groups": {"generators": sorted({s.generator for s in train if s.label == FAKE}),
                          "sources": sorted({s.source for s in train})},
@@ -564,6 +608,7 @@ def _write(recipe: NirnetRecipe, model: NIRNet, imprints: dict[str, ImprintStats
             "recipe": recipe.fingerprint(), "command": recipe.command(), "data": list(recipe.data),
             "seed": recipe.seed, "branches": list(config.branches), "backbone": config.backbone,
             "residual_source": report["simulator"]["residual_source"], "residuals": residual,
+            "difference_loss": report["difference_loss"],
             "imprints": describe_imprints(imprints) if imprints else None,
             "validation": report["val"]["overall"], "best_epoch": state.best_epoch}
     (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
@@ -589,6 +634,10 @@ def _card(recipe: NirnetRecipe, report: dict[str, Any], imprints: dict[str, Impr
         f"- Semantic backbone: {report['backbone'] or 'none (no semantic branch)'}",
         "- Simulator: " + (f"on, residual source `{sim['residual_source']}` ({', '.join(sim['residuals'])}), "
                             f"{sim['simulated_share']:g} of real crops imprinted per epoch" if sim["enabled"] else "off"),
+        "- Difference-Aware Loss: " + (f"on, through `{report['difference_loss']['vae']}`'s encoder, weight "
+                                       f"{report['difference_loss']['weight']:g}" if report["difference_loss"] else
+                                       "off (it needs a VAE encoder, and none ships or downloads offline: "
+                                       "`--difference-vae PATH`)"),
         f"- Best epoch {report['best_epoch']} of {len(report['epochs'])}; validation AUC {overall.get('auc')}, "
         f"log-loss {overall.get('log_loss')}; calibration: temperature, fitted on validation",
         "",
