@@ -164,6 +164,10 @@ def test_loso_end_to_end(dataset: Path, backbone: Path, tmp_path: Path) -> None:
     for name, s in files.items():
         assert 1 / (1 + math.exp(-s.logit)) == pytest.approx(served[name], abs=1e-4)
     assert np.isfinite(report["detectors"]["fused"]["balanced_auc"])
+    intervals = report["auc_intervals"]
+    assert set(intervals) == {"univfd", "mpft", "univfd - mpft"}
+    assert intervals["univfd"]["value"] == report["detectors"]["univfd"]["balanced_auc"]
+    assert all(iv["low"] <= iv["value"] <= iv["high"] for iv in intervals.values())
 
     # The fold models scored again under other views and perturbations, through the serving path.
     loso_variants(dataset, out, backbone, "--method", "univfd", "--folds", "2", "--variant", "crops2+whole",

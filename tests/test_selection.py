@@ -7,8 +7,10 @@ import pytest
 
 from streamguard.config import FusionSettings
 from streamguard.evaluation.selection import (
+    Interval,
     Scored,
     balanced_auc,
+    bootstrap_auc,
     choose_thresholds,
     choose_weights,
     fuse,
@@ -27,6 +29,25 @@ def test_balanced_auc_weighs_each_group_the_same() -> None:
     scores = np.array([0.1] * 90 + [0.9] * 10 + [0.5] * 100)
     assert balanced_auc(labels, groups, scores) == pytest.approx(0.5)
     assert balanced_auc(labels[:90], groups[:90], scores[:90]) is None
+
+
+def test_bootstrap_intervals_hold_the_estimate_and_pairing_tells_a_real_gain_from_noise() -> None:
+    rng = np.random.default_rng(3)
+    labels = np.array([0] * 60 + [0] * 20 + [1] * 40 + [1] * 40)
+    groups = ["phone"] * 60 + ["portraits"] * 20 + ["gan"] * 40 + ["dit"] * 40
+    signal = labels * 1.0 + rng.normal(0, 0.8, len(labels))
+    shared_noise = rng.normal(0, 0.5, len(labels))
+    logits = {"strong": signal + shared_noise, "weak": 0.3 * signal + shared_noise + rng.normal(0, 0.8, len(labels)),
+              "copy": signal + shared_noise}
+    out = bootstrap_auc(Scored(labels, tuple(groups), logits), draws=300, seed=1)
+    assert set(out) == {"strong", "weak", "copy", "strong - weak", "strong - copy", "weak - copy"}
+    for key, iv in out.items():
+        assert iv.low <= iv.value <= iv.high, key
+    assert out["strong"].value == pytest.approx(balanced_auc(labels, groups, logits["strong"]), abs=1e-4)
+    assert out["strong - weak"].low > 0  # a real gain: the interval stays above zero
+    assert out["strong - copy"] == Interval(0.0, 0.0, 0.0)  # the same scores: no difference in any draw
+    assert out["strong - weak"].high - out["strong - weak"].low < out["strong"].high - out["weak"].low
+    assert out == bootstrap_auc(Scored(labels, tuple(groups), logits), draws=300, seed=1)  # seeded
 
 
 def test_fuse_is_the_fusion_hooks_weighted_logit_mean() -> None:

@@ -30,6 +30,7 @@ from streamguard.evaluation.datasets import FAKE, Sample
 from streamguard.evaluation.selection import (
     Scored,
     balanced_auc,
+    bootstrap_auc,
     choose_thresholds,
     choose_weights,
     fit_fused_calibration,
@@ -186,8 +187,9 @@ def run_settings(cfg: LosoConfig, method: str) -> dict[str, Any]:
             "epochs": None if method in PROBE_METHODS else cfg.epochs}
 
 
-def _finished(cfg: LosoConfig, method: str, fold: Fold) -> list[HeldOutScore] | None:
-    """The held-out scores of a finished run of ``fold`` under ``cfg``'s settings; None when there is none."""
+def _finished(cfg: LosoConfig, method: str, fold: Fold, say: bool = True) -> list[HeldOutScore] | None:
+    """The held-out scores of a finished run of ``fold`` under ``cfg``'s settings; None when there is none.
+    ``say``: log a fold kept unchecked (once per run is enough: pooling asks again)."""
     directory = fold_dir(cfg, method, fold)
     if not (directory / HELD_OUT_FILE).is_file():
         return None
@@ -198,7 +200,8 @@ def _finished(cfg: LosoConfig, method: str, fold: Fold) -> list[HeldOutScore] | 
     if not run_file.is_file():
         # Fold folders written before the settings were recorded (before December 2026) are trusted as they
         # were: retraining them costs hours, and the log says which ones were not checked.
-        log.warning("loso.fold_settings_unrecorded", method=method, fold=fold.name, directory=str(directory))
+        if say:
+            log.warning("loso.fold_settings_unrecorded", method=method, fold=fold.name, directory=str(directory))
         return scores
     recorded = json.loads(run_file.read_text())
     if recorded != run_settings(cfg, method):
@@ -259,7 +262,7 @@ def pooled_scores(cfg: LosoConfig, method: str, folds: Sequence[Fold]) -> list[H
     out: list[HeldOutScore] = []
     for fold in folds:
         directory = fold_dir(cfg, method, fold)
-        scores = _finished(cfg, method, fold)
+        scores = _finished(cfg, method, fold, say=False)
         if scores is None:
             raise ValueError(f"{method} has no finished run for fold {fold.name} in {directory}")
         out.extend(s for s in scores if s.split != "test")
@@ -384,6 +387,8 @@ def build_report(cfg: LosoConfig, folds: Sequence[Fold], pools: dict[str, str] |
         "fused_calibration": asdict(calibration),
         "uncertain_share": round(float(np.mean((fused > thresholds.real_threshold) & (fused < thresholds.ai_threshold))), 4),
         "detectors": detectors,
+        # Balanced AUCs and every pairwise difference, with 95% intervals from resampling images in their groups.
+        "auc_intervals": {k: asdict(v) for k, v in bootstrap_auc(scored).items()},
         "settings": {
             "fusion": {"weights": _mean_one(weights.weights) if weights else {methods[0]: 1.0},
                        "scale": calibration.scale, "bias": calibration.bias},
