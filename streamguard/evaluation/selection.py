@@ -71,26 +71,27 @@ def bootstrap_auc(scored: Scored, draws: int = 1000, seed: int = 0) -> dict[str,
     interval is the sampling noise of the images a group happened to hold, not of which groups exist. The
     draws are paired (one resample scores every detector), so a difference's interval is far narrower than
     the two AUCs' intervals side by side: what says whether an ablation moved anything."""
+    names = list(scored.logits)
+    point = {n: balanced_auc(scored.labels, scored.groups, scored.logits[n]) for n in names}
+    if any(v is None for v in point.values()):
+        return {}
     groups = np.asarray(scored.groups)
     cells = [np.flatnonzero((groups == g) & (scored.labels == y)) for g, y in sorted(set(zip(scored.groups,
                                                                                              scored.labels.tolist())))]
-    names = list(scored.logits)
+    # Resampling within (group, label) cells keeps every cell's size, so a draw's group weights are the
+    # original ones, drawn along: computed once, not once per draw and detector.
+    weights = group_weights(scored.labels, scored.groups)
     pairs = list(itertools.combinations(names, 2))
     rng = np.random.default_rng(seed)
     samples: dict[str, list[float]] = {key: [] for key in [*names, *(f"{a} - {b}" for a, b in pairs)]}
     for _ in range(draws):
         index = np.concatenate([rng.choice(cell, len(cell)) for cell in cells])
-        labels, drawn = scored.labels[index], tuple(groups[index])
-        auc = {n: balanced_auc(labels, drawn, scored.logits[n][index]) for n in names}
-        if any(v is None for v in auc.values()):
-            continue
+        auc = {n: float(roc_auc_score(scored.labels[index], scored.logits[n][index], sample_weight=weights[index]))
+               for n in names}
         for n in names:
-            samples[n].append(auc[n])  # type: ignore[arg-type]
+            samples[n].append(auc[n])
         for a, b in pairs:
-            samples[f"{a} - {b}"].append(auc[a] - auc[b])  # type: ignore[operator]
-    point = {n: balanced_auc(scored.labels, scored.groups, scored.logits[n]) for n in names}
-    if any(v is None for v in point.values()) or not samples[names[0]]:
-        return {}
+            samples[f"{a} - {b}"].append(auc[a] - auc[b])
     values = {**point, **{f"{a} - {b}": point[a] - point[b] for a, b in pairs}}  # type: ignore[operator]
     return {key: Interval(round(float(values[key]), 4), round(float(np.percentile(v, 2.5)), 4),
                           round(float(np.percentile(v, 97.5)), 4)) for key, v in samples.items()}
