@@ -261,6 +261,31 @@ def test_a_rerun_under_other_settings_trains_the_fold_again(dataset: Path, backb
     assert {e["method"] for e in _events(result, "loso.fold_start")} == {"mpft"}
 
 
+def test_loso_measures_univfd_on_every_blocks_class_token(dataset: Path, backbone: Path, tmp_path: Path) -> None:
+    """`--method univfd-blocks` runs univfd's recipe on every block's class token: its own embedding cache,
+    a probe as wide as all the blocks, and held-out scores pooled and fused beside univfd's."""
+    from safetensors.torch import load_file
+
+    cache = tmp_path / "cache"
+    args = ["train", "loso", "--data", str(dataset), "--loso-data", str(dataset), "--out", str(tmp_path / "loso"),
+            "--cache-dir", str(cache), "--method", "univfd", "--method", "univfd-blocks", "--folds", "2",
+            "--no-progress"]
+    result = CliRunner().invoke(cli, args, env=_env(backbone))
+    assert result.exit_code == 0, f"{result.output}\n{result.stderr}\n{result.exception!r}"
+    report = json.loads((tmp_path / "loso" / "loso.json").read_text())
+    assert set(report["weights"]["weights"]) == {"univfd", "univfd-blocks"}
+    assert report["detectors"]["univfd-blocks"]["balanced_auc"] is not None
+    config = json.loads((backbone / "config.json").read_text())
+    for fold in report["folds"]:
+        plain = load_file(str(tmp_path / "loso" / "univfd" / fold["name"] / "head.safetensors"))["linear.weight"]
+        blocks = load_file(str(tmp_path / "loso" / "univfd-blocks" / fold["name"] / "head.safetensors"))
+        assert plain.shape[1] == config["projection_dim"]
+        assert blocks["linear.weight"].shape[1] == config["num_hidden_layers"] * config["hidden_size"]
+        _, held = load_held_out(tmp_path / "loso" / "univfd-blocks" / fold["name"])
+        assert {s.id for s in held} == {s.id for s in load_held_out(tmp_path / "loso" / "univfd" / fold["name"])[1]}
+    assert {p.name.split("-")[0] for p in cache.glob("*.npz")} == {"univfd", "clip"}  # univfd-*, clip-blocks-*
+
+
 def test_loso_refuses_held_out_data_it_does_not_train_on(dataset: Path, backbone: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["train", "loso", "--data", str(dataset), "--loso-data", str(tmp_path),
                                       "--out", str(tmp_path / "o")], env=_env(backbone))

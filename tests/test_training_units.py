@@ -393,3 +393,26 @@ def test_frozen_dinov2_probe_and_rigid_features(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(univfd, "RIGID_NOISE", 0.0)
     with torch.no_grad():
         assert torch.allclose(rigid.encode(x), torch.zeros(3, 1), atol=1e-5)
+
+
+def test_frozen_clip_blocks_reads_every_block_class_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`univfd-blocks`: block k's slice is the class token after block k (HF's own hidden states, not the
+    output alone), layer-normalised and unit length, so a probe weighs blocks by what they say, not by scale."""
+    from streamguard.config import Settings
+    from streamguard.training import univfd
+
+    encoder = tiny_encoder().eval()
+    monkeypatch.setattr(univfd, "load_backbone", lambda *a, **k: encoder)
+    cfg = univfd.TrainConfig(data=("d",), out=Path("o"), backbone="clip-blocks")
+    frozen = univfd.frozen_encoder(Settings(), cfg)
+    x = torch.randn(3, 3, encoder.image_size, encoder.image_size)
+    layers, hidden = encoder.config.num_hidden_layers, encoder.hidden_size
+    with torch.no_grad():
+        features = frozen.encode(x).view(3, layers, hidden)
+        states = encoder.model.vision_model(pixel_values=x, output_hidden_states=True).hidden_states
+    assert layers > 1 and frozen.normalise and frozen.contract == univfd.CONTRACT
+    assert frozen.version == f"{encoder.version}-blocks"  # its own embedding cache, never univfd's
+    torch.testing.assert_close(features.norm(dim=2), torch.ones(3, layers))
+    for block in range(layers):
+        expected = torch.nn.functional.layer_norm(states[block + 1][:, 0], (hidden,))
+        torch.testing.assert_close(features[:, block], torch.nn.functional.normalize(expected, dim=1))

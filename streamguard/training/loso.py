@@ -45,11 +45,11 @@ log = structlog.get_logger(__name__)
 LOSO_METHODS = ("univfd", "pin-clip", "mpft", "nirnet")
 # What `train loso` validates unless told: the detectors with shipped weights (nirnet joins once it ships).
 DEFAULT_METHODS = ("univfd", "pin-clip", "mpft")
-# Measured against the shipped methods, not shipped: a probe on frozen DINOv2 ViT-S/14 features, and
-# RIGID's training-free noise-stability score on them.
-CANDIDATE_METHODS = ("dinov2-probe", "rigid", *NIRNET_ABLATIONS)
+# Measured against the shipped methods, not shipped: univfd's probe on every CLIP block's class token, a
+# probe on frozen DINOv2 ViT-S/14 features, and RIGID's training-free noise-stability score on them.
+CANDIDATE_METHODS = ("univfd-blocks", "dinov2-probe", "rigid", *NIRNET_ABLATIONS)
 # Probes on frozen features: trained in one fit, so --epochs does not touch them.
-PROBE_METHODS = ("univfd", "dinov2-probe", "rigid")
+PROBE_METHODS = ("univfd", "univfd-blocks", "dinov2-probe", "rigid")
 REPORT_FILE = "loso.json"
 # The settings a fold folder's run was trained under, beside its held_out.json.
 RUN_FILE = "loso_run.json"
@@ -226,7 +226,8 @@ def train_fold(settings: Settings, cfg: LosoConfig, method: str, fold: Fold) -> 
         train_univfd(settings, TrainConfig(
             data=cfg.data, out=directory, seed=cfg.seed, limit_per_group=cfg.limit_per_group, device=cfg.device,
             cache_dir=cfg.cache_dir, holdout_generators=fold.generators, holdout_sources=fold.sources,
-            backbone={"univfd": "clip", "dinov2-probe": "dinov2", "rigid": "rigid"}[method]))  # type: ignore[arg-type]
+            backbone={"univfd": "clip", "univfd-blocks": "clip-blocks", "dinov2-probe": "dinov2",
+                      "rigid": "rigid"}[method]))  # type: ignore[arg-type]
     elif method == "nirnet" or method in NIRNET_ABLATIONS:
         from streamguard.training.nirnet.recipe import NirnetRecipe
         from streamguard.training.nirnet.train import train_nirnet

@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -21,7 +22,8 @@ import numpy as np
 import structlog
 import torch
 
-from streamguard.backbone import load_backbone
+from streamguard.backbone import load_backbone, vit
+from streamguard.backbone.model import ClipImageEncoder
 from streamguard.builtin.cliphead import CONTRACT, TRAINING_FILE
 from streamguard.builtin.cliphead.model import LinearProbe
 from streamguard.builtin.univfd.plugin import DETECTOR
@@ -52,7 +54,8 @@ class TrainConfig:
     # The frozen encoder under the probe: the CLIP tower the detector ships on, or DINOv2 ViT-S/14 (CLS and
     # mean patch token, DINOv2's own linear-probe input) to measure it against CLIP on unseen sources.
     # "rigid": RIGID's training-free score (He et al. 2024) on the DINOv2 features, fitted to a logit alone.
-    backbone: Literal["clip", "dinov2", "rigid"] = "clip"
+    # "clip-blocks": the class token of every CLIP block, as RINE (Koutlis & Papadopoulos 2024) reads them.
+    backbone: Literal["clip", "clip-blocks", "dinov2", "rigid"] = "clip"
 
 
 RIGID_NOISE = 0.05  # std of the Gaussian pixel noise, in [0, 1] pixel units
@@ -70,9 +73,11 @@ class Frozen:
 
 
 def frozen_encoder(settings: Settings, cfg: TrainConfig) -> Frozen:
-    if cfg.backbone == "clip":
+    if cfg.backbone in ("clip", "clip-blocks"):
         clip = load_backbone(settings.backbone, cfg.device, precision="fp32")
-        return Frozen(clip, clip.version, CONTRACT)
+        if cfg.backbone == "clip":
+            return Frozen(clip, clip.version, CONTRACT)
+        return Frozen(partial(block_classes, clip), f"{clip.version}-blocks", CONTRACT)
     from streamguard.backbone.dinov2 import DINOV2_CONTRACT, load_dinov2
 
     dino = load_dinov2(settings.backbone, cfg.device)
@@ -98,6 +103,22 @@ def frozen_encoder(settings: Settings, cfg: TrainConfig) -> Frozen:
         return (1 - torch.nn.functional.cosine_similarity(a, b, dim=1)).unsqueeze(1) * 100
 
     return Frozen(rigid, f"rigid{RIGID_NOISE:g}-{version}", DINOV2_CONTRACT, normalise=False)
+
+
+def block_classes(clip: ClipImageEncoder, pixels: torch.Tensor) -> torch.Tensor:
+    """(N, blocks * hidden): each block's class token, layer-normalised without weights and scaled to unit
+    length, so that no block outweighs another by its scale before the probe chooses.
+
+    RINE found the middle blocks of CLIP's tower carry the low-level traces a generator leaves and the last
+    block's projection, which univfd reads, mostly discards them.
+    """
+    hidden = vit.tokens(clip, pixels)
+    classes = []
+    for block in range(vit.num_layers(clip)):
+        hidden = vit.run_blocks(clip, hidden, block, block + 1)
+        cls = torch.nn.functional.layer_norm(hidden[:, 0], (clip.hidden_size,))
+        classes.append(torch.nn.functional.normalize(cls, dim=1))
+    return torch.cat(classes, dim=1)
 
 
 def embed(samples: Sequence, settings: Settings, cfg: TrainConfig, encoder: Frozen,  # type: ignore[type-arg]
