@@ -284,6 +284,15 @@ def test_loso_measures_univfd_on_every_blocks_class_token(dataset: Path, backbon
         _, held = load_held_out(tmp_path / "loso" / "univfd-blocks" / fold["name"])
         assert {s.id for s in held} == {s.id for s in load_held_out(tmp_path / "loso" / "univfd" / fold["name"])[1]}
     assert {p.name.split("-")[0] for p in cache.glob("*.npz")} == {"univfd", "clip"}  # univfd-*, clip-blocks-*
+    # Its fold models served (univfd's class-token head, on its own whole model): the original bytes give the
+    # logits training recorded, and a perturbation is scored too.
+    loso_variants(dataset, tmp_path / "loso", backbone, "--method", "univfd-blocks", "--variant", "resize@jpeg75")
+    for fold in report["folds"]:
+        directory = tmp_path / "loso" / "univfd-blocks" / fold["name"]
+        expected = {b.id: b.logit for b in load_held_out(directory)[1] if b.split != "test"}
+        again = json.loads((directory / "held_out.resize.json").read_text())["scores"]
+        assert {r["id"]: pytest.approx(expected[r["id"]], abs=1e-4) for r in again} == expected
+        assert len(json.loads((directory / "held_out.resize_jpeg75.json").read_text())["scores"]) == len(expected)
 
 
 def test_loso_refuses_held_out_data_it_does_not_train_on(dataset: Path, backbone: Path, tmp_path: Path) -> None:

@@ -33,12 +33,13 @@ from streamguard.builtin.cliphead.model import build_branch
 from streamguard.builtin.mpft.plugin import DETECTOR as MPFT
 from streamguard.builtin.pinclip.plugin import DETECTOR as PINCLIP
 from streamguard.config import BackboneSettings, Settings, load_settings
+from streamguard.detectors.spec import CLASS_TOKENS
 from streamguard.detectors.trunk import SharedTrunk
 from streamguard.plugins import build_plugin_manager
 from streamguard.scoring import Scorer
 
 CLIP_DETECTORS = ("univfd", "pin-clip", "mpft")
-BLOCKS = [2, 3, 4]  # pin-clip, mpft, univfd (after the last of the tiny CLIP's 4 blocks)
+BLOCKS = [2, 3, 4]  # pin-clip, mpft, and after the last of the tiny CLIP's 4 blocks
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def _encoder(tiny: dict[str, Path]) -> Any:
     return load_backbone(BackboneSettings(checkpoint=tiny["clip"]))
 
 
-def _hidden(trunk: Any, x: torch.Tensor, blocks: Sequence[int]) -> dict[int, np.ndarray]:
+def _hidden(trunk: Any, x: torch.Tensor, blocks: Sequence[int | str]) -> dict[int | str, np.ndarray]:
     return {block: hidden.numpy() for block, hidden in trunk.run(list(x.numpy()), blocks).items()}
 
 
@@ -83,23 +84,25 @@ def test_fp32_gives_torchs_hidden_states_from_one_export_per_weights_and_branch_
     encoder = _encoder(tiny)
     torch_trunk, ort = ClipTrunk(encoder, "cpu"), OrtTrunk(encoder, tmp_path)
     assert (ort.backbone, ort.precision, ort.resolve(None), ort.resolve(2)) == (encoder, "fp32", 4, 2)
-    for blocks, n in ((BLOCKS, 3), ([0, 4], 1)):  # block 0: what enters the first block (tokens, pre-layernorm)
+    # Block 0: what enters the first block (tokens, pre-layernorm); the class token after every block (univfd).
+    for blocks, n in ((BLOCKS, 3), ([0, 4], 1), ([1, CLASS_TOKENS], 2)):
         x = pixels(n, seed=n)
         expected, got = _hidden(torch_trunk, x, blocks), _hidden(ort, x, blocks)
         assert list(got) == blocks
         for block in blocks:
             np.testing.assert_allclose(got[block], expected[block], rtol=0, atol=1e-4, err_msg=str(block))
-    assert exports == [("hidden2", "hidden3", "hidden4"), ("hidden0", "hidden4")]
+    assert got[CLASS_TOKENS].shape == (2, 4, encoder.hidden_size)
+    assert exports == [("hidden2", "hidden3", "hidden4"), ("hidden0", "hidden4"), ("hidden1", "class_tokens")]
     graphs = sorted(tmp_path.glob("*.onnx"))
     assert [p.name.split("-torch")[-1] for p in graphs] == [f"{torch.__version__.split('+')[0]}-b{b}.fp32.onnx"
-                                                          for b in ("0-4", "2-3-4")]
+                                                          for b in ("0-4", "1-class-tokens", "2-3-4")]
     mtimes = [p.stat().st_mtime_ns for p in graphs]
     # Another trunk on the same weights (another process, a restart) loads the graphs: no export.
     again = OrtTrunk(_encoder(tiny), tmp_path)
     again.prepare(BLOCKS)
     x = pixels(2, seed=9)
     np.testing.assert_array_equal(_hidden(again, x, BLOCKS)[4], _hidden(ort, x, BLOCKS)[4])
-    assert len(exports) == 2 and [p.stat().st_mtime_ns for p in graphs] == mtimes
+    assert len(exports) == 3 and [p.stat().st_mtime_ns for p in graphs] == mtimes
     with pytest.raises(ValueError, match="shape"):
         ort.run(list(pixels(1, size=112).numpy()), BLOCKS)
 
@@ -129,9 +132,9 @@ def test_detectors_on_onnxruntime_score_as_on_torch(tiny: dict[str, Path], cache
         with capture_logs() as logs, Scorer(settings, build_plugin_manager(settings.plugins)) as scorer:
             assert all(r.load_error is None for r in scorer.runners), [r.load_error for r in scorer.runners]
             if runtime == "onnxruntime":  # exported at start-up, before the first batch
-                assert list(cache.glob(f"onnx-trunk/*-b2-3-4.{precision}*.onnx"))
+                assert list(cache.glob(f"onnx-trunk/*-b2-3-{CLASS_TOKENS}.{precision}*.onnx"))
                 # The heads too; univfd's has no blocks, which torch leaves float at int8-mixed: so does ORT.
-                for name, block in (("pin-clip", 2), ("mpft", 3), ("univfd", 4)):
+                for name, block in (("pin-clip", 2), ("mpft", 3), ("univfd", CLASS_TOKENS)):
                     graph = "fp32" if name == "univfd" else precision
                     assert len(list(cache.glob(f"onnx-trunk/head-{name}-*-b{block}-*.{graph}*.onnx"))) == 1, name
             scores[runtime, precision] = _raw(scorer, _jobs(4))

@@ -24,19 +24,30 @@ from streamguard.builtin.cliphead.model import LinearProbe, build_served
 from streamguard.builtin.univfd.plugin import DETECTOR as UNIVFD
 from streamguard.training.artifacts import save_probe
 from streamguard.cli import cli
+from streamguard.detectors.spec import CLASS_TOKENS
 from streamguard.config import BackboneSettings
 from streamguard.triton.shared_trunk import ENSEMBLE_MODEL, HEAD_INPUT, TRUNK_MODEL, head_model, hidden_tensor
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[BackboneSettings, Path]:
+def heads(tmp_path_factory: pytest.TempPathFactory) -> tuple[BackboneSettings, dict[str, Path]]:
+    """The tiny backbone, and a univfd head on its output embedding and one on every block's class token."""
     root = tmp_path_factory.mktemp("onnx")
-    tiny_model(seed=3).save_pretrained(root / "clip")
+    model = tiny_model(seed=3)
+    model.save_pretrained(root / "clip")
     backbone = BackboneSettings(cache_dir=root / "cache", checkpoint=root / "clip")
     torch.manual_seed(0)
-    probe = LinearProbe(16)
-    save_probe(probe, root / "head", {"test": True})
-    return backbone, root / "head"
+    save_probe(LinearProbe(16), root / "embedding", {"test": True})
+    classes = LinearProbe(model.config.num_hidden_layers * model.config.hidden_size)
+    save_probe(classes, root / CLASS_TOKENS, {"test": True}, reads=CLASS_TOKENS)
+    return backbone, {"embedding": root / "embedding", CLASS_TOKENS: root / CLASS_TOKENS}
+
+
+@pytest.fixture(params=["embedding", CLASS_TOKENS])
+def tiny(request: pytest.FixtureRequest,
+         heads: tuple[BackboneSettings, dict[str, Path]]) -> tuple[BackboneSettings, Path]:
+    backbone, paths = heads
+    return backbone, paths[request.param]
 
 
 def _config(path: Path) -> model_config_pb2.ModelConfig:
@@ -99,7 +110,8 @@ def test_onnx_shared_trunk_build(tiny: tuple[BackboneSettings, Path], tmp_path: 
         assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
     trunk_config = _config(tmp_path / TRUNK_MODEL / "config.pbtxt")
     head_config = _config(tmp_path / head_model("univfd") / "config.pbtxt")
-    assert [o.name for o in trunk_config.output] == [hidden_tensor(2)]  # the tiny backbone has 2 blocks
+    point = UNIVFD.branch_block(head) or 2  # the tiny backbone has 2 blocks
+    assert [o.name for o in trunk_config.output] == [hidden_tensor(point)]
     assert [(i.name, tuple(i.dims)) for i in head_config.input] == [
         (HEAD_INPUT, tuple(trunk_config.output[0].dims))]
     assert head_config.parameters["streamguard_version"].string_value == UNIVFD.version(head)
@@ -108,7 +120,7 @@ def test_onnx_shared_trunk_build(tiny: tuple[BackboneSettings, Path], tmp_path: 
 
     pixels = np.random.default_rng(2).normal(size=(4, 3, 224, 224)).astype(np.float32)
     trunk = ort.InferenceSession(str(tmp_path / TRUNK_MODEL / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
-    (hidden,) = trunk.run([hidden_tensor(2)], {"PIXELS": pixels})
+    (hidden,) = trunk.run([hidden_tensor(point)], {"PIXELS": pixels})
     branch = ort.InferenceSession(str(tmp_path / head_model("univfd") / "1" / "model.onnx"),
                                   providers=["CPUExecutionProvider"])
     (got,) = branch.run(["LOGITS"], {HEAD_INPUT: hidden})

@@ -58,14 +58,18 @@ def test_the_build_wires_trunk_heads_and_ensemble(built: Path) -> None:
     steps = {s.model_name: s for s in ensemble.ensemble_scheduling.step}
     assert set(steps) == {TRUNK_MODEL, *(head_model(d) for d in DETECTORS)}
     trunk = _config(built / TRUNK_MODEL / "config.pbtxt")
-    assert trunk.parameters["role"].string_value == "trunk" and trunk.parameters["blocks"].string_value == "[10, 12]"
-    assert [tuple(o.dims) for o in trunk.output] == [(197, 768), (197, 768)]
-    # Each head reads the trunk's output at its own branch point: univfd after block 12, the others at 10.
-    for detector, block in (("univfd", 12), ("pin-clip", 10), ("mpft", 10)):
+    assert trunk.parameters["role"].string_value == "trunk"
+    assert trunk.parameters["blocks"].string_value == '[10, "class-tokens"]'
+    assert [(o.name, tuple(o.dims)) for o in trunk.output] == [("HIDDEN_10", (197, 768)), ("CLASS_TOKENS", (12, 768))]
+    # Each head reads the trunk's output at its own branch point: univfd every block's class token, the others
+    # the hidden states entering block 10.
+    for detector, block, tensor in (("univfd", "class-tokens", "class_tokens"), ("pin-clip", "10", "hidden_10"),
+                                    ("mpft", "10", "hidden_10")):
         head = _config(built / head_model(detector) / "config.pbtxt")
-        assert head.parameters["branch_block"].string_value == str(block)
+        assert head.parameters["branch_block"].string_value == block
         assert head.parameters["detector"].string_value == detector
-        assert dict(steps[head_model(detector)].input_map) == {"HIDDEN": f"hidden_{block}"}
+        assert dict(steps[head_model(detector)].input_map) == {"HIDDEN": tensor}
+        assert [tuple(i.dims) for i in head.input] == [(12, 768) if detector == "univfd" else (197, 768)]
         assert ensemble.parameters[version_parameter(detector)].string_value == \
             head.parameters["streamguard_version"].string_value
         assert (built / head_model(detector) / "1" / "model.py").is_file()

@@ -2,8 +2,9 @@
 whole models give.
 
 On a tiny CLIP the tests make (4 blocks), with built-in detectors whose weights the tests make too: univfd
-(branching after the last block), pin-clip (adapters on blocks 2-3) and mpft (adapters on block 3 only), a
-third-party detector branching at block 1, and a detector with no trunk beside them. Then the shipped
+(reading every block's class token, as shipped; one test also with a head on the output embedding), pin-clip
+(adapters on blocks 2-3) and mpft (adapters on block 3 only), a third-party detector branching at block 1,
+and a detector with no trunk beside them. Then the shipped
 detectors on the real backbone (made by the set-up's `backbone fetch`, as tests/test_finetuned_shipped.py
 uses it): the same scores, shared or not, within 1e-4.
 """
@@ -31,7 +32,7 @@ from streamguard.builtin.mpft.plugin import DETECTOR as MPFT
 from streamguard.builtin.pinclip.plugin import DETECTOR as PINCLIP
 from streamguard.builtin.univfd.plugin import DETECTOR as UNIVFD
 from streamguard.config import BackboneSettings, Settings, load_settings
-from streamguard.detectors.spec import DetectorInput
+from streamguard.detectors.spec import CLASS_TOKENS, DetectorInput
 from streamguard.detectors.trunk import MAX_PENDING_BATCHES, SharedTrunk
 from streamguard.plugins import build_plugin_manager
 from streamguard.scoring import ImageJob, Scorer
@@ -75,15 +76,20 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     encoder = load_backbone(BackboneSettings(checkpoint=root / "clip"))
     probe = LinearProbe(encoder.embed_dim)
     torch.nn.init.normal_(probe.linear.weight, std=1.0, generator=torch.Generator().manual_seed(1))
-    save_probe(probe, root / "univfd", {"test": True})
+    save_probe(probe, root / "univfd-embedding", {"test": True})
+    probe = LinearProbe(vit.num_layers(encoder) * encoder.hidden_size)
+    torch.nn.init.normal_(probe.linear.weight, std=1.0, generator=torch.Generator().manual_seed(4))
+    save_probe(probe, root / "univfd", {"test": True}, reads=CLASS_TOKENS)
     _adapted(encoder, root / "pin-clip", [2, 3], LoraConfig(rank=4), seed=2)
     _adapted(encoder, root / "mpft", [3], LoraConfig(rank=2, targets=("k_proj", "v_proj", "out_proj")), seed=3)
-    return {"clip": root / "clip", **{name: root / name for name in ("univfd", "pin-clip", "mpft")}}
+    names = ("univfd", "univfd-embedding", "pin-clip", "mpft")
+    return {"clip": root / "clip", **{name: root / name for name in names}}
 
 
 def _settings(tiny: dict[str, Path], shared: bool, deny: Sequence[str] = ("provenance",),
-              batch_size: int = 16) -> Settings:
+              batch_size: int = 16, univfd: str = "univfd") -> Settings:
     options = {name: {"weights_dir": str(tiny[name])} for name in ("univfd", "pin-clip", "mpft")}
+    options["univfd"] = {"weights_dir": str(tiny[univfd])}
     # pin-clip is opt-in: enabled, so that two adapted branches share the trunk with univfd.
     return load_settings(backbone={"checkpoint": str(tiny["clip"])},
                          plugins={"deny": list(deny), "enable": ["builtin-pinclip"]},
@@ -120,16 +126,18 @@ class _BlockCounter:
         monkeypatch.setattr(layer_class, "forward", counted)
 
 
+@pytest.mark.parametrize("univfd", ["univfd", "univfd-embedding"])
 def test_shared_trunk_gives_the_separate_models_scores_with_fewer_block_passes(
-        tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch, univfd: str) -> None:
     jobs = _jobs(5)
     counter = _BlockCounter(monkeypatch)
-    with Scorer(_settings(tiny, shared=False), build_plugin_manager(_settings(tiny, False).plugins)) as separate:
+    apart, together = _settings(tiny, False, univfd=univfd), _settings(tiny, True, univfd=univfd)
+    with Scorer(apart, build_plugin_manager(apart.plugins)) as separate:
         assert all(r.load_error is None for r in separate.runners)
         counter.passes = 0
         expected = _raw(separate, jobs)
         separate_passes = counter.passes
-    with Scorer(_settings(tiny, shared=True), build_plugin_manager(_settings(tiny, True).plugins)) as shared:
+    with Scorer(together, build_plugin_manager(together.plugins)) as shared:
         assert all(r.load_error is None for r in shared.runners)
         counter.passes = 0
         got = _raw(shared, jobs)
@@ -137,7 +145,8 @@ def test_shared_trunk_gives_the_separate_models_scores_with_fewer_block_passes(
     assert set(got) == {"univfd", "pin-clip", "mpft", "brightness"}  # brightness has no trunk: runs as before
     for name, logits in expected.items():
         np.testing.assert_allclose(got[name], logits, rtol=0, atol=1e-5, err_msg=name)
-    # One batch: 3 x 4 blocks apart; shared, the trunk's 4 plus pin-clip's 2 and mpft's 1.
+    # One batch: 3 x 4 blocks apart; shared, the trunk's 4 plus pin-clip's 2 and mpft's 1 (the class tokens
+    # are gathered on the trunk's own pass).
     assert (separate_passes, shared_passes) == (12, 7)
 
 
@@ -154,8 +163,10 @@ def test_the_trunk_runs_once_per_batch_and_heads_read_their_branch_point(
     settings = _settings(tiny, shared=True, batch_size=3)
     with Scorer(settings, build_plugin_manager(settings.plugins)) as scorer:
         _raw(scorer, _jobs(7))
-    # Chunks of 3, 3 and 1 images, each through the trunk once, to blocks 2 (pin-clip), 3 (mpft), 4 (univfd).
-    assert sorted(calls) == [(1, (2, 3, 4)), (3, (2, 3, 4)), (3, (2, 3, 4))]
+    # Chunks of 3, 3 and 1 images, each through the trunk once, to blocks 2 (pin-clip), 3 (mpft) and every
+    # block's class token (univfd).
+    points = (2, 3, CLASS_TOKENS)
+    assert sorted(calls) == [(1, points), (3, points), (3, points)]
 
 
 class _ThirdParty:
@@ -230,9 +241,13 @@ def test_built_in_detectors_declare_where_they_branch(tiny: dict[str, Path]) -> 
     specs = {d.name: d.spec(settings) for d in (UNIVFD, PINCLIP, MPFT)}
     assert {name: (s.trunk.backbone, s.trunk.branch_block) for name, s in specs.items()  # type: ignore[union-attr]
             if s is not None and s.trunk is not None} == {
-        "univfd": (CLIP_TRUNK, None), "pin-clip": (CLIP_TRUNK, 2), "mpft": (CLIP_TRUNK, 3)}
+        "univfd": (CLIP_TRUNK, CLASS_TOKENS), "pin-clip": (CLIP_TRUNK, 2), "mpft": (CLIP_TRUNK, 3)}
+    embedding = UNIVFD.spec(_settings(tiny, shared=True, univfd="univfd-embedding"))
+    assert embedding is not None and embedding.trunk is not None and embedding.trunk.branch_block is None
     with pytest.raises(ValueError, match="cannot be -1"):
         TrunkSpec(backbone=CLIP_TRUNK, branch_block=-1, load_head=lambda ctx: None)
+    with pytest.raises(ValueError, match="cannot be 'classes'"):
+        TrunkSpec(backbone=CLIP_TRUNK, branch_block="classes", load_head=lambda ctx: None)  # type: ignore[arg-type]
 
 
 class _FakeTrunk:

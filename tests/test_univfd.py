@@ -13,10 +13,11 @@ import pytest
 from PIL import Image
 
 from images import encode, noise
+from streamguard.builtin.cliphead.detector import head_reads
 from streamguard.builtin.cliphead.model import LinearProbe
 from streamguard.builtin.univfd.plugin import WEIGHTS_DIR
 from streamguard.config import load_settings
-from streamguard.detectors.spec import Calibration
+from streamguard.detectors.spec import CLASS_TOKENS, Calibration
 from streamguard.plugins import build_plugin_manager
 from streamguard.scoring import ImageJob, Scorer
 from streamguard.training.artifacts import save_probe
@@ -81,6 +82,9 @@ def test_train_univfd_end_to_end(tmp_path: Path) -> None:
     summary = json.loads(proc.stdout)
     assert summary["version"].startswith("univfd-1+")
     assert {"head.safetensors", "meta.json", "calibration.json", "training.json"} <= {p.name for p in out.iterdir()}
+    # By default the probe reads every block's class token, as the shipped univfd does.
+    assert head_reads(out / "head.safetensors") == CLASS_TOKENS
+    assert json.loads((out / "meta.json").read_text())["embed_dim"] == 12 * 768
     calibration = Calibration.load(out)
     assert calibration.method == "temperature" and calibration.scale > 0
     settings = load_settings(plugins={"deny": ["brightness", "provenance", *OTHER_CLIP]},

@@ -36,6 +36,16 @@ def run_layers(layers: torch.nn.ModuleList | list[torch.nn.Module], hidden: torc
     return hidden
 
 
+def run_layers_with_classes(layers: torch.nn.ModuleList | list[torch.nn.Module],
+                            hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`run_layers`, also keeping the class token after each block: (last hidden state, (N, blocks, hidden))."""
+    classes = [hidden[:, :0]]  # none when there are no blocks
+    for layer in layers:
+        hidden = layer(hidden, None)
+        classes.append(hidden[:, :1])
+    return hidden, torch.cat(classes, dim=1)
+
+
 def pool(encoder: ClipImageEncoder, hidden: torch.Tensor) -> torch.Tensor:
     """The image embedding (N, embed_dim) from the last hidden state: class token, post-layernorm, projection."""
     vision = encoder.model.vision_model

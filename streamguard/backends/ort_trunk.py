@@ -45,7 +45,8 @@ from streamguard.backbone.onnx_runtime import (
     parity_pixels,
 )
 from streamguard.backbone.precision import REFERENCE, PrecisionUnsupported, check_device
-from streamguard.backends.torch_trunk import EncoderTrunk, TorchHead, hidden_states
+from streamguard.backends.torch_trunk import BranchPoint, EncoderTrunk, TorchHead, hidden_states
+from streamguard.detectors.spec import CLASS_TOKENS
 
 log = structlog.get_logger(__name__)
 
@@ -68,11 +69,11 @@ def check_cpu(device: str | torch.device) -> None:
             "backbone.runtime = \"torch\"")
 
 
-def _output(block: int) -> str:
-    return f"hidden{block}"
+def _output(block: BranchPoint) -> str:
+    return "class_tokens" if block == CLASS_TOKENS else f"hidden{block}"
 
 
-def export_trunk(encoder: ClipImageEncoder, blocks: Sequence[int], path: Path, outputs: Sequence[str],
+def export_trunk(encoder: ClipImageEncoder, blocks: Sequence[BranchPoint], path: Path, outputs: Sequence[str],
                  input_name: str = INPUT, image_size: int | None = None) -> Path:
     """Write the trunk of fp32 ``encoder`` to ``blocks`` as ONNX (``outputs``: one name per block, in order) for
     pixels of ``image_size`` (default: the encoder's own), and refuse it unless ONNX Runtime computes torch's
@@ -90,7 +91,7 @@ def export_trunk(encoder: ClipImageEncoder, blocks: Sequence[int], path: Path, o
 class _TrunkGraph(torch.nn.Module):
     """What the graph computes: `hidden_states` at ``blocks``, in their order."""
 
-    def __init__(self, encoder: ClipImageEncoder, blocks: Sequence[int]) -> None:
+    def __init__(self, encoder: ClipImageEncoder, blocks: Sequence[BranchPoint]) -> None:
         super().__init__()
         self.encoder = encoder
         self.blocks = tuple(blocks)
@@ -111,7 +112,8 @@ def export_head(head: torch.nn.Module, hidden: torch.Tensor, path: Path) -> Path
     return path
 
 
-def head_key(head: torch.nn.Module, detector: str, options: Mapping[str, Any], block: int, image_size: int) -> str:
+def head_key(head: torch.nn.Module, detector: str, options: Mapping[str, Any], block: BranchPoint,
+             image_size: int) -> str:
     """What a head's exported graph depends on, as `graph_key` for the trunk's. A head's code is not fixed
     like CLIP's: its class, and the options its loader may have baked in as constants, count too."""
     digest = hashlib.sha256()
@@ -164,14 +166,14 @@ class OrtTrunk(EncoderTrunk):
         self._cache_dir = Path(cache_dir)
         self._precision = precision
         self._key = graph_key(encoder, "trunk")  # hashes the weights: once, not per set of branch points
-        self._sessions: dict[tuple[int, ...], Any] = {}
+        self._sessions: dict[tuple[BranchPoint, ...], Any] = {}
 
-    def prepare(self, blocks: Sequence[int]) -> None:
+    def prepare(self, blocks: Sequence[BranchPoint]) -> None:
         """Export (first time) and load the graph for ``blocks``: at start-up, not in a first batch's timeout."""
         self._session(tuple(blocks))
 
-    def run(self, pixels: Sequence[np.ndarray], blocks: Sequence[int]) -> dict[int, torch.Tensor]:
-        """The hidden states entering each of ``blocks`` (ascending) for one batch, on the CPU."""
+    def run(self, pixels: Sequence[np.ndarray], blocks: Sequence[BranchPoint]) -> dict[BranchPoint, torch.Tensor]:
+        """What each of ``blocks`` receives (`hidden_states`) for one batch, on the CPU."""
         size = self._encoder.image_size
         array = np.ascontiguousarray(np.stack(pixels), dtype=np.float32)
         if array.shape[1:] != (3, size, size):
@@ -181,7 +183,7 @@ class OrtTrunk(EncoderTrunk):
         outputs = self._session(key).run([_output(block) for block in key], {INPUT: array})
         return {block: torch.from_numpy(out) for block, out in zip(key, outputs, strict=True)}
 
-    def make_head(self, load: Callable[[str], torch.nn.Module], block: int, detector: str,
+    def make_head(self, load: Callable[[str], torch.nn.Module], block: BranchPoint, detector: str,
                   options: Mapping[str, Any]) -> OrtHead | TorchHead:
         """``detector``'s head, which ``load`` builds at the precision it is given, branching at ``block``: on
         ONNX Runtime, or in torch at this trunk's precision when it cannot run there (a warning says why)."""
@@ -196,7 +198,7 @@ class OrtTrunk(EncoderTrunk):
     def close(self) -> None:
         self._sessions.clear()
 
-    def _session(self, blocks: tuple[int, ...]) -> Any:
+    def _session(self, blocks: tuple[BranchPoint, ...]) -> Any:
         session = self._sessions.get(blocks)
         if session is None:
             key = f"{self._key}-b{'-'.join(map(str, blocks))}"
@@ -205,10 +207,11 @@ class OrtTrunk(EncoderTrunk):
             session = self._sessions[blocks] = open_session(path)
         return session
 
-    def _export(self, blocks: tuple[int, ...], path: Path) -> None:
+    def _export(self, blocks: tuple[BranchPoint, ...], path: Path) -> None:
         export_trunk(self._encoder, blocks, path, [_output(block) for block in blocks])
 
-    def _head_graph(self, head: torch.nn.Module, block: int, detector: str, options: Mapping[str, Any]) -> Path:
+    def _head_graph(self, head: torch.nn.Module, block: BranchPoint, detector: str,
+                    options: Mapping[str, Any]) -> Path:
         # The torch trunk converts the blocks a head copied and nothing else: a head without any runs float at
         # every precision, so its fp32 graph computes what it would. One with blocks the recipe cannot find
         # by name is refused by `quantize_graph` (and falls back), rather than run float under an int8 version.
@@ -217,9 +220,9 @@ class OrtTrunk(EncoderTrunk):
         key = head_key(head, detector, options, block, self._encoder.image_size)
         return cached_graph(self._cache_dir, key, self._precision if has_blocks else REFERENCE,
                             vit.num_layers(self._encoder), lambda fp32: self._export_head(head, block, fp32),
-                            pattern=HEAD_BLOCK_MATMUL, first_block=block)
+                            pattern=HEAD_BLOCK_MATMUL, first_block=block if isinstance(block, int) else 0)
 
-    def _export_head(self, head: torch.nn.Module, block: int, path: Path) -> None:
+    def _export_head(self, head: torch.nn.Module, block: BranchPoint, path: Path) -> None:
         # Real hidden states rather than noise: CLIP's outlier channels (~100) are what parity must hold on.
         pixels = parity_pixels(self._encoder.image_size)
         with torch.inference_mode():

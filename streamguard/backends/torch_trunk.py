@@ -11,6 +11,9 @@ import torch
 
 from streamguard.backbone import ClipImageEncoder, vit
 from streamguard.backbone.precision import REFERENCE, apply_precision
+from streamguard.detectors.spec import CLASS_TOKENS
+
+BranchPoint = int | str  # a block index, or `CLASS_TOKENS`
 
 
 class EncoderTrunk:
@@ -28,7 +31,7 @@ class EncoderTrunk:
     def precision(self) -> str:
         return self._precision
 
-    def resolve(self, branch_block: int | None) -> int:
+    def resolve(self, branch_block: BranchPoint | None) -> BranchPoint:
         return resolve_block(self._encoder, branch_block)
 
 
@@ -50,11 +53,11 @@ class ClipTrunk(EncoderTrunk):
             self._layers = copy.deepcopy(self._layers)
             apply_precision(self._layers, precision)
 
-    def run(self, pixels: Sequence[np.ndarray], blocks: Sequence[int]) -> dict[int, torch.Tensor]:
+    def run(self, pixels: Sequence[np.ndarray], blocks: Sequence[BranchPoint]) -> dict[BranchPoint, torch.Tensor]:
         return self.forward(torch.from_numpy(np.stack(pixels)).to(self._device), blocks)
 
-    def forward(self, pixels: torch.Tensor, blocks: Sequence[int]) -> dict[int, torch.Tensor]:
-        """The hidden states entering each of ``blocks`` (ascending) for a (N, 3, H, W) batch on the device."""
+    def forward(self, pixels: torch.Tensor, blocks: Sequence[BranchPoint]) -> dict[BranchPoint, torch.Tensor]:
+        """What each of ``blocks`` (`hidden_states`) receives, for a (N, 3, H, W) batch on the device."""
         with torch.inference_mode():
             return hidden_states(self._encoder, self._layers, pixels, blocks)
 
@@ -62,8 +65,13 @@ class ClipTrunk(EncoderTrunk):
         self._encoder.to("cpu")
 
 
-def resolve_block(encoder: ClipImageEncoder, branch_block: int | None) -> int:
-    """The block index a `TrunkSpec.branch_block` means on ``encoder``: None is after its last block."""
+def resolve_block(encoder: ClipImageEncoder, branch_block: BranchPoint | None) -> BranchPoint:
+    """The block index a `TrunkSpec.branch_block` means on ``encoder``: None is after its last block;
+    `CLASS_TOKENS` stays what it is."""
+    if isinstance(branch_block, str):
+        if branch_block != CLASS_TOKENS:
+            raise ValueError(f"branch_block {branch_block!r} is neither a block nor {CLASS_TOKENS!r}")
+        return CLASS_TOKENS
     total = vit.num_layers(encoder)
     block = total if branch_block is None else branch_block
     if not 0 <= block <= total:
@@ -72,17 +80,28 @@ def resolve_block(encoder: ClipImageEncoder, branch_block: int | None) -> int:
 
 
 def hidden_states(encoder: ClipImageEncoder, layers: torch.nn.ModuleList, pixels: torch.Tensor,
-                  blocks: Sequence[int]) -> dict[int, torch.Tensor]:
-    """The hidden states entering each of ``blocks`` (ascending; the number of blocks is after the last one):
-    ``encoder``'s tokens through ``layers`` (its blocks, or converted copies of them)."""
-    out: dict[int, torch.Tensor] = {}
+                  blocks: Sequence[BranchPoint]) -> dict[BranchPoint, torch.Tensor]:
+    """``encoder``'s tokens through ``layers`` (its blocks, or converted copies of them), keyed in the order of
+    ``blocks``: for a block index the hidden states entering it (the number of blocks is after the last one),
+    for `CLASS_TOKENS` the class token after every block, (N, blocks, hidden), which runs them all."""
+    classes = CLASS_TOKENS in blocks
+    # With the class tokens asked for, every block runs, and their tokens are gathered on the way.
+    stops = sorted({int(b) for b in blocks if b != CLASS_TOKENS} | ({len(layers)} if classes else set()))
+    out: dict[BranchPoint, torch.Tensor] = {}
+    gathered = []
     hidden = vit.tokens(encoder, pixels)
     done = 0
-    for block in blocks:
-        hidden = vit.run_layers(layers[done:block], hidden)
+    for block in stops:
+        if classes:
+            hidden, tokens = vit.run_layers_with_classes(layers[done:block], hidden)
+            gathered.append(tokens)
+        else:
+            hidden = vit.run_layers(layers[done:block], hidden)
         out[block] = hidden
         done = block
-    return out
+    if classes:
+        out[CLASS_TOKENS] = torch.cat(gathered, dim=1)
+    return {block: out[block] for block in blocks}
 
 
 class TorchHead:

@@ -33,18 +33,21 @@ def train_group() -> None:
               help="Keep this generator out of train/val; scored on original bytes into held_out.json; repeatable.")
 @click.option("--holdout-source", "holdout_sources", multiple=True,
               help="Keep this source out of train/val; scored on original bytes into held_out.json; repeatable.")
+@click.option("--reads", type=click.Choice(["class-tokens", "embedding"]), default="class-tokens", show_default=True,
+              help="What the probe reads: the class token of every CLIP block (the shipped univfd, RINE's reading), "
+                   "or the encoder's output embedding (UnivFD's own, shipped before 2026-12).")
 @pass_app
 def train_univfd_command(app: AppContext, data: tuple[str, ...], out: Path | None, seed: int,
                          limit_per_group: int | None, device: str, no_augment: bool,
-                         holdout_generators: tuple[str, ...], holdout_sources: tuple[str, ...]) -> None:
-    """Fit the UnivFD linear probe on frozen CLIP embeddings; writes head, calibration and a report."""
+                         holdout_generators: tuple[str, ...], holdout_sources: tuple[str, ...], reads: str) -> None:
+    """Fit the UnivFD linear probe on frozen CLIP features; writes head, calibration and a report."""
     require("`streamguard train univfd`", "inprocess", "eval")
     from streamguard.builtin.univfd.plugin import WEIGHTS_DIR
     from streamguard.training.univfd import TrainConfig, train_univfd
 
     cfg = TrainConfig(data=data, out=out or WEIGHTS_DIR, seed=seed, limit_per_group=limit_per_group,
                       device=device, augment=not no_augment, holdout_generators=holdout_generators,
-                      holdout_sources=holdout_sources)
+                      holdout_sources=holdout_sources, backbone="clip-blocks" if reads == "class-tokens" else "clip")
     try:
         report = train_univfd(app.settings, cfg)
     except ValueError as exc:
@@ -316,7 +319,8 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
 @click.option("--loso-data", "loso_data", multiple=True, required=True, help="As given to `train loso`.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path(".cache/loso"),
               show_default=True, help="The finished `train loso` run.")
-@click.option("--method", "methods", type=click.Choice(("univfd", "pin-clip", "mpft", "nirnet", *NIRNET_ABLATIONS)),
+@click.option("--method", "methods",
+              type=click.Choice(("univfd", "univfd-blocks", "pin-clip", "mpft", "nirnet", *NIRNET_ABLATIONS)),
               multiple=True,
               required=True, help="Fold-trained method to score (repeatable: several are also fused).")
 @click.option("--variant", "variants", multiple=True, required=True,

@@ -19,7 +19,8 @@ from streamguard.detectors.calibration import CALIBRATION_FILE, Calibration, sig
 from streamguard.intake.contract import InputContract
 from streamguard.intake.decode import DecodedImage
 
-__all__ = ["CALIBRATION_FILE", "CLIP_TRUNK", "BackendUnavailable", "BranchContext", "Calibration", "DetectorBackend",
+__all__ = ["CALIBRATION_FILE", "CLASS_TOKENS", "CLIP_TRUNK", "BackendUnavailable", "BranchContext", "Calibration",
+           "DetectorBackend",
            "DetectorInput", "DetectorSpec", "LoadContext", "TrunkSpec", "sigmoid"]
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
@@ -75,6 +76,8 @@ class LoadContext:
 
 
 CLIP_TRUNK = "clip"
+# A branch point that is no block: the class token after every block, for heads that read them all.
+CLASS_TOKENS = "class-tokens"
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,8 @@ class TrunkSpec:
     - ``branch_block``: the first encoder block the head runs itself. The head receives the hidden states
       entering that block, (N, 1 + patches, hidden) with the class token first; 0 is the token embeddings
       (pre-layernorm applied) and None the output of the last block (before the post-layernorm).
+      `CLASS_TOKENS` instead: the head receives the class token after each block, (N, blocks, hidden), the
+      trunk running them all (RINE's reading of CLIP: the middle blocks carry what the output discards).
     - ``load_head``: builds the head, a torch module from those hidden states to one logit per image.
       Called once per process, with the trunk loaded.
 
@@ -108,12 +113,15 @@ class TrunkSpec:
     """
 
     backbone: str
-    branch_block: int | None
+    branch_block: int | str | None  # a block index, None or `CLASS_TOKENS`
     load_head: Callable[[BranchContext], Any]
 
     def __post_init__(self) -> None:
-        if self.branch_block is not None and self.branch_block < 0:
-            raise ValueError(f"branch_block counts blocks from the input and cannot be {self.branch_block}")
+        if self.branch_block == CLASS_TOKENS:
+            return
+        if self.branch_block is not None and (not isinstance(self.branch_block, int) or self.branch_block < 0):
+            raise ValueError(f"branch_block counts blocks from the input (or is {CLASS_TOKENS!r}) and cannot be "
+                             f"{self.branch_block!r}")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Shared trunks: detectors that branch off the same backbone share its frozen blocks, in this process.
 
 The built-in detectors are all the same CLIP encoder under different last blocks and heads: univfd reads
-the frozen encoder's output, pin-clip and mpft tune only its last two blocks. Run separately, the encoder
+the frozen encoder's class token after every block (`CLASS_TOKENS`, gathered on the trunk's own pass), pin-clip
+and mpft tune only its last two blocks. Run separately, the encoder
 costs 3 x 12 block passes an image; branching off one trunk costs 12 + 2 + 2.
 
 Each detector keeps its own `DetectorRunner` (thread, timeout, breaker, errors): its backend here is a
@@ -61,8 +62,9 @@ class LocalTrunk(Trunk, Protocol):
         """What heads are built on (`BranchContext.trunk`)."""
         ...
 
-    def resolve(self, branch_block: int | None) -> int:
-        """The block index a `TrunkSpec.branch_block` means on this backbone; ValueError if it has none."""
+    def resolve(self, branch_block: int | str | None) -> int | str:
+        """The branch point a `TrunkSpec.branch_block` means on this backbone (a block index, or
+        `CLASS_TOKENS`); ValueError if it has none."""
         ...
 
     @property
@@ -146,7 +148,7 @@ class SharedTrunk:
                     raise ValueError("a shared trunk needs pixels; declare an InputContract on the detector")
                 entry = _Entry(batch, {}, group.branches)
                 try:
-                    entry.hidden = self.trunk.run([item.pixels for item in batch], sorted(group.blocks))
+                    entry.hidden = self.trunk.run([item.pixels for item in batch], in_order(group.blocks))
                 except Exception as exc:  # noqa: BLE001 - handed to every branch below
                     entry.error = exc
                 self._pending[key] = entry
@@ -168,7 +170,7 @@ class SharedTrunk:
         with self._lock:
             try:
                 for group in self._groups.values():
-                    prepare(sorted(group.blocks))
+                    prepare(in_order(group.blocks))
             except Exception as exc:  # noqa: BLE001 - raised to every branch by `hidden`
                 log.error("trunk.prepare_failed", trunk=self.name, error=f"{type(exc).__name__}: {exc}")
                 self._failed = exc
@@ -177,6 +179,12 @@ class SharedTrunk:
         with self._lock:
             self._pending.clear()
         self.trunk.close()
+
+
+def in_order(points: set[Any]) -> list[Any]:
+    """Branch points in the order trunks take them: block indices ascending, then named points
+    (`CLASS_TOKENS`, or a Triton ensemble's outputs) by name."""
+    return sorted(points, key=lambda p: (0, p, "") if isinstance(p, int) else (1, 0, str(p)))
 
 
 class BranchBackend:

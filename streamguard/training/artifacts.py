@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 
 from streamguard.backbone import ClipImageEncoder
 from streamguard.backbone.lora import FORMAT, LAYOUT_KEY, LoraConfig
-from streamguard.builtin.cliphead import HEAD_FILE, LORA_FILE, META_FILE
+from streamguard.builtin.cliphead import HEAD_FILE, HEAD_READS_KEY, LORA_FILE, META_FILE
+from streamguard.builtin.cliphead.detector import EMBEDDING
 from streamguard.builtin.cliphead.model import LinearProbe
 
 
@@ -24,9 +25,12 @@ def _shareable(*paths: Path) -> None:
         path.chmod(0o644)  # safetensors may write 0600; shipped weights are read by any user
 
 
-def save_probe(probe: LinearProbe, out: Path, meta: dict[str, object]) -> None:
+def save_probe(probe: LinearProbe, out: Path, meta: dict[str, object], reads: str = EMBEDDING) -> None:
+    """``reads``: what the probe takes, `EMBEDDING` or `CLASS_TOKENS`, kept in the head file where serving
+    reads it (`streamguard.builtin.cliphead.detector.head_reads`)."""
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in probe.state_dict().items()}, str(out / HEAD_FILE))
+    save_file({k: v.detach().contiguous() for k, v in probe.state_dict().items()}, str(out / HEAD_FILE),
+              metadata={HEAD_READS_KEY: reads})
     (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     _shareable(out / HEAD_FILE)
 

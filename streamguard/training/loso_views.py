@@ -169,11 +169,12 @@ def _score(settings: Settings, method: str, directory: Path, variant: Variant, w
 
 def _detectors() -> dict[str, Any]:
     """The built-in detectors a fold trains, by method name: each builds its spec from a weights folder (a
-    NIRNet ablation's folder says which branches it has)."""
+    NIRNet ablation's folder says which branches it has; univfd-blocks' head file says it reads class tokens)."""
     from streamguard.builtin.cliphead import builtin_detectors
     from streamguard.builtin.nirnet.plugin import DETECTOR as NIRNET
 
-    return {**builtin_detectors(), NIRNET.name: NIRNET, **dict.fromkeys(NIRNET_ABLATIONS, NIRNET)}
+    clip = builtin_detectors()
+    return {**clip, "univfd-blocks": clip["univfd"], NIRNET.name: NIRNET, **dict.fromkeys(NIRNET_ABLATIONS, NIRNET)}
 
 
 def compare_variants(pooled: dict[str, list[HeldOutScore]], pools: dict[str, str], ai_threshold: float,

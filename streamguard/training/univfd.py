@@ -25,10 +25,12 @@ import torch
 from streamguard.backbone import load_backbone, vit
 from streamguard.backbone.model import ClipImageEncoder
 from streamguard.builtin.cliphead import CONTRACT, TRAINING_FILE
-from streamguard.builtin.cliphead.model import LinearProbe
+from streamguard.builtin.cliphead.detector import EMBEDDING
+from streamguard.builtin.cliphead.model import LinearProbe, class_token_features
 from streamguard.builtin.univfd.plugin import DETECTOR
 from streamguard.config import Settings
 from streamguard.detectors.calibration import Calibration
+from streamguard.detectors.spec import CLASS_TOKENS
 from streamguard.intake import InputContract, decode_image, prepare
 from streamguard.training.artifacts import save_probe
 from streamguard.training.data import AUGMENT_VERSION, augment, split_samples
@@ -106,19 +108,14 @@ def frozen_encoder(settings: Settings, cfg: TrainConfig) -> Frozen:
 
 
 def block_classes(clip: ClipImageEncoder, pixels: torch.Tensor) -> torch.Tensor:
-    """(N, blocks * hidden): each block's class token, layer-normalised without weights and scaled to unit
-    length, so that no block outweighs another by its scale before the probe chooses.
+    """(N, blocks * hidden): what univfd's served class-token head feeds its probe (`class_token_features`).
 
     RINE found the middle blocks of CLIP's tower carry the low-level traces a generator leaves and the last
-    block's projection, which univfd reads, mostly discards them.
+    block's projection, which univfd read before, mostly discards them.
     """
-    hidden = vit.tokens(clip, pixels)
-    classes = []
-    for block in range(vit.num_layers(clip)):
-        hidden = vit.run_blocks(clip, hidden, block, block + 1)
-        cls = torch.nn.functional.layer_norm(hidden[:, 0], (clip.hidden_size,))
-        classes.append(torch.nn.functional.normalize(cls, dim=1))
-    return torch.cat(classes, dim=1)
+    layers = clip.model.vision_model.encoder.layers
+    _, classes = vit.run_layers_with_classes(layers, vit.tokens(clip, pixels))
+    return class_token_features(classes, clip.hidden_size)
 
 
 def embed(samples: Sequence, settings: Settings, cfg: TrainConfig, encoder: Frozen,  # type: ignore[type-arg]
@@ -252,7 +249,7 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
         "augment": cfg.augment,
         "C": chosen_c,
     }
-    save_probe(probe, cfg.out, meta)
+    save_probe(probe, cfg.out, meta, reads=CLASS_TOKENS if cfg.backbone == "clip-blocks" else EMBEDDING)
     calibration.save(cfg.out)
     report["version"] = DETECTOR.version(cfg.out)
     held = [s for s in samples if s.id in held_ids]

@@ -22,6 +22,8 @@ from pathlib import Path
 from streamguard.backbone.manifest import BackboneShape, describe_cache
 from streamguard.builtin.cliphead import CONTRACT, ClipHeadDetector
 from streamguard.config import BackboneSettings
+from streamguard.detectors.spec import CLASS_TOKENS
+from streamguard.detectors.trunk import in_order
 from streamguard.triton.pbtxt import (
     Device,
     add_parameter,
@@ -69,8 +71,9 @@ def build_shared_trunk(out: Path, detectors: Mapping[str, tuple[ClipHeadDetector
     # Tokens of the served pixels (the contract's size; the encoder interpolates its position embedding when
     # its own size differs, as a small test model's does).
     hidden = (1 + (CONTRACT.size // shape.patch_size) ** 2, shape.hidden_size)
-    blocks = {name: total if (b := served.branch_block(weights)) is None else b
-              for name, (served, weights) in detectors.items()}
+    blocks: dict[str, int | str] = {name: total if (b := served.branch_block(weights)) is None else b
+                                    for name, (served, weights) in detectors.items()}
+    shapes = {block: (total, shape.hidden_size) if block == CLASS_TOKENS else hidden for block in blocks.values()}
     # The template's own header describes a whole detector; each model here gets a line of its own instead.
     base = set_kind(re.sub(r"\A(#[^\n]*\n)+", "", template.read_text()), device)
     if model_file is not None:
@@ -79,10 +82,10 @@ def build_shared_trunk(out: Path, detectors: Mapping[str, tuple[ClipHeadDetector
         base = set_parameter(base, "backbone_checkpoint", str(checkpoint) if checkpoint else "")
     elif device == "cpu":
         base = strip_accelerator(base)
-    points = sorted(set(blocks.values()))
+    points = in_order(set(blocks.values()))
 
     trunk = set_name(base, TRUNK_MODEL)
-    trunk = set_tensors(trunk, "output", [(hidden_tensor(b), hidden) for b in points])
+    trunk = set_tensors(trunk, "output", [(hidden_tensor(b), shapes[b]) for b in points])
     trunk = set_parameter(trunk, "streamguard_version", f"{TRUNK_MODEL}+{shape.version}")
     if model_file is not None:
         trunk = add_parameter(add_parameter(trunk, "role", "trunk"), "blocks", json.dumps(points))
@@ -99,9 +102,9 @@ def build_shared_trunk(out: Path, detectors: Mapping[str, tuple[ClipHeadDetector
     for name, (served, weights) in detectors.items():
         versions[name] = served.version(weights)
         head = set_name(base, head_model(name))
-        head = set_tensors(head, "input", [(HEAD_INPUT, hidden)])
+        head = set_tensors(head, "input", [(HEAD_INPUT, shapes[blocks[name]])])
         head = set_tensors(head, "output", [LOGITS])
-        head = set_warmup_input(head, HEAD_INPUT, hidden)
+        head = set_warmup_input(head, HEAD_INPUT, shapes[blocks[name]])
         head = set_parameter(head, "streamguard_version", versions[name])
         if model_file is not None:
             head = set_parameter(head, "detector", name)
@@ -112,9 +115,10 @@ def build_shared_trunk(out: Path, detectors: Mapping[str, tuple[ClipHeadDetector
             from streamguard.builtin.cliphead.model import build_branch
             from streamguard.triton.onnx_export import export_onnx
 
-            export_onnx(build_branch(served, encoder, weights, blocks[name]), target / "1" / "model.onnx", hidden,
-                        input_name=HEAD_INPUT, output_name=LOGITS[0])
-        _write(target, f"# {name}'s head on the shared trunk, from block {blocks[name]}.\n" + head, model_file)
+            export_onnx(build_branch(served, encoder, weights, blocks[name]), target / "1" / "model.onnx",
+                        shapes[blocks[name]], input_name=HEAD_INPUT, output_name=LOGITS[0])
+        start = "on every block's class token" if blocks[name] == CLASS_TOKENS else f"from block {blocks[name]}"
+        _write(target, f"# {name}'s head on the shared trunk, {start}.\n" + head, model_file)
     (out / ENSEMBLE_MODEL / "1").mkdir(parents=True, exist_ok=True)
     (out / ENSEMBLE_MODEL / "config.pbtxt").write_text(_ensemble(blocks, versions, hidden))
     return versions
@@ -134,11 +138,11 @@ def _write(target: Path, config: str, model_file: Path | None) -> None:
     (target / "config.pbtxt").write_text(config)
 
 
-def _ensemble(blocks: Mapping[str, int], versions: Mapping[str, str], hidden: tuple[int, int]) -> str:
+def _ensemble(blocks: Mapping[str, int | str], versions: Mapping[str, str], hidden: tuple[int, int]) -> str:
     def maps(kind: str, pairs: list[tuple[str, str]]) -> str:
         return " ".join(f"{kind} {{ key: {json.dumps(k)} value: {json.dumps(v)} }}" for k, v in pairs)
 
-    points = sorted(set(blocks.values()))
+    points = in_order(set(blocks.values()))
     steps = [f"    {{ model_name: {json.dumps(TRUNK_MODEL)} model_version: -1 {maps('input_map', [('PIXELS', 'PIXELS')])} "
              f"{maps('output_map', [(hidden_tensor(b), hidden_tensor(b).lower()) for b in points])} }}"]
     for name, block in blocks.items():

@@ -4,8 +4,9 @@ Every Python-backend model's ``1/model.py`` (a copy of ``triton_repo/python-mode
 What to load comes from the config's ``parameters`` (written by `streamguard triton build`), never from the
 code. The ``role`` parameter says what the model is:
 - ``detector`` (or unset): a whole detector, PIXELS -> LOGITS, from its name and weights directory;
-- ``trunk``: the shared CLIP trunk, PIXELS -> ``HIDDEN_<b>`` for each block b of ``blocks`` (a JSON list);
-- ``head``: a detector's head on the trunk, HIDDEN (the states entering ``branch_block``) -> LOGITS.
+- ``trunk``: the shared CLIP trunk, PIXELS -> ``hidden_tensor(b)`` for each branch point b of ``blocks`` (a JSON
+  list of block indices and ``"class-tokens"``);
+- ``head``: a detector's head on the trunk, HIDDEN (what ``branch_block`` receives) -> LOGITS.
 Every role reads the backbone from ``backbone_cache_dir`` / ``backbone_checkpoint``. Importing this module
 needs Triton's stub (``triton_python_backend_utils``), so it is only imported inside Triton.
 """
@@ -25,6 +26,8 @@ from streamguard.backbone import load_backbone
 from streamguard.backends.torch_trunk import ClipTrunk
 from streamguard.builtin.cliphead.model import build_branch, build_served
 from streamguard.config import BackboneSettings
+from streamguard.detectors.spec import CLASS_TOKENS
+from streamguard.detectors.trunk import in_order
 from streamguard.triton.served import served_detector
 from streamguard.triton.shared_trunk import hidden_tensor
 
@@ -62,12 +65,13 @@ class TritonPythonModel:
         self.run: Run
         if role == "trunk":
             trunk = ClipTrunk(encoder, self.device)
-            blocks = sorted(int(b) for b in json.loads(_required(config, "blocks")[0]))
+            blocks = in_order(set(json.loads(_required(config, "blocks")[0])))
             self.run = lambda x: {hidden_tensor(b): h for b, h in trunk.forward(x, blocks).items()}
             what = f"trunk to blocks {blocks}"
         elif role == "head":
             detector, weights_dir, block = _required(config, "detector", "weights_dir", "branch_block")
-            head = build_branch(served_detector(detector), encoder, Path(weights_dir), int(block)).to(self.device)
+            point = block if block == CLASS_TOKENS else int(block)
+            head = build_branch(served_detector(detector), encoder, Path(weights_dir), point).to(self.device)
             self.run = lambda hidden: {"LOGITS": head(hidden).reshape(-1, 1)}
             what = f"{detector} head from block {block}"
         else:

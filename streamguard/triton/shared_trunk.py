@@ -2,8 +2,8 @@
 them (torch-free).
 
 ``streamguard triton build --shared-trunk`` adds three kinds of model: the trunk (`TRUNK_MODEL`: pixels to
-the hidden states at every branch point, `hidden_tensor`), one head per detector (`head_model`: the hidden
-states at its branch point to its logit) and the ensemble wiring them (`ENSEMBLE_MODEL`: pixels to every
+what every branch point receives, `hidden_tensor`), one head per detector (`head_model`: what its branch
+point receives to its logit) and the ensemble wiring them (`ENSEMBLE_MODEL`: pixels to every
 detector's logit, `ensemble_output`, with each detector's version in `version_parameter`). The worker
 sends each batch once to the ensemble (``triton.trunk_model``) and hands every detector its output.
 """
@@ -32,8 +32,10 @@ def head_model(detector: str) -> str:
     return f"{detector}-head"
 
 
-def hidden_tensor(block: int) -> str:
-    return f"HIDDEN_{block}"
+def hidden_tensor(block: int | str) -> str:
+    """The trunk's output for a branch point: ``HIDDEN_<b>`` entering block b, ``CLASS_TOKENS`` for every
+    block's class token (`streamguard.detectors.spec.CLASS_TOKENS`)."""
+    return f"HIDDEN_{block}" if isinstance(block, int) else _tensor_safe(block).upper()
 
 
 def ensemble_output(detector: str) -> str:

@@ -13,13 +13,21 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from streamguard.backends.inprocess import inprocess_loader
 from streamguard.config import PluginSettings, Settings
-from streamguard.detectors.spec import CLIP_TRUNK, BranchContext, Calibration, DetectorSpec, LoadContext, TrunkSpec
+from streamguard.detectors.spec import (
+    CLASS_TOKENS,
+    CLIP_TRUNK,
+    BranchContext,
+    Calibration,
+    DetectorSpec,
+    LoadContext,
+    TrunkSpec,
+)
 from streamguard.intake.contract import InputContract
 
 if TYPE_CHECKING:
@@ -34,6 +42,10 @@ TRAINING_FILE = "training.json"
 # The served input; training prepares its images with the same contract.
 CONTRACT = InputContract(size=224, fit="resize")
 VERSION_PREFIX = 1  # bump when the served model's structure or preprocessing changes
+# What a head's probe reads, in its safetensors metadata: a change of it is a change of the head file, so of
+# the version's digest.
+HEAD_READS_KEY = "streamguard.reads"
+EMBEDDING = "embedding"
 
 
 @dataclass(frozen=True)
@@ -87,10 +99,16 @@ class ClipHeadDetector:
         return (f"no {self.name} weights in {directory} ({' and '.join(self.files)}); train them with "
                 f"`streamguard train {self.name} --out {directory}`")
 
-    def branch_block(self, directory: Path) -> int | None:
-        """Where it branches off the shared CLIP trunk: the first block its adapters tune, or None (after the
-        last block) when it reads the frozen encoder."""
-        return min(adapter_blocks(directory / LORA_FILE)) if self.adapters else None
+    def reads_class_tokens(self, directory: Path) -> bool:
+        """Whether its head reads the class token of every block rather than the encoder's embedding."""
+        return not self.adapters and head_reads(directory / HEAD_FILE) == CLASS_TOKENS
+
+    def branch_block(self, directory: Path) -> int | str | None:
+        """Where it branches off the shared CLIP trunk: the first block its adapters tune, `CLASS_TOKENS` for a
+        head on every block's class token, or None (after the last block) when it reads the frozen encoder."""
+        if self.adapters:
+            return min(adapter_blocks(directory / LORA_FILE))
+        return CLASS_TOKENS if self.reads_class_tokens(directory) else None
 
     def trunk(self, settings: Settings, directory: Path) -> TrunkSpec | None:
         """Its `TrunkSpec`; None (it runs its whole model) when its adapters cannot be read here: loading them
@@ -141,9 +159,30 @@ class ClipHeadDetector:
         )
 
 
+def head_reads(path: Path) -> str:
+    """What a head file's probe reads, from its safetensors metadata (`HEAD_READS_KEY`): `EMBEDDING`, the
+    encoder's output embedding (heads written before the key existed), or `CLASS_TOKENS`."""
+    reads = _safetensors_header(path).get("__metadata__", {}).get(HEAD_READS_KEY, EMBEDDING)
+    if reads not in (EMBEDDING, CLASS_TOKENS):
+        raise ValueError(f"{path}: a head reading {reads!r}; this streamguard knows {EMBEDDING!r} and "
+                         f"{CLASS_TOKENS!r}")
+    return str(reads)
+
+
 def adapter_blocks(path: Path) -> list[int]:
-    """The encoder blocks a LoRA file adapts, read off its safetensors header alone: registering a detector
-    needs no torch, nor the safetensors package (a worker judging on Triton has neither)."""
+    """The encoder blocks a LoRA file adapts, read off its safetensors header alone."""
+    header = _safetensors_header(path)
+    # vision_model.encoder.layers.<i>.self_attn.<target>.lora_<A|B>
+    blocks = {int(name.split(".")[3]) for name in header if name != "__metadata__"
+              if name.startswith("vision_model.encoder.layers.") and name.split(".")[3].isdigit()}
+    if not blocks:
+        raise ValueError(f"{path}: no LoRA adapters of CLIP encoder blocks")
+    return sorted(blocks)
+
+
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    # Read by hand: registering a detector needs no torch, nor the safetensors package (a worker judging on
+    # Triton has neither).
     with path.open("rb") as handle:
         prefix = handle.read(8)
         if len(prefix) != 8:
@@ -151,13 +190,7 @@ def adapter_blocks(path: Path) -> list[int]:
         (size,) = struct.unpack("<Q", prefix)
         if size > 100_000_000:
             raise ValueError(f"{path}: not a safetensors file (header of {size} bytes)")
-        header = json.loads(handle.read(size))
-    # vision_model.encoder.layers.<i>.self_attn.<target>.lora_<A|B>
-    blocks = {int(name.split(".")[3]) for name in header if name != "__metadata__"
-              if name.startswith("vision_model.encoder.layers.") and name.split(".")[3].isdigit()}
-    if not blocks:
-        raise ValueError(f"{path}: no LoRA adapters of CLIP encoder blocks")
-    return sorted(blocks)
+        return dict(json.loads(handle.read(size)))
 
 
 def builtin_detectors(plugins: PluginSettings | None = None) -> dict[str, ClipHeadDetector]:

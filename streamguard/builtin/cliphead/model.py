@@ -2,7 +2,8 @@
 shared trunk, and loading them from files.
 
 The served model is encoder (adapters merged, for the detectors that have them) -> projection ->
-L2-normalise -> linear -> one logit: the cost of a linear probe. Adapters or a head made for another
+L2-normalise -> linear -> one logit: the cost of a linear probe. A head that reads every block's class
+token (univfd since its 2026-12 weights) takes those instead of the projection. Adapters or a head made for another
 backbone are refused with the command that makes fitting ones.
 """
 
@@ -18,6 +19,7 @@ from streamguard.backbone import ClipImageEncoder, vit
 from streamguard.backbone.lora import Adapters, LoraMismatch, merge_adapters, read_adapters
 from streamguard.backbone.precision import REFERENCE, PrecisionUnsupported, apply_precision, quantize_encoder
 from streamguard.builtin.cliphead.detector import HEAD_FILE, LORA_FILE, ClipHeadDetector
+from streamguard.detectors.spec import CLASS_TOKENS
 
 
 class HeadMismatch(ValueError):
@@ -32,6 +34,39 @@ class LinearProbe(torch.nn.Module):
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         # Normalising first makes the probe see direction only, as CLIP's own similarity does.
         return self.linear(torch.nn.functional.normalize(embeddings, dim=-1)).squeeze(-1)
+
+
+def class_token_features(classes: torch.Tensor, hidden_size: int) -> torch.Tensor:
+    """(N, blocks, hidden) class tokens -> (N, blocks * hidden): each layer-normalised without weights and made
+    unit length, so that no block outweighs another by its scale before the probe chooses (RINE's reading)."""
+    unit = torch.nn.functional.normalize(torch.nn.functional.layer_norm(classes, (hidden_size,)), dim=-1)
+    return unit.flatten(1)
+
+
+class ClassTokenHead(torch.nn.Module):
+    """A probe on the class token after every block, (N, blocks, hidden) -> one logit per image."""
+
+    def __init__(self, probe: LinearProbe, hidden_size: int) -> None:
+        super().__init__()
+        self.probe = probe.eval()
+        self.hidden_size = hidden_size
+
+    def forward(self, classes: torch.Tensor) -> torch.Tensor:
+        return self.probe(class_token_features(classes, self.hidden_size))
+
+
+class ClassTokenModel(torch.nn.Module):
+    """The whole served detector whose head reads every block: pixels -> CLIP blocks -> class-token head."""
+
+    def __init__(self, encoder: ClipImageEncoder, head: ClassTokenHead) -> None:
+        super().__init__()
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.head = head
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        layers = self.encoder.model.vision_model.encoder.layers
+        _, classes = vit.run_layers_with_classes(layers, vit.tokens(self.encoder, pixels))
+        return self.head(classes)
 
 
 class ClipHeadModel(torch.nn.Module):
@@ -81,10 +116,24 @@ def load_adapters(detector: ClipHeadDetector, directory: Path, encoder: ClipImag
     return adapters
 
 
+def class_token_width(encoder: ClipImageEncoder) -> int:
+    """How many values a class-token probe reads off ``encoder``: every block's class token."""
+    return vit.num_layers(encoder) * encoder.hidden_size
+
+
+def load_class_token_head(detector: ClipHeadDetector, directory: Path, encoder: ClipImageEncoder) -> ClassTokenHead:
+    return ClassTokenHead(load_probe(detector, directory, class_token_width(encoder)), encoder.hidden_size)
+
+
 def build_served(detector: ClipHeadDetector, encoder: ClipImageEncoder, directory: Path,
-                 precision: str | None = None) -> ClipHeadModel:
+                 precision: str | None = None) -> ClipHeadModel | ClassTokenModel:
     """The whole served model on ``encoder``, which it takes over: adapters are merged into it in place, then
     its blocks are converted to ``precision`` (None: left as they are)."""
+    if detector.reads_class_tokens(directory):
+        head = load_class_token_head(detector, directory, encoder).to(encoder.model.device)
+        if precision is not None:
+            quantize_encoder(encoder, precision)
+        return ClassTokenModel(encoder, head)
     if detector.adapters:
         _require_float(detector, encoder)
         adapters = load_adapters(detector, directory, encoder)
@@ -124,10 +173,14 @@ class ClipBranchHead(torch.nn.Module):
 
 
 def build_branch(detector: ClipHeadDetector, encoder: ClipImageEncoder, directory: Path,
-                 branch_block: int | None, precision: str = REFERENCE) -> ClipBranchHead:
+                 branch_block: int | str | None, precision: str = REFERENCE) -> ClipBranchHead | ClassTokenHead:
     """The head of ``detector`` branching at ``branch_block`` (None: after the last block) off ``encoder``,
     which stays untouched: the blocks from the branch on are copied, the adapters merged into the copies, and
-    the copies converted to ``precision`` (the trunk's, so that the head computes what its whole model would)."""
+    the copies converted to ``precision`` (the trunk's, so that the head computes what its whole model would).
+    At `CLASS_TOKENS` the head is its probe alone, on the class tokens the trunk gathers."""
+    if branch_block == CLASS_TOKENS:
+        return load_class_token_head(detector, directory, encoder).to(encoder.model.device)
+    assert not isinstance(branch_block, str), branch_block
     total = vit.num_layers(encoder)
     start = total if branch_block is None else branch_block
     probe = load_probe(detector, directory, encoder.embed_dim).to(encoder.model.device)
