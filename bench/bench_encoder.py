@@ -41,7 +41,7 @@ from streamguard.backbone import ClipImageEncoder, load_backbone
 from streamguard.backbone.onnx_runtime import OrtEncoder
 from streamguard.backbone.precision import PRECISIONS
 from streamguard.builtin.cliphead import CONTRACT
-from streamguard.builtin.cliphead.model import build_served
+from streamguard.builtin.cliphead.model import ClassTokenModel, build_served
 from streamguard.builtin.mpft.plugin import DETECTOR as MPFT
 from streamguard.builtin.univfd.plugin import DETECTOR as UNIVFD
 from streamguard.config import BackboneSettings, IntakeSettings, Settings
@@ -217,15 +217,26 @@ def _accuracy(args: argparse.Namespace) -> dict[str, Any]:
         for variant in variants:
             encoder: ClipImageEncoder = load_backbone(BackboneSettings(), precision="fp32")
             model = build_served(detector, encoder, directory)  # adapters merged, still float
-            run = _encoder(variant, args.ort_cache, model.encoder)
-            probe = model.probe
-            logits = _forward(lambda x, run=run, probe=probe: probe(run(x)), batches).numpy().astype(np.float64)
+            if isinstance(model, ClassTokenModel):
+                # Its head reads every block, not the embedding these variants compute: only the in-place
+                # precisions apply (ONNX Runtime serves it on the shared trunk, `train loso-variants`).
+                if variant not in PRECISIONS:
+                    continue
+                run = _encoder(variant, args.ort_cache, model.encoder)
+                logits = _forward(model, batches).numpy().astype(np.float64)
+            else:
+                run = _encoder(variant, args.ort_cache, model.encoder)
+                probe = model.probe
+                logits = _forward(lambda x, run=run, probe=probe: probe(run(x)), batches).numpy().astype(np.float64)
             probabilities[variant] = np.asarray(calibration.probability(logits))
             aucs[variant] = float(roc_auc_score(labels, logits)) if both else float("nan")
             del model, encoder, run
         reference = probabilities.get("fp32")
         result: dict[str, Any] = {}
         for variant in variants:
+            if variant not in aucs:
+                result[variant] = {"skipped": "a class-token head: served on the shared trunk, not this encoder"}
+                continue
             row: dict[str, Any] = {"auc": round(aucs[variant], 4)}
             if reference is not None:
                 diff = np.abs(probabilities[variant] - reference)

@@ -4,6 +4,7 @@ The names plugin authors need are re-exported here; torch is imported only by th
 """
 
 from streamguard.detectors.spec import (
+    CLASS_TOKENS,
     CLIP_TRUNK,
     BranchContext,
     Calibration,
@@ -18,6 +19,7 @@ from streamguard.intake.contract import InputContract
 __version__ = "0.1.0"
 
 __all__ = [
+    "CLASS_TOKENS",
     "CLIP_TRUNK",
     "BranchContext",
     "Calibration",
