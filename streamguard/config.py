@@ -219,25 +219,27 @@ class TritonSettings(_Section):
 # docs/validation.md), never on the test split: on wild-more's 16 groups (9 real sources, 7 generator
 # families), the images that both the fold-retrained univfd and the shipped mpft never trained on. The CLIP
 # detectors' weights average 1, `default_weight`, so a detector without an entry counts as an average one.
-# mpft 0.8 / univfd 0.2 before that scaling: balanced AUC 0.741 against 0.734 at equal weights and 0.723
-# for mpft alone. pin-clip is off by default (plugins.enable); its 0 keeps it out of the fusion when enabled.
+# univfd 0.8 / mpft 0.2 before that scaling, with univfd reading every block's class token (its weights
+# since 2026-12-03): balanced AUC 0.791 against 0.784 at equal weights, 0.790 for univfd alone and 0.741
+# for the previous default (univfd on the output embedding 0.2, mpft 0.8). pin-clip is off by default
+# (plugins.enable); its 0 keeps it out of the fusion when enabled.
 VALIDATED_WEIGHTS: dict[str, float] = {
-    "univfd": 0.4, "pin-clip": 0.0, "mpft": 1.6,
+    "univfd": 1.6, "pin-clip": 0.0, "mpft": 0.4,
     # Not from the validation (no data set holds trusted content credentials): a trusted C2PA manifest is
-    # the signer's own word on these exact bytes, so it outweighs the CLIP detectors together (0.4 + 1.6).
+    # the signer's own word on these exact bytes, so it outweighs the CLIP detectors together (1.6 + 0.4).
     # It abstains on every image without one, so it changes nothing the validation measured. The sizing,
     # with the detector's logits, is in streamguard/builtin/credentials/plugin.py.
     "credentials": 6.0,
 }
 # The fused logit recalibrated on the same held-out pool: the folds' own calibrations, fitted on sources
-# they had seen, were ~3x overconfident on sources they had not (scale 0.32).
-VALIDATED_FUSED_SCALE = 0.319869
-VALIDATED_FUSED_BIAS = 0.069999
-# On that recalibrated probability: no held-out real source has more than 2% of its photos flagged at 0.78
-# (the worst: 0.9%, one of 109 phone photos); generators have 9.0% of their images cleared at 0.28, on
-# average. Between the two (61% of the pool) is `uncertain`: see docs/validation.md for what that costs.
-VALIDATED_AI_THRESHOLD = 0.78
-VALIDATED_REAL_THRESHOLD = 0.28
+# they had seen, were ~3x overconfident on sources they had not (scale 0.36).
+VALIDATED_FUSED_SCALE = 0.3573
+VALIDATED_FUSED_BIAS = 0.205803
+# On that recalibrated probability: no held-out real source has any photo flagged at 0.85 (lower, one
+# source would pass 2%); generators have 8.9% of their images cleared at 0.27, on average. Between the two
+# (57% of the pool) is `uncertain`: see docs/validation.md for what that costs.
+VALIDATED_AI_THRESHOLD = 0.85
+VALIDATED_REAL_THRESHOLD = 0.27
 
 
 class FusionSettings(_Section):

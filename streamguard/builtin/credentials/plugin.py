@@ -34,13 +34,13 @@ NAME = "credentials"
 RULES_VERSION = "credentials-1"
 LIBRARY = "c2pa-python"
 # Not fitted (no data set here holds trusted credentials): sized for the shipped fusion (config.py), the
-# weighted mean of calibrated logits, recalibrated as sigmoid(0.32 * mean + 0.07), with `credentials`
-# weighted 6 against the CLIP detectors' 0.4 + 1.6, and the shipped policy (ai >= 0.78, real <= 0.28).
-# - Generated, +15: the mean is at least (6 * 15 - 2 * 12) / 8 = 8.25 (p 0.94, over the 0.78 flag) even when
+# weighted mean of calibrated logits, recalibrated as sigmoid(0.36 * mean + 0.21), with `credentials`
+# weighted 6 against the CLIP detectors' 1.6 + 0.4, and the shipped policy (ai >= 0.85, real <= 0.27).
+# - Generated, +15: the mean is at least (6 * 15 - 2 * 12) / 8 = 8.25 (p 0.96, over the 0.85 flag) even when
 #   the CLIP detectors average -12 (p 6e-6 of AI): a trusted generator's word carries the verdict.
-# - Captured, -5: real while the CLIP detectors average under +1.3 (the mean is then under -3.2, p 0.28);
+# - Captured, -5: real while the CLIP detectors average under +1.5 (the mean is then under -3.4, p 0.27);
 #   above that uncertain, so a person looks (a trusted camera can still photograph a screen); flagged only
-#   past an average of +20.
+#   past an average of +32.
 GENERATED_LOGIT = 15.0
 CAPTURED_LOGIT = -5.0
 
