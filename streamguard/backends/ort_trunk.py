@@ -45,8 +45,8 @@ from streamguard.backbone.onnx_runtime import (
     parity_pixels,
 )
 from streamguard.backbone.precision import REFERENCE, PrecisionUnsupported, check_device
-from streamguard.backends.torch_trunk import BranchPoint, EncoderTrunk, TorchHead, hidden_states
-from streamguard.detectors.spec import CLASS_TOKENS
+from streamguard.backends.torch_trunk import EncoderTrunk, TorchHead, hidden_states
+from streamguard.detectors.spec import CLASS_TOKENS, BranchPoint
 
 log = structlog.get_logger(__name__)
 

@@ -11,9 +11,7 @@ import torch
 
 from streamguard.backbone import ClipImageEncoder, vit
 from streamguard.backbone.precision import REFERENCE, apply_precision
-from streamguard.detectors.spec import CLASS_TOKENS
-
-BranchPoint = int | str  # a block index, or `CLASS_TOKENS`
+from streamguard.detectors.spec import CLASS_TOKENS, BranchPoint
 
 
 class EncoderTrunk:

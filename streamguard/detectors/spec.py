@@ -19,8 +19,8 @@ from streamguard.detectors.calibration import CALIBRATION_FILE, Calibration, sig
 from streamguard.intake.contract import InputContract
 from streamguard.intake.decode import DecodedImage
 
-__all__ = ["CALIBRATION_FILE", "CLASS_TOKENS", "CLIP_TRUNK", "BackendUnavailable", "BranchContext", "Calibration",
-           "DetectorBackend",
+__all__ = ["CALIBRATION_FILE", "CLASS_TOKENS", "CLIP_TRUNK", "BackendUnavailable", "BranchContext", "BranchPoint",
+           "Calibration", "DetectorBackend",
            "DetectorInput", "DetectorSpec", "LoadContext", "TrunkSpec", "sigmoid"]
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
@@ -78,6 +78,7 @@ class LoadContext:
 CLIP_TRUNK = "clip"
 # A branch point that is no block: the class token after every block, for heads that read them all.
 CLASS_TOKENS = "class-tokens"
+BranchPoint = int | str  # what a trunk answers at: a block index, or `CLASS_TOKENS`
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ class TrunkSpec:
     """
 
     backbone: str
-    branch_block: int | str | None  # a block index, None or `CLASS_TOKENS`
+    branch_block: BranchPoint | None  # a block index, None or `CLASS_TOKENS`
     load_head: Callable[[BranchContext], Any]
 
     def __post_init__(self) -> None:

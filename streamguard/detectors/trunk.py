@@ -31,7 +31,14 @@ import numpy as np
 import structlog
 
 from streamguard.config import Settings
-from streamguard.detectors.spec import CLIP_TRUNK, BranchContext, DetectorInput, DetectorSpec, LoadContext
+from streamguard.detectors.spec import (
+    CLIP_TRUNK,
+    BranchContext,
+    BranchPoint,
+    DetectorInput,
+    DetectorSpec,
+    LoadContext,
+)
 from streamguard.extras import missing_extra, require
 from streamguard.intake.contract import InputContract
 
@@ -62,7 +69,7 @@ class LocalTrunk(Trunk, Protocol):
         """What heads are built on (`BranchContext.trunk`)."""
         ...
 
-    def resolve(self, branch_block: int | str | None) -> int | str:
+    def resolve(self, branch_block: BranchPoint | None) -> BranchPoint:
         """The branch point a `TrunkSpec.branch_block` means on this backbone (a block index, or
         `CLASS_TOKENS`); ValueError if it has none."""
         ...

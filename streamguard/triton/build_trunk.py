@@ -22,7 +22,7 @@ from pathlib import Path
 from streamguard.backbone.manifest import BackboneShape, describe_cache
 from streamguard.builtin.cliphead import CONTRACT, ClipHeadDetector
 from streamguard.config import BackboneSettings
-from streamguard.detectors.spec import CLASS_TOKENS
+from streamguard.detectors.spec import CLASS_TOKENS, BranchPoint
 from streamguard.detectors.trunk import in_order
 from streamguard.triton.pbtxt import (
     Device,
@@ -71,7 +71,7 @@ def build_shared_trunk(out: Path, detectors: Mapping[str, tuple[ClipHeadDetector
     # Tokens of the served pixels (the contract's size; the encoder interpolates its position embedding when
     # its own size differs, as a small test model's does).
     hidden = (1 + (CONTRACT.size // shape.patch_size) ** 2, shape.hidden_size)
-    blocks: dict[str, int | str] = {name: total if (b := served.branch_block(weights)) is None else b
+    blocks: dict[str, BranchPoint] = {name: total if (b := served.branch_block(weights)) is None else b
                                     for name, (served, weights) in detectors.items()}
     shapes = {block: (total, shape.hidden_size) if block == CLASS_TOKENS else hidden for block in blocks.values()}
     # The template's own header describes a whole detector; each model here gets a line of its own instead.
@@ -138,7 +138,7 @@ def _write(target: Path, config: str, model_file: Path | None) -> None:
     (target / "config.pbtxt").write_text(config)
 
 
-def _ensemble(blocks: Mapping[str, int | str], versions: Mapping[str, str], hidden: tuple[int, int]) -> str:
+def _ensemble(blocks: Mapping[str, BranchPoint], versions: Mapping[str, str], hidden: tuple[int, int]) -> str:
     def maps(kind: str, pairs: list[tuple[str, str]]) -> str:
         return " ".join(f"{kind} {{ key: {json.dumps(k)} value: {json.dumps(v)} }}" for k, v in pairs)
 

@@ -23,6 +23,7 @@ from streamguard.detectors.spec import (
     CLASS_TOKENS,
     CLIP_TRUNK,
     BranchContext,
+    BranchPoint,
     Calibration,
     DetectorSpec,
     LoadContext,
@@ -103,7 +104,7 @@ class ClipHeadDetector:
         """Whether its head reads the class token of every block rather than the encoder's embedding."""
         return not self.adapters and head_reads(directory / HEAD_FILE) == CLASS_TOKENS
 
-    def branch_block(self, directory: Path) -> int | str | None:
+    def branch_block(self, directory: Path) -> BranchPoint | None:
         """Where it branches off the shared CLIP trunk: the first block its adapters tune, `CLASS_TOKENS` for a
         head on every block's class token, or None (after the last block) when it reads the frozen encoder."""
         if self.adapters:

@@ -3,8 +3,8 @@ shared trunk, and loading them from files.
 
 The served model is encoder (adapters merged, for the detectors that have them) -> projection ->
 L2-normalise -> linear -> one logit: the cost of a linear probe. A head that reads every block's class
-token (univfd since its 2026-12 weights) takes those instead of the projection. Adapters or a head made for another
-backbone are refused with the command that makes fitting ones.
+token (univfd since its 2026-12 weights) takes those instead of the projection. Adapters or a head made for
+another backbone are refused with the command that makes fitting ones.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from streamguard.backbone import ClipImageEncoder, vit
 from streamguard.backbone.lora import Adapters, LoraMismatch, merge_adapters, read_adapters
 from streamguard.backbone.precision import REFERENCE, PrecisionUnsupported, apply_precision, quantize_encoder
 from streamguard.builtin.cliphead.detector import HEAD_FILE, LORA_FILE, ClipHeadDetector
-from streamguard.detectors.spec import CLASS_TOKENS
+from streamguard.detectors.spec import CLASS_TOKENS, BranchPoint
 
 
 class HeadMismatch(ValueError):
@@ -173,14 +173,15 @@ class ClipBranchHead(torch.nn.Module):
 
 
 def build_branch(detector: ClipHeadDetector, encoder: ClipImageEncoder, directory: Path,
-                 branch_block: int | str | None, precision: str = REFERENCE) -> ClipBranchHead | ClassTokenHead:
+                 branch_block: BranchPoint | None, precision: str = REFERENCE) -> ClipBranchHead | ClassTokenHead:
     """The head of ``detector`` branching at ``branch_block`` (None: after the last block) off ``encoder``,
     which stays untouched: the blocks from the branch on are copied, the adapters merged into the copies, and
     the copies converted to ``precision`` (the trunk's, so that the head computes what its whole model would).
     At `CLASS_TOKENS` the head is its probe alone, on the class tokens the trunk gathers."""
     if branch_block == CLASS_TOKENS:
         return load_class_token_head(detector, directory, encoder).to(encoder.model.device)
-    assert not isinstance(branch_block, str), branch_block
+    if isinstance(branch_block, str):
+        raise ValueError(f"branch_block {branch_block!r} is neither a block nor {CLASS_TOKENS!r}")
     total = vit.num_layers(encoder)
     start = total if branch_block is None else branch_block
     probe = load_probe(detector, directory, encoder.embed_dim).to(encoder.model.device)
