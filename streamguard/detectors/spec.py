@@ -20,8 +20,7 @@ from streamguard.intake.contract import InputContract
 from streamguard.intake.decode import DecodedImage
 
 __all__ = ["CALIBRATION_FILE", "CLASS_TOKENS", "CLIP_TRUNK", "BackendUnavailable", "BranchContext", "BranchPoint",
-           "Calibration", "DetectorBackend",
-           "DetectorInput", "DetectorSpec", "LoadContext", "TrunkSpec", "sigmoid"]
+           "Calibration", "DetectorBackend", "DetectorInput", "DetectorSpec", "LoadContext", "TrunkSpec", "sigmoid"]
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 

@@ -1,9 +1,9 @@
 """Shared trunks: detectors that branch off the same backbone share its frozen blocks, in this process.
 
 The built-in detectors are all the same CLIP encoder under different last blocks and heads: univfd reads
-the frozen encoder's class token after every block (`CLASS_TOKENS`, gathered on the trunk's own pass), pin-clip
-and mpft tune only its last two blocks. Run separately, the encoder
-costs 3 x 12 block passes an image; branching off one trunk costs 12 + 2 + 2.
+the frozen encoder's class token after every block (`CLASS_TOKENS`, gathered on the trunk's own pass),
+pin-clip and mpft tune only its last two blocks. Run separately, the encoder costs 3 x 12 block passes an
+image; branching off one trunk costs 12 + 2 + 2.
 
 Each detector keeps its own `DetectorRunner` (thread, timeout, breaker, errors): its backend here is a
 `BranchBackend` that asks the shared trunk for the hidden states at its branch point, then runs its head.
