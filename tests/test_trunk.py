@@ -4,9 +4,9 @@ whole models give.
 On a tiny CLIP the tests make (4 blocks), with built-in detectors whose weights the tests make too: univfd
 (reading every block's class token, as shipped; one test also with a head on the output embedding), pin-clip
 (adapters on blocks 2-3) and mpft (adapters on block 3 only), a third-party detector branching at block 1,
-and a detector with no trunk beside them. Then the shipped
-detectors on the real backbone (made by the set-up's `backbone fetch`, as tests/test_finetuned_shipped.py
-uses it): the same scores, shared or not, within 1e-4.
+and a detector with no trunk beside them. Then the shipped detectors on the real backbone (made by the
+set-up's `backbone fetch`, as tests/test_finetuned_shipped.py uses it): the same scores, shared or not,
+within 1e-4.
 """
 
 from __future__ import annotations
