@@ -46,6 +46,11 @@ def run_layers_with_classes(layers: torch.nn.ModuleList | list[torch.nn.Module],
     return hidden, torch.cat(classes, dim=1)
 
 
+def class_tokens(encoder: ClipImageEncoder, pixels: torch.Tensor) -> torch.Tensor:
+    """(N, blocks, hidden): the class token after each of ``encoder``'s blocks, for heads that read them all."""
+    return run_layers_with_classes(encoder.model.vision_model.encoder.layers, tokens(encoder, pixels))[1]
+
+
 def pool(encoder: ClipImageEncoder, hidden: torch.Tensor) -> torch.Tensor:
     """The image embedding (N, embed_dim) from the last hidden state: class token, post-layernorm, projection."""
     vision = encoder.model.vision_model

@@ -113,9 +113,7 @@ def block_classes(clip: ClipImageEncoder, pixels: torch.Tensor) -> torch.Tensor:
     RINE found the middle blocks of CLIP's tower carry the low-level traces a generator leaves and the last
     block's projection, which univfd read before, mostly discards them.
     """
-    layers = clip.model.vision_model.encoder.layers
-    _, classes = vit.run_layers_with_classes(layers, vit.tokens(clip, pixels))
-    return class_token_features(classes, clip.hidden_size)
+    return class_token_features(vit.class_tokens(clip, pixels), clip.hidden_size)
 
 
 def embed(samples: Sequence, settings: Settings, cfg: TrainConfig, encoder: Frozen,  # type: ignore[type-arg]

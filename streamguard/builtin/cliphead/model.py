@@ -64,9 +64,7 @@ class ClassTokenModel(torch.nn.Module):
         self.head = head
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        layers = self.encoder.model.vision_model.encoder.layers
-        _, classes = vit.run_layers_with_classes(layers, vit.tokens(self.encoder, pixels))
-        return self.head(classes)
+        return self.head(vit.class_tokens(self.encoder, pixels))
 
 
 class ClipHeadModel(torch.nn.Module):
