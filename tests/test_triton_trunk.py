@@ -116,6 +116,26 @@ def test_the_ensemble_scores_as_in_process_with_one_trunk_pass_per_image(triton:
     assert client.is_model_ready(head_model("mpft")) and not client.is_model_ready("mpft")
 
 
+def test_a_view_is_chosen_by_the_client_and_scored_on_the_same_ensemble(triton: TritonService) -> None:
+    """``detectors.options.univfd.views``: the crops are cut in the worker and go to the ensemble as images of their
+    own; the ensemble, built for the resized view, still serves the version before the ``@``."""
+    jobs = [ImageJob(f"wide{i}", _jpeg(i, (420, 260))) for i in range(2)]
+    options = {"univfd": {"views": "crops2"}}
+    with _scorer(options=options) as local:
+        expected = local.score(jobs)
+    remote_settings = {"url": triton.grpc_address, "trunk_model": ENSEMBLE_MODEL, "request_timeout_s": 120}
+    with _scorer(backend="triton", triton=remote_settings, options=options) as remote:
+        assert all(r.load_error is None for r in remote.runners)
+        assert remote.model_versions["univfd"].endswith("@crops2") and "@" not in remote.model_versions["mpft"]
+        got = remote.score(jobs)
+    for want, have in zip(expected, got, strict=True):
+        assert want.verdict is not None and have.verdict is not None
+        local_scores = {s.detector: s.raw_logit for s in want.verdict.scores}
+        assert {s.detector: s.error for s in have.verdict.scores} == {d: None for d in DETECTORS}
+        for score in have.verdict.scores:
+            assert score.raw_logit == pytest.approx(local_scores[score.detector], abs=1e-3)
+
+
 def _trunk_inferences(client: InferenceServerClient) -> int:
     return int(client.get_inference_statistics(TRUNK_MODEL, as_json=True)["model_stats"][0].get("inference_count", 0))
 

@@ -21,6 +21,7 @@ import pytest
 import torch
 from images import encode, noise
 from PIL import Image
+from structlog.testing import capture_logs
 
 from streamguard import CLIP_TRUNK, BranchContext, DetectorSpec, InputContract, TrunkSpec, hookimpl
 from streamguard.backbone import ClipImageEncoder, load_backbone, vit
@@ -31,9 +32,11 @@ from streamguard.builtin.cliphead.model import LinearProbe
 from streamguard.builtin.mpft.plugin import DETECTOR as MPFT
 from streamguard.builtin.pinclip.plugin import DETECTOR as PINCLIP
 from streamguard.builtin.univfd.plugin import DETECTOR as UNIVFD
-from streamguard.config import BackboneSettings, Settings, load_settings
-from streamguard.detectors.spec import CLASS_TOKENS, DetectorInput
+from streamguard.config import BackboneSettings, IntakeSettings, Settings, load_settings
+from streamguard.detectors.spec import CLASS_TOKENS, DetectorInput, LoadContext
 from streamguard.detectors.trunk import MAX_PENDING_BATCHES, SharedTrunk
+from streamguard.intake.contract import prepare_views, with_views
+from streamguard.intake.decode import decode_image
 from streamguard.plugins import build_plugin_manager
 from streamguard.scoring import ImageJob, Scorer
 from streamguard.training.artifacts import save_detector, save_probe
@@ -248,6 +251,49 @@ def test_built_in_detectors_declare_where_they_branch(tiny: dict[str, Path]) -> 
         TrunkSpec(backbone=CLIP_TRUNK, branch_block=-1, load_head=lambda ctx: None)
     with pytest.raises(ValueError, match="cannot be 'classes'"):
         TrunkSpec(backbone=CLIP_TRUNK, branch_block="classes", load_head=lambda ctx: None)  # type: ignore[arg-type]
+
+
+def test_a_detector_configured_for_native_crops_scores_their_mean_logit(tiny: dict[str, Path]) -> None:
+    """``detectors.options.<name>.views``: univfd on two native crops and the resized whole view, on the shared
+    trunk, gives the mean of its own whole model's logits over those views; its version says so, and a
+    detector left at ``resize`` scores as before on the same trunk."""
+    jobs = [ImageJob(f"big-{i}", encode(_scene(i, 320), "PNG")) for i in range(3)]
+    settings = _settings(tiny, shared=True).model_copy(deep=True)
+    settings.detectors.options["univfd"]["views"] = "crops2+whole"
+    plain = _settings(tiny, shared=True)
+    with Scorer(settings, build_plugin_manager(settings.plugins)) as scorer:
+        got = _raw(scorer, jobs)
+        versions = scorer.model_versions
+    with Scorer(plain, build_plugin_manager(plain.plugins)) as resized:
+        before = _raw(resized, jobs)
+    assert versions["univfd"] == f"{resized.model_versions['univfd']}@crops2+whole"
+    assert versions["mpft"] == resized.model_versions["mpft"]
+    np.testing.assert_allclose(got["mpft"], before["mpft"], rtol=0, atol=1e-5)
+    spec = UNIVFD.spec(settings)
+    assert spec is not None and spec.contract == with_views(CONTRACT, "crops2+whole")
+    assert spec.served_version == resized.model_versions["univfd"]  # what Triton and the trunk must serve
+    model = spec.load(LoadContext())
+    try:
+        for job, logit in zip(jobs, got["univfd"], strict=True):
+            views = prepare_views(decode_image(job.data, IntakeSettings()), spec.contract)
+            assert len(views) == 3  # two distinct crops of a 320 px image, then the whole view
+            each = model.predict([DetectorInput(v, None) for v in views])  # type: ignore[arg-type]
+            assert logit == pytest.approx(float(np.mean(each)), abs=1e-5)
+            assert logit != pytest.approx(before["univfd"][jobs.index(job)], abs=1e-3)
+    finally:
+        model.close()
+
+
+def test_an_unknown_view_is_refused_with_the_option_named(tiny: dict[str, Path]) -> None:
+    settings = _settings(tiny, shared=True).model_copy(deep=True)
+    settings.detectors.options["mpft"]["views"] = "crops-2"
+    with pytest.raises(ValueError, match=r"detectors\.options\.mpft\.views: views must be resize, cropsN"):
+        MPFT.spec(settings)
+    with capture_logs() as logs:
+        scorer = Scorer(settings, build_plugin_manager(settings.plugins))  # not started: nothing loads
+    assert "mpft" not in scorer.model_versions and "univfd" in scorer.model_versions
+    (failed,) = [entry for entry in logs if entry["event"] == "plugin.hook_failed"]
+    assert failed["plugin"] == "builtin-mpft" and "detectors.options.mpft.views" in failed["error"]
 
 
 class _FakeTrunk:

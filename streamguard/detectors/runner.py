@@ -112,8 +112,9 @@ class DetectorRunner:
             model = self._triton.models.get(self.spec.name, self.spec.triton_model)
             assert model is not None
             if self.spec.triton_backend is not None:
-                return self.spec.triton_backend(model, self._triton, self.spec.version)
-            return TritonBackend(model, self._triton, expected_version=self.spec.version, detector=self.spec.name)
+                return self.spec.triton_backend(model, self._triton, self.spec.served_version)
+            return TritonBackend(model, self._triton, expected_version=self.spec.served_version,
+                                 detector=self.spec.name)
         if self._trunks is not None:
             return self._trunks.backend(self.spec, self._ctx, "inprocess")
         return self.spec.load(self._ctx)

@@ -19,10 +19,14 @@ from streamguard.detectors.calibration import CALIBRATION_FILE, Calibration, sig
 from streamguard.intake.contract import InputContract
 from streamguard.intake.decode import DecodedImage
 
-__all__ = ["CALIBRATION_FILE", "CLASS_TOKENS", "CLIP_TRUNK", "BackendUnavailable", "BranchContext", "BranchPoint",
-           "Calibration", "DetectorBackend", "DetectorInput", "DetectorSpec", "LoadContext", "TrunkSpec", "sigmoid"]
+__all__ = ["CALIBRATION_FILE", "CLASS_TOKENS", "CLIP_TRUNK", "VIEW_SEPARATOR", "BackendUnavailable", "BranchContext",
+           "BranchPoint", "Calibration", "DetectorBackend", "DetectorInput", "DetectorSpec", "LoadContext", "TrunkSpec",
+           "sigmoid"]
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+# In a version, what follows it names a choice made on the client (the views of an image a detector scores),
+# which changes the scores but not the served model.
+VIEW_SEPARATOR = "@"
 
 
 @dataclass(frozen=True)
@@ -130,7 +134,8 @@ class DetectorSpec:
 
     - ``name``: unique, lower case; used in config (weights, options, allow/deny) and in every score.
     - ``version``: must change whenever the weights or the preprocessing change; dedupe keys and
-      verdicts record it.
+      verdicts record it. A preprocessing choice the served model does not know of (the views scored) goes
+      after `VIEW_SEPARATOR`: `served_version` is what the model itself must carry.
     - ``contract``: the input the model wants; None when it reads only the image's metadata.
     - ``load``: builds the backend (loads weights); called once per process.
     - ``weights_dir``: the detector's weights directory, where ``streamguard calibrate`` writes.
@@ -161,3 +166,8 @@ class DetectorSpec:
             raise ValueError(f"detector name {self.name!r} must match {_NAME.pattern}")
         if not self.version:
             raise ValueError(f"detector {self.name!r} needs a version")
+
+    @property
+    def served_version(self) -> str:
+        """The version its model carries, on Triton or a trunk: ``version`` without the client's choices."""
+        return self.version.partition(VIEW_SEPARATOR)[0]

@@ -275,7 +275,7 @@ class SharedTrunks:
         model = self._settings.triton.trunk_model
         assert model is not None
         shared = self._trunk(f"triton:{model}", lambda: TritonTrunk(model, self._settings.triton))
-        output = shared.trunk.branch(spec.name, spec.version)  # type: ignore[attr-defined]
+        output = shared.trunk.branch(spec.name, spec.served_version)  # type: ignore[attr-defined]
         shared.add_branch(output, spec.contract)
         log.info("trunk.branch_added", detector=spec.name, trunk=shared.name, output=output, branches=shared.branches)
         return BranchBackend(shared, output, spec.contract, Logits())

@@ -61,6 +61,7 @@ class InputContract:
         return self.crops > 1 or self.whole
 
 
+RESIZE = "resize"  # the view name of the contract as a detector declares it
 _VIEW = re.compile(r"^(resize|crops(\d+)(\+whole)?)(-trimmed)?$")
 
 
@@ -71,7 +72,7 @@ def with_views(base: InputContract, view: str) -> InputContract:
     match = _VIEW.match(view)
     if match is None:
         raise ValueError(f"views must be resize, cropsN or cropsN+whole (optionally -trimmed), not {view!r}")
-    if match.group(1) == "resize":
+    if match.group(1) == RESIZE:
         return base
     return replace(base, fit="crop", crops=int(match.group(2)), whole=bool(match.group(3)),
                    aggregate="trimmed-mean" if match.group(4) else "mean")

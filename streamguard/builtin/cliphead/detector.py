@@ -22,6 +22,7 @@ from streamguard.config import PluginSettings, Settings
 from streamguard.detectors.spec import (
     CLASS_TOKENS,
     CLIP_TRUNK,
+    VIEW_SEPARATOR,
     BranchContext,
     BranchPoint,
     Calibration,
@@ -29,7 +30,7 @@ from streamguard.detectors.spec import (
     LoadContext,
     TrunkSpec,
 )
-from streamguard.intake.contract import InputContract
+from streamguard.intake.contract import RESIZE, InputContract, with_views
 
 if TYPE_CHECKING:
     import torch
@@ -78,11 +79,24 @@ class ClipHeadDetector:
             h.update((directory / name).read_bytes())
         return h.hexdigest()[:10]
 
-    def version(self, directory: Path, computation: str = "fp32") -> str:
+    def version(self, directory: Path, computation: str = "fp32", view: str = RESIZE) -> str:
         """``<name>-<prefix>+<digest>``, and ``.<computation>`` (``.int8``, ``.ort-fp32``) for any other computation
-        than torch at fp32 (whose versions stay as they always were)."""
+        than torch at fp32 (whose versions stay as they always were), and ``@<view>`` for any other view than
+        the resized one: the served model's version with what the client does differently named after it."""
         suffix = "" if computation == "fp32" else f".{computation}"
+        if view != RESIZE:
+            suffix += f"{VIEW_SEPARATOR}{view}"
         return f"{self.name}-{VERSION_PREFIX}+{self.weights_digest(directory)}{suffix}"
+
+    def view(self, settings: Settings) -> str:
+        """``detectors.options.<name>.views``, the views of an image it scores (``resize``, ``crops2``,
+        ``crops2+whole``, ... as `with_views` names them); ``resize`` when unset. Refuses an unknown name."""
+        view = settings.detectors.options.get(self.name, {}).get("views", RESIZE)
+        try:
+            with_views(CONTRACT, view)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"detectors.options.{self.name}.views: {exc}") from None
+        return str(view)
 
     def computation(self, settings: Settings) -> str:
         """What computes its encoder, as its version names it: in-process ``backbone.precision``, prefixed
@@ -147,11 +161,12 @@ class ClipHeadDetector:
             return build_served(self, load_backbone(settings.backbone, ctx.device, precision="fp32"), directory,
                                 precision)
 
+        view = self.view(settings)
         return DetectorSpec(
             name=self.name,
-            version=self.version(directory, self.computation(settings)),
+            version=self.version(directory, self.computation(settings), view),
             load=inprocess_loader(build),
-            contract=CONTRACT,
+            contract=with_views(CONTRACT, view),
             calibration=Calibration.load(directory),
             weights_dir=directory,
             description=self.description,
