@@ -15,7 +15,7 @@ from PIL import Image
 
 from streamguard.cli import cli
 from streamguard.config import load_settings
-from streamguard.training.held_out import load_held_out
+from streamguard.training.held_out import load_held_out, load_variant_scores
 from streamguard.evaluation.datasets import Sample
 from streamguard.training.loso import Fold, groups_of, plan_folds, pool_groups
 from test_training_cli import _env, backbone, scan, smooth, textured, write_dataset  # noqa: F401 - the fixture
@@ -293,6 +293,31 @@ def test_loso_measures_univfd_on_every_blocks_class_token(dataset: Path, backbon
         again = json.loads((directory / "held_out.resize.json").read_text())["scores"]
         assert {r["id"]: pytest.approx(expected[r["id"]], abs=1e-4) for r in again} == expected
         assert len(json.loads((directory / "held_out.resize_jpeg75.json").read_text())["scores"]) == len(expected)
+
+    # The fusion and policy chosen on a view's scores (`--view`): refused until the fold models have scored
+    # every held-out image under it, then pooled from those scores instead of the resized view's.
+    args = [*args[:args.index("--method")], "--method", "univfd-blocks", "--folds", "2", "--no-progress"]
+
+    def under(view: str) -> Result:
+        return CliRunner().invoke(cli, [*args, "--view", view, "--report", f"{view}.json"], env=_env(backbone))
+
+    loso_variants(dataset, tmp_path / "loso", backbone, "--method", "univfd-blocks", "--variant", "crops2",
+                  "--limit-per-group", "1")
+    refused = under("crops2")
+    assert refused.exit_code != 0 and "score the rest with `streamguard train loso-variants" in refused.output
+    assert "no scores under view crops3" in under("crops3").output
+    assert "views must be resize, cropsN" in under("crops").output
+    loso_variants(dataset, tmp_path / "loso", backbone, "--method", "univfd-blocks", "--variant", "crops2")
+    result = under("crops2")
+    assert result.exit_code == 0, f"{result.output}\n{result.stderr}\n{result.exception!r}"
+    crops = json.loads((tmp_path / "loso" / "crops2.json").read_text())
+    assert crops["view"] == "crops2" and crops["images"] == report["images"]
+    scored = [s for fold in report["folds"] for s in load_variant_scores(
+        tmp_path / "loso" / "univfd-blocks" / fold["name"], "crops2")]
+    for group, rates in crops["detectors"]["univfd-blocks"]["groups"].items():
+        mine = [s for s in scored if s.group == group]
+        right = sum((s.logit > 0) == bool(s.label) for s in mine)
+        assert (rates["n"], rates["accuracy_at_0.5"]) == (len(mine), pytest.approx(right / len(mine), abs=1e-4))
 
 
 def test_loso_refuses_held_out_data_it_does_not_train_on(dataset: Path, backbone: Path, tmp_path: Path) -> None:

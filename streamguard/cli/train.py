@@ -289,12 +289,16 @@ def train_nirnet_command(app: AppContext, branches: str, no_simulator: bool, pro
                    "(the shipped mpft on a newer data root): pooled with the fold scores; the report then covers "
                    "the images every detector scored.")
 @click.option("--report", "report_name", default="loso.json", show_default=True, help="Report file name in --out.")
+@click.option("--view", default="resize", show_default=True,
+              help="Pool the fold models' scores under this view (cropsN, cropsN+whole; `train loso-variants "
+                   "--variant VIEW` scores them) to choose the fusion and policy of detectors served with "
+                   "detectors.options.<name>.views; --unseen-scores should then be scored under it too.")
 @pass_app
 def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[str, ...], out: Path,
                        methods: tuple[str, ...], folds: int | None, fold_names: tuple[str, ...], seed: int,
                        limit_per_group: int | None, epochs: int, max_false_flag: float, max_false_clear: float,
                        device: str, cache_dir: Path, progress: bool | None, unseen_scores: tuple[str, ...],
-                       report_name: str) -> None:
+                       report_name: str, view: str) -> None:
     """Leave-one-source-out validation: per-source results on unseen sources, fusion weights and thresholds."""
     require("`streamguard train loso`", "inprocess", "eval")
     from streamguard.training.loso import DEFAULT_METHODS, LosoConfig, run_loso
@@ -304,7 +308,8 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
                          seed=seed, limit_per_group=limit_per_group, epochs=epochs, device=device,
                          cache_dir=cache_dir, progress=progress if progress is not None else sys.stderr.isatty(),
                          max_false_flag=max_false_flag, max_false_clear=max_false_clear, fold_names=fold_names,
-                         unseen_scores=tuple(_named_path(v) for v in unseen_scores), report_name=report_name)
+                         unseen_scores=tuple(_named_path(v) for v in unseen_scores), report_name=report_name,
+                         view=view)
         report = run_loso(app.settings, cfg)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None

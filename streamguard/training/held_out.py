@@ -8,6 +8,7 @@ thresholds. Original bytes, not the training augmentation: the thresholds are fo
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,3 +52,15 @@ def save_held_out(out: Path, scores: Sequence[HeldOutScore], holdout: dict[str, 
 def load_held_out(out: Path) -> tuple[dict[str, list[str]], list[HeldOutScore]]:
     payload = json.loads((out / HELD_OUT_FILE).read_text())
     return payload["holdout"], [HeldOutScore(**row) for row in payload["scores"]]
+
+
+def variant_file(variant: str) -> str:
+    """Where a fold keeps its held-out images scored under another view, perturbation or serving (a
+    `streamguard train loso-variants` variant name, e.g. ``crops2`` or ``resize@jpeg75``)."""
+    return f"held_out.{re.sub(r'[^A-Za-z0-9.-]+', '_', variant)}.json"
+
+
+def load_variant_scores(out: Path, variant: str) -> list[HeldOutScore]:
+    """The scores `variant_file` holds; `FileNotFoundError` when the variant was never scored there."""
+    payload = json.loads((out / variant_file(variant)).read_text())
+    return [HeldOutScore(**row) for row in payload["scores"]]

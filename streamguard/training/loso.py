@@ -37,7 +37,13 @@ from streamguard.evaluation.selection import (
     fuse,
     verdict_rates,
 )
-from streamguard.training.held_out import HELD_OUT_FILE, HeldOutScore, load_held_out
+from streamguard.intake.contract import RESIZE, InputContract, with_views
+from streamguard.training.held_out import (
+    HELD_OUT_FILE,
+    HeldOutScore,
+    load_held_out,
+    load_variant_scores,
+)
 from streamguard.training.nirnet.recipe import ABLATIONS as NIRNET_ABLATIONS
 
 log = structlog.get_logger(__name__)
@@ -164,6 +170,9 @@ class LosoConfig:
     # pooled as held-out scores, so the report covers the images they scored (the intersection).
     unseen_scores: tuple[tuple[str, Path], ...] = ()
     report_name: str = REPORT_FILE
+    # The view the fold models' scores are pooled under (`train loso-variants --variant VIEW` scored them): the
+    # fusion and thresholds of detectors served with `detectors.options.<name>.views`.
+    view: str = RESIZE
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in LOSO_METHODS + CANDIDATE_METHODS]
@@ -174,6 +183,7 @@ class LosoConfig:
         missing = [d for d in self.loso_data if d not in self.data]
         if missing:
             raise ValueError(f"held-out data must also be training data: {missing}")
+        with_views(InputContract(), self.view)  # refuses a name that is no view
 
 
 def fold_dir(cfg: LosoConfig, method: str, fold: Fold) -> Path:
@@ -266,8 +276,26 @@ def pooled_scores(cfg: LosoConfig, method: str, folds: Sequence[Fold]) -> list[H
         scores = _finished(cfg, method, fold, say=False)
         if scores is None:
             raise ValueError(f"{method} has no finished run for fold {fold.name} in {directory}")
-        out.extend(s for s in scores if s.split != "test")
+        wanted = [s for s in scores if s.split != "test"]
+        if cfg.view != RESIZE:
+            wanted = _under_view(cfg.view, method, fold, directory, wanted)
+        out.extend(wanted)
     return out
+
+
+def _under_view(view: str, method: str, fold: Fold, directory: Path, wanted: list[HeldOutScore]) -> list[HeldOutScore]:
+    """``wanted``'s images as the fold's model scored them under ``view``: every one of them, or a refusal (a
+    subsample would choose the policy on fewer images than the resized view's report)."""
+    hint = f"`streamguard train loso-variants ... --method {method} --variant {view}` (no --limit-per-group)"
+    try:
+        scored = {s.id: s for s in load_variant_scores(directory, view)}
+    except FileNotFoundError:
+        raise ValueError(f"{method} fold {fold.name} has no scores under view {view}: score them with {hint}") from None
+    missing = [s.id for s in wanted if s.id not in scored]
+    if missing:
+        raise ValueError(f"{method} fold {fold.name} scored {len(wanted) - len(missing)} of its {len(wanted)} held-out "
+                         f"images under view {view}: score the rest with {hint}")
+    return [scored[s.id] for s in wanted]
 
 
 def scored_together(pooled: dict[str, list[HeldOutScore]],
@@ -378,6 +406,7 @@ def build_report(cfg: LosoConfig, folds: Sequence[Fold], pools: dict[str, str] |
         "data": list(cfg.data),
         "loso_data": list(cfg.loso_data),
         "unseen_scores": {name: str(path) for name, path in cfg.unseen_scores},
+        "view": cfg.view,
         "seed": cfg.seed,
         "limit_per_group": cfg.limit_per_group,
         "epochs": cfg.epochs,

@@ -17,7 +17,6 @@ run by a `DetectorRunner`), so the numbers are what the worker would publish. Re
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -32,7 +31,12 @@ from streamguard.evaluation.datasets import Sample
 from streamguard.evaluation.selection import Scored, balanced_auc, fuse, verdict_rates
 from streamguard.intake import InputContract
 from streamguard.intake.contract import with_views
-from streamguard.training.held_out import HeldOutScore, load_held_out
+from streamguard.training.held_out import (
+    HeldOutScore,
+    load_held_out,
+    load_variant_scores,
+    variant_file,
+)
 from streamguard.training.loso import Fold, LosoConfig, fold_dir, score_logit
 from streamguard.training.nirnet.recipe import ABLATIONS as NIRNET_ABLATIONS
 
@@ -86,8 +90,6 @@ def parse_variant(text: str) -> Variant:
     return Variant(view, perturb or "none", serving or "fp32")
 
 
-def variant_file(variant: Variant) -> str:
-    return f"held_out.{re.sub(r'[^A-Za-z0-9.-]+', '_', variant.name)}.json"
 
 
 def score_variant(settings: Settings, cfg: LosoConfig, method: str, fold: Fold, variant: Variant,
@@ -96,8 +98,8 @@ def score_variant(settings: Settings, cfg: LosoConfig, method: str, fold: Fold, 
     ``variant`` by that fold's model, calibrated as its ``held_out.json``. Images an earlier call scored are
     read back, and only those it did not score are scored (a run with a larger limit extends a smaller one)."""
     directory = fold_dir(cfg, method, fold)
-    path = directory / variant_file(variant)
-    done = {row["id"]: HeldOutScore(**row) for row in json.loads(path.read_text())["scores"]} if path.is_file() else {}
+    path = directory / variant_file(variant.name)
+    done = {s.id: s for s in load_variant_scores(directory, variant.name)} if path.is_file() else {}
     _, base = load_held_out(directory)
     wanted = [s for s in base if s.split != "test" and (limit is None or s.id in limit)]
     missing = [s for s in wanted if s.id not in done]
