@@ -310,6 +310,8 @@ def test_loso_measures_univfd_on_every_blocks_class_token(dataset: Path, backbon
     loso_variants(dataset, tmp_path / "loso", backbone, "--method", "univfd-blocks", "--variant", "crops2")
     result = under("crops2")
     assert result.exit_code == 0, f"{result.output}\n{result.stderr}\n{result.exception!r}"
+    fold = tmp_path / "loso" / "univfd-blocks" / report["folds"][0]["name"]
+    assert json.loads((fold / "held_out.crops2.json").read_text())["version"].endswith("@crops2")  # as served
     crops = json.loads((tmp_path / "loso" / "crops2.json").read_text())
     assert crops["view"] == "crops2" and crops["images"] == report["images"]
     scored = [s for fold in report["folds"] for s in load_variant_scores(

@@ -126,15 +126,21 @@ def _score(settings: Settings, method: str, directory: Path, variant: Variant, w
     from streamguard.intake import decode_image
     from streamguard.scoring import _input
 
+    from streamguard.builtin.cliphead import ClipHeadDetector
+
     detector = _detectors()[method]
+    # A CLIP head takes the view as the worker would (`detectors.options.<name>.views`, its version naming it);
+    # other detectors get it applied to their own contract (NIRNet's crops).
+    takes_views = isinstance(detector, ClipHeadDetector)
+    own = {"weights_dir": str(directory), **({"views": variant.view} if takes_views else {})}
     # Keyed by the detector's name: an ablation ("nirnet-noise") is read by the detector it ablates.
-    options = {**settings.detectors.options, detector.name: {"weights_dir": str(directory)}}
+    options = {**settings.detectors.options, detector.name: own}
     fold_settings = variant.settings(
         settings.model_copy(update={"detectors": settings.detectors.model_copy(update={"options": options})}))
     spec = detector.spec(fold_settings)
     if spec is None or spec.contract is None:
         raise ValueError(f"no {method} model in {directory}")
-    contract = variant.contract(spec.contract)
+    contract = spec.contract if takes_views else variant.contract(spec.contract)
     if variant.serving == "fp32":
         # The fold's own model, unshared: a view's contract differs from every other detector's.
         trunks, spec = None, replace(spec, contract=contract, trunk=None)
