@@ -185,6 +185,10 @@ def test_loso_end_to_end(dataset: Path, backbone: Path, tmp_path: Path) -> None:
         assert sorted(r["id"] for r in crops) == sorted(expected)
         assert any(abs(r["logit"] - expected[r["id"]]) > 1e-3 for r in crops)  # other pixels, other scores
     assert set(compared["variants"]["crops2+whole"]["accuracy_change"]) == {g for g, _ in GROUPS}
+    for name in ("crops2+whole", "resize@jpeg75"):  # a paired interval around each change
+        low, high = compared["variants"][name]["auc_change_interval"]
+        assert low <= compared["variants"][name]["auc_change"] <= high
+    assert "auc_change_interval" not in compared["variants"]["resize"]
 
     # The same fold models on the shared trunk at a faster serving: ONNX Runtime at fp32 gives the reference's
     # scores; a run with a per-group limit is extended, not redone, by a run without one.

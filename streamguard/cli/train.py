@@ -360,10 +360,16 @@ def train_loso_variants_command(app: AppContext, data: tuple[str, ...], loso_dat
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
 
+    def change(row: dict[str, Any]) -> str:
+        if "auc_change" not in row:
+            return ""
+        low, high = row.get("auc_change_interval", (None, None))
+        return f"{row['auc_change']:+.4f}" + ("" if low is None else f" [{low:+.4f}, {high:+.4f}]")
+
     def table(title: str, compared: dict[str, Any]) -> list[str]:
-        return [title, "", "| variant | balanced AUC | change |", "|---|---|---|",
-                *(f"| {name} | {row['balanced_auc']} | {row.get('auc_change', '')} |"
-                  for name, row in compared["variants"].items()), ""]
+        return [title, "", "| variant | balanced AUC | change [paired 95%] |", "|---|---|---|",
+                *(f"| {name} | {row['balanced_auc']} | {change(row)} |" for name, row in compared["variants"].items()),
+                ""]
 
     lines: list[str] = []
     for method, compared in result["methods"].items():

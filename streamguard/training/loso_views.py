@@ -28,7 +28,7 @@ import structlog
 from streamguard.config import Settings
 from streamguard.detectors.calibration import sigmoid
 from streamguard.evaluation.datasets import Sample
-from streamguard.evaluation.selection import Scored, balanced_auc, fuse, verdict_rates
+from streamguard.evaluation.selection import Scored, balanced_auc, bootstrap_auc, fuse, verdict_rates
 from streamguard.intake import InputContract
 from streamguard.intake.contract import with_views
 from streamguard.training.held_out import (
@@ -193,12 +193,13 @@ def compare_variants(pooled: dict[str, list[HeldOutScore]], pools: dict[str, str
     names = list(pooled)
     out: dict[str, Any] = {"images": len(common), "variants": {}}
     reference: dict[str, Any] | None = None
+    logits: dict[str, np.ndarray] = {}
     for name in names:
         rows = sorted((s for s in pooled[name] if s.id in common), key=lambda s: s.id)
         labels = np.array([s.label for s in rows], np.int64)
         groups = tuple(pools.get(s.group, s.group) for s in rows)
-        probs = sigmoid(np.array([s.logit for s in rows]))
-        Scored(labels, groups, {name: np.array([s.logit for s in rows])})  # validates the shapes
+        logits[name] = np.array([s.logit for s in rows])
+        probs = sigmoid(logits[name])
         auc = balanced_auc(labels, groups, probs)
         rates = verdict_rates(labels, groups, probs, ai_threshold, real_threshold)
         entry = {"balanced_auc": None if auc is None else round(auc, 4), "groups": rates}
@@ -210,6 +211,14 @@ def compare_variants(pooled: dict[str, list[HeldOutScore]], pools: dict[str, str
                                                  float(reference["groups"][g]["accuracy_at_0.5"]), 4)
                                         for g, r in rates.items()}
         out["variants"][name] = entry
+    if len(names) > 1 and common:
+        # Every variant scored the same images (rows in id order), so one paired bootstrap gives each change
+        # its interval: what says whether a view or a perturbation moved anything beyond the images' noise.
+        intervals = bootstrap_auc(Scored(labels, groups, logits))
+        for name in names[1:]:
+            pair = intervals.get(f"{names[0]} - {name}")
+            if pair is not None:
+                out["variants"][name]["auc_change_interval"] = [round(-pair.high, 4), round(-pair.low, 4)]
     return out
 
 
