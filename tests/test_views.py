@@ -60,6 +60,26 @@ def test_views_are_native_pixels_then_the_whole_view() -> None:
         InputContract(fit="resize", crops=4)
 
 
+def test_an_image_too_small_for_a_crop_is_padded_or_resized_as_the_contract_says() -> None:
+    resized = InputContract(size=224, fit="resize")
+    for w, h in ((96, 64), (600, 200)):  # both sides short, then the short side only
+        image = _decoded(w, h, seed=w)
+        whole = prepare(image, resized)
+        # "resize": the resized view alone, once, exactly as a resize contract gives it.
+        crops = InputContract(size=224, fit="crop", crops=2, whole=True, small_image="resize")
+        np.testing.assert_array_equal(prepare_views(image, crops), whole[None])
+        np.testing.assert_array_equal(prepare(image, InputContract(size=224, fit="crop", small_image="resize")), whole)
+        # "pad" (the default, NIRNet's): the native pixels, mirror-padded, then the whole view.
+        padded = prepare_views(image, InputContract(size=224, fit="crop", crops=2, whole=True))
+        assert len(padded) == (2 if w < 224 else 3)
+        np.testing.assert_array_equal(padded[-1], whole)
+        assert not np.allclose(padded[0], whole)  # native pixels (tests/test_intake.py checks the padding)
+    big = _decoded(300, 224)  # a short side of exactly a crop: native crops, whatever small_image says
+    assert len(prepare_views(big, InputContract(size=224, fit="crop", crops=2, small_image="resize"))) == 2
+    with pytest.raises(ValueError, match="small_image must be"):
+        InputContract(fit="crop", small_image="shrink")  # type: ignore[arg-type]
+
+
 class ViewMean:
     """A backend whose logit for a view is its mean pixel: aggregation is then checkable by hand."""
 

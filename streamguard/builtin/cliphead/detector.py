@@ -11,7 +11,7 @@ import hashlib
 import importlib
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,7 +94,7 @@ class ClipHeadDetector:
         ``crops2+whole``, ... as `with_views` names them); `default_view` when unset. Refuses an unknown name."""
         view = settings.detectors.options.get(self.name, {}).get("views", self.default_view)
         try:
-            with_views(CONTRACT, view)
+            served_contract(view)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"detectors.options.{self.name}.views: {exc}") from None
         return str(view)
@@ -167,13 +167,20 @@ class ClipHeadDetector:
             name=self.name,
             version=self.version(directory, self.computation(settings), view),
             load=inprocess_loader(build),
-            contract=with_views(CONTRACT, view),
+            contract=served_contract(view),
             calibration=Calibration.load(directory),
             weights_dir=directory,
             description=self.description,
             triton_model=self.name,  # `streamguard triton build` names the model after the detector
             trunk=self.trunk(settings, directory),
         )
+
+
+def served_contract(view: str) -> InputContract:
+    """`CONTRACT` under a view name (`with_views`). The heads are trained on resized views, so an image too small
+    for a native crop is judged on its resized view, not on a mirror-padded tile of itself."""
+    contract = with_views(CONTRACT, view)
+    return replace(contract, small_image="resize") if contract.fit == "crop" else contract
 
 
 def head_reads(path: Path) -> str:
