@@ -302,8 +302,8 @@ def test_loso_measures_univfd_on_every_blocks_class_token(dataset: Path, backbon
     # every held-out image under it, then pooled from those scores instead of the resized view's.
     args = [*args[:args.index("--method")], "--method", "univfd-blocks", "--folds", "2", "--no-progress"]
 
-    def under(view: str) -> Result:
-        return CliRunner().invoke(cli, [*args, "--view", view, "--report", f"{view}.json"], env=_env(backbone))
+    def under(view: str, *extra: str) -> Result:
+        return CliRunner().invoke(cli, [*args, "--view", view, "--report", f"{view}.json", *extra], env=_env(backbone))
 
     loso_variants(dataset, tmp_path / "loso", backbone, "--method", "univfd-blocks", "--variant", "crops2",
                   "--limit-per-group", "1")
@@ -312,11 +312,24 @@ def test_loso_measures_univfd_on_every_blocks_class_token(dataset: Path, backbon
     assert "no scores under view crops3" in under("crops3").output
     assert "views must be resize, cropsN" in under("crops").output
     loso_variants(dataset, tmp_path / "loso", backbone, "--method", "univfd-blocks", "--variant", "crops2")
-    result = under("crops2")
+    # Compared with another report's fused verdict on the same images, paired; a report written before the
+    # per-image scores were recorded is refused with what to do.
+    old = {k: v for k, v in report.items() if k != "fused_scores"}
+    (tmp_path / "loso" / "old.json").write_text(json.dumps(old))
+    assert "run its `streamguard train loso` command again" in under("crops2", "--against", "old.json").output
+    result = under("crops2", "--against", "loso.json")
     assert result.exit_code == 0, f"{result.output}\n{result.stderr}\n{result.exception!r}"
     fold = tmp_path / "loso" / "univfd-blocks" / report["folds"][0]["name"]
     assert json.loads((fold / "held_out.crops2.json").read_text())["version"].endswith("@crops2")  # as served
     crops = json.loads((tmp_path / "loso" / "crops2.json").read_text())
+    against = crops["against"]["loso.json"]
+    assert against["images"] == report["images"] == len(crops["fused_scores"])
+    assert against["balanced_auc"] == crops["detectors"]["fused"]["balanced_auc"]
+    assert against["other_balanced_auc"] == report["detectors"]["fused"]["balanced_auc"]
+    difference = against["difference"]
+    assert difference["low"] <= difference["value"] <= difference["high"]
+    assert difference["value"] == pytest.approx(against["balanced_auc"] - against["other_balanced_auc"], abs=2e-4)
+    assert "Against loso.json" in result.stdout
     assert crops["view"] == "crops2" and crops["images"] == report["images"]
     scored = [s for fold in report["folds"] for s in load_variant_scores(
         tmp_path / "loso" / "univfd-blocks" / fold["name"], "crops2")]

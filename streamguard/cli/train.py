@@ -289,6 +289,9 @@ def train_nirnet_command(app: AppContext, branches: str, no_simulator: bool, pro
                    "(the shipped mpft on a newer data root): pooled with the fold scores; the report then covers "
                    "the images every detector scored.")
 @click.option("--report", "report_name", default="loso.json", show_default=True, help="Report file name in --out.")
+@click.option("--against", "against", multiple=True, metavar="REPORT",
+              help="Another report in --out (e.g. loso.json) whose fused verdict this one's is compared with on the "
+                   "images both scored: balanced AUCs and their difference with a paired 95% interval.")
 @click.option("--view", default="resize", show_default=True,
               help="Pool the fold models' scores under this view (cropsN, cropsN+whole; `train loso-variants "
                    "--variant VIEW` scores them) to choose the fusion and policy of detectors served with "
@@ -298,7 +301,7 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
                        methods: tuple[str, ...], folds: int | None, fold_names: tuple[str, ...], seed: int,
                        limit_per_group: int | None, epochs: int, max_false_flag: float, max_false_clear: float,
                        device: str, cache_dir: Path, progress: bool | None, unseen_scores: tuple[str, ...],
-                       report_name: str, view: str) -> None:
+                       report_name: str, against: tuple[str, ...], view: str) -> None:
     """Leave-one-source-out validation: per-source results on unseen sources, fusion weights and thresholds."""
     require("`streamguard train loso`", "inprocess", "eval")
     from streamguard.training.loso import DEFAULT_METHODS, LosoConfig, run_loso
@@ -309,7 +312,7 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
                          cache_dir=cache_dir, progress=progress if progress is not None else sys.stderr.isatty(),
                          max_false_flag=max_false_flag, max_false_clear=max_false_clear, fold_names=fold_names,
                          unseen_scores=tuple(_named_path(v) for v in unseen_scores), report_name=report_name,
-                         view=view)
+                         view=view, against=against)
         report = run_loso(app.settings, cfg)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -416,4 +419,9 @@ def render_loso(report: dict[str, Any]) -> str:
               "|---|---|---|---|"]
     for group, row in report["detectors"][final]["groups"].items():
         lines.append(f"| {group} | {row['ai_generated']} | {row['uncertain']} | {row['real']} |")
+    for name, compared in report.get("against", {}).items():
+        d = compared["difference"]
+        lines += ["", (f"Against {name} ({compared['images']} images): balanced AUC {compared['balanced_auc']} against "
+                       f"{compared['other_balanced_auc']}, {d['value']:+.4f} [paired 95%: {d['low']:+.4f}, "
+                       f"{d['high']:+.4f}].")]
     return "\n".join(lines)

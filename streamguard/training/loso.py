@@ -173,6 +173,8 @@ class LosoConfig:
     # The view the fold models' scores are pooled under (`train loso-variants --variant VIEW` scored them): the
     # fusion and thresholds of detectors served with `detectors.options.<name>.views`.
     view: str = RESIZE
+    # Other reports in ``out`` whose fused verdict this one's is compared with, paired on the images both scored.
+    against: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in LOSO_METHODS + CANDIDATE_METHODS]
@@ -400,6 +402,7 @@ def build_report(cfg: LosoConfig, folds: Sequence[Fold], pools: dict[str, str] |
         detectors["fused-equal"] = summarise(scored, equal, thresholds.ai_threshold, thresholds.real_threshold)
     # What the product publishes, even from one detector: the recalibrated score the thresholds were chosen on.
     detectors["fused"] = summarise(scored, fused, thresholds.ai_threshold, thresholds.real_threshold)
+    fused_scores = {i: round(float(p), 6) for i, p in zip(ids, fused, strict=True)}
     return {
         "folds": [asdict(f) for f in folds],
         "pools": {g: p for g, p in sorted((pools or {}).items()) if g != p},
@@ -419,9 +422,33 @@ def build_report(cfg: LosoConfig, folds: Sequence[Fold], pools: dict[str, str] |
         "detectors": detectors,
         # Balanced AUCs and every pairwise difference, with 95% intervals from resampling images in their groups.
         "auc_intervals": {k: asdict(v) for k, v in bootstrap_auc(scored).items()},
+        "against": {name: compare_fused(cfg, name, scored, fused_scores) for name in cfg.against},
         "settings": {
             "fusion": {"weights": _mean_one(weights.weights) if weights else {methods[0]: 1.0},
                        "scale": calibration.scale, "bias": calibration.bias},
             "policy": {"ai_threshold": thresholds.ai_threshold, "real_threshold": thresholds.real_threshold},
         },
+        # Per image, the probability the policy was applied to: what a later report is compared with, paired.
+        "fused_scores": fused_scores,
     }
+
+
+def compare_fused(cfg: LosoConfig, name: str, scored: Scored, fused: dict[str, float]) -> dict[str, Any]:
+    """This report's fused verdict against report ``name``'s (another view, other detectors or weights) on the
+    images both scored: each balanced AUC and the difference, with a paired bootstrap interval."""
+    path = cfg.out / name
+    other = json.loads(path.read_text()).get("fused_scores")
+    if other is None:
+        raise ValueError(f"{path} records no per-image fused scores (written before they were): run its "
+                         f"`streamguard train loso` command again")
+    ids = sorted(fused)
+    position = {i: k for k, i in enumerate(ids)}
+    common = [i for i in ids if i in other]
+    if not common:
+        raise ValueError(f"{path} scored none of this report's images")
+    rows = np.array([position[i] for i in common])
+    paired = Scored(scored.labels[rows], tuple(scored.groups[k] for k in rows),
+                    {"this": np.array([fused[i] for i in common]), "other": np.array([other[i] for i in common])})
+    intervals = bootstrap_auc(paired)
+    return {"images": len(common), "balanced_auc": intervals["this"].value, "other_balanced_auc":
+            intervals["other"].value, "difference": asdict(intervals["this - other"])}
