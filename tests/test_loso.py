@@ -183,7 +183,9 @@ def test_loso_end_to_end(dataset: Path, backbone: Path, tmp_path: Path) -> None:
         assert {r["id"]: pytest.approx(expected[r["id"]], abs=1e-4) for r in again} == expected
         crops = json.loads((out / "univfd" / fold["name"] / "held_out.crops2_whole.json").read_text())["scores"]
         assert sorted(r["id"] for r in crops) == sorted(expected)
-        assert any(abs(r["logit"] - expected[r["id"]]) > 1e-3 for r in crops)  # other pixels, other scores
+        # These images are 64-96 px, too small for a 224-px crop: univfd judges them on their resized view, in
+        # the LOSO machinery as in the worker (tests/test_trunk.py scores real crops).
+        assert {r["id"]: pytest.approx(r["logit"], abs=1e-4) for r in crops} == expected
     assert set(compared["variants"]["crops2+whole"]["accuracy_change"]) == {g for g, _ in GROUPS}
     for name in ("crops2+whole", "resize@jpeg75"):  # a paired interval around each change
         low, high = compared["variants"][name]["auc_change_interval"]

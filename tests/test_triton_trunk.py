@@ -117,16 +117,18 @@ def test_the_ensemble_scores_as_in_process_with_one_trunk_pass_per_image(triton:
 
 
 def test_a_view_is_chosen_by_the_client_and_scored_on_the_same_ensemble(triton: TritonService) -> None:
-    """``detectors.options.univfd.views``: the crops are cut in the worker and go to the ensemble as images of their
-    own; the ensemble, built for the resized view, still serves the version before the ``@``."""
+    """``detectors.options.<name>.views``: the crops are cut in the worker and go to the ensemble as images of their
+    own; the ensemble serves the version before the ``@`` whatever the views."""
     jobs = [ImageJob(f"wide{i}", _jpeg(i, (420, 260))) for i in range(2)]
-    options = {"univfd": {"views": "crops2"}}
+    options = {"univfd": {"views": "crops2+whole"}, "pin-clip": {"views": "crops2"}}  # mpft: the resized view
     with _scorer(options=options) as local:
         expected = local.score(jobs)
     remote_settings = {"url": triton.grpc_address, "trunk_model": ENSEMBLE_MODEL, "request_timeout_s": 120}
     with _scorer(backend="triton", triton=remote_settings, options=options) as remote:
         assert all(r.load_error is None for r in remote.runners)
-        assert remote.model_versions["univfd"].endswith("@crops2") and "@" not in remote.model_versions["mpft"]
+        versions = remote.model_versions
+        assert versions["univfd"].endswith("@crops2+whole") and versions["pin-clip"].endswith("@crops2")
+        assert "@" not in versions["mpft"]
         got = remote.score(jobs)
     for want, have in zip(expected, got, strict=True):
         assert want.verdict is not None and have.verdict is not None
