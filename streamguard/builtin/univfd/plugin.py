@@ -17,7 +17,7 @@ DETECTOR = ClipHeadDetector(
     name="univfd",
     default_weights=Path(__file__).parent / "weights",
     adapters=False,
-    description="UnivFD baseline: linear probe on the frozen CLIP ViT image embedding.",
+    description="UnivFD baseline: linear probe on the frozen CLIP ViT, reading every block's class token (RINE).",
 )
 NAME = DETECTOR.name
 WEIGHTS_DIR = DETECTOR.default_weights
