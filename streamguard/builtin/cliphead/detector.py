@@ -59,7 +59,6 @@ class ClipHeadDetector:
     default_weights: Path
     adapters: bool
     description: str
-    default_view: str = RESIZE  # the views it scores unless `detectors.options.<name>.views` says otherwise
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -91,8 +90,8 @@ class ClipHeadDetector:
 
     def view(self, settings: Settings) -> str:
         """``detectors.options.<name>.views``, the views of an image it scores (``resize``, ``crops2``,
-        ``crops2+whole``, ... as `with_views` names them); `default_view` when unset. Refuses an unknown name."""
-        view = settings.detectors.options.get(self.name, {}).get("views", self.default_view)
+        ``crops2+whole``, ... as `with_views` names them); ``resize`` when unset. Refuses an unknown name."""
+        view = settings.detectors.options.get(self.name, {}).get("views", RESIZE)
         try:
             served_contract(view)
         except (TypeError, ValueError) as exc:
