@@ -80,7 +80,9 @@ class DetectorSettings(_Section):
     breaker_reset_s: float = Field(30.0, gt=0, description="How long an open breaker refuses calls.")
     device: str = Field("cpu", description="torch device of the in-process backend.")
     options: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="Per-detector options, keyed by detector name."
+        default_factory=dict, description="Per-detector options, keyed by detector name. The built-in CLIP "
+        "detectors take weights_dir and views (resize, the default; cropsN or cropsN+whole: native crops whose "
+        "logits are averaged, not what the default fusion was chosen on)."
     )
     backend: Backend = Field(
         "inprocess", description="Where detectors run: in this process (torch) or on a Triton server (see [triton])."
