@@ -38,12 +38,7 @@ from streamguard.evaluation.selection import (
     verdict_rates,
 )
 from streamguard.intake.contract import RESIZE, InputContract, with_views
-from streamguard.training.held_out import (
-    HELD_OUT_FILE,
-    HeldOutScore,
-    load_held_out,
-    load_variant_scores,
-)
+from streamguard.training.held_out import HELD_OUT_FILE, HeldOutScore, load_held_out, load_variant_scores
 from streamguard.training.nirnet.recipe import ABLATIONS as NIRNET_ABLATIONS
 
 log = structlog.get_logger(__name__)
@@ -285,7 +280,8 @@ def pooled_scores(cfg: LosoConfig, method: str, folds: Sequence[Fold]) -> list[H
     return out
 
 
-def _under_view(view: str, method: str, fold: Fold, directory: Path, wanted: list[HeldOutScore]) -> list[HeldOutScore]:
+def _under_view(view: str, method: str, fold: Fold, directory: Path,
+                wanted: list[HeldOutScore]) -> list[HeldOutScore]:
     """``wanted``'s images as the fold's model scored them under ``view``: every one of them, or a refusal (a
     subsample would choose the policy on fewer images than the resized view's report)."""
     hint = f"`streamguard train loso-variants ... --method {method} --variant {view}` (no --limit-per-group)"

@@ -31,12 +31,7 @@ from streamguard.evaluation.datasets import Sample
 from streamguard.evaluation.selection import Scored, balanced_auc, bootstrap_auc, fuse, verdict_rates
 from streamguard.intake import InputContract
 from streamguard.intake.contract import with_views
-from streamguard.training.held_out import (
-    HeldOutScore,
-    load_held_out,
-    load_variant_scores,
-    variant_file,
-)
+from streamguard.training.held_out import HeldOutScore, load_held_out, load_variant_scores, variant_file
 from streamguard.training.loso import Fold, LosoConfig, fold_dir, score_logit
 from streamguard.training.nirnet.recipe import ABLATIONS as NIRNET_ABLATIONS
 
@@ -90,8 +85,6 @@ def parse_variant(text: str) -> Variant:
     return Variant(view, perturb or "none", serving or "fp32")
 
 
-
-
 def score_variant(settings: Settings, cfg: LosoConfig, method: str, fold: Fold, variant: Variant,
                   samples: dict[str, Sample], limit: set[str] | None = None) -> list[HeldOutScore]:
     """The fold's held-out images (outside the test split, within ``limit`` when given) scored under
@@ -118,6 +111,7 @@ def _score(settings: Settings, method: str, directory: Path, variant: Variant, w
     """The model version that scored, and ``wanted`` with the logits it gave under ``variant``."""
     import time
 
+    from streamguard.builtin.cliphead import ClipHeadDetector
     from streamguard.config import DetectorSettings
     from streamguard.detectors.runner import DetectorRunner
     from streamguard.detectors.trunk import SharedTrunks
@@ -125,8 +119,6 @@ def _score(settings: Settings, method: str, directory: Path, variant: Variant, w
     from streamguard.evaluation.perturb import perturb
     from streamguard.intake import decode_image
     from streamguard.scoring import _input
-
-    from streamguard.builtin.cliphead import ClipHeadDetector
 
     detector = _detectors()[method]
     # A CLIP head takes the view as the worker would (`detectors.options.<name>.views`, its version naming it);
