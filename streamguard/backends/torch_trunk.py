@@ -11,7 +11,7 @@ import torch
 
 from streamguard.backbone import ClipImageEncoder, vit
 from streamguard.backbone.precision import REFERENCE, apply_precision
-from streamguard.detectors.spec import CLASS_TOKENS, BranchPoint
+from streamguard.detectors.spec import CLASS_TOKENS, BranchPoint, check_branch_point
 
 
 class EncoderTrunk:
@@ -66,9 +66,8 @@ class ClipTrunk(EncoderTrunk):
 def resolve_block(encoder: ClipImageEncoder, branch_block: BranchPoint | None) -> BranchPoint:
     """The block index a `TrunkSpec.branch_block` means on ``encoder``: None is after its last block;
     `CLASS_TOKENS` stays what it is."""
-    if isinstance(branch_block, str):
-        if branch_block != CLASS_TOKENS:
-            raise ValueError(f"branch_block {branch_block!r} is neither a block nor {CLASS_TOKENS!r}")
+    check_branch_point(branch_block)
+    if branch_block == CLASS_TOKENS:
         return CLASS_TOKENS
     total = vit.num_layers(encoder)
     block = total if branch_block is None else branch_block

@@ -121,11 +121,16 @@ class TrunkSpec:
     load_head: Callable[[BranchContext], Any]
 
     def __post_init__(self) -> None:
-        if self.branch_block == CLASS_TOKENS:
-            return
-        if self.branch_block is not None and (not isinstance(self.branch_block, int) or self.branch_block < 0):
-            raise ValueError(f"branch_block counts blocks from the input (or is {CLASS_TOKENS!r}) and cannot be "
-                             f"{self.branch_block!r}")
+        check_branch_point(self.branch_block)
+
+
+def check_branch_point(point: BranchPoint | None) -> None:
+    """Refuse what is no branch point: a negative block index, or a name other than `CLASS_TOKENS`."""
+    if point is None or point == CLASS_TOKENS:
+        return
+    if not isinstance(point, int) or point < 0:
+        raise ValueError(f"branch_block counts blocks from the input (or is {CLASS_TOKENS!r}) and cannot be "
+                         f"{point!r}")
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from streamguard.detectors.calibration import sigmoid
 from streamguard.evaluation.datasets import Sample
 from streamguard.evaluation.selection import Scored, balanced_auc, bootstrap_auc, fuse, verdict_rates
 from streamguard.intake import InputContract
-from streamguard.intake.contract import with_views
+from streamguard.intake.contract import RESIZE, with_views
 from streamguard.training.held_out import HeldOutScore, load_held_out, load_variant_scores, variant_file
 from streamguard.training.loso import Fold, LosoConfig, fold_dir, score_logit
 from streamguard.training.nirnet.recipe import ABLATIONS as NIRNET_ABLATIONS
@@ -47,7 +47,7 @@ class Variant:
     ``-trimmed`` for a trimmed mean of the views' logits; ``perturb``: a perturbation name or ``none``;
     ``serving``: one of `SERVINGS` (fp32 is the detector's own unshared model, the reference)."""
 
-    view: str = "resize"
+    view: str = RESIZE
     perturb: str = "none"
     serving: str = "fp32"
 
@@ -55,7 +55,7 @@ class Variant:
         with_views(InputContract(), self.view)  # refuses an unknown view name
         if self.serving not in SERVINGS:
             raise ValueError(f"unknown serving {self.serving!r} (one of {', '.join(SERVINGS)})")
-        if self.serving != "fp32" and self.view != "resize":
+        if self.serving != "fp32" and self.view != RESIZE:
             # The shared trunk runs the backbone's own contract: another view would not be what is served.
             raise ValueError(f"serving {self.serving} scores the resize view only, not {self.view}")
 

@@ -19,7 +19,7 @@ from streamguard.backbone import ClipImageEncoder, vit
 from streamguard.backbone.lora import Adapters, LoraMismatch, merge_adapters, read_adapters
 from streamguard.backbone.precision import REFERENCE, PrecisionUnsupported, apply_precision, quantize_encoder
 from streamguard.builtin.cliphead.detector import HEAD_FILE, LORA_FILE, ClipHeadDetector
-from streamguard.detectors.spec import CLASS_TOKENS, BranchPoint
+from streamguard.detectors.spec import CLASS_TOKENS, BranchPoint, check_branch_point
 
 
 class HeadMismatch(ValueError):
@@ -176,10 +176,9 @@ def build_branch(detector: ClipHeadDetector, encoder: ClipImageEncoder, director
     which stays untouched: the blocks from the branch on are copied, the adapters merged into the copies, and
     the copies converted to ``precision`` (the trunk's, so that the head computes what its whole model would).
     At `CLASS_TOKENS` the head is its probe alone, on the class tokens the trunk gathers."""
+    check_branch_point(branch_block)
     if branch_block == CLASS_TOKENS:
         return load_class_token_head(detector, directory, encoder).to(encoder.model.device)
-    if isinstance(branch_block, str):
-        raise ValueError(f"branch_block {branch_block!r} is neither a block nor {CLASS_TOKENS!r}")
     total = vit.num_layers(encoder)
     start = total if branch_block is None else branch_block
     probe = load_probe(detector, directory, encoder.embed_dim).to(encoder.model.device)
