@@ -341,6 +341,66 @@ def test_loso_measures_univfd_on_every_blocks_class_token(dataset: Path, backbon
         assert (rates["n"], rates["accuracy_at_0.5"]) == (len(mine), pytest.approx(right / len(mine), abs=1e-4))
 
 
+@pytest.fixture(scope="module")
+def wide_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The four groups at 288 px: wide enough for two distinct 224-px native crops of most images."""
+    def images() -> Iterator[tuple[str, str, str, int, Image.Image]]:
+        seed = 7000
+        for name, label in GROUPS:
+            for split, count in COUNTS.items():
+                for _ in range(count):
+                    seed += 1
+                    yield name, label, split, seed, (smooth(seed, size=288) if label == "real"
+                                                     else textured(seed, size=288, block=1 if name == "noisegen" else 4))
+
+    return write_dataset(tmp_path_factory.mktemp("loso-wide"), images())
+
+
+def test_loso_trains_the_probe_on_a_crop_view(wide_dataset: Path, backbone: Path, tmp_path: Path) -> None:
+    """`--train-view crops2`: every native crop of an augmented image is a training row, the fold run is its
+    own (recorded, not a resized run's), and the held-out images are scored under that view as the served
+    detector scores them (`loso-variants --variant crops2` gives the same logits), besides resized."""
+    from streamguard.training.univfd import Embedded
+
+    out, cache = tmp_path / "loso", tmp_path / "cache"
+    args = ["train", "loso", "--data", str(wide_dataset), "--loso-data", str(wide_dataset), "--out", str(out),
+            "--cache-dir", str(cache), "--method", "univfd-blocks", "--folds", "2", "--no-progress"]
+    result = CliRunner().invoke(cli, [*args, "--train-view", "crops2"], env=_env(backbone))
+    assert result.exit_code == 0, f"{result.output}\n{result.stderr}\n{result.exception!r}"
+    trains = [np.load(path) for path in cache.glob("clip-blocks-train-*.npz")]
+    assert len(trains) == 1
+    owner, ids = trains[0]["owner"], trains[0]["ids"]
+    assert len(ids) < len(owner) <= 2 * len(ids)  # two crops, one row where a rescale left no native crop
+    assert sorted(set(owner.tolist())) == list(range(len(ids)))
+    report = json.loads((out / "loso.json").read_text())
+    trained: dict[str, float] = {}
+    for fold in report["folds"]:
+        directory = out / "univfd-blocks" / fold["name"]
+        assert json.loads((directory / "loso_run.json").read_text())["train_view"] == "crops2"
+        assert json.loads((directory / "training.json").read_text())["view"] == "crops2"
+        assert json.loads((directory / "held_out.crops2.json").read_text())["version"].endswith("@crops2")
+        mine = {s.id: s.logit for s in load_variant_scores(directory, "crops2") if s.split != "test"}
+        assert mine.keys() == {s.id for s in load_held_out(directory)[1] if s.split != "test"}
+        trained |= mine
+        (directory / "held_out.crops2.json").unlink()
+    loso_variants(wide_dataset, out, backbone, "--method", "univfd-blocks", "--variant", "crops2")
+    served = {s.id: s.logit for fold in report["folds"]
+              for s in load_variant_scores(out / "univfd-blocks" / fold["name"], "crops2")}
+    assert served == pytest.approx(trained, abs=1e-4)
+    # The same settings again keep the folds; the resized view is another run.
+    logged = _env(backbone, STREAMGUARD_LOG__LEVEL="info")
+    again = CliRunner().invoke(cli, [*args, "--train-view", "crops2"], env=logged)
+    assert again.exit_code == 0 and _events(again, "loso.fold_done_before") and not _events(again, "loso.fold_start")
+    resized = CliRunner().invoke(cli, args, env=logged)
+    assert resized.exit_code == 0 and len(_events(resized, "loso.fold_start")) == len(report["folds"])
+    assert "train_view" not in json.loads((out / "univfd-blocks" / report["folds"][0]["name"] / "loso_run.json").read_text())
+    refused = CliRunner().invoke(cli, [*args, "--method", "mpft", "--train-view", "crops2"], env=_env(backbone))
+    assert refused.exit_code != 0 and "a training view other than resize is for the probe methods" in refused.output
+    # An image's logit is the mean of its views'.
+    split = Embedded(np.zeros((3, 1)), np.array([0, 0, 1]), ["a", "b"])
+    assert split.per_image(np.array([1.0, 3.0, -2.0])).tolist() == [2.0, -2.0]
+
+
 def test_loso_refuses_held_out_data_it_does_not_train_on(dataset: Path, backbone: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["train", "loso", "--data", str(dataset), "--loso-data", str(tmp_path),
                                       "--out", str(tmp_path / "o")], env=_env(backbone))

@@ -292,6 +292,9 @@ def train_nirnet_command(app: AppContext, branches: str, no_simulator: bool, pro
 @click.option("--against", "against", multiple=True, metavar="REPORT",
               help="Another report in --out (e.g. loso.json) whose fused verdict this one's is compared with on the "
                    "images both scored: balanced AUCs and their difference with a paired 95% interval.")
+@click.option("--train-view", default="resize", show_default=True,
+              help="The view the probe methods learn from (cropsN, cropsN+whole): each view of an augmented image "
+                   "is a training row, and validation scores an image by the mean logit of its views.")
 @click.option("--view", default="resize", show_default=True,
               help="Pool the fold models' scores under this view (cropsN, cropsN+whole; `train loso-variants "
                    "--variant VIEW` scores them) to choose the fusion and policy of detectors served with "
@@ -301,7 +304,7 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
                        methods: tuple[str, ...], folds: int | None, fold_names: tuple[str, ...], seed: int,
                        limit_per_group: int | None, epochs: int, max_false_flag: float, max_false_clear: float,
                        device: str, cache_dir: Path, progress: bool | None, unseen_scores: tuple[str, ...],
-                       report_name: str, against: tuple[str, ...], view: str) -> None:
+                       report_name: str, against: tuple[str, ...], view: str, train_view: str) -> None:
     """Leave-one-source-out validation: per-source results on unseen sources, fusion weights and thresholds."""
     require("`streamguard train loso`", "inprocess", "eval")
     from streamguard.training.loso import DEFAULT_METHODS, LosoConfig, run_loso
@@ -312,7 +315,7 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
                          cache_dir=cache_dir, progress=progress if progress is not None else sys.stderr.isatty(),
                          max_false_flag=max_false_flag, max_false_clear=max_false_clear, fold_names=fold_names,
                          unseen_scores=tuple(_named_path(v) for v in unseen_scores), report_name=report_name,
-                         view=view, against=against)
+                         view=view, train_view=train_view, against=against)
         report = run_loso(app.settings, cfg)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None

@@ -42,8 +42,9 @@ def held_out_scores(samples: Sequence[Sample], raw_logits: np.ndarray, calibrati
             for s, z in zip(samples, raw_logits, strict=True)]
 
 
-def save_held_out(out: Path, scores: Sequence[HeldOutScore], holdout: dict[str, list[str]], version: str) -> Path:
-    path = out / HELD_OUT_FILE
+def save_held_out(out: Path, scores: Sequence[HeldOutScore], holdout: dict[str, list[str]], version: str,
+                  name: str = HELD_OUT_FILE) -> Path:
+    path = out / name
     payload = {"version": version, "holdout": holdout, "scores": [asdict(s) for s in scores]}
     path.write_text(json.dumps(payload, indent=1) + "\n")
     return path

@@ -168,6 +168,8 @@ class LosoConfig:
     # The view the fold models' scores are pooled under (`train loso-variants --variant VIEW` scored them): the
     # fusion and thresholds of detectors served with `detectors.options.<name>.views`.
     view: str = RESIZE
+    # The view the probe methods learn from (`TrainConfig.view`); their held_out.json is scored resized still.
+    train_view: str = RESIZE
     # Other reports in ``out`` whose fused verdict this one's is compared with, paired on the images both scored.
     against: tuple[str, ...] = ()
 
@@ -181,6 +183,9 @@ class LosoConfig:
         if missing:
             raise ValueError(f"held-out data must also be training data: {missing}")
         with_views(InputContract(), self.view)  # refuses a name that is no view
+        with_views(InputContract(), self.train_view)
+        if self.train_view != RESIZE and any(m not in PROBE_METHODS for m in self.methods):
+            raise ValueError(f"a training view other than {RESIZE} is for the probe methods {PROBE_METHODS}")
 
 
 def fold_dir(cfg: LosoConfig, method: str, fold: Fold) -> Path:
@@ -190,8 +195,10 @@ def fold_dir(cfg: LosoConfig, method: str, fold: Fold) -> Path:
 def run_settings(cfg: LosoConfig, method: str) -> dict[str, Any]:
     """What a fold's run depends on besides its hold-out. A rerun into the same --out under other settings
     (another --limit-per-group sample, more epochs) trains again instead of pooling the old run's scores."""
-    return {"method": method, "data": list(cfg.data), "seed": cfg.seed, "limit_per_group": cfg.limit_per_group,
-            "epochs": None if method in PROBE_METHODS else cfg.epochs}
+    settings = {"method": method, "data": list(cfg.data), "seed": cfg.seed, "limit_per_group": cfg.limit_per_group,
+                "epochs": None if method in PROBE_METHODS else cfg.epochs}
+    # Recorded only when not resized, so the folds trained before training views existed stay valid.
+    return settings | ({"train_view": cfg.train_view} if cfg.train_view != RESIZE else {})
 
 
 def _finished(cfg: LosoConfig, method: str, fold: Fold, say: bool = True) -> list[HeldOutScore] | None:
@@ -234,7 +241,7 @@ def train_fold(settings: Settings, cfg: LosoConfig, method: str, fold: Fold) -> 
             data=cfg.data, out=directory, seed=cfg.seed, limit_per_group=cfg.limit_per_group, device=cfg.device,
             cache_dir=cfg.cache_dir, holdout_generators=fold.generators, holdout_sources=fold.sources,
             backbone={"univfd": "clip", "univfd-blocks": "clip-blocks", "dinov2-probe": "dinov2",
-                      "rigid": "rigid"}[method]))  # type: ignore[arg-type]
+                      "rigid": "rigid"}[method], view=cfg.train_view))  # type: ignore[arg-type]
     elif method == "nirnet" or method in NIRNET_ABLATIONS:
         from streamguard.training.nirnet.recipe import NirnetRecipe
         from streamguard.training.nirnet.train import train_nirnet

@@ -13,7 +13,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -32,9 +32,10 @@ from streamguard.config import Settings
 from streamguard.detectors.calibration import Calibration
 from streamguard.detectors.spec import CLASS_TOKENS
 from streamguard.intake import InputContract, decode_image, prepare
+from streamguard.intake.contract import RESIZE, decode_side, prepare_views, with_views
 from streamguard.training.artifacts import save_probe
 from streamguard.training.data import AUGMENT_VERSION, augment, split_samples
-from streamguard.training.held_out import HELD_OUT_FILE, held_out_scores, save_held_out
+from streamguard.training.held_out import HELD_OUT_FILE, held_out_scores, save_held_out, variant_file
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +59,11 @@ class TrainConfig:
     # "rigid": RIGID's training-free score (He et al. 2024) on the DINOv2 features, fitted to a logit alone.
     # "clip-blocks": the class token of every CLIP block, as RINE (Koutlis & Papadopoulos 2024) reads them.
     backbone: Literal["clip", "clip-blocks", "dinov2", "rigid"] = "clip"
+    # The view the probe learns from and is calibrated on (`with_views`: resize, cropsN, cropsN+whole): each
+    # view of an augmented image is a training row, and an image's logit is the mean over its views, as a
+    # detector served with `detectors.options.<name>.views` scores it. Held-out images are scored resized
+    # (held_out.json) whatever the view: `train loso-variants --variant VIEW` scores them under it.
+    view: str = RESIZE
 
 
 RIGID_NOISE = 0.05  # std of the Gaussian pixel noise, in [0, 1] pixel units
@@ -116,23 +122,58 @@ def block_classes(clip: ClipImageEncoder, pixels: torch.Tensor) -> torch.Tensor:
     return class_token_features(vit.class_tokens(clip, pixels), clip.hidden_size)
 
 
+@dataclass(frozen=True)
+class Embedded:
+    """A split's embeddings: one row per view, ``owner`` the index in ``samples`` of the image a row is a view
+    of (one row per image under the resized view)."""
+
+    x: np.ndarray
+    owner: np.ndarray
+    samples: list  # type: ignore[type-arg]
+
+    @property
+    def y(self) -> np.ndarray:
+        return np.asarray([s.label for s in self.samples], np.int64)
+
+    @property
+    def row_y(self) -> np.ndarray:
+        return self.y[self.owner]
+
+    def per_image(self, row_logits: np.ndarray) -> np.ndarray:
+        """Each image's logit: the mean of its views' (`aggregate_logits`' mean, as served)."""
+        sums = np.bincount(self.owner, weights=row_logits, minlength=len(self.samples))
+        return sums / np.maximum(np.bincount(self.owner, minlength=len(self.samples)), 1)
+
+    def without(self, ids: set[str]) -> Embedded:
+        keep = [i for i, s in enumerate(self.samples) if s.id not in ids]
+        renumber = np.full(len(self.samples), -1, np.int64)
+        renumber[keep] = np.arange(len(keep))
+        rows = renumber[self.owner] >= 0
+        return Embedded(self.x[rows], renumber[self.owner[rows]], [self.samples[i] for i in keep])
+
+
 def embed(samples: Sequence, settings: Settings, cfg: TrainConfig, encoder: Frozen,  # type: ignore[type-arg]
-          tag: str, augmented: bool | None = None) -> tuple[np.ndarray, np.ndarray, list]:  # type: ignore[type-arg]
-    """Embeddings of ``samples`` (augmented per sample, seeded, unless ``augmented`` is False), cached on disk by
-    content of the request."""
+          tag: str, augmented: bool | None = None, view: str = RESIZE) -> Embedded:
+    """Embeddings of ``samples`` (augmented per sample, seeded, unless ``augmented`` is False) under ``view``,
+    cached on disk by content of the request."""
     from streamguard.evaluation import read_samples
 
     augmented = cfg.augment if augmented is None else augmented
-    key = hashlib.sha256(json.dumps(
-        [tag, cfg.seed, augmented and AUGMENT_VERSION, encoder.version, [s.id for s in samples]]
-    ).encode()).hexdigest()[:16]
+    # The resized view keeps the key it had before views existed, so earlier caches stay valid.
+    request = [tag, cfg.seed, augmented and AUGMENT_VERSION, encoder.version, [s.id for s in samples]]
+    key = hashlib.sha256(json.dumps(request + ([view] if view != RESIZE else [])).encode()).hexdigest()[:16]
     cache = cfg.cache_dir / f"{'univfd' if cfg.backbone == 'clip' else cfg.backbone}-{tag}-{key}.npz"
     if cache.is_file():
         stored = np.load(cache, allow_pickle=False)
         kept = set(stored["ids"].tolist())
-        return stored["x"], stored["y"], [s for s in samples if s.id in kept]
+        kept_samples = [s for s in samples if s.id in kept]
+        owner = stored["owner"] if "owner" in stored else np.arange(len(kept_samples))
+        return Embedded(stored["x"], owner, kept_samples)
+    # A crop view as the served heads cut it (`served_contract`), for the frozen encoder's input.
+    contract = (replace(with_views(encoder.contract, view), small_image="resize") if view != RESIZE
+                else encoder.contract)
     xs: list[np.ndarray] = []
-    ys: list[int] = []
+    owners: list[int] = []
     kept_samples = []
     batch: list[np.ndarray] = []
     started = time.perf_counter()
@@ -146,28 +187,26 @@ def embed(samples: Sequence, settings: Settings, cfg: TrainConfig, encoder: Froz
         rng = random.Random(f"{cfg.seed}:{sample.id}")
         try:
             raw = augment(data, rng) if augmented else data
-            batch.append(prepare(decode_image(raw, settings.intake, encoder.contract.size), encoder.contract))
+            image = decode_image(raw, settings.intake, decode_side([contract]))
+            views = prepare_views(image, contract) if contract.multiview else prepare(image, contract)[None]
         except Exception as exc:  # noqa: BLE001 - a bad training image is skipped, not fatal
             log.warning("train.sample_skipped", sample=sample.id, error=f"{type(exc).__name__}: {exc}")
             continue
-        ys.append(sample.label)
+        owners.extend([len(kept_samples)] * len(views))
         kept_samples.append(sample)
-        if len(batch) == cfg.batch_size:
-            flush()
+        for pixels in views:
+            batch.append(pixels)
+            if len(batch) == cfg.batch_size:
+                flush()
     if batch:
         flush()
     x = np.concatenate(xs) if xs else np.zeros((0, 0), np.float32)
-    y = np.asarray(ys, np.int64)
+    owner = np.asarray(owners, np.int64)
     cfg.cache_dir.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, x=x, y=y, ids=np.asarray([s.id for s in kept_samples]))
-    log.info("train.embedded", split=tag, images=len(y), seconds=round(time.perf_counter() - started, 1))
-    return x, y, kept_samples
-
-
-def _without(embedded: tuple[np.ndarray, np.ndarray, list], ids: set[str]) -> tuple[np.ndarray, np.ndarray, list]:  # type: ignore[type-arg]
-    x, y, kept = embedded
-    keep = [i for i, s in enumerate(kept) if s.id not in ids]
-    return x[keep], y[keep], [kept[i] for i in keep]
+    np.savez(cache, x=x, owner=owner, ids=np.asarray([s.id for s in kept_samples]))
+    log.info("train.embedded", split=tag, view=view, images=len(kept_samples), rows=len(owner),
+             seconds=round(time.perf_counter() - started, 1))
+    return Embedded(x, owner, kept_samples)
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -193,54 +232,56 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
     if not [s for s in splits["train"] if s.id not in held_ids] or not [s for s in splits["val"] if s.id not in held_ids]:
         raise ValueError("training needs samples in the train and val splits")
     encoder = frozen_encoder(settings, cfg)
-    data = {name: _without(embed(split, settings, cfg, encoder, name), held_ids)
+    data = {name: embed(split, settings, cfg, encoder, name, view=cfg.view).without(held_ids)
             for name, split in splits.items() if split}
-    x_train, y_train, _ = data["train"]
-    x_val, y_val, val_samples = data["val"]
+    train, val = data["train"], data["val"]
 
     prep = _normalise if encoder.normalise else (lambda x: x)
     best: tuple[float, float, object] | None = None
     for c in _C_GRID:
         model = LogisticRegression(C=c, max_iter=5000, class_weight="balanced")
-        model.fit(prep(x_train), y_train)
-        auc = binary_metrics(y_val, model.predict_proba(prep(x_val))[:, 1].tolist()).auc or 0.0
+        model.fit(prep(train.x), train.row_y)
+        auc = binary_metrics(val.y, val.per_image(model.decision_function(prep(val.x))).tolist()).auc or 0.0
         log.info("train.candidate", C=c, val_auc=round(auc, 4))
         if best is None or auc > best[0]:
             best = (auc, c, model)
     assert best is not None
     _, chosen_c, model = best
-    probe = LinearProbe(x_train.shape[1])
+    probe = LinearProbe(train.x.shape[1])
     with torch.no_grad():
         probe.linear.weight.copy_(torch.from_numpy(model.coef_.astype(np.float32)))  # type: ignore[attr-defined]
         probe.linear.bias.copy_(torch.from_numpy(model.intercept_.astype(np.float32)))  # type: ignore[attr-defined]
 
-    def logits(x: np.ndarray) -> np.ndarray:
+    def logits(split: Embedded) -> np.ndarray:
         if not encoder.normalise:  # a score, not an embedding: the served head's normalisation does not apply
-            return model.decision_function(x)  # type: ignore[attr-defined, no-any-return]
+            return split.per_image(model.decision_function(split.x))  # type: ignore[attr-defined]
         with torch.no_grad():
-            return probe(torch.from_numpy(x)).numpy()
+            return split.per_image(probe(torch.from_numpy(split.x)).numpy())
 
-    calibration = fit_calibration(logits(x_val).tolist(), y_val.tolist(), method="temperature",
+    calibration = fit_calibration(logits(val).tolist(), val.y.tolist(), method="temperature",
                                   fitted_on=f"val split of {', '.join(cfg.data)} (seed {cfg.seed})")
     report: dict[str, object] = {
         "C": chosen_c,
-        "counts": {name: int(len(d[1])) for name, d in data.items()},
+        "counts": {name: len(d.samples) for name, d in data.items()},
+        "view": cfg.view,
         "holdout": {"generators": list(cfg.holdout_generators), "sources": list(cfg.holdout_sources)},
         "calibration": {"scale": calibration.scale, "bias": calibration.bias,
-                        "val_before": asdict(quality(logits(x_val).tolist(), y_val.tolist(), Calibration())),
-                        "val_after": asdict(quality(logits(x_val).tolist(), y_val.tolist(), calibration))},
+                        "val_before": asdict(quality(logits(val).tolist(), val.y.tolist(), Calibration())),
+                        "val_after": asdict(quality(logits(val).tolist(), val.y.tolist(), calibration))},
     }
     for name in ("val", "test"):
         if name not in data:
             continue
-        x, y, kept = data[name]
-        scores = calibration.probability(logits(x)).tolist()
-        grouped = grouped_metrics(y.tolist(), [s.generator for s in kept], [s.source for s in kept], scores)
+        split = data[name]
+        scores = calibration.probability(logits(split)).tolist()
+        grouped = grouped_metrics(split.y.tolist(), [s.generator for s in split.samples],
+                                  [s.source for s in split.samples], scores)
         report[name] = grouped.as_dict()
     meta = {
         "backbone": encoder.version,
         "encoder": cfg.backbone,
-        "embed_dim": int(x_train.shape[1]),
+        "embed_dim": int(train.x.shape[1]),
+        "view": cfg.view,
         "data": list(cfg.data),
         "seed": cfg.seed,
         "limit_per_group": cfg.limit_per_group,
@@ -252,13 +293,20 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
     report["version"] = DETECTOR.version(cfg.out)
     held = [s for s in samples if s.id in held_ids]
     if held:
-        x_held, y_held, held = embed(held, settings, cfg, encoder, "original", augmented=False)
-        raw = logits(x_held)
+        original = embed(held, settings, cfg, encoder, "original", augmented=False)
+        held, raw = original.samples, logits(original)
         scores = calibration.probability(raw).tolist()
         report["held_out_original"] = grouped_metrics(
-            y_held.tolist(), [s.generator for s in held], [s.source for s in held], scores).as_dict()
+            original.y.tolist(), [s.generator for s in held], [s.source for s in held], scores).as_dict()
         save_held_out(cfg.out, held_out_scores(held, raw, calibration), report["holdout"],  # type: ignore[arg-type]
                       str(report["version"]))
+        if cfg.view != RESIZE:
+            # Under the view it learnt from too, as `train loso-variants --variant VIEW` would score it (same
+            # file, same version), so `train loso --view VIEW` pools it without another pass.
+            viewed = embed(held, settings, cfg, encoder, "original", augmented=False, view=cfg.view)
+            save_held_out(cfg.out, held_out_scores(viewed.samples, logits(viewed), calibration),
+                          report["holdout"], DETECTOR.version(cfg.out, view=cfg.view),  # type: ignore[arg-type]
+                          name=variant_file(cfg.view))
     else:
         (cfg.out / HELD_OUT_FILE).unlink(missing_ok=True)  # a stale one would pass for this run's
     (cfg.out / TRAINING_FILE).write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
