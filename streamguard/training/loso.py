@@ -168,7 +168,8 @@ class LosoConfig:
     # The view the fold models' scores are pooled under (`train loso-variants --variant VIEW` scored them): the
     # fusion and thresholds of detectors served with `detectors.options.<name>.views`.
     view: str = RESIZE
-    # The view the probe methods learn from (`TrainConfig.view`); their held_out.json is scored resized still.
+    # The view the probe methods learn from (`TrainConfig.view`); their held_out.json is scored resized still,
+    # and `view` set to the same crop view pools their scores under it.
     train_view: str = RESIZE
     # Other reports in ``out`` whose fused verdict this one's is compared with, paired on the images both scored.
     against: tuple[str, ...] = ()

@@ -62,7 +62,7 @@ class TrainConfig:
     # The view the probe learns from and is calibrated on (`with_views`: resize, cropsN, cropsN+whole): each
     # view of an augmented image is a training row, and an image's logit is the mean over its views, as a
     # detector served with `detectors.options.<name>.views` scores it. Held-out images are scored resized
-    # (held_out.json) whatever the view: `train loso-variants --variant VIEW` scores them under it.
+    # (held_out.json) whatever the view, and under a crop view also in that view's variant file.
     view: str = RESIZE
 
 
