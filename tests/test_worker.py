@@ -274,7 +274,10 @@ def test_sigterm_drains_commits_and_exits_0(topics: Topics, tmp_path: Path) -> N
 def test_a_short_drain_budget_still_commits_everything_acknowledged(topics: Topics, tmp_path: Path) -> None:
     """With the drain budget spent early, work finished after it (and acknowledged during shutdown) is
     still committed: the restarted worker judges nothing twice."""
-    env = worker_env(topics, None, STREAMGUARD_DETECTORS__OPTIONS='{"brightness": {"delay_s": 0.02}}',
+    # About 140 records are still in flight at SIGTERM: at 0.25 s per detector call of 16 they need ~2 s,
+    # far past the budget even when one of the drain's polls stalls (kafka-python 3 has been seen to block
+    # 0.5 s), yet within the 5 s the shutdown gives the processing thread.
+    env = worker_env(topics, None, STREAMGUARD_DETECTORS__OPTIONS='{"brightness": {"delay_s": 0.25}}',
                      STREAMGUARD_WORKER__DRAIN_TIMEOUT_S="0.05")
     worker = WorkerProcess(env, tmp_path, "short-drain")
     worker.wait_for_event("worker.partitions_assigned")
