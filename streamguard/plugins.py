@@ -45,8 +45,9 @@ class PluginInfo:
 # Built-ins that load only when named in `plugins.enable` (or `plugins.allow`). pin-clip runs a full CLIP
 # branch per image and, validated leave-one-source-out, lowered the fused verdict's balanced AUC on unseen
 # sources (docs/validation.md): it is kept for operators who want to watch it, not paid for by default.
-# nirnet ships no weights yet: on by default it would warn about a detector nobody asked for in every
-# process; like pin-clip, it earns a default place by its leave-one-source-out validation once trained.
+# nirnet ships weights, but validated beside univfd and mpft (issue 13's run, on the univfd before it read
+# every block) its fusion weight is 0: its held-out logits follow univfd's (correlation 0.90), so by
+# default it would cost a pass per image and add nothing (docs/validation.md).
 OPT_IN_PLUGINS = frozenset({"builtin-pinclip", "builtin-nirnet"})
 
 
