@@ -360,7 +360,7 @@ def test_loso_trains_the_probe_on_a_crop_view(wide_dataset: Path, backbone: Path
     """`--train-view crops2`: every native crop of an augmented image is a training row, the fold run is its
     own (recorded, not a resized run's), and the held-out images are scored under that view as the served
     detector scores them (`loso-variants --variant crops2` gives the same logits), besides resized."""
-    from streamguard.training.univfd import Embedded
+    from streamguard.training.probe_choice import Embedded
 
     out, cache = tmp_path / "loso", tmp_path / "cache"
     args = ["train", "loso", "--data", str(wide_dataset), "--loso-data", str(wide_dataset), "--out", str(out),

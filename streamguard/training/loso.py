@@ -19,7 +19,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import structlog
@@ -171,6 +171,8 @@ class LosoConfig:
     # The view the probe methods learn from (`TrainConfig.view`); their held_out.json is scored resized still,
     # and `view` set to the same crop view pools their scores under it.
     train_view: str = RESIZE
+    # What the probe methods' C and class-token blocks are chosen on (`TrainConfig.choose_on`).
+    choose_on: Literal["groups", "val"] = "groups"
     # Other reports in ``out`` whose fused verdict this one's is compared with, paired on the images both scored.
     against: tuple[str, ...] = ()
 
@@ -199,7 +201,9 @@ def run_settings(cfg: LosoConfig, method: str) -> dict[str, Any]:
     settings = {"method": method, "data": list(cfg.data), "seed": cfg.seed, "limit_per_group": cfg.limit_per_group,
                 "epochs": None if method in PROBE_METHODS else cfg.epochs}
     # Recorded only when not resized, so the folds trained before training views existed stay valid.
-    return settings | ({"train_view": cfg.train_view} if cfg.train_view != RESIZE else {})
+    settings |= {"train_view": cfg.train_view} if cfg.train_view != RESIZE else {}
+    # Folds chosen on the val split (before 2026-12-04) keep the settings they were recorded under.
+    return settings | ({"choose_on": cfg.choose_on} if method in PROBE_METHODS and cfg.choose_on != "val" else {})
 
 
 def _finished(cfg: LosoConfig, method: str, fold: Fold, say: bool = True) -> list[HeldOutScore] | None:
@@ -242,7 +246,7 @@ def train_fold(settings: Settings, cfg: LosoConfig, method: str, fold: Fold) -> 
             data=cfg.data, out=directory, seed=cfg.seed, limit_per_group=cfg.limit_per_group, device=cfg.device,
             cache_dir=cfg.cache_dir, holdout_generators=fold.generators, holdout_sources=fold.sources,
             backbone={"univfd": "clip", "univfd-blocks": "clip-blocks", "dinov2-probe": "dinov2",
-                      "rigid": "rigid"}[method], view=cfg.train_view))  # type: ignore[arg-type]
+                      "rigid": "rigid"}[method], view=cfg.train_view, choose_on=cfg.choose_on))  # type: ignore[arg-type]
     elif method == "nirnet" or method in NIRNET_ABLATIONS:
         from streamguard.training.nirnet.recipe import NirnetRecipe
         from streamguard.training.nirnet.train import train_nirnet

@@ -35,11 +35,10 @@ from streamguard.intake import InputContract, decode_image, prepare
 from streamguard.intake.contract import RESIZE, decode_side, prepare_views, with_views
 from streamguard.training.artifacts import save_probe
 from streamguard.training.data import AUGMENT_VERSION, augment, split_samples
+from streamguard.training.probe_choice import Embedded, choose_probe, served_coefficients
 from streamguard.training.held_out import HELD_OUT_FILE, held_out_scores, save_held_out, variant_file
 
 log = structlog.get_logger(__name__)
-
-_C_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
 
 
 @dataclass(frozen=True)
@@ -64,6 +63,10 @@ class TrainConfig:
     # detector served with `detectors.options.<name>.views` scores it. Held-out images are scored resized
     # (held_out.json) whatever the view, and under a crop view also in that view's variant file.
     view: str = RESIZE
+    # What the probe's C (and on class tokens, the blocks it reads) is chosen on: "groups", training's groups
+    # left out a few at a time (`probe_choice`), or "val", the val split (the rule before 2026-12-04, which
+    # chose C = 30, the top of its grid, in every LOSO fold).
+    choose_on: Literal["groups", "val"] = "groups"
 
 
 RIGID_NOISE = 0.05  # std of the Gaussian pixel noise, in [0, 1] pixel units
@@ -78,6 +81,7 @@ class Frozen:
     version: str
     contract: InputContract
     normalise: bool = True  # L2-normalise before the probe (embeddings, not scores)
+    blocks: int = 0  # blocks whose unit-length class tokens the features concatenate; 0: one embedding
 
 
 def frozen_encoder(settings: Settings, cfg: TrainConfig) -> Frozen:
@@ -85,7 +89,7 @@ def frozen_encoder(settings: Settings, cfg: TrainConfig) -> Frozen:
         clip = load_backbone(settings.backbone, cfg.device, precision="fp32")
         if cfg.backbone == "clip":
             return Frozen(clip, clip.version, CONTRACT)
-        return Frozen(partial(block_classes, clip), f"{clip.version}-blocks", CONTRACT)
+        return Frozen(partial(block_classes, clip), f"{clip.version}-blocks", CONTRACT, blocks=vit.num_layers(clip))
     from streamguard.backbone.dinov2 import DINOV2_CONTRACT, load_dinov2
 
     dino = load_dinov2(settings.backbone, cfg.device)
@@ -120,36 +124,6 @@ def block_classes(clip: ClipImageEncoder, pixels: torch.Tensor) -> torch.Tensor:
     block's projection, which univfd read before, mostly discards them.
     """
     return class_token_features(vit.class_tokens(clip, pixels), clip.hidden_size)
-
-
-@dataclass(frozen=True)
-class Embedded:
-    """A split's embeddings: one row per view, ``owner`` the index in ``samples`` of the image a row is a view
-    of (one row per image under the resized view)."""
-
-    x: np.ndarray
-    owner: np.ndarray
-    samples: list  # type: ignore[type-arg]
-
-    @property
-    def y(self) -> np.ndarray:
-        return np.asarray([s.label for s in self.samples], np.int64)
-
-    @property
-    def row_y(self) -> np.ndarray:
-        return self.y[self.owner]
-
-    def per_image(self, row_logits: np.ndarray) -> np.ndarray:
-        """Each image's logit: the mean of its views' (`aggregate_logits`' mean, as served)."""
-        sums = np.bincount(self.owner, weights=row_logits, minlength=len(self.samples))
-        return sums / np.maximum(np.bincount(self.owner, minlength=len(self.samples)), 1)
-
-    def without(self, ids: set[str]) -> Embedded:
-        keep = [i for i, s in enumerate(self.samples) if s.id not in ids]
-        renumber = np.full(len(self.samples), -1, np.int64)
-        renumber[keep] = np.arange(len(keep))
-        rows = renumber[self.owner] >= 0
-        return Embedded(self.x[rows], renumber[self.owner[rows]], [self.samples[i] for i in keep])
 
 
 def embed(samples: Sequence, settings: Settings, cfg: TrainConfig, encoder: Frozen,  # type: ignore[type-arg]
@@ -209,10 +183,6 @@ def embed(samples: Sequence, settings: Settings, cfg: TrainConfig, encoder: Froz
     return Embedded(x, owner, kept_samples)
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
     """Fit, calibrate and write the probe to ``cfg.out``; returns the report (``training.json``).
 
@@ -220,11 +190,9 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
     ``held_out.json``. Splits are embedded whole whatever is held out, so every fold of a
     leave-one-source-out run reuses one embedding cache.
     """
-    from sklearn.linear_model import LogisticRegression
-
     from streamguard.evaluation import load_samples
     from streamguard.evaluation.calibrate import fit_calibration, quality
-    from streamguard.evaluation.metrics import binary_metrics, grouped_metrics
+    from streamguard.evaluation.metrics import grouped_metrics
 
     samples = load_samples(cfg.data, seed=cfg.seed, limit_per_group=cfg.limit_per_group)
     held_ids = {s.id for s in split_samples(samples, cfg.holdout_generators, cfg.holdout_sources).held_out}
@@ -236,20 +204,12 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
             for name, split in splits.items() if split}
     train, val = data["train"], data["val"]
 
-    prep = _normalise if encoder.normalise else (lambda x: x)
-    best: tuple[float, float, object] | None = None
-    for c in _C_GRID:
-        model = LogisticRegression(C=c, max_iter=5000, class_weight="balanced")
-        model.fit(prep(train.x), train.row_y)
-        auc = binary_metrics(val.y, val.per_image(model.decision_function(prep(val.x))).tolist()).auc or 0.0
-        log.info("train.candidate", C=c, val_auc=round(auc, 4))
-        if best is None or auc > best[0]:
-            best = (auc, c, model)
-    assert best is not None
-    _, chosen_c, model = best
+    choice = choose_probe(cfg.choose_on, train, val, encoder.blocks, encoder.normalise)
+    model = choice.model
     probe = LinearProbe(train.x.shape[1])
+    coef = served_coefficients(model.coef_, choice.candidate, train.x, encoder.blocks)  # type: ignore[attr-defined]
     with torch.no_grad():
-        probe.linear.weight.copy_(torch.from_numpy(model.coef_.astype(np.float32)))  # type: ignore[attr-defined]
+        probe.linear.weight.copy_(torch.from_numpy(coef.astype(np.float32)))
         probe.linear.bias.copy_(torch.from_numpy(model.intercept_.astype(np.float32)))  # type: ignore[attr-defined]
 
     def logits(split: Embedded) -> np.ndarray:
@@ -261,7 +221,10 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
     calibration = fit_calibration(logits(val).tolist(), val.y.tolist(), method="temperature",
                                   fitted_on=f"val split of {', '.join(cfg.data)} (seed {cfg.seed})")
     report: dict[str, object] = {
-        "C": chosen_c,
+        "C": choice.candidate.c,
+        "blocks": choice.candidate.blocks,
+        "chosen_on": choice.chosen_on,
+        "candidates": choice.scores,
         "counts": {name: len(d.samples) for name, d in data.items()},
         "view": cfg.view,
         "holdout": {"generators": list(cfg.holdout_generators), "sources": list(cfg.holdout_sources)},
@@ -286,7 +249,9 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
         "seed": cfg.seed,
         "limit_per_group": cfg.limit_per_group,
         "augment": cfg.augment,
-        "C": chosen_c,
+        "C": choice.candidate.c,
+        "blocks": choice.candidate.blocks,
+        "chosen_on": choice.chosen_on,
     }
     save_probe(probe, cfg.out, meta, reads=CLASS_TOKENS if cfg.backbone == "clip-blocks" else EMBEDDING)
     calibration.save(cfg.out)

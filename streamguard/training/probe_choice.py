@@ -1,0 +1,206 @@
+"""Choosing a linear probe's regularisation, and on every block's class token which blocks it reads, on
+training groups it was not fitted on.
+
+Chosen on the val split, C picks what fits the sources training has seen: under leave-one-source-out the
+val split chose C = 30, the top of its grid, in every fold, while a fixed larger C did better on the unseen
+groups (docs/validation.md). Here each candidate is fitted with some training groups left out at a time
+(packed into folds by `plan_folds`, the LOSO machinery's) and scored on them; the candidate whose pooled
+left-out scores rank best (balanced AUC: each group weighs the same) is the one fitted on all of training.
+On class tokens a candidate also reads a window of blocks: RINE (Koutlis & Papadopoulos 2024) found that
+the intermediate blocks carry a generator's traces and the last ones CLIP's semantics, which is what
+differs between sources.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import structlog
+
+from streamguard.detectors.calibration import Calibration
+from streamguard.evaluation.calibrate import fit_calibration
+from streamguard.evaluation.selection import balanced_auc
+from streamguard.training.data import is_held_out
+
+log = structlog.get_logger(__name__)
+
+# The val split's grid (`choose_on="val"`, the rule before 2026-12-04).
+VAL_C_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+# Leave-groups-out chose 300-30,000 in every LOSO fold; a smaller C never ranked best on groups left out.
+GROUP_C_GRID = (30.0, 300.0, 3000.0, 30000.0)
+# Windows of the blocks in sixths of the depth, [first, stop): on CLIP ViT-B/16's 12 blocks all, without
+# the last two, the middle eight, the later two thirds, the earlier two thirds, the last half.
+BLOCK_WINDOWS_SIXTHS = ((0, 6), (0, 5), (1, 5), (2, 6), (0, 4), (3, 6))
+INNER_FOLDS = 5
+
+
+@dataclass(frozen=True)
+class Candidate:
+    c: float
+    blocks: tuple[int, int] | None = None  # [first, stop) of the class tokens read; None: every column
+
+    @property
+    def label(self) -> str:
+        return f"C={self.c:g}" + ("" if self.blocks is None else f" blocks {self.blocks[0]}-{self.blocks[1] - 1}")
+
+
+def candidates(c_grid: Sequence[float], n_blocks: int) -> list[Candidate]:
+    """Every C, on every window that fits ``n_blocks`` class tokens (all columns when features are one
+    embedding, ``n_blocks`` 0)."""
+    if n_blocks <= 1:
+        return [Candidate(c) for c in c_grid]
+    windows = list(dict.fromkeys((round(a * n_blocks / 6), round(b * n_blocks / 6)) for a, b in BLOCK_WINDOWS_SIXTHS))
+    return [Candidate(c, w) for w in windows if w[1] > w[0] for c in c_grid]
+
+
+def columns(x: np.ndarray, candidate: Candidate, n_blocks: int) -> np.ndarray:
+    """The features ``candidate`` reads, unit length as the served probe normalises its input."""
+    if candidate.blocks is not None:
+        width = x.shape[1] // n_blocks
+        x = x[:, candidate.blocks[0] * width:candidate.blocks[1] * width]
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def served_coefficients(coef: np.ndarray, candidate: Candidate, x: np.ndarray, n_blocks: int) -> np.ndarray:
+    """The weights over all of ``x``'s columns that compute, on the served head's input (every block's unit
+    class token, concatenated and normalised as one), what ``coef`` computes on the window it was fitted on.
+
+    Each block's token is unit length, so the served norm is sqrt(n_blocks) and the window's sqrt(k): the
+    window's weights scaled by sqrt(n_blocks / k), the other blocks' 0."""
+    if candidate.blocks is None:
+        return coef
+    width = x.shape[1] // n_blocks
+    norms = np.linalg.norm(x.reshape(len(x), n_blocks, width), axis=2)
+    if not np.allclose(norms, 1.0, atol=1e-3):
+        raise ValueError("a block window needs every block's features at unit length (class_token_features)")
+    first, stop = candidate.blocks
+    full = np.zeros((coef.shape[0], x.shape[1]), coef.dtype)
+    full[:, first * width:stop * width] = coef * math.sqrt(n_blocks / (stop - first))
+    return full
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """A split's embeddings: one row per view, ``owner`` the index in ``samples`` of the image a row is a view
+    of (one row per image under the resized view)."""
+
+    x: np.ndarray
+    owner: np.ndarray
+    samples: list  # type: ignore[type-arg]
+
+    @property
+    def y(self) -> np.ndarray:
+        return np.asarray([s.label for s in self.samples], np.int64)
+
+    @property
+    def row_y(self) -> np.ndarray:
+        return self.y[self.owner]
+
+    def per_image(self, row_logits: np.ndarray) -> np.ndarray:
+        """Each image's logit: the mean of its views' (`aggregate_logits`' mean, as served)."""
+        sums = np.bincount(self.owner, weights=row_logits, minlength=len(self.samples))
+        return sums / np.maximum(np.bincount(self.owner, minlength=len(self.samples)), 1)
+
+    def without(self, ids: set[str]) -> Embedded:
+        keep = [i for i, s in enumerate(self.samples) if s.id not in ids]
+        renumber = np.full(len(self.samples), -1, np.int64)
+        renumber[keep] = np.arange(len(keep))
+        rows = renumber[self.owner] >= 0
+        return Embedded(self.x[rows], renumber[self.owner[rows]], [self.samples[i] for i in keep])
+
+
+Features = Callable[[np.ndarray, Candidate], np.ndarray]  # rows -> what the candidate's probe reads
+Fit = Callable[[Candidate, np.ndarray, np.ndarray], object]  # (candidate, features, y) -> an sklearn model
+
+
+def choose_by_groups(train: Embedded, val: Embedded, cands: Sequence[Candidate], features: Features, fit: Fit,
+                     pools: dict[str, str], folds: Sequence) -> tuple[Candidate, dict[str, float]] | None:  # type: ignore[type-arg]
+    """The candidate whose left-out scores rank best over ``folds`` (`Fold`s of training's groups), with
+    every candidate's pooled balanced AUC; None when the folds leave nothing to rank (one class only).
+
+    Each fold's model is fitted on train's rows outside the fold, calibrated (temperature) on val's, and
+    scores the fold's train and val images: calibrated, so that pooling folds compares like with like, as
+    `train loso` pools its folds."""
+    pooled: dict[Candidate, tuple[list[int], list[str], list[float]]] = {c: ([], [], []) for c in cands}
+    for fold in folds:
+        left = {s.id for s in train.samples + val.samples if is_held_out(s, fold.generators, fold.sources)}
+        fit_on, calibrate_on = train.without(left), val.without(left)
+        if len(set(fit_on.row_y.tolist())) < 2:
+            continue
+        scored = [e for e in (split.without({s.id for s in split.samples} - left) for split in (train, val))
+                  if e.samples]
+        for cand in cands:
+            model = fit(cand, features(fit_on.x, cand), fit_on.row_y)
+
+            def image_logits(split: Embedded) -> np.ndarray:
+                return split.per_image(model.decision_function(features(split.x, cand)))  # type: ignore[attr-defined]
+
+            calibration = Calibration()
+            if len(set(calibrate_on.y.tolist())) == 2:
+                calibration = fit_calibration(image_logits(calibrate_on).tolist(), calibrate_on.y.tolist(),
+                                              method="temperature", fitted_on="val outside the fold")
+            labels, groups, scores = pooled[cand]
+            for split in scored:
+                labels.extend(split.y.tolist())
+                groups.extend(pools.get(s.group, s.group) for s in split.samples)
+                scores.extend(calibration.apply(float(z)) for z in image_logits(split))
+    aucs = {c: balanced_auc(np.array(v[0], np.int64), v[1], np.array(v[2])) for c, v in pooled.items()}
+    ranked = {c: a for c, a in aucs.items() if a is not None}
+    if not ranked:
+        return None
+    best = max(ranked, key=lambda c: ranked[c])  # the first of equals: the grid's order
+    return best, {c.label: round(a, 4) for c, a in ranked.items()}
+
+
+@dataclass(frozen=True)
+class Choice:
+    candidate: Candidate
+    model: object  # the sklearn LogisticRegression fitted on all of train
+    chosen_on: str  # "groups (N folds)" or "val"
+    scores: dict[str, float]  # each candidate's left-out balanced AUC, or val AUC
+
+
+def choose_probe(choose_on: str, train: Embedded, val: Embedded, n_blocks: int, normalise: bool = True) -> Choice:
+    """The probe's candidate, chosen on training's groups left out in turn (``choose_on`` "groups"; on the
+    val split when training has fewer than two groups or they leave one class only) or on the val split
+    ("val"), and fitted on all of train. ``normalise``: features are embeddings (unit length to the probe),
+    not a score."""
+    from sklearn.linear_model import LogisticRegression
+
+    from streamguard.evaluation.metrics import binary_metrics
+    from streamguard.training.loso import groups_of, plan_folds, pool_groups
+
+    def features(x: np.ndarray, cand: Candidate) -> np.ndarray:
+        return columns(x, cand, n_blocks) if normalise else x
+
+    def fit(cand: Candidate, x: np.ndarray, y: np.ndarray) -> LogisticRegression:
+        return LogisticRegression(C=cand.c, max_iter=5000, class_weight="balanced").fit(x, y)
+
+    if choose_on == "groups":
+        dev = train.samples + val.samples
+        pools = pool_groups(dev)
+        units = len(set(pools.values()))
+        if units >= 2:
+            folds = plan_folds(groups_of(dev), n_folds=min(INNER_FOLDS, units), pools=pools)
+            cands = candidates(GROUP_C_GRID, n_blocks)
+            chosen = choose_by_groups(train, val, cands, features, fit, pools, folds)
+            if chosen is not None:
+                best, scores = chosen
+                log.info("train.chosen", on="groups", folds=len(folds), candidate=best.label, auc=scores[best.label])
+                return Choice(best, fit(best, features(train.x, best), train.row_y), f"groups ({len(folds)} folds)",
+                              scores)
+        log.warning("train.choose_on_val", reason="training's groups cannot be left out in turn: fewer than two, "
+                    "or one class only")
+    best_auc, scores, chosen_model, best = -1.0, {}, None, None
+    for cand in candidates(VAL_C_GRID, 0):
+        model = fit(cand, features(train.x, cand), train.row_y)
+        auc = binary_metrics(val.y, val.per_image(model.decision_function(features(val.x, cand))).tolist()).auc or 0.0
+        scores[cand.label] = round(auc, 4)
+        log.info("train.candidate", C=cand.c, val_auc=round(auc, 4))
+        if auc > best_auc:
+            best_auc, chosen_model, best = auc, model, cand
+    assert best is not None
+    return Choice(best, chosen_model, "val", scores)

@@ -1,0 +1,118 @@
+"""Choosing univfd's probe on training groups left out in turn (`streamguard.training.probe_choice`), on
+features the tests make: which blocks it reads, what it falls back to, and that a probe fitted on a window
+of blocks is served exactly by the head that reads them all."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from streamguard.builtin.cliphead.model import LinearProbe
+from streamguard.evaluation.datasets import Sample
+from streamguard.training.probe_choice import (
+    Candidate,
+    Embedded,
+    candidates,
+    choose_probe,
+    columns,
+    served_coefficients,
+)
+
+BLOCKS, WIDTH = 4, 8
+
+
+def _unit_blocks(x: np.ndarray) -> np.ndarray:
+    """(N, BLOCKS * WIDTH) with every block unit length, as `class_token_features` makes them."""
+    b = x.reshape(len(x), BLOCKS, WIDTH)
+    return (b / np.linalg.norm(b, axis=2, keepdims=True)).reshape(len(x), -1)
+
+
+def _sample(i: int, group: str, label: int, split: str) -> Sample:
+    return Sample(id=f"{split}/{group}/{i}", path="x", member=None, label=label,
+                  generator=group if label else "real", family="diffusion" if label else "real",
+                  source=f"set-{group}" if label else group, split=split)
+
+
+def _shortcut_data(seed: int = 0) -> tuple[Embedded, Embedded]:
+    """Groups that each hold one class (a generator's images are all fake, a source's all real). Blocks 2-3
+    carry a weak sign of the class that every group shares; blocks 0-1 a strong mark of the group itself,
+    which tells the class apart on the groups training has seen and says nothing about a new one."""
+    rng = np.random.default_rng(seed)
+    groups = [(f"real-{k}", 0) for k in range(5)] + [(f"gen-{k}", 1) for k in range(5)]
+    marks = {g: rng.normal(0, 1, 2 * WIDTH) * 3 for g, _ in groups}
+    sign = np.random.default_rng(123).normal(0, 1, 2 * WIDTH)  # the same in every data set
+    splits = {}
+    for split, n in (("train", 24), ("val", 8)):
+        rows, samples = [], []
+        for group, label in groups:
+            for i in range(n):
+                shortcut = marks[group] + rng.normal(0, 1, 2 * WIDTH)
+                signal = (1 if label else -1) * 0.6 * sign + rng.normal(0, 1, 2 * WIDTH)
+                rows.append(np.concatenate([shortcut, signal]))
+                samples.append(_sample(i, group, label, split))
+        x = _unit_blocks(np.asarray(rows))
+        splits[split] = Embedded(x, np.arange(len(samples)), samples)
+    return splits["train"], splits["val"]
+
+
+def test_candidates_cover_every_c_on_each_window_of_the_blocks() -> None:
+    twelve = candidates((30.0, 300.0), 12)
+    assert twelve[0] == Candidate(30.0, (0, 12))  # the first of equals wins: all blocks, the smallest C
+    assert sorted({c.blocks for c in twelve}) == [(0, 8), (0, 10), (0, 12), (2, 10), (4, 12), (6, 12)]
+    assert len(twelve) == 12
+    assert [c.blocks for c in candidates((1.0,), 0)] == [None]  # one embedding: no windows
+
+
+def test_a_window_probe_is_served_exactly_by_the_head_that_reads_every_block() -> None:
+    rng = np.random.default_rng(1)
+    x = _unit_blocks(rng.normal(0, 1, (60, BLOCKS * WIDTH)))
+    y = (x[:, WIDTH:2 * WIDTH].sum(axis=1) > 0).astype(int)
+    cand = Candidate(10.0, (1, 3))
+    model = LogisticRegression(C=cand.c, max_iter=2000).fit(columns(x, cand, BLOCKS), y)
+    probe = LinearProbe(x.shape[1])
+    with torch.no_grad():
+        probe.linear.weight.copy_(torch.from_numpy(served_coefficients(model.coef_, cand, x, BLOCKS)).float())
+        probe.linear.bias.copy_(torch.from_numpy(model.intercept_).float())
+        served = probe(torch.from_numpy(x).float()).numpy()
+    np.testing.assert_allclose(served, model.decision_function(columns(x, cand, BLOCKS)), atol=1e-4)
+    assert not served_coefficients(model.coef_, cand, x, BLOCKS)[:, :WIDTH].any()  # block 0 is not read
+
+
+def test_a_window_needs_unit_length_blocks() -> None:
+    x = np.random.default_rng(2).normal(0, 1, (5, BLOCKS * WIDTH))
+    with pytest.raises(ValueError, match="unit length"):
+        served_coefficients(np.zeros((1, 2 * WIDTH)), Candidate(1.0, (0, 2)), x, BLOCKS)
+
+
+def test_groups_left_out_choose_the_blocks_that_carry_over_to_new_groups() -> None:
+    train, val = _shortcut_data()
+    on_groups = choose_probe("groups", train, val, BLOCKS)
+    assert on_groups.chosen_on.startswith("groups (")
+    assert on_groups.candidate.blocks == (2, 4), on_groups.scores  # the shared sign, not the group marks
+    assert on_groups.scores[on_groups.candidate.label] > on_groups.scores[f"C={on_groups.candidate.c:g} blocks 0-3"]
+    # The val split holds the same groups as train: there the group marks look as good as anything.
+    on_val = choose_probe("val", train, val, BLOCKS)
+    assert on_val.chosen_on == "val" and on_val.candidate.blocks is None
+    # And on groups neither saw (new marks, the same shared sign), the probe chosen on groups separates the
+    # classes better.
+    new, _ = _shortcut_data(seed=7)
+
+    def auc(choice: object) -> float:
+        from sklearn.metrics import roc_auc_score
+
+        cand = choice.candidate  # type: ignore[attr-defined]
+        logits = choice.model.decision_function(columns(new.x, cand, BLOCKS))  # type: ignore[attr-defined]
+        return float(roc_auc_score(new.y, logits))
+
+    assert auc(on_groups) > auc(on_val)
+
+
+def test_groups_that_cannot_be_left_out_fall_back_to_the_val_split() -> None:
+    train, val = _shortcut_data()
+    other = {s.id for s in train.samples + val.samples if s.group not in ("real-0", "gen-0")}
+    # Two groups, one of each class: leaving either out leaves one class to fit on, so nothing is ranked.
+    choice = choose_probe("groups", train.without(other), val.without(other), BLOCKS)
+    assert choice.chosen_on == "val" and choice.candidate.blocks is None
+    assert set(choice.scores) == {f"C={c:g}" for c in (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)}
