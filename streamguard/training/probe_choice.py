@@ -44,7 +44,8 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        return f"C={self.c:g}" + ("" if self.blocks is None else f" blocks {self.blocks[0]}-{self.blocks[1] - 1}")
+        # Blocks counted from 1, as the docs count them; `blocks` itself is a slice.
+        return f"C={self.c:g}" + ("" if self.blocks is None else f" blocks {self.blocks[0] + 1}-{self.blocks[1]}")
 
 
 def candidates(c_grid: Sequence[float], n_blocks: int) -> list[Candidate]:
