@@ -218,30 +218,32 @@ class TritonSettings(_Section):
 
 
 # Chosen by leave-one-source-out validation (`streamguard train loso ... --unseen-scores mpft=...`, see
-# docs/validation.md), never on the test split: on wild-more's 16 groups (9 real sources, 7 generator
-# families), the images that both the fold-retrained univfd and the shipped mpft never trained on. The CLIP
-# detectors' weights average 1, `default_weight`, so a detector without an entry counts as an average one.
-# univfd 0.8 / mpft 0.2 before that scaling, with univfd reading every block's class token (its weights
-# since 2026-12-03): balanced AUC 0.791 against 0.784 at equal weights, 0.790 for univfd alone and 0.741
-# for the previous default (univfd on the output embedding 0.2, mpft 0.8). pin-clip is off by default
-# (plugins.enable); its 0 keeps it out of the fusion when enabled.
+# docs/validation.md), never on the test split. The weights on wild-more's 16 groups (9 real sources, 7
+# generator families), the images that both the fold-retrained univfd and the shipped mpft never trained on:
+# with univfd's probe chosen on training groups left out (its weights since 2026-12-04), mpft adds nothing
+# beside it (weight search in steps of 0.1: univfd alone 0.846, equal weights 0.821; the previous default,
+# univfd 1.6 / mpft 0.4 with univfd's C chosen on val, 0.791). The CLIP detectors' weights average 1,
+# `default_weight`, so a detector without an entry counts as an average one. mpft still runs and reports its
+# score; pin-clip is off by default (plugins.enable); their 0 keeps them out of the fusion.
 VALIDATED_WEIGHTS: dict[str, float] = {
-    "univfd": 1.6, "pin-clip": 0.0, "mpft": 0.4,
+    "univfd": 2.0, "pin-clip": 0.0, "mpft": 0.0,
     # Not from the validation (no data set holds trusted content credentials): a trusted C2PA manifest is
-    # the signer's own word on these exact bytes, so it outweighs the CLIP detectors together (1.6 + 0.4).
+    # the signer's own word on these exact bytes, so it outweighs the CLIP detectors together (2.0).
     # It abstains on every image without one, so it changes nothing the validation measured. The sizing,
     # with the detector's logits, is in streamguard/builtin/credentials/plugin.py.
     "credentials": 6.0,
 }
-# The fused logit recalibrated on the same held-out pool: the folds' own calibrations, fitted on sources
-# they had seen, were ~3x overconfident on sources they had not (scale 0.36).
-VALIDATED_FUSED_SCALE = 0.3573
-VALIDATED_FUSED_BIAS = 0.205803
-# On that recalibrated probability: no held-out real source has any photo flagged at 0.85 (lower, one
-# source would pass 2%); generators have 8.9% of their images cleared at 0.27, on average. Between the two
-# (57% of the pool) is `uncertain`: see docs/validation.md for what that costs.
-VALIDATED_AI_THRESHOLD = 0.85
-VALIDATED_REAL_THRESHOLD = 0.27
+# With mpft out of the fusion the fused logit is univfd's, so the calibration and thresholds are chosen on
+# all 26 groups of wild-train and wild-more (1,376 held-out images, 11 real sources), not wild-more's alone.
+# The folds' own calibrations, fitted on sources they had seen, were ~2x overconfident on sources they had
+# not (scale 0.58).
+VALIDATED_FUSED_SCALE = 0.580349
+VALIDATED_FUSED_BIAS = -0.035937
+# On that recalibrated probability: no held-out real source has any photo flagged at 0.96 (lower, one app
+# screenshot of ten would be); generators have 9.6% of their images cleared at 0.29, on average. Between the
+# two (50% of the pool) is `uncertain`: see docs/validation.md for what that costs.
+VALIDATED_AI_THRESHOLD = 0.96
+VALIDATED_REAL_THRESHOLD = 0.29
 
 
 class FusionSettings(_Section):
