@@ -24,12 +24,14 @@ from streamguard.detectors.calibration import Calibration
 from streamguard.evaluation.calibrate import fit_calibration
 from streamguard.evaluation.selection import balanced_auc
 from streamguard.training.data import is_held_out
+from streamguard.training.loso import Fold, groups_of, plan_folds, pool_groups
 
 log = structlog.get_logger(__name__)
 
 # The val split's grid (`choose_on="val"`, the rule before 2026-12-04).
 VAL_C_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
-# Leave-groups-out chose 300-30,000 in every LOSO fold; a smaller C never ranked best on groups left out.
+# 30 is the val split's choice; on groups left out it ranked best in none of the 26 LOSO folds, 300-30,000
+# did (docs/validation.md).
 GROUP_C_GRID = (30.0, 300.0, 3000.0, 30000.0)
 # Windows of the blocks in sixths of the depth, [first, stop): on CLIP ViT-B/16's 12 blocks all, without
 # the last two, the middle eight, the later two thirds, the earlier two thirds, the last half.
@@ -118,8 +120,8 @@ Fit = Callable[[Candidate, np.ndarray, np.ndarray], object]  # (candidate, featu
 
 
 def choose_by_groups(train: Embedded, val: Embedded, cands: Sequence[Candidate], features: Features, fit: Fit,
-                     pools: dict[str, str], folds: Sequence) -> tuple[Candidate, dict[str, float]] | None:  # type: ignore[type-arg]
-    """The candidate whose left-out scores rank best over ``folds`` (`Fold`s of training's groups), with
+                     pools: dict[str, str], folds: Sequence[Fold]) -> tuple[Candidate, dict[str, float]] | None:
+    """The candidate whose left-out scores rank best over ``folds`` (of training's groups), with
     every candidate's pooled balanced AUC; None when the folds leave nothing to rank (one class only).
 
     Each fold's model is fitted on train's rows outside the fold, calibrated (temperature) on val's, and
@@ -172,7 +174,6 @@ def choose_probe(choose_on: str, train: Embedded, val: Embedded, n_blocks: int, 
     from sklearn.linear_model import LogisticRegression
 
     from streamguard.evaluation.metrics import binary_metrics
-    from streamguard.training.loso import groups_of, plan_folds, pool_groups
 
     def features(x: np.ndarray, cand: Candidate) -> np.ndarray:
         return columns(x, cand, n_blocks) if normalise else x
