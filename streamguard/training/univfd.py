@@ -35,8 +35,8 @@ from streamguard.intake import InputContract, decode_image, prepare
 from streamguard.intake.contract import RESIZE, decode_side, prepare_views, with_views
 from streamguard.training.artifacts import save_probe
 from streamguard.training.data import AUGMENT_VERSION, augment, split_samples
-from streamguard.training.probe_choice import Embedded, choose_probe, served_coefficients
 from streamguard.training.held_out import HELD_OUT_FILE, held_out_scores, save_held_out, variant_file
+from streamguard.training.probe_choice import Embedded, choose_probe, served_coefficients
 
 log = structlog.get_logger(__name__)
 
