@@ -116,3 +116,17 @@ def test_groups_that_cannot_be_left_out_fall_back_to_the_val_split() -> None:
     choice = choose_probe("groups", train.without(other), val.without(other), BLOCKS)
     assert choice.chosen_on == "val" and choice.candidate.blocks is None
     assert set(choice.scores) == {f"C={c:g}" for c in (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)}
+
+
+def test_left_out_groups_are_scored_on_the_originals_given() -> None:
+    train, val = _shortcut_data()
+    both = Embedded(np.concatenate([train.x, val.x]), np.concatenate([train.owner, val.owner + len(train.samples)]),
+                    train.samples + val.samples)
+    # The same rows as originals rank exactly as train's and val's own rows do...
+    assert choose_probe("groups", train, val, BLOCKS, originals=both).scores == choose_probe(
+        "groups", train, val, BLOCKS).scores
+    # ...and other bytes of the same images rank differently: the scores are the originals'.
+    shifted = Embedded(_unit_blocks(both.x + np.random.default_rng(3).normal(0, 0.5, both.x.shape)), both.owner,
+                       both.samples)
+    assert choose_probe("groups", train, val, BLOCKS, originals=shifted).scores != choose_probe(
+        "groups", train, val, BLOCKS).scores

@@ -120,21 +120,23 @@ Fit = Callable[[Candidate, np.ndarray, np.ndarray], object]  # (candidate, featu
 
 
 def choose_by_groups(train: Embedded, val: Embedded, cands: Sequence[Candidate], features: Features, fit: Fit,
-                     pools: dict[str, str], folds: Sequence[Fold]) -> tuple[Candidate, dict[str, float]] | None:
+                     pools: dict[str, str], folds: Sequence[Fold],
+                     originals: Embedded | None = None) -> tuple[Candidate, dict[str, float]] | None:
     """The candidate whose left-out scores rank best over ``folds`` (of training's groups), with
     every candidate's pooled balanced AUC; None when the folds leave nothing to rank (one class only).
 
     Each fold's model is fitted on train's rows outside the fold, calibrated (temperature) on val's, and
-    scores the fold's train and val images: calibrated, so that pooling folds compares like with like, as
-    `train loso` pools its folds."""
+    scores the fold's images in ``originals`` (train's and val's images unaugmented, as a held-out image is
+    scored; without them, train's and val's own rows): calibrated, so that pooling folds compares like with
+    like, as `train loso` pools its folds."""
     pooled: dict[Candidate, tuple[list[int], list[str], list[float]]] = {c: ([], [], []) for c in cands}
     for fold in folds:
         left = {s.id for s in train.samples + val.samples if is_held_out(s, fold.generators, fold.sources)}
         fit_on, calibrate_on = train.without(left), val.without(left)
         if len(set(fit_on.row_y.tolist())) < 2:
             continue
-        scored = [e for e in (split.without({s.id for s in split.samples} - left) for split in (train, val))
-                  if e.samples]
+        sources = (train, val) if originals is None else (originals,)
+        scored = [e for e in (split.without({s.id for s in split.samples} - left) for split in sources) if e.samples]
         for cand in cands:
             model = fit(cand, features(fit_on.x, cand), fit_on.row_y)
 
@@ -166,11 +168,12 @@ class Choice:
     scores: dict[str, float]  # each candidate's left-out balanced AUC, or val AUC
 
 
-def choose_probe(choose_on: str, train: Embedded, val: Embedded, n_blocks: int, normalise: bool = True) -> Choice:
+def choose_probe(choose_on: str, train: Embedded, val: Embedded, n_blocks: int, normalise: bool = True,
+                 originals: Embedded | None = None) -> Choice:
     """The probe's candidate, chosen on training's groups left out in turn (``choose_on`` "groups"; on the
     val split when training has fewer than two groups or they leave one class only) or on the val split
     ("val"), and fitted on all of train. ``normalise``: features are embeddings (unit length to the probe),
-    not a score."""
+    not a score. ``originals``: train's and val's images unaugmented, what a left-out group is scored on."""
     from sklearn.linear_model import LogisticRegression
 
     from streamguard.evaluation.metrics import binary_metrics
@@ -188,7 +191,7 @@ def choose_probe(choose_on: str, train: Embedded, val: Embedded, n_blocks: int, 
         if units >= 2:
             folds = plan_folds(groups_of(dev), n_folds=min(INNER_FOLDS, units), pools=pools)
             cands = candidates(GROUP_C_GRID, n_blocks)
-            chosen = choose_by_groups(train, val, cands, features, fit, pools, folds)
+            chosen = choose_by_groups(train, val, cands, features, fit, pools, folds, originals)
             if chosen is not None:
                 best, scores = chosen
                 log.info("train.chosen", on="groups", folds=len(folds), candidate=best.label, auc=scores[best.label])

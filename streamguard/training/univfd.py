@@ -64,7 +64,7 @@ class TrainConfig:
     # (held_out.json) whatever the view, and under a crop view also in that view's variant file.
     view: str = RESIZE
     # What the probe's C (and on class tokens, the blocks it reads) is chosen on: "groups", training's groups
-    # left out a few at a time (`probe_choice`), or "val", the val split (the rule before 2026-12-04, which
+    # left out a few at a time and scored on their original bytes (`probe_choice`), or "val", the val split (the rule before 2026-12-04, which
     # chose C = 30, the top of its grid, in every LOSO fold).
     choose_on: Literal["groups", "val"] = "groups"
 
@@ -204,7 +204,13 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
             for name, split in splits.items() if split}
     train, val = data["train"], data["val"]
 
-    choice = choose_probe(cfg.choose_on, train, val, encoder.blocks, encoder.normalise)
+    originals = None
+    if cfg.choose_on == "groups":
+        # Left-out groups are judged on their original bytes, as held-out and served images are: one pass over
+        # every train and val image whatever is held out, so all folds of a LOSO run share its cache.
+        dev = splits["train"] + splits["val"]
+        originals = embed(dev, settings, cfg, encoder, "original", augmented=False, view=cfg.view).without(held_ids)
+    choice = choose_probe(cfg.choose_on, train, val, encoder.blocks, encoder.normalise, originals)
     model = choice.model
     probe = LinearProbe(train.x.shape[1])
     coef = served_coefficients(model.coef_, choice.candidate, train.x, encoder.blocks)  # type: ignore[attr-defined]
