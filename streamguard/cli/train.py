@@ -15,6 +15,11 @@ from streamguard.training.nirnet.recipe import ABLATIONS as NIRNET_ABLATIONS
 
 pass_app = click.make_pass_decorator(AppContext)
 
+_choose_on_option = click.option(
+    "--choose-on", type=click.Choice(["groups", "val"]), default="groups", show_default=True,
+    help="What the probe's C (and which blocks' class tokens it reads) is chosen on: training's groups left out "
+         "in turn, or the val split (the rule before 2026-12-04).")
+
 
 @click.group("train")
 def train_group() -> None:
@@ -36,9 +41,7 @@ def train_group() -> None:
 @click.option("--reads", type=click.Choice(["class-tokens", "embedding"]), default="class-tokens", show_default=True,
               help="What the probe reads: the class token of every CLIP block (the shipped univfd, RINE's reading), "
                    "or the encoder's output embedding (UnivFD's own, shipped before 2026-12).")
-@click.option("--choose-on", type=click.Choice(["groups", "val"]), default="groups", show_default=True,
-              help="What the probe's C (and which blocks' class tokens it reads) is chosen on: training's groups "
-                   "left out in turn, or the val split (the rule before 2026-12-04).")
+@_choose_on_option
 @pass_app
 def train_univfd_command(app: AppContext, data: tuple[str, ...], out: Path | None, seed: int,
                          limit_per_group: int | None, device: str, no_augment: bool,
@@ -304,9 +307,7 @@ def train_nirnet_command(app: AppContext, branches: str, no_simulator: bool, pro
               help="Pool the fold models' scores under this view (cropsN, cropsN+whole; `train loso-variants "
                    "--variant VIEW` scores them) to choose the fusion and policy of detectors served with "
                    "detectors.options.<name>.views; --unseen-scores should then be scored under it too.")
-@click.option("--choose-on", type=click.Choice(["groups", "val"]), default="groups", show_default=True,
-              help="What the probe's C (and which blocks' class tokens it reads) is chosen on: training's groups "
-                   "left out in turn, or the val split (the rule before 2026-12-04).")
+@_choose_on_option
 @pass_app
 def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[str, ...], out: Path,
                        methods: tuple[str, ...], folds: int | None, fold_names: tuple[str, ...], seed: int,

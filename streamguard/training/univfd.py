@@ -64,8 +64,8 @@ class TrainConfig:
     # (held_out.json) whatever the view, and under a crop view also in that view's variant file.
     view: str = RESIZE
     # What the probe's C (and on class tokens, the blocks it reads) is chosen on: "groups", training's groups
-    # left out a few at a time and scored on their original bytes (`probe_choice`), or "val", the val split (the rule before 2026-12-04, which
-    # chose C = 30, the top of its grid, in every LOSO fold).
+    # left out a few at a time and scored on their original bytes (`probe_choice`), or "val", the val split
+    # (the rule before 2026-12-04, which chose C = 30, the top of its grid, in every LOSO fold).
     choose_on: Literal["groups", "val"] = "groups"
 
 
