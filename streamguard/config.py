@@ -64,7 +64,8 @@ class PluginSettings(_Section):
     )
     deny: list[str] = Field(default_factory=list, description="Plugins never loaded.")
     enable: list[str] = Field(default_factory=list,
-                              description="Built-in plugins that are off by default to load too (builtin-pinclip).")
+                              description="Built-in plugins that are off by default to load too (builtin-mpft, "
+                              "builtin-pinclip, builtin-nirnet).")
     trace_hooks: bool = Field(False, description="Log every hook call and its result.")
 
 
@@ -223,8 +224,8 @@ class TritonSettings(_Section):
 # with univfd's probe chosen on training groups left out (its weights since 2026-12-04), mpft adds nothing
 # beside it (weight search in steps of 0.1: univfd alone 0.859, equal weights 0.828; the previous default,
 # univfd 1.6 / mpft 0.4 with univfd's C chosen on val, 0.791). The CLIP detectors' weights average 1,
-# `default_weight`, so a detector without an entry counts as an average one. mpft still runs and reports its
-# score; pin-clip is off by default (plugins.enable); their 0 keeps them out of the fusion.
+# `default_weight`, so a detector without an entry counts as an average one. mpft and pin-clip are off by
+# default (plugins.enable, plugins.py); enabled, their 0 keeps them out of the fusion while they report.
 VALIDATED_WEIGHTS: dict[str, float] = {
     "univfd": 2.0, "pin-clip": 0.0, "mpft": 0.0,
     # Not from the validation (no data set holds trusted content credentials): a trusted C2PA manifest is

@@ -42,13 +42,28 @@ class PluginInfo:
     hooks: tuple[str, ...]
 
 
-# Built-ins that load only when named in `plugins.enable` (or `plugins.allow`). pin-clip runs a full CLIP
-# branch per image and, validated leave-one-source-out, lowered the fused verdict's balanced AUC on unseen
-# sources (docs/validation.md): it is kept for operators who want to watch it, not paid for by default.
-# nirnet ships weights, but validated beside univfd and mpft (issue 13's run, on the univfd before it read
-# every block) its fusion weight is 0: its held-out logits follow univfd's (correlation 0.90), so by
-# default it would cost a pass per image and add nothing (docs/validation.md).
-OPT_IN_PLUGINS = frozenset({"builtin-pinclip", "builtin-nirnet"})
+# Built-ins that load only when named in `plugins.enable` (or `plugins.allow`): each runs a pass per image
+# that, validated leave-one-source-out, the fused verdict gives no weight (docs/validation.md), so the
+# default does not pay for it; they stay for operators who want to watch their scores.
+# - pin-clip runs a full CLIP branch and lowered the fused verdict's balanced AUC on unseen sources.
+# - nirnet ships weights, but its held-out logits follow univfd's (correlation 0.90; issue 13's run, on the
+#   univfd before it read every block): weight 0.
+# - mpft (since 2026-12-04) runs two tuned blocks on the shared trunk; beside the univfd whose probe is
+#   chosen on groups left out, the weight search on wild-more gives it 0 (univfd alone 0.859, equal
+#   weights 0.828).
+# Each with the detector it registers: a command that measures one detector by name loads its plugin
+# (`enabling`).
+OPT_IN_PLUGINS: dict[str, str] = {"builtin-pinclip": "pin-clip", "builtin-nirnet": "nirnet", "builtin-mpft": "mpft"}
+
+
+def enabling(settings: PluginSettings, detector: str) -> PluginSettings:
+    """``settings`` with the opt-in built-in that registers ``detector`` enabled, for a command asked to
+    measure that detector by name (eval, calibrate); the same settings for any other detector. A denied
+    plugin stays denied."""
+    plugin = next((p for p, name in OPT_IN_PLUGINS.items() if name == detector), None)
+    if plugin is None or plugin in settings.enable:
+        return settings
+    return settings.model_copy(update={"enable": [*settings.enable, plugin]})
 
 
 def is_allowed(name: str, settings: PluginSettings) -> bool:

@@ -46,13 +46,13 @@ def test_dev_up_prints_exports_and_dev_down_stops_everything(tmp_path: Path) -> 
             index = {m["name"]: m.get("state") for m in client.get_model_repository_index(as_json=True)["models"]}
         finally:
             client.close()
-        # The CLIP detectors the worker loads by default (not the opt-in pin-clip) on one shared trunk, which
+        # The CLIP detector the worker loads by default (not the opt-in mpft and pin-clip) on the shared trunk, which
         # the worker is told to call; no whole models.
         from streamguard.triton.build import default_models
         from streamguard.triton.shared_trunk import ENSEMBLE_MODEL, models_of
 
         assert set(default_models()) == {"univfd", "pin-clip", "mpft"}
-        assert index == dict.fromkeys(models_of(["univfd", "mpft"]), "READY")
+        assert index == dict.fromkeys(models_of(["univfd"]), "READY")
         assert exports["STREAMGUARD_TRITON__TRUNK_MODEL"] == ENSEMBLE_MODEL
         # A second `up` reuses the running services.
         again = _sg("dev", "up", "--workdir", str(tmp_path), env=env)

@@ -1,5 +1,5 @@
 """The shipped PiN-CLIP and MPFT weights: present with their model cards, loadable on the cached backbone
-they were trained on, calibrated, and on by default in `scan` next to univfd."""
+they were trained on, calibrated, off by default in `scan` (univfd alone), and measured by name in `eval`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from images import encode, noise
 from PIL import Image
+from test_eval_datasets import labelled_dirs
 
 from streamguard.backbone import load_backbone
 from streamguard.builtin.cliphead import HEAD_FILE, LORA_FILE, META_FILE, TRAINING_FILE
@@ -56,7 +57,7 @@ def test_shipped_weights_are_small_documented_and_score(name: str) -> None:
         assert score.error is None and score.probability is not None and 0.0 < score.probability < 1.0
 
 
-def test_scan_uses_the_default_clip_detectors_and_pin_clip_only_when_enabled(tmp_path: Path) -> None:
+def test_scan_uses_univfd_by_default_and_mpft_and_pin_clip_only_when_enabled(tmp_path: Path) -> None:
     image = tmp_path / "scene.jpg"
     _scene(2).save(image, quality=90)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "STREAMGUARD_PLUGINS__DENY")}
@@ -64,11 +65,27 @@ def test_scan_uses_the_default_clip_detectors_and_pin_clip_only_when_enabled(tmp
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     verdict = json.loads(proc.stdout)["verdict"]
-    assert {s["detector"] for s in verdict["scores"]} == {"univfd", "mpft", "provenance"}
+    assert {s["detector"] for s in verdict["scores"]} == {"univfd", "provenance"}
     assert all(s["error"] is None for s in verdict["scores"])
     assert verdict["model_versions"]["univfd"].startswith("univfd-1+")
     proc = subprocess.run([sys.executable, "-m", "streamguard", "scan", "--format", "jsonl", str(image)],
                           capture_output=True, text=True, timeout=300,
-                          env={**env, "STREAMGUARD_PLUGINS__ENABLE": '["builtin-pinclip"]'})
+                          env={**env, "STREAMGUARD_PLUGINS__ENABLE": '["builtin-pinclip", "builtin-mpft"]'})
     assert proc.returncode == 0, proc.stderr
-    assert "pin-clip" in {s["detector"] for s in json.loads(proc.stdout)["verdict"]["scores"]}
+    assert {"pin-clip", "mpft"} <= {s["detector"] for s in json.loads(proc.stdout)["verdict"]["scores"]}
+
+
+def test_eval_measures_the_opt_in_mpft_by_name_unless_it_is_denied(tmp_path: Path) -> None:
+    # The validation's commands (`eval --detector mpft`) run without enabling mpft in the configuration.
+    labelled_dirs(tmp_path / "data", "0_real", "1_fake", 2)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "STREAMGUARD_PLUGINS__DENY")}
+    args = [sys.executable, "-m", "streamguard", "eval", str(tmp_path / "data"), "--detector", "mpft",
+            "--perturb", "none", "--no-normalized-check", "--no-cache", "--no-progress", "--out", str(tmp_path / "out")]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["detector"] == "mpft" and metrics["versions"] == {"mpft": MPFT.version(MPFT.default_weights)}
+    assert metrics["results"]["none"]["overall"]["n_fake"] == 2
+    denied = subprocess.run(args, capture_output=True, text=True, timeout=300,
+                            env={**env, "STREAMGUARD_PLUGINS__DENY": '["builtin-mpft"]'})
+    assert denied.returncode == 2 and "no detector named 'mpft'" in denied.stderr, denied.stderr

@@ -73,7 +73,8 @@ from streamguard.scoring import Scorer
 
 from streamguard.detectors.spec import LoadContext
 
-settings = load_settings(detectors={"backend": "triton"})
+# mpft is opt-in: enabled, so that a fine-tuned CLIP detector registers on the lean path too.
+settings = load_settings(detectors={"backend": "triton"}, plugins={"enable": ["builtin-mpft"]})
 scorer = Scorer(settings, build_plugin_manager(settings.plugins))
 result = {
     "detectors": {runner.spec.name: runner.backend_kind for runner in scorer.runners},
@@ -103,8 +104,8 @@ def test_the_triton_path_imports_no_torch() -> None:
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["refused"] == [] and result["loaded"] == [], result
     # Registration went through (a swallowed ImportError would have dropped a detector): every built-in
-    # CLIP detector with weights, each set to run on Triton.
-    builtin = {"univfd": True, "mpft": MPFT.has_weights(MPFT.default_weights)}  # pin-clip is opt-in
+    # CLIP detector with weights that the check loads (mpft enabled; pin-clip not), each set to run on Triton.
+    builtin = {"univfd": True, "mpft": MPFT.has_weights(MPFT.default_weights)}
     assert {k: v for k, v in result["detectors"].items() if k in builtin} == {
         name: "triton" for name, shipped in builtin.items() if shipped}, result
     assert result["inprocess_load"] == ("MissingExtra: the in-process detector backend needs torch, which is not "
@@ -194,7 +195,7 @@ def test_the_lean_worker_judges_on_triton(lean_python: Path, kafka: Service, tri
                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     service, version = triton
     triton_env = {
-        # univfd alone: the other CLIP detectors would only add CPU time to the server here.
+        # univfd alone (the default): the opt-in CLIP detectors stay denied should the defaults change.
         "STREAMGUARD_PLUGINS__DENY": '["builtin-pinclip", "builtin-mpft"]',
         "STREAMGUARD_DETECTORS__BACKEND": "triton",
         "STREAMGUARD_TRITON__URL": service.grpc_address,

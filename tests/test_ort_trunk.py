@@ -67,7 +67,7 @@ def _settings(tiny: dict[str, Path], cache: Path, runtime: str = "onnxruntime", 
     return load_settings(
         backbone={"checkpoint": str(tiny["clip"]), "cache_dir": str(cache), "runtime": runtime,
                   "precision": precision},
-        plugins={"deny": ["provenance", "brightness"], "enable": ["builtin-pinclip"]},
+        plugins={"deny": ["provenance", "brightness"], "enable": ["builtin-pinclip", "builtin-mpft"]},
         detectors={"options": options, "timeout_s": None, **detectors})
 
 

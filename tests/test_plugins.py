@@ -237,3 +237,22 @@ def test_opt_in_builtins_load_only_when_enabled() -> None:
     assert "builtin-pinclip" in names(enable=["builtin-pinclip"])
     assert "builtin-pinclip" in names(allow=["builtin-fusion", "builtin-policy", "builtin-pinclip"])
     assert "builtin-pinclip" not in names(enable=["builtin-pinclip"], deny=["builtin-pinclip"])
+    # mpft since 2026-12-04 (fusion weight 0 beside univfd on unseen sources): the default runs univfd only.
+    assert "builtin-mpft" not in names() and "builtin-univfd" in names()
+    assert "builtin-mpft" in names(enable=["builtin-mpft"])
+
+
+def test_a_command_measuring_an_opt_in_detector_by_name_enables_its_plugin_only() -> None:
+    from streamguard.config import PluginSettings
+    from streamguard.plugins import OPT_IN_PLUGINS, build_plugin_manager, enabling
+
+    default = PluginSettings()
+    for plugin, detector in OPT_IN_PLUGINS.items():
+        settings = enabling(default, detector)
+        assert settings.enable == [plugin] and default.enable == []
+        assert build_plugin_manager(settings).has_plugin(plugin)
+    assert enabling(default, "univfd") is default and enabling(default, "fused") is default
+    already = PluginSettings(enable=["builtin-mpft"])
+    assert enabling(already, "mpft") is already
+    # A denial still wins: the operator said never.
+    assert not build_plugin_manager(enabling(PluginSettings(deny=["builtin-mpft"]), "mpft")).has_plugin("builtin-mpft")

@@ -37,7 +37,7 @@ LOWER = ("int8", "int8-mixed")
 def _settings(tiny: dict[str, Path], precision: str, shared: bool = True, **detectors: object) -> Settings:
     options = {name: {"weights_dir": str(tiny[name])} for name in CLIP_DETECTORS}
     return load_settings(backbone={"checkpoint": str(tiny["clip"]), "precision": precision},
-                         plugins={"deny": ["provenance", "brightness"], "enable": ["builtin-pinclip"]},
+                         plugins={"deny": ["provenance", "brightness"], "enable": ["builtin-pinclip", "builtin-mpft"]},
                          detectors={"options": options, "shared_trunk": shared, "timeout_s": None, **detectors})
 
 

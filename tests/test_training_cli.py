@@ -102,7 +102,7 @@ def scan(backbone: Path, detector: str, weights: Path, *paths: Path) -> dict[str
     plugin = f"builtin-{detector.replace('-', '')}"
     deny = [p for p in ("builtin-univfd", "builtin-pinclip", "builtin-mpft") if p != plugin]
     env = _env(backbone, STREAMGUARD_PLUGINS__DENY=json.dumps([*deny, "brightness"]),
-               STREAMGUARD_PLUGINS__ENABLE=json.dumps([plugin]),  # pin-clip is opt-in
+               STREAMGUARD_PLUGINS__ENABLE=json.dumps([plugin]),  # pin-clip and mpft are opt-in
                STREAMGUARD_DETECTORS__OPTIONS=json.dumps({detector: {"weights_dir": str(weights)}}))
     result = CliRunner().invoke(cli, ["scan", "--format", "jsonl", *map(str, paths)], env=env)
     assert result.exit_code == 0, f"{result.output}\n{result.stderr}"
@@ -192,7 +192,8 @@ def test_adapters_for_another_backbone_are_refused(mpft_run: tuple[Path, Path], 
     for name, (model, message) in cases.items():
         model.save_pretrained(tmp_path / name)
         settings = load_settings(backbone={"checkpoint": str(tmp_path / name)},
-                                 plugins={"deny": ["builtin-univfd", "builtin-pinclip", "brightness", "provenance"]},
+                                 plugins={"deny": ["builtin-univfd", "builtin-pinclip", "brightness", "provenance"],
+                                          "enable": ["builtin-mpft"]},
                                  detectors={"options": {"mpft": {"weights_dir": str(out)}}})
         with Scorer(settings, build_plugin_manager(settings.plugins)) as scorer:
             (runner,) = scorer.runners
@@ -225,7 +226,7 @@ def test_train_pinclip_with_a_held_out_generator_then_scan(dataset: Path, backbo
 
 def test_plugins_register_nothing_until_weights_exist(tmp_path: Path) -> None:
     options = {name: {"weights_dir": str(tmp_path / name)} for name in ("mpft", "pin-clip")}
-    settings = load_settings(plugins={"deny": ["builtin-univfd"], "enable": ["builtin-pinclip"]},
+    settings = load_settings(plugins={"deny": ["builtin-univfd"], "enable": ["builtin-pinclip", "builtin-mpft"]},
                              detectors={"options": options})
     with capture_logs() as logs:
         names = {spec.name for spec in collect_detectors(build_plugin_manager(settings.plugins), settings)}

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from streamguard.config import Settings, load_settings
 from streamguard.logs import configure_logging
-from streamguard.plugins import build_plugin_manager
+from streamguard.plugins import build_plugin_manager, enabling
 
 # For the commands that judge files (scan, eval, calibrate): the worker's detectors.timeout_s protects a
 # stream's latency, but offline an image lost to a slow model on busy cores is only a lost image.
@@ -47,3 +47,9 @@ class AppContext:
     @cached_property
     def plugin_manager(self) -> pluggy.PluginManager:
         return build_plugin_manager(self.settings.plugins)
+
+    def plugin_manager_for(self, detector: str) -> pluggy.PluginManager:
+        """The plugins of a command that measures ``detector`` by name: an opt-in built-in's detector (mpft,
+        pin-clip, nirnet) is measured without enabling it in the configuration first."""
+        settings = enabling(self.settings.plugins, detector)
+        return self.plugin_manager if settings is self.settings.plugins else build_plugin_manager(settings)

@@ -80,7 +80,7 @@ def eval_command(
     show_progress = progress if progress is not None else sys.stderr.isatty()
     settings = app.offline_settings(detector_timeout_s)  # first: it configures logging before anything logs
     try:
-        result = run_evaluation(config, settings, app.plugin_manager, progress=show_progress)
+        result = run_evaluation(config, settings, app.plugin_manager_for(detector), progress=show_progress)
     except (UnknownDetector, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
     except ConfigurationError as exc:
@@ -164,7 +164,7 @@ def calibrate_command(
     settings = app.offline_settings(detector_timeout_s)  # first: it configures logging before anything logs
     try:
         samples = load_samples(data, seed=seed, split=split, limit_per_group=limit_per_group)
-        runner = EvalRunner(settings, app.plugin_manager, detector, cache_dir=cache_dir,
+        runner = EvalRunner(settings, app.plugin_manager_for(detector), detector, cache_dir=cache_dir,
                             progress=progress if progress is not None else sys.stderr.isatty())
     except (UnknownDetector, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
