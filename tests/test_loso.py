@@ -259,6 +259,10 @@ def test_a_rerun_under_other_settings_trains_the_fold_again(dataset: Path, backb
     assert len(json.loads((out / "mpft" / fold / "training.json").read_text())["epochs"]) == 2
     # Another sample of the data is another run for both.
     assert run("--epochs", "2", "--limit-per-group", "12") == ({"univfd", "mpft"}, set())
+    # Another augmentation draw is another run of the probe only; the seed's own draw named is the same run.
+    assert run("--epochs", "2", "--limit-per-group", "12", "--augment-seed", "0") == (set(), {"univfd", "mpft"})
+    assert run("--epochs", "2", "--limit-per-group", "12", "--augment-seed", "1") == ({"univfd"}, {"mpft"})
+    assert json.loads((out / "univfd" / fold / "meta.json").read_text())["augment_seed"] == 1
     # A fold folder from before the settings were recorded is kept, and the log says it was not checked.
     (out / "univfd" / fold / "loso_run.json").unlink()
     result = loso(dataset, out, cache, backbone, "--fold", fold, "--epochs", "2")
@@ -504,3 +508,41 @@ def test_loso_trains_nirnet_ablations_per_fold_under_their_own_names(dataset: Pa
         assert [e["epochs_done"] for e in _events(again, "train.resumed")] == resumed
         training = json.loads((out / "nirnet-no-simulator" / fold / "training.json").read_text())
         assert [e["epoch"] for e in training["epochs"]] == [1, 2]
+
+
+def test_an_augmentation_draw_changes_the_augmented_pixels_only(dataset: Path, tmp_path: Path) -> None:
+    """`augment_seed` redraws each image's augmentation and nothing else: the original pixels (and their
+    cache) stay; unset, or naming the seed, it is the seed's own draw (and its cache)."""
+    from dataclasses import replace
+
+    import torch
+
+    from streamguard.builtin.cliphead import CONTRACT
+    from streamguard.config import Settings
+    from streamguard.evaluation import load_samples
+    from streamguard.training.univfd import Frozen, TrainConfig, embed
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:  # a cheap, deterministic stand-in for the encoder
+        return torch.nn.functional.avg_pool2d(pixels, 28).flatten(1)
+
+    encoder = Frozen(encode, "pooled-pixels", CONTRACT)
+    train = [s for s in load_samples([str(dataset)], seed=0) if s.split == "train"][:6]
+    cache = tmp_path / "cache"
+    cfg = TrainConfig(data=(str(dataset),), out=tmp_path / "out", cache_dir=cache)
+    settings = Settings()
+
+    def embedded(config: TrainConfig, augmented: bool = True) -> tuple[np.ndarray, int]:
+        e = embed(train, settings, config, encoder, "train", augmented=augmented)
+        assert [s.id for s in e.samples] == [s.id for s in train]
+        return e.x, len(list(cache.glob("*.npz")))
+
+    seed_draw, files = embedded(cfg)
+    named, files_named = embedded(replace(cfg, augment_seed=0))
+    np.testing.assert_array_equal(named, seed_draw)
+    assert files_named == files  # the same cache entry
+    other, _ = embedded(replace(cfg, augment_seed=1))
+    assert np.abs(other - seed_draw).max() > 1e-3
+    original, files = embedded(cfg, augmented=False)
+    original_other, files_other = embedded(replace(cfg, augment_seed=1), augmented=False)
+    np.testing.assert_array_equal(original_other, original)
+    assert files_other == files

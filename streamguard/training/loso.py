@@ -151,6 +151,7 @@ class LosoConfig:
     methods: tuple[str, ...] = DEFAULT_METHODS
     folds: int | None = None
     seed: int = 0
+    augment_seed: int | None = None  # univfd's augmentation draw apart from the split (`TrainConfig`)
     limit_per_group: int | None = None
     epochs: int = 5
     device: str = "cpu"
@@ -202,7 +203,10 @@ def run_settings(cfg: LosoConfig, method: str) -> dict[str, Any]:
                 "epochs": None if method in PROBE_METHODS else cfg.epochs}
     # Recorded only when not resized, so the folds trained before training views existed stay valid.
     settings |= {"train_view": cfg.train_view} if cfg.train_view != RESIZE else {}
-    # Folds chosen on the val split (before 2026-12-04) keep the settings they were recorded under.
+    # Folds chosen on the val split (before 2026-12-04) keep the settings they were recorded under; so do
+    # folds of the seed's own augmentation draw.
+    draw = cfg.augment_seed not in (None, cfg.seed)
+    settings |= {"augment_seed": cfg.augment_seed} if method in PROBE_METHODS and draw else {}
     return settings | ({"choose_on": cfg.choose_on} if method in PROBE_METHODS and cfg.choose_on != "val" else {})
 
 
@@ -243,8 +247,8 @@ def train_fold(settings: Settings, cfg: LosoConfig, method: str, fold: Fold) -> 
         from streamguard.training.univfd import TrainConfig, train_univfd
 
         train_univfd(settings, TrainConfig(
-            data=cfg.data, out=directory, seed=cfg.seed, limit_per_group=cfg.limit_per_group, device=cfg.device,
-            cache_dir=cfg.cache_dir, holdout_generators=fold.generators, holdout_sources=fold.sources,
+            data=cfg.data, out=directory, seed=cfg.seed, augment_seed=cfg.augment_seed,
+            limit_per_group=cfg.limit_per_group, device=cfg.device, cache_dir=cfg.cache_dir, holdout_generators=fold.generators, holdout_sources=fold.sources,
             backbone={"univfd": "clip", "univfd-blocks": "clip-blocks", "dinov2-probe": "dinov2",
                       "rigid": "rigid"}[method], view=cfg.train_view, choose_on=cfg.choose_on))  # type: ignore[arg-type]
     elif method == "nirnet" or method in NIRNET_ABLATIONS:
@@ -419,6 +423,7 @@ def build_report(cfg: LosoConfig, folds: Sequence[Fold], pools: dict[str, str] |
         "unseen_scores": {name: str(path) for name, path in cfg.unseen_scores},
         "view": cfg.view,
         "seed": cfg.seed,
+        "augment_seed": cfg.seed if cfg.augment_seed is None else cfg.augment_seed,
         "limit_per_group": cfg.limit_per_group,
         "epochs": cfg.epochs,
         "images": len(ids),

@@ -67,6 +67,14 @@ class TrainConfig:
     # left out a few at a time and scored on their original bytes (`probe_choice`), or "val", the val split
     # (the rule before 2026-12-04, which chose C = 30, the top of its grid, in every LOSO fold).
     choose_on: Literal["groups", "val"] = "groups"
+    # The augmentation draw (each image's one random augmentation) apart from the split, which `seed` also
+    # decides; None: `seed`'s. Under LOSO three draws of the same probe ranged 0.882-0.921 in balanced AUC
+    # (docs/validation.md), so a draw is part of what a number measures.
+    augment_seed: int | None = None
+
+    @property
+    def draw(self) -> int:
+        return self.seed if self.augment_seed is None else self.augment_seed
 
 
 RIGID_NOISE = 0.05  # std of the Gaussian pixel noise, in [0, 1] pixel units
@@ -133,8 +141,10 @@ def embed(samples: Sequence, settings: Settings, cfg: TrainConfig, encoder: Froz
     from streamguard.evaluation import read_samples
 
     augmented = cfg.augment if augmented is None else augmented
-    # The resized view keeps the key it had before views existed, so earlier caches stay valid.
-    request = [tag, cfg.seed, augmented and AUGMENT_VERSION, encoder.version, [s.id for s in samples]]
+    # The resized view keeps the key it had before views existed, so earlier caches stay valid; so does the
+    # draw, which is the seed unless `augment_seed` says otherwise. Unaugmented pixels depend on neither.
+    request = [tag, cfg.draw if augmented else cfg.seed, augmented and AUGMENT_VERSION, encoder.version,
+               [s.id for s in samples]]
     key = hashlib.sha256(json.dumps(request + ([view] if view != RESIZE else [])).encode()).hexdigest()[:16]
     cache = cfg.cache_dir / f"{'univfd' if cfg.backbone == 'clip' else cfg.backbone}-{tag}-{key}.npz"
     if cache.is_file():
@@ -158,7 +168,7 @@ def embed(samples: Sequence, settings: Settings, cfg: TrainConfig, encoder: Froz
         batch.clear()
 
     for sample, data in read_samples(samples):
-        rng = random.Random(f"{cfg.seed}:{sample.id}")
+        rng = random.Random(f"{cfg.draw}:{sample.id}")
         try:
             raw = augment(data, rng) if augmented else data
             image = decode_image(raw, settings.intake, decode_side([contract]))
@@ -255,6 +265,7 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
         "seed": cfg.seed,
         "limit_per_group": cfg.limit_per_group,
         "augment": cfg.augment,
+        "augment_seed": cfg.draw,
         "C": choice.candidate.c,
         "blocks": choice.candidate.blocks,
         "chosen_on": choice.chosen_on,
