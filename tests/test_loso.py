@@ -263,6 +263,15 @@ def test_a_rerun_under_other_settings_trains_the_fold_again(dataset: Path, backb
     assert run("--epochs", "2", "--limit-per-group", "12", "--augment-seed", "0") == (set(), {"univfd", "mpft"})
     assert run("--epochs", "2", "--limit-per-group", "12", "--augment-seed", "1") == ({"univfd"}, {"mpft"})
     assert json.loads((out / "univfd" / fold / "meta.json").read_text())["augment_seed"] == 1
+    # Two draws a training image: draw 1's rows (cached by the run before) and draw 2's, embedded now.
+    result = loso(dataset, out, cache, backbone, "--fold", fold, "--epochs", "2", "--limit-per-group", "12",
+                  "--augment-seed", "1", "--augment-draws", "2")
+    assert result.exit_code == 0, f"{result.output}\n{result.stderr}\n{result.exception!r}"
+    assert {e["method"] for e in _events(result, "loso.fold_start")} == {"univfd"}
+    assert [e["split"] for e in _events(result, "train.embedded")] == ["train"]
+    assert json.loads((out / "univfd" / fold / "meta.json").read_text())["augment_draws"] == 2
+    report = json.loads((out / "univfd" / fold / "training.json").read_text())
+    assert report["train_rows"] == 2 * report["counts"]["train"]
     # A fold folder from before the settings were recorded is kept, and the log says it was not checked.
     (out / "univfd" / fold / "loso_run.json").unlink()
     result = loso(dataset, out, cache, backbone, "--fold", fold, "--epochs", "2")

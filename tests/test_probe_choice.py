@@ -18,6 +18,7 @@ from streamguard.training.probe_choice import (
     choose_probe,
     columns,
     served_coefficients,
+    stack_draws,
 )
 
 BLOCKS, WIDTH = 4, 8
@@ -130,3 +131,16 @@ def test_left_out_groups_are_scored_on_the_originals_given() -> None:
                        both.samples)
     assert choose_probe("groups", train, val, BLOCKS, originals=shifted).scores != choose_probe(
         "groups", train, val, BLOCKS).scores
+
+
+def test_draws_stack_as_views_of_the_same_images_and_drop_an_image_any_draw_skipped() -> None:
+    samples = [_sample(i, "g", i % 2, "train") for i in range(3)]
+    first = Embedded(np.arange(3, dtype=np.float32)[:, None], np.arange(3), samples)
+    # The second draw skipped image 1 (a decode error under its augmentation) and lists the rest reordered.
+    second = Embedded(np.array([[12.0], [10.0]], np.float32), np.array([0, 1]), [samples[2], samples[0]])
+    stacked = stack_draws([first, second])
+    assert [s.id for s in stacked.samples] == [samples[0].id, samples[2].id]
+    rows = {(int(o), float(v)) for o, v in zip(stacked.owner, stacked.x[:, 0])}
+    assert rows == {(0, 0.0), (1, 2.0), (0, 10.0), (1, 12.0)}
+    np.testing.assert_array_equal(stacked.row_y, [0, 0, 0, 0])  # images 0 and 2 are both label 0
+    np.testing.assert_allclose(stacked.per_image(stacked.x[:, 0]), [5.0, 7.0])  # each image: its draws' mean

@@ -23,6 +23,10 @@ _augment_seed_option = click.option(
     "--augment-seed", type=int, default=None,
     help="The probe's augmentation draw (each image's one random augmentation) apart from the split, which --seed "
          "also decides (default: --seed): to measure how much a result owes to the draw.")
+_augment_draws_option = click.option(
+    "--augment-draws", type=click.IntRange(min=1), default=1, show_default=True,
+    help="The probe's training rows per image: its augmentation under this many draws (--augment-seed's, then the "
+         "next seeds'), so the probe owes less to one draw.")
 
 
 @click.group("train")
@@ -47,11 +51,12 @@ def train_group() -> None:
                    "or the encoder's output embedding (UnivFD's own, shipped before 2026-12).")
 @_choose_on_option
 @_augment_seed_option
+@_augment_draws_option
 @pass_app
 def train_univfd_command(app: AppContext, data: tuple[str, ...], out: Path | None, seed: int,
                          limit_per_group: int | None, device: str, no_augment: bool,
                          holdout_generators: tuple[str, ...], holdout_sources: tuple[str, ...], reads: str,
-                         choose_on: str, augment_seed: int | None) -> None:
+                         choose_on: str, augment_seed: int | None, augment_draws: int) -> None:
     """Fit the UnivFD linear probe on frozen CLIP features; writes head, calibration and a report."""
     require("`streamguard train univfd`", "inprocess", "eval")
     from streamguard.builtin.univfd.plugin import WEIGHTS_DIR
@@ -60,7 +65,8 @@ def train_univfd_command(app: AppContext, data: tuple[str, ...], out: Path | Non
     cfg = TrainConfig(data=data, out=out or WEIGHTS_DIR, seed=seed, limit_per_group=limit_per_group,
                       device=device, augment=not no_augment, holdout_generators=holdout_generators,
                       holdout_sources=holdout_sources, backbone="clip-blocks" if reads == "class-tokens" else "clip",
-                      choose_on=choose_on, augment_seed=augment_seed)  # type: ignore[arg-type]
+                      choose_on=choose_on, augment_seed=augment_seed,
+                      augment_draws=augment_draws)  # type: ignore[arg-type]
     try:
         report = train_univfd(app.settings, cfg)
     except ValueError as exc:
@@ -314,20 +320,22 @@ def train_nirnet_command(app: AppContext, branches: str, no_simulator: bool, pro
                    "detectors.options.<name>.views; --unseen-scores should then be scored under it too.")
 @_choose_on_option
 @_augment_seed_option
+@_augment_draws_option
 @pass_app
 def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[str, ...], out: Path,
                        methods: tuple[str, ...], folds: int | None, fold_names: tuple[str, ...], seed: int,
                        limit_per_group: int | None, epochs: int, max_false_flag: float, max_false_clear: float,
                        device: str, cache_dir: Path, progress: bool | None, unseen_scores: tuple[str, ...],
                        report_name: str, against: tuple[str, ...], view: str, train_view: str, choose_on: str,
-                       augment_seed: int | None) -> None:
+                       augment_seed: int | None, augment_draws: int) -> None:
     """Leave-one-source-out validation: per-source results on unseen sources, fusion weights and thresholds."""
     require("`streamguard train loso`", "inprocess", "eval")
     from streamguard.training.loso import DEFAULT_METHODS, LosoConfig, run_loso
 
     try:
         cfg = LosoConfig(data=data, loso_data=loso_data, out=out, methods=methods or DEFAULT_METHODS, folds=folds,
-                         seed=seed, augment_seed=augment_seed, limit_per_group=limit_per_group, epochs=epochs,
+                         seed=seed, augment_seed=augment_seed, augment_draws=augment_draws,
+                         limit_per_group=limit_per_group, epochs=epochs,
                          device=device, cache_dir=cache_dir,
                          progress=progress if progress is not None else sys.stderr.isatty(),
                          max_false_flag=max_false_flag, max_false_clear=max_false_clear, fold_names=fold_names,

@@ -152,6 +152,7 @@ class LosoConfig:
     folds: int | None = None
     seed: int = 0
     augment_seed: int | None = None  # univfd's augmentation draw apart from the split (`TrainConfig`)
+    augment_draws: int = 1  # univfd's training rows per image (`TrainConfig`)
     limit_per_group: int | None = None
     epochs: int = 5
     device: str = "cpu"
@@ -207,6 +208,7 @@ def run_settings(cfg: LosoConfig, method: str) -> dict[str, Any]:
     # folds of the seed's own augmentation draw.
     draw = cfg.augment_seed not in (None, cfg.seed)
     settings |= {"augment_seed": cfg.augment_seed} if method in PROBE_METHODS and draw else {}
+    settings |= {"augment_draws": cfg.augment_draws} if method in PROBE_METHODS and cfg.augment_draws != 1 else {}
     return settings | ({"choose_on": cfg.choose_on} if method in PROBE_METHODS and cfg.choose_on != "val" else {})
 
 
@@ -248,6 +250,7 @@ def train_fold(settings: Settings, cfg: LosoConfig, method: str, fold: Fold) -> 
 
         train_univfd(settings, TrainConfig(
             data=cfg.data, out=directory, seed=cfg.seed, augment_seed=cfg.augment_seed,
+            augment_draws=cfg.augment_draws,
             limit_per_group=cfg.limit_per_group, device=cfg.device, cache_dir=cfg.cache_dir, holdout_generators=fold.generators, holdout_sources=fold.sources,
             backbone={"univfd": "clip", "univfd-blocks": "clip-blocks", "dinov2-probe": "dinov2",
                       "rigid": "rigid"}[method], view=cfg.train_view, choose_on=cfg.choose_on))  # type: ignore[arg-type]
@@ -424,6 +427,7 @@ def build_report(cfg: LosoConfig, folds: Sequence[Fold], pools: dict[str, str] |
         "view": cfg.view,
         "seed": cfg.seed,
         "augment_seed": cfg.seed if cfg.augment_seed is None else cfg.augment_seed,
+        "augment_draws": cfg.augment_draws,
         "limit_per_group": cfg.limit_per_group,
         "epochs": cfg.epochs,
         "images": len(ids),

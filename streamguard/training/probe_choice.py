@@ -115,6 +115,15 @@ class Embedded:
         return Embedded(self.x[rows], renumber[self.owner[rows]], [self.samples[i] for i in keep])
 
 
+def stack_draws(draws: Sequence[Embedded]) -> Embedded:
+    """Every draw's rows of each image as views of that image (an image a draw skipped is left out of all)."""
+    common = set.intersection(*({s.id for s in d.samples} for d in draws))
+    kept = [d.without({s.id for s in d.samples} - common) for d in draws]
+    order = {s.id: i for i, s in enumerate(kept[0].samples)}
+    owners = [np.asarray([order[s.id] for s in d.samples], np.int64)[d.owner] for d in kept]
+    return Embedded(np.concatenate([d.x for d in kept]), np.concatenate(owners), kept[0].samples)
+
+
 Features = Callable[[np.ndarray, Candidate], np.ndarray]  # rows -> what the candidate's probe reads
 Fit = Callable[[Candidate, np.ndarray, np.ndarray], object]  # (candidate, features, y) -> an sklearn model
 

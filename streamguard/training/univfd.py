@@ -36,7 +36,7 @@ from streamguard.intake.contract import RESIZE, decode_side, prepare_views, with
 from streamguard.training.artifacts import save_probe
 from streamguard.training.data import AUGMENT_VERSION, augment, split_samples
 from streamguard.training.held_out import HELD_OUT_FILE, held_out_scores, save_held_out, variant_file
-from streamguard.training.probe_choice import Embedded, choose_probe, served_coefficients
+from streamguard.training.probe_choice import Embedded, choose_probe, served_coefficients, stack_draws
 
 log = structlog.get_logger(__name__)
 
@@ -71,6 +71,9 @@ class TrainConfig:
     # decides; None: `seed`'s. Under LOSO three draws of the same probe ranged 0.882-0.921 in balanced AUC
     # (docs/validation.md), so a draw is part of what a number measures.
     augment_seed: int | None = None
+    # Training rows per image: its augmentation under this many draws (the draw, then the next seeds'), so
+    # the probe depends less on any one draw. Val and the left-out originals stay one row an image.
+    augment_draws: int = 1
 
     @property
     def draw(self) -> int:
@@ -207,11 +210,17 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
     samples = load_samples(cfg.data, seed=cfg.seed, limit_per_group=cfg.limit_per_group)
     held_ids = {s.id for s in split_samples(samples, cfg.holdout_generators, cfg.holdout_sources).held_out}
     splits = {name: [s for s in samples if s.split == name] for name in ("train", "val", "test")}
+    if cfg.augment_draws < 1:
+        raise ValueError(f"augment_draws must be at least 1, not {cfg.augment_draws}")
     if not [s for s in splits["train"] if s.id not in held_ids] or not [s for s in splits["val"] if s.id not in held_ids]:
         raise ValueError("training needs samples in the train and val splits")
     encoder = frozen_encoder(settings, cfg)
     data = {name: embed(split, settings, cfg, encoder, name, view=cfg.view).without(held_ids)
             for name, split in splits.items() if split}
+    if cfg.augment_draws > 1:
+        data["train"] = stack_draws([
+            embed(splits["train"], settings, replace(cfg, augment_seed=cfg.draw + k), encoder, "train", view=cfg.view)
+            for k in range(cfg.augment_draws)]).without(held_ids)
     train, val = data["train"], data["val"]
 
     originals = None
@@ -242,6 +251,7 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
         "chosen_on": choice.chosen_on,
         "candidates": choice.scores,
         "counts": {name: len(d.samples) for name, d in data.items()},
+        "train_rows": int(len(train.x)),
         "view": cfg.view,
         "holdout": {"generators": list(cfg.holdout_generators), "sources": list(cfg.holdout_sources)},
         "calibration": {"scale": calibration.scale, "bias": calibration.bias,
@@ -266,6 +276,7 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
         "limit_per_group": cfg.limit_per_group,
         "augment": cfg.augment,
         "augment_seed": cfg.draw,
+        "augment_draws": cfg.augment_draws,
         "C": choice.candidate.c,
         "blocks": choice.candidate.blocks,
         "chosen_on": choice.chosen_on,
