@@ -221,9 +221,9 @@ class TritonSettings(_Section):
 # Chosen by leave-one-source-out validation (`streamguard train loso ... --unseen-scores mpft=...`, see
 # docs/validation.md), never on the test split. The weights on wild-more's 16 groups (9 real sources, 7
 # generator families), the images that both the fold-retrained univfd and the shipped mpft never trained on:
-# with univfd's probe chosen on training groups left out (its weights since 2026-12-04), mpft adds nothing
-# beside it (weight search in steps of 0.1: univfd alone 0.859, equal weights 0.828; the previous default,
-# univfd 1.6 / mpft 0.4 with univfd's C chosen on val, 0.791). The CLIP detectors' weights average 1,
+# with univfd's probe chosen on training groups left out (since 2026-12-04), mpft adds nothing beside it
+# (weight search in steps of 0.1: univfd trained on three augmentation draws alone 0.847, equal weights
+# 0.820; on one draw 0.859 and 0.828; the default before, univfd 1.6 / mpft 0.4 with C chosen on val, 0.791). The CLIP detectors' weights average 1,
 # `default_weight`, so a detector without an entry counts as an average one. mpft and pin-clip are off by
 # default (plugins.enable, plugins.py); enabled, their 0 keeps them out of the fusion while they report.
 VALIDATED_WEIGHTS: dict[str, float] = {
@@ -235,16 +235,17 @@ VALIDATED_WEIGHTS: dict[str, float] = {
     "credentials": 6.0,
 }
 # With mpft out of the fusion the fused logit is univfd's, so the calibration and thresholds are chosen on
-# all 26 groups of wild-train and wild-more (1,376 held-out images, 11 real sources), not wild-more's alone.
-# The folds' own calibrations, fitted on sources they had seen, were ~1.5x overconfident on sources they had
-# not (scale 0.64).
-VALIDATED_FUSED_SCALE = 0.644563
-VALIDATED_FUSED_BIAS = 0.005775
+# all 26 groups of wild-train and wild-more (1,376 held-out images, 11 real sources), not wild-more's alone,
+# for univfd trained on three augmentation draws (`train loso --augment-draws 3`, univfd-1+e490f6bde5).
+# The folds' own calibrations, fitted on sources they had seen, were ~1.8x overconfident on sources they had
+# not (scale 0.57).
+VALIDATED_FUSED_SCALE = 0.566476
+VALIDATED_FUSED_BIAS = 0.100026
 # On that recalibrated probability: at 0.93 no held-out real source has more than 2% of its photos flagged
-# (ImageNet 4 of 262; lower, one app screenshot of ten would be); generators have 9.8% of their images
-# cleared at 0.30, on average. Between the two (37% of the pool) is `uncertain`: see docs/validation.md.
+# (ImageNet 1 of 262; at 0.92 one app screenshot of ten would be); generators have 9.1% of their images
+# cleared at 0.31, on average. Between the two (41% of the pool) is `uncertain`: see docs/validation.md.
 VALIDATED_AI_THRESHOLD = 0.93
-VALIDATED_REAL_THRESHOLD = 0.30
+VALIDATED_REAL_THRESHOLD = 0.31
 
 
 class FusionSettings(_Section):

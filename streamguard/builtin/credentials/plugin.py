@@ -34,15 +34,15 @@ NAME = "credentials"
 RULES_VERSION = "credentials-1"
 LIBRARY = "c2pa-python"
 # Not fitted (no data set here holds trusted credentials): sized for the shipped fusion (config.py), the
-# weighted mean of calibrated logits, recalibrated as sigmoid(0.64 * mean + 0.01), with `credentials`
+# weighted mean of calibrated logits, recalibrated as sigmoid(0.57 * mean + 0.10), with `credentials`
 # weighted 6 against the CLIP detectors' 2.0 (univfd's; mpft's 0), and the shipped policy (ai >= 0.93,
-# real <= 0.30).
-# - Generated, +15: the mean is at least (6 * 15 - 2 * 12) / 8 = 8.25 (p 0.995, over the 0.93 flag) even when
+# real <= 0.31).
+# - Generated, +15: the mean is at least (6 * 15 - 2 * 12) / 8 = 8.25 (p 0.992, over the 0.93 flag) even when
 #   the CLIP detectors average -12 (p 6e-6 of AI): a trusted generator's word carries the verdict.
-# - Captured, -2.5: real while the CLIP detectors average under +2.2 (the mean is then under -1.32, p 0.30);
+# - Captured, -2.5: real while the CLIP detectors average under +1.1 (the mean is then under -1.59, p 0.31);
 #   above that uncertain, so a person looks (a trusted camera can still photograph a screen); flagged only
-#   past an average of +23. (At -5 under the 2026-12-03 fusion; under this one -5 would clear an image the
-#   CLIP detectors put at +9.7.)
+#   past an average of +25. (At -5 under the 2026-12-03 fusion; under this one -5 would clear an image the
+#   CLIP detectors put at +8.6.)
 GENERATED_LOGIT = 15.0
 CAPTURED_LOGIT = -2.5
 
