@@ -223,8 +223,9 @@ class TritonSettings(_Section):
 # generator families), the images that both the fold-retrained univfd and the shipped mpft never trained on:
 # with univfd's probe chosen on training groups left out (since 2026-12-04), mpft adds nothing beside it
 # (weight search in steps of 0.1: univfd trained on three augmentation draws alone 0.847, equal weights
-# 0.820; on one draw 0.859 and 0.828; the default before, univfd 1.6 / mpft 0.4 with C chosen on val, 0.791). The CLIP detectors' weights average 1,
-# `default_weight`, so a detector without an entry counts as an average one. mpft and pin-clip are off by
+# 0.820; on one draw 0.859 and 0.828; the default before, univfd 1.6 / mpft 0.4 with C chosen on val,
+# 0.791). The CLIP detectors' weights average 1, `default_weight`, so a detector without an entry counts as
+# an average one. mpft and pin-clip are off by
 # default (plugins.enable, plugins.py); enabled, their 0 keeps them out of the fusion while they report.
 VALIDATED_WEIGHTS: dict[str, float] = {
     "univfd": 2.0, "pin-clip": 0.0, "mpft": 0.0,

@@ -49,8 +49,8 @@ class PluginInfo:
 # - nirnet ships weights, but its held-out logits follow univfd's (correlation 0.90; issue 13's run, on the
 #   univfd before it read every block): weight 0.
 # - mpft (since 2026-12-04) runs two tuned blocks on the shared trunk; beside the univfd whose probe is
-#   chosen on groups left out, the weight search on wild-more gives it 0 (univfd alone 0.859, equal
-#   weights 0.828).
+#   chosen on groups left out, the weight search on wild-more gives it 0 (univfd alone 0.847, equal
+#   weights 0.820; with univfd on one augmentation draw 0.859 and 0.828).
 # Each with the detector it registers: a command that measures one detector by name loads its plugin
 # (`enabling`).
 OPT_IN_PLUGINS: dict[str, str] = {"builtin-pinclip": "pin-clip", "builtin-nirnet": "nirnet", "builtin-mpft": "mpft"}

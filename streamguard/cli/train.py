@@ -335,8 +335,7 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
     try:
         cfg = LosoConfig(data=data, loso_data=loso_data, out=out, methods=methods or DEFAULT_METHODS, folds=folds,
                          seed=seed, augment_seed=augment_seed, augment_draws=augment_draws,
-                         limit_per_group=limit_per_group, epochs=epochs,
-                         device=device, cache_dir=cache_dir,
+                         limit_per_group=limit_per_group, epochs=epochs, device=device, cache_dir=cache_dir,
                          progress=progress if progress is not None else sys.stderr.isatty(),
                          max_false_flag=max_false_flag, max_false_clear=max_false_clear, fold_names=fold_names,
                          unseen_scores=tuple(_named_path(v) for v in unseen_scores), report_name=report_name,

@@ -250,8 +250,8 @@ def train_fold(settings: Settings, cfg: LosoConfig, method: str, fold: Fold) -> 
 
         train_univfd(settings, TrainConfig(
             data=cfg.data, out=directory, seed=cfg.seed, augment_seed=cfg.augment_seed,
-            augment_draws=cfg.augment_draws,
-            limit_per_group=cfg.limit_per_group, device=cfg.device, cache_dir=cfg.cache_dir, holdout_generators=fold.generators, holdout_sources=fold.sources,
+            augment_draws=cfg.augment_draws, limit_per_group=cfg.limit_per_group, device=cfg.device,
+            cache_dir=cfg.cache_dir, holdout_generators=fold.generators, holdout_sources=fold.sources,
             backbone={"univfd": "clip", "univfd-blocks": "clip-blocks", "dinov2-probe": "dinov2",
                       "rigid": "rigid"}[method], view=cfg.train_view, choose_on=cfg.choose_on))  # type: ignore[arg-type]
     elif method == "nirnet" or method in NIRNET_ABLATIONS:
