@@ -262,13 +262,16 @@ def test_a_rerun_under_other_settings_trains_the_fold_again(dataset: Path, backb
     # Another augmentation draw is another run of the probe only; the seed's own draw named is the same run.
     assert run("--epochs", "2", "--limit-per-group", "12", "--augment-seed", "0") == (set(), {"univfd", "mpft"})
     assert run("--epochs", "2", "--limit-per-group", "12", "--augment-seed", "1") == ({"univfd"}, {"mpft"})
-    assert json.loads((out / "univfd" / fold / "meta.json").read_text())["augment_seed"] == 1
-    # Two draws a training image: draw 1's rows (cached by the run before) and draw 2's, embedded now.
+    meta = json.loads((out / "univfd" / fold / "meta.json").read_text())
+    assert (meta["augment_seed"], meta["augment_draws"]) == (1, 3)  # three draws a training image by default
+    report = json.loads((out / "univfd" / fold / "training.json").read_text())
+    assert report["train_rows"] == 3 * report["counts"]["train"]
+    # Two draws (1 and 2): another run of the probe, whose rows the run before embedded and cached.
     result = loso(dataset, out, cache, backbone, "--fold", fold, "--epochs", "2", "--limit-per-group", "12",
                   "--augment-seed", "1", "--augment-draws", "2")
     assert result.exit_code == 0, f"{result.output}\n{result.stderr}\n{result.exception!r}"
     assert {e["method"] for e in _events(result, "loso.fold_start")} == {"univfd"}
-    assert [e["split"] for e in _events(result, "train.embedded")] == ["train"]
+    assert [e["split"] for e in _events(result, "train.embedded")] == []
     assert json.loads((out / "univfd" / fold / "meta.json").read_text())["augment_draws"] == 2
     report = json.loads((out / "univfd" / fold / "training.json").read_text())
     assert report["train_rows"] == 2 * report["counts"]["train"]
@@ -381,10 +384,11 @@ def test_loso_trains_the_probe_on_a_crop_view(wide_dataset: Path, backbone: Path
     result = CliRunner().invoke(cli, [*args, "--train-view", "crops2"], env=_env(backbone))
     assert result.exit_code == 0, f"{result.output}\n{result.stderr}\n{result.exception!r}"
     trains = [np.load(path) for path in cache.glob("clip-blocks-train-*.npz")]
-    assert len(trains) == 1
-    owner, ids = trains[0]["owner"], trains[0]["ids"]
-    assert len(ids) < len(owner) <= 2 * len(ids)  # two crops, one row where a rescale left no native crop
-    assert sorted(set(owner.tolist())) == list(range(len(ids)))
+    assert len(trains) == 3  # one a draw (--augment-draws 3, the default)
+    for train in trains:
+        owner, ids = train["owner"], train["ids"]
+        assert len(ids) < len(owner) <= 2 * len(ids)  # two crops, one row where a rescale left no native crop
+        assert sorted(set(owner.tolist())) == list(range(len(ids)))
     report = json.loads((out / "loso.json").read_text())
     trained: dict[str, float] = {}
     for fold in report["folds"]:

@@ -24,9 +24,9 @@ _augment_seed_option = click.option(
     help="The probe's augmentation draw (each image's one random augmentation) apart from the split, which --seed "
          "also decides (default: --seed): to measure how much a result owes to the draw.")
 _augment_draws_option = click.option(
-    "--augment-draws", type=click.IntRange(min=1), default=1, show_default=True,
+    "--augment-draws", type=click.IntRange(min=1), default=3, show_default=True,
     help="The probe's training rows per image: its augmentation under this many draws (--augment-seed's, then the "
-         "next seeds'), so the probe owes less to one draw.")
+         "next seeds'), so the probe owes less to one draw (1: the rule before 2026-12-04).")
 
 
 @click.group("train")

@@ -152,7 +152,7 @@ class LosoConfig:
     folds: int | None = None
     seed: int = 0
     augment_seed: int | None = None  # univfd's augmentation draw apart from the split (`TrainConfig`)
-    augment_draws: int = 1  # univfd's training rows per image (`TrainConfig`)
+    augment_draws: int = 3  # univfd's training rows per image (`TrainConfig`)
     limit_per_group: int | None = None
     epochs: int = 5
     device: str = "cpu"
@@ -205,7 +205,7 @@ def run_settings(cfg: LosoConfig, method: str) -> dict[str, Any]:
     # Recorded only when not resized, so the folds trained before training views existed stay valid.
     settings |= {"train_view": cfg.train_view} if cfg.train_view != RESIZE else {}
     # Folds chosen on the val split (before 2026-12-04) keep the settings they were recorded under; so do
-    # folds of the seed's own augmentation draw.
+    # folds of the seed's own augmentation draw. Folds recorded without augment_draws had one.
     draw = cfg.augment_seed not in (None, cfg.seed)
     settings |= {"augment_seed": cfg.augment_seed} if method in PROBE_METHODS and draw else {}
     settings |= {"augment_draws": cfg.augment_draws} if method in PROBE_METHODS and cfg.augment_draws != 1 else {}

@@ -72,8 +72,9 @@ class TrainConfig:
     # (docs/validation.md), so a draw is part of what a number measures.
     augment_seed: int | None = None
     # Training rows per image: its augmentation under this many draws (the draw, then the next seeds'), so
-    # the probe depends less on any one draw. Val and the left-out originals stay one row an image.
-    augment_draws: int = 1
+    # the probe depends less on any one draw; three since 2026-12-04 (docs/validation.md). Val and the
+    # left-out originals stay one row an image.
+    augment_draws: int = 3
 
     @property
     def draw(self) -> int:
