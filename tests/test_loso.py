@@ -17,7 +17,7 @@ from streamguard.cli import cli
 from streamguard.config import load_settings
 from streamguard.training.held_out import load_held_out, load_variant_scores
 from streamguard.evaluation.datasets import Sample
-from streamguard.training.loso import Fold, groups_of, plan_folds, pool_groups
+from streamguard.training.loso import Fold, groups_of, plan_folds, pool_groups, read_unseen_scores
 from test_training_cli import _env, backbone, scan, smooth, textured, write_dataset  # noqa: F401 - the fixture
 from test_training_units import _sample
 
@@ -230,6 +230,18 @@ def test_loso_end_to_end(dataset: Path, backbone: Path, tmp_path: Path) -> None:
     joined = json.loads((out / "with-oracle.json").read_text())
     assert joined["images"] == len(unseen) and set(joined["weights"]["weights"]) == {"univfd", "mpft", "oracle"}
     assert json.loads((out / "loso.json").read_text())["images"] == report["images"]  # the first report stays
+    # Another loso run's method folder joins the same way (a method packed into fewer folds): its held-out
+    # scores outside the test split, as its folds stored them. Here the run's own univfd, under another name.
+    packed = loso(dataset, out, cache, backbone, "--unseen-scores", f"univfd-packed={out / 'univfd'}",
+                  "--report", "with-packed.json")
+    assert packed.exit_code == 0, f"{packed.output}\n{packed.stderr}\n{packed.exception!r}"
+    with_packed = json.loads((out / "with-packed.json").read_text())
+    assert with_packed["images"] == report["images"]
+    assert set(with_packed["weights"]["weights"]) == {"univfd", "mpft", "univfd-packed"}
+    assert with_packed["unseen_scores"] == {"univfd-packed": str(out / "univfd")}
+    assert sorted(read_unseen_scores(out / "univfd"), key=lambda s: s.id) == sorted(everyone, key=lambda s: s.id)
+    with pytest.raises(ValueError, match="no fold with a held_out.json"):
+        read_unseen_scores(tmp_path)
     # A report's fused verdict under a perturbation: the fold models' perturbed scores with the unseen
     # detector's perturbed eval rows, weighted and recalibrated as that report chose. loso.json does not
     # weigh the oracle: its fusion leaves it out and covers every held-out image.

@@ -303,9 +303,10 @@ def train_nirnet_command(app: AppContext, branches: str, no_simulator: bool, pro
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".cache/train"),
               show_default=True, help="Embedding and prefix caches, shared with `train`.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars on stderr (default: on a terminal).")
-@click.option("--unseen-scores", "unseen_scores", multiple=True, metavar="NAME=SCORES.CSV",
-              help="A detector not retrained per fold, by its `eval` scores.csv on loso data it never trained on "
-                   "(the shipped mpft on a newer data root): pooled with the fold scores; the report then covers "
+@click.option("--unseen-scores", "unseen_scores", multiple=True, metavar="NAME=SCORES.CSV|LOSO_OUT/METHOD",
+              help="A detector not retrained on these folds: its `eval` scores.csv on loso data it never trained on "
+                   "(the shipped mpft on a newer data root), or another `train loso` run's method folder (one "
+                   "packed into fewer folds with --folds); pooled with the fold scores, the report then covers "
                    "the images every detector scored.")
 @click.option("--report", "report_name", default="loso.json", show_default=True, help="Report file name in --out.")
 @click.option("--against", "against", multiple=True, metavar="REPORT",
@@ -366,9 +367,10 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--limit-per-group", type=int, default=None,
               help="Score at most N held-out images per group (seeded) under each variant.")
-@click.option("--unseen-scores", "unseen_scores", multiple=True, metavar="NAME=SCORES.CSV",
-              help="As for `train loso`, an `eval` scores.csv run with the same perturbations: the default "
-                   "fused verdict (loso.json's weights and calibration) is then compared under each variant.")
+@click.option("--unseen-scores", "unseen_scores", multiple=True, metavar="NAME=SCORES.CSV|LOSO_OUT/METHOD",
+              help="As for `train loso`, an `eval` scores.csv run with the same perturbations (a loso method "
+                   "folder gives original bytes only): the default fused verdict (loso.json's weights and "
+                   "calibration) is then compared under each variant.")
 @click.option("--report", "reports", multiple=True, metavar="NAME",
               help="Another `train loso --report NAME` of the same folds (e.g. one without a detector) whose "
                    "fusion is compared under each variant too, beside loso.json's (repeatable).")
@@ -413,8 +415,9 @@ def train_loso_variants_command(app: AppContext, data: tuple[str, ...], loso_dat
 
 def _named_path(value: str) -> tuple[str, Path]:
     name, sep, path = value.partition("=")
-    if not sep or not name or not Path(path).is_file():
-        raise ValueError(f"--unseen-scores wants NAME=SCORES.CSV with an existing file, not {value!r}")
+    if not sep or not name or not Path(path).exists():
+        raise ValueError(f"--unseen-scores wants NAME=SCORES.CSV or NAME=LOSO_OUT/METHOD, an existing file or "
+                         f"folder, not {value!r}")
     return name, Path(path)
 
 

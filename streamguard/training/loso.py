@@ -373,10 +373,21 @@ def score_logit(score: str) -> float:
 
 def read_unseen_scores(path: Path) -> list[HeldOutScore]:
     """An `eval` scores.csv (unperturbed rows, outside the test split) as held-out scores: its probabilities
-    are the detector's calibrated ones, so their logits are what fusion averages."""
+    are the detector's calibrated ones, so their logits are what fusion averages. A folder is one method of
+    another `train loso` run (``<out>/<method>``): its folds' held-out scores, outside the test split. A
+    method too slow to train on one fold per group (pin-clip: ~20 CPU minutes a fold) can then be packed
+    into fewer folds and still be fused with the per-group ones; every image is still scored by a model that
+    never saw its group."""
     import csv
 
     out: list[HeldOutScore] = []
+    if path.is_dir():
+        folds = sorted(d for d in path.iterdir() if (d / HELD_OUT_FILE).is_file())
+        out = [s for d in folds for s in load_held_out(d)[1] if s.split != "test"]
+        if not out:
+            raise ValueError(f"{path}: no fold with a {HELD_OUT_FILE} outside the test split (a `train loso` "
+                             "--out folder's method folder, e.g. .cache/loso/pin-clip)")
+        return out
     with path.open(newline="") as f:
         for row in csv.DictReader(f):
             if row["perturbation"] != "none" or row["split"] == "test" or not row["score"]:

@@ -32,7 +32,7 @@ from streamguard.evaluation.selection import Scored, balanced_auc, bootstrap_auc
 from streamguard.intake import InputContract
 from streamguard.intake.contract import RESIZE, with_views
 from streamguard.training.held_out import HeldOutScore, load_held_out, load_variant_scores, variant_file
-from streamguard.training.loso import Fold, LosoConfig, fold_dir, score_logit
+from streamguard.training.loso import Fold, LosoConfig, fold_dir, read_unseen_scores, score_logit
 from streamguard.training.nirnet.recipe import ABLATIONS as NIRNET_ABLATIONS
 
 log = structlog.get_logger(__name__)
@@ -215,11 +215,15 @@ def compare_variants(pooled: dict[str, list[HeldOutScore]], pools: dict[str, str
 
 
 def unseen_logits(unseen: dict[str, Path]) -> dict[str, dict[str, dict[str, float]]]:
-    """Each unseen detector's `eval` scores.csv (outside the test split) as name -> perturbation -> id -> logit."""
+    """Each unseen detector's `eval` scores.csv (outside the test split) as name -> perturbation -> id -> logit;
+    another `train loso` run's method folder gives its original bytes only (``none``)."""
     import csv
 
     rows: dict[str, dict[str, dict[str, float]]] = {}
     for name, path in unseen.items():
+        if path.is_dir():
+            rows[name] = {"none": {s.id: s.logit for s in read_unseen_scores(path)}}
+            continue
         with path.open(newline="") as f:
             for row in csv.DictReader(f):
                 if row["score"] and row["split"] != "test":
