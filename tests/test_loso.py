@@ -18,6 +18,7 @@ from streamguard.config import load_settings
 from streamguard.training.held_out import load_held_out, load_variant_scores
 from streamguard.evaluation.datasets import Sample
 from streamguard.training.loso import Fold, groups_of, plan_folds, pool_groups, read_unseen_scores
+from streamguard.training.loso_views import unseen_logits
 from test_training_cli import _env, backbone, scan, smooth, textured, write_dataset  # noqa: F401 - the fixture
 from test_training_units import _sample
 
@@ -252,6 +253,16 @@ def test_loso_end_to_end(dataset: Path, backbone: Path, tmp_path: Path) -> None:
     assert list(fused["with-oracle.json"]["variants"]) == ["resize", "resize@jpeg75"]
     assert json.loads((out / "loso-variants.univfd.json").read_text())["fused"]["images"] == report["images"]
     assert "Default fused verdict" in again.stdout and "Fused verdict of with-oracle.json" in again.stdout
+    # The folder's perturbed scores are its own loso-variants files; a perturbation it never scored is refused.
+    loso_variants(dataset, out, backbone, "--method", "univfd", "--variant", "resize@jpeg75", "--report",
+                  "with-packed.json", "--unseen-scores", f"univfd-packed={out / 'univfd'}")
+    fused = json.loads((out / "loso-variants.fused.json").read_text())["reports"]["with-packed.json"]
+    assert fused["images"] == report["images"] and list(fused["variants"]) == ["resize", "resize@jpeg75"]
+    jpeg = unseen_logits({"packed": out / "univfd"}, ["jpeg75"])["packed"]["jpeg75"]
+    assert jpeg == {r["id"]: r["logit"] for f in report["folds"] for r in json.loads(
+        (out / "univfd" / f["name"] / "held_out.resize_jpeg75.json").read_text())["scores"] if r["split"] != "test"}
+    with pytest.raises(ValueError, match="have no resize@jpeg90 scores"):
+        unseen_logits({"packed": out / "univfd"}, ["jpeg90"])
 
 
 def test_a_rerun_under_other_settings_trains_the_fold_again(dataset: Path, backbone: Path, tmp_path: Path) -> None:

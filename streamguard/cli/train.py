@@ -368,9 +368,9 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
 @click.option("--limit-per-group", type=int, default=None,
               help="Score at most N held-out images per group (seeded) under each variant.")
 @click.option("--unseen-scores", "unseen_scores", multiple=True, metavar="NAME=SCORES.CSV|LOSO_OUT/METHOD",
-              help="As for `train loso`, an `eval` scores.csv run with the same perturbations (a loso method "
-                   "folder gives original bytes only): the default fused verdict (loso.json's weights and "
-                   "calibration) is then compared under each variant.")
+              help="As for `train loso`, an `eval` scores.csv run with the same perturbations, or a loso method "
+                   "folder whose own loso-variants run scored them: the default fused verdict (loso.json's "
+                   "weights and calibration) is then compared under each variant.")
 @click.option("--report", "reports", multiple=True, metavar="NAME",
               help="Another `train loso --report NAME` of the same folds (e.g. one without a detector) whose "
                    "fusion is compared under each variant too, beside loso.json's (repeatable).")

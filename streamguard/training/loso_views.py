@@ -31,7 +31,8 @@ from streamguard.evaluation.datasets import Sample
 from streamguard.evaluation.selection import Scored, balanced_auc, bootstrap_auc, fuse, verdict_rates
 from streamguard.intake import InputContract
 from streamguard.intake.contract import RESIZE, with_views
-from streamguard.training.held_out import HeldOutScore, load_held_out, load_variant_scores, variant_file
+from streamguard.training.held_out import (HELD_OUT_FILE, HeldOutScore, load_held_out, load_variant_scores,
+                                          variant_file)
 from streamguard.training.loso import Fold, LosoConfig, fold_dir, read_unseen_scores, score_logit
 from streamguard.training.nirnet.recipe import ABLATIONS as NIRNET_ABLATIONS
 
@@ -214,21 +215,36 @@ def compare_variants(pooled: dict[str, list[HeldOutScore]], pools: dict[str, str
     return out
 
 
-def unseen_logits(unseen: dict[str, Path]) -> dict[str, dict[str, dict[str, float]]]:
-    """Each unseen detector's `eval` scores.csv (outside the test split) as name -> perturbation -> id -> logit;
-    another `train loso` run's method folder gives its original bytes only (``none``)."""
+def unseen_logits(unseen: dict[str, Path],
+                  perturbations: Sequence[str] = ()) -> dict[str, dict[str, dict[str, float]]]:
+    """Each unseen detector's `eval` scores.csv (outside the test split) as name -> perturbation -> id -> logit.
+    Another `train loso` run's method folder gives its folds' original bytes, and each of ``perturbations``
+    as its own `train loso-variants` run scored them (``resize@<perturbation>``)."""
     import csv
 
     rows: dict[str, dict[str, dict[str, float]]] = {}
     for name, path in unseen.items():
         if path.is_dir():
             rows[name] = {"none": {s.id: s.logit for s in read_unseen_scores(path)}}
+            for perturbation in sorted(set(perturbations) - {"none"}):
+                rows[name][perturbation] = _folder_variant_logits(path, f"{RESIZE}@{perturbation}")
             continue
         with path.open(newline="") as f:
             for row in csv.DictReader(f):
                 if row["score"] and row["split"] != "test":
                     rows.setdefault(name, {}).setdefault(row["perturbation"], {})[row["id"]] = score_logit(row["score"])
     return rows
+
+
+def _folder_variant_logits(path: Path, variant: str) -> dict[str, float]:
+    """A loso method folder's held-out logits under ``variant``, outside the test split; every fold must have
+    scored it, or the fused verdict would cover only some groups."""
+    folds = sorted(d for d in path.iterdir() if (d / HELD_OUT_FILE).is_file())
+    missing = [d.name for d in folds if not (d / variant_file(variant)).is_file()]
+    if missing:
+        raise ValueError(f"{path}: folds {missing} have no {variant} scores; run `streamguard train loso-variants "
+                         f"--out {path.parent} --method {path.name} --variant {variant}` first")
+    return {s.id: s.logit for d in folds for s in load_variant_scores(d, variant) if s.split != "test"}
 
 
 def fused_variants(pooled: dict[str, dict[str, list[HeldOutScore]]],
@@ -298,7 +314,7 @@ def run_variants(settings: Settings, cfg: LosoConfig, methods: Sequence[str], va
             **compare_variants(pooled[method], pools, thresholds["ai_threshold"], thresholds["real_threshold"])}
     fused: dict[str, Any] = {}
     if unseen or len(methods) > 1:
-        logits = unseen_logits(unseen or {})
+        logits = unseen_logits(unseen or {}, [v.perturb for v in variants])
         for name in ("loso.json", *reports):
             chosen = report if name == "loso.json" else json.loads((cfg.out / name).read_text())
             fused[name] = {"weights": chosen["settings"]["fusion"]["weights"],
