@@ -55,6 +55,11 @@ def load_held_out(out: Path) -> tuple[dict[str, list[str]], list[HeldOutScore]]:
     return payload["holdout"], [HeldOutScore(**row) for row in payload["scores"]]
 
 
+def fold_folders(method_dir: Path) -> list[Path]:
+    """The fold folders of a `train loso` method folder (``<out>/<method>``): those with held-out scores."""
+    return sorted(d for d in method_dir.iterdir() if (d / HELD_OUT_FILE).is_file())
+
+
 def variant_file(variant: str) -> str:
     """Where a fold keeps its held-out images scored under another view, perturbation or serving (a
     `streamguard train loso-variants` variant name, e.g. ``crops2`` or ``resize@jpeg75``)."""

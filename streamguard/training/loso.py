@@ -38,7 +38,8 @@ from streamguard.evaluation.selection import (
     verdict_rates,
 )
 from streamguard.intake.contract import RESIZE, InputContract, with_views
-from streamguard.training.held_out import HELD_OUT_FILE, HeldOutScore, load_held_out, load_variant_scores
+from streamguard.training.held_out import (HELD_OUT_FILE, HeldOutScore, fold_folders, load_held_out,
+                                          load_variant_scores)
 from streamguard.training.nirnet.recipe import ABLATIONS as NIRNET_ABLATIONS
 
 log = structlog.get_logger(__name__)
@@ -382,8 +383,7 @@ def read_unseen_scores(path: Path) -> list[HeldOutScore]:
 
     out: list[HeldOutScore] = []
     if path.is_dir():
-        folds = sorted(d for d in path.iterdir() if (d / HELD_OUT_FILE).is_file())
-        out = [s for d in folds for s in load_held_out(d)[1] if s.split != "test"]
+        out = [s for d in fold_folders(path) for s in load_held_out(d)[1] if s.split != "test"]
         if not out:
             raise ValueError(f"{path}: no fold with a {HELD_OUT_FILE} outside the test split (a `train loso` "
                              "--out folder's method folder, e.g. .cache/loso/pin-clip)")

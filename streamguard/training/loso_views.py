@@ -31,7 +31,7 @@ from streamguard.evaluation.datasets import Sample
 from streamguard.evaluation.selection import Scored, balanced_auc, bootstrap_auc, fuse, verdict_rates
 from streamguard.intake import InputContract
 from streamguard.intake.contract import RESIZE, with_views
-from streamguard.training.held_out import (HELD_OUT_FILE, HeldOutScore, load_held_out, load_variant_scores,
+from streamguard.training.held_out import (HeldOutScore, fold_folders, load_held_out, load_variant_scores,
                                           variant_file)
 from streamguard.training.loso import Fold, LosoConfig, fold_dir, read_unseen_scores, score_logit
 from streamguard.training.nirnet.recipe import ABLATIONS as NIRNET_ABLATIONS
@@ -239,7 +239,7 @@ def unseen_logits(unseen: dict[str, Path],
 def _folder_variant_logits(path: Path, variant: str) -> dict[str, float]:
     """A loso method folder's held-out logits under ``variant``, outside the test split; every fold must have
     scored it, or the fused verdict would cover only some groups."""
-    folds = sorted(d for d in path.iterdir() if (d / HELD_OUT_FILE).is_file())
+    folds = fold_folders(path)
     missing = [d.name for d in folds if not (d / variant_file(variant)).is_file()]
     if missing:
         raise ValueError(f"{path}: folds {missing} have no {variant} scores; run `streamguard train loso-variants "
