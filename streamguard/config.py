@@ -218,35 +218,34 @@ class TritonSettings(_Section):
         return _grpc_target(self.url)
 
 
-# Chosen by leave-one-source-out validation (`streamguard train loso ... --unseen-scores mpft=...`, see
-# docs/validation.md), never on the test split. The weights on wild-more's 16 groups (9 real sources, 7
-# generator families), the images that both the fold-retrained univfd and the shipped mpft never trained on:
-# with univfd's probe chosen on training groups left out (since 2026-12-04), mpft adds nothing beside it
-# (weight search in steps of 0.1: univfd trained on three augmentation draws alone 0.847, equal weights
-# 0.820; on one draw 0.859 and 0.828; the default before, univfd 1.6 / mpft 0.4 with C chosen on val,
-# 0.791). The CLIP detectors' weights average 1, `default_weight`, so a detector without an entry counts as
-# an average one. mpft and pin-clip are off by
-# default (plugins.enable, plugins.py); enabled, their 0 keeps them out of the fusion while they report.
+# Chosen by leave-one-source-out validation (`streamguard train loso ... --unseen-scores NAME=...`, see
+# docs/validation.md, steps 11-14), never on the test split, on all 26 groups of wild-train and wild-more
+# (1,376 held-out images, 11 real sources): univfd trained on three augmentation draws per group left out
+# (univfd-1+e490f6bde5), pin-clip retrained with wild-more on 4 packed folds (since 2026-12-04; its folds
+# hold out 3-10 groups each, so its share is if anything understated). Weight search in steps of 0.1:
+# univfd 0.8 / pin-clip 0.2 0.911, univfd alone 0.904 (+0.007 [0.000, +0.013] paired), equal weights
+# 0.905. mpft adds nothing beside this univfd (wild-more's groups: univfd alone 0.847, equal weights
+# 0.820). The CLIP detectors' weights average 1, `default_weight`, so a detector without an entry counts
+# as an average one. mpft is off by default (plugins.enable, plugins.py); enabled, its 0 keeps it out of
+# the fusion while it reports.
 VALIDATED_WEIGHTS: dict[str, float] = {
-    "univfd": 2.0, "pin-clip": 0.0, "mpft": 0.0,
+    "univfd": 1.6, "pin-clip": 0.4, "mpft": 0.0,
     # Not from the validation (no data set holds trusted content credentials): a trusted C2PA manifest is
     # the signer's own word on these exact bytes, so it outweighs the CLIP detectors together (2.0).
     # It abstains on every image without one, so it changes nothing the validation measured. The sizing,
     # with the detector's logits, is in streamguard/builtin/credentials/plugin.py.
     "credentials": 6.0,
 }
-# With mpft out of the fusion the fused logit is univfd's, so the calibration and thresholds are chosen on
-# all 26 groups of wild-train and wild-more (1,376 held-out images, 11 real sources), not wild-more's alone,
-# for univfd trained on three augmentation draws (`train loso --augment-draws 3`, univfd-1+e490f6bde5).
-# The folds' own calibrations, fitted on sources they had seen, were ~1.8x overconfident on sources they had
-# not (scale 0.57).
-VALIDATED_FUSED_SCALE = 0.566476
-VALIDATED_FUSED_BIAS = 0.100026
-# On that recalibrated probability: at 0.93 no held-out real source has more than 2% of its photos flagged
-# (ImageNet 1 of 262; at 0.92 one app screenshot of ten would be); generators have 9.1% of their images
-# cleared at 0.31, on average. Between the two (41% of the pool) is `uncertain`: see docs/validation.md.
-VALIDATED_AI_THRESHOLD = 0.93
-VALIDATED_REAL_THRESHOLD = 0.31
+# The fused logit recalibrated on that pool: the folds' own calibrations, fitted on sources they had seen,
+# were ~1.7x overconfident on sources they had not (scale 0.59). Should pin-clip fail on an image, the
+# verdict is univfd's alone under this calibration (univfd's own pooled fit: 0.566, 0.100).
+VALIDATED_FUSED_SCALE = 0.590731
+VALIDATED_FUSED_BIAS = 0.039959
+# On that recalibrated probability: at 0.94 no held-out real source has more than 2% of its photos flagged
+# (ImageNet 1 of 262 the worst); generators have 9.9% of their images cleared at 0.38, on average. Between
+# the two (40% of the pool; 35% of wild-more's) is `uncertain`: see docs/validation.md.
+VALIDATED_AI_THRESHOLD = 0.94
+VALIDATED_REAL_THRESHOLD = 0.38
 
 
 class FusionSettings(_Section):

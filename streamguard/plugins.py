@@ -45,15 +45,16 @@ class PluginInfo:
 # Built-ins that load only when named in `plugins.enable` (or `plugins.allow`): each runs a pass per image
 # that, validated leave-one-source-out, the fused verdict gives no weight (docs/validation.md), so the
 # default does not pay for it; they stay for operators who want to watch their scores.
-# - pin-clip runs a full CLIP branch and lowered the fused verdict's balanced AUC on unseen sources.
 # - nirnet ships weights, but its held-out logits follow univfd's (correlation 0.90; issue 13's run, on the
 #   univfd before it read every block): weight 0.
 # - mpft (since 2026-12-04) runs two tuned blocks on the shared trunk; beside the univfd whose probe is
 #   chosen on groups left out, the weight search on wild-more gives it 0 (univfd alone 0.847, equal
 #   weights 0.820; with univfd on one augmentation draw 0.859 and 0.828).
+# pin-clip was here until 2026-12-04 (trained without wild-more, it lowered the fused AUC); retrained with
+# wild-more it earns weight 0.2 on all 26 groups left out, for two tuned blocks on the shared trunk.
 # Each with the detector it registers: a command that measures one detector by name loads its plugin
 # (`enabling`).
-OPT_IN_PLUGINS: dict[str, str] = {"builtin-pinclip": "pin-clip", "builtin-nirnet": "nirnet", "builtin-mpft": "mpft"}
+OPT_IN_PLUGINS: dict[str, str] = {"builtin-nirnet": "nirnet", "builtin-mpft": "mpft"}
 
 
 def enabling(settings: PluginSettings, detector: str) -> PluginSettings:

@@ -1,7 +1,7 @@
 """Stand-ins for the built-in CLIP detectors: a fixed logit each, registered under their names.
 
-Fusion weighs a score by its detector's name, so stand-ins named `univfd` and `mpft` are weighed exactly as
-the real ones under the default weights (1.2 and 1.8), without loading a CLIP encoder. The real ones must be
+Fusion weighs a score by its detector's name, so stand-ins named `univfd`, `pin-clip` and `mpft` are weighed
+exactly as the real ones under the default weights (`VALIDATED_WEIGHTS`), without loading a CLIP encoder. The real ones must be
 denied (the tests' default environment does) or the names would clash.
 """
 
@@ -15,7 +15,7 @@ from streamguard import DetectorInput, DetectorSpec, hookimpl
 from streamguard.config import Settings, load_settings
 from streamguard.plugins import build_plugin_manager
 
-CLIP_NAMES = ("univfd", "mpft")
+CLIP_NAMES = ("univfd", "pin-clip", "mpft")
 # The CLIP built-ins (replaced by the stand-ins) and the brightness test detector (which would vote too).
 DENY = ["builtin-univfd", "builtin-pinclip", "builtin-mpft", "brightness"]
 

@@ -46,13 +46,13 @@ def test_dev_up_prints_exports_and_dev_down_stops_everything(tmp_path: Path) -> 
             index = {m["name"]: m.get("state") for m in client.get_model_repository_index(as_json=True)["models"]}
         finally:
             client.close()
-        # The CLIP detector the worker loads by default (not the opt-in mpft and pin-clip) on the shared trunk, which
-        # the worker is told to call; no whole models.
+        # The CLIP detectors the worker loads by default (univfd and pin-clip, not the opt-in mpft) on the shared
+        # trunk, which the worker is told to call; no whole models.
         from streamguard.triton.build import default_models
         from streamguard.triton.shared_trunk import ENSEMBLE_MODEL, models_of
 
         assert set(default_models()) == {"univfd", "pin-clip", "mpft"}
-        assert index == dict.fromkeys(models_of(["univfd"]), "READY")
+        assert index == dict.fromkeys(models_of(["univfd", "pin-clip"]), "READY")
         assert exports["STREAMGUARD_TRITON__TRUNK_MODEL"] == ENSEMBLE_MODEL
         # A second `up` reuses the running services.
         again = _sg("dev", "up", "--workdir", str(tmp_path), env=env)

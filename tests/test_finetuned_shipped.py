@@ -1,5 +1,6 @@
 """The shipped PiN-CLIP and MPFT weights: present with their model cards, loadable on the cached backbone
-they were trained on, calibrated, off by default in `scan` (univfd alone), and measured by name in `eval`."""
+they were trained on, calibrated; pin-clip on by default in `scan` beside univfd, mpft only when enabled, and
+measured by name in `eval`."""
 
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def test_shipped_weights_are_small_documented_and_score(name: str) -> None:
         assert score.error is None and score.probability is not None and 0.0 < score.probability < 1.0
 
 
-def test_scan_uses_univfd_by_default_and_mpft_and_pin_clip_only_when_enabled(tmp_path: Path) -> None:
+def test_scan_uses_univfd_and_pin_clip_by_default_and_mpft_only_when_enabled(tmp_path: Path) -> None:
     image = tmp_path / "scene.jpg"
     _scene(2).save(image, quality=90)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "STREAMGUARD_PLUGINS__DENY")}
@@ -65,14 +66,15 @@ def test_scan_uses_univfd_by_default_and_mpft_and_pin_clip_only_when_enabled(tmp
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     verdict = json.loads(proc.stdout)["verdict"]
-    assert {s["detector"] for s in verdict["scores"]} == {"univfd", "provenance"}
+    assert {s["detector"] for s in verdict["scores"]} == {"univfd", "pin-clip", "provenance"}
     assert all(s["error"] is None for s in verdict["scores"])
     assert verdict["model_versions"]["univfd"].startswith("univfd-1+")
+    assert verdict["model_versions"]["pin-clip"] == PINCLIP.version(PINCLIP.default_weights)
     proc = subprocess.run([sys.executable, "-m", "streamguard", "scan", "--format", "jsonl", str(image)],
                           capture_output=True, text=True, timeout=300,
-                          env={**env, "STREAMGUARD_PLUGINS__ENABLE": '["builtin-pinclip", "builtin-mpft"]'})
+                          env={**env, "STREAMGUARD_PLUGINS__ENABLE": '["builtin-mpft"]'})
     assert proc.returncode == 0, proc.stderr
-    assert {"pin-clip", "mpft"} <= {s["detector"] for s in json.loads(proc.stdout)["verdict"]["scores"]}
+    assert {"univfd", "pin-clip", "mpft"} <= {s["detector"] for s in json.loads(proc.stdout)["verdict"]["scores"]}
 
 
 def test_eval_measures_the_opt_in_mpft_by_name_unless_it_is_denied(tmp_path: Path) -> None:

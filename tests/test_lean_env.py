@@ -30,6 +30,7 @@ from images import encode, noise, solid
 from stack import Topics, WorkerProcess, image_events, produce, wait_for_outcomes, worker_env
 
 from streamguard.builtin.mpft.plugin import DETECTOR as MPFT
+from streamguard.builtin.pinclip.plugin import DETECTOR as PinClip
 from streamguard.config import load_settings
 from streamguard.devstack import Service, TritonService, start_triton
 from streamguard.plugins import build_plugin_manager
@@ -67,6 +68,7 @@ import streamguard.registry
 import streamguard.scoring
 import streamguard.worker.loop
 from streamguard.builtin.mpft.plugin import DETECTOR as MPFT
+from streamguard.builtin.pinclip.plugin import DETECTOR as PinClip
 from streamguard.config import load_settings
 from streamguard.plugins import build_plugin_manager
 from streamguard.scoring import Scorer
@@ -104,8 +106,10 @@ def test_the_triton_path_imports_no_torch() -> None:
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["refused"] == [] and result["loaded"] == [], result
     # Registration went through (a swallowed ImportError would have dropped a detector): every built-in
-    # CLIP detector with weights that the check loads (mpft enabled; pin-clip not), each set to run on Triton.
-    builtin = {"univfd": True, "mpft": MPFT.has_weights(MPFT.default_weights)}
+    # CLIP detector with weights that the check loads (univfd and pin-clip by default, mpft enabled), each set to
+    # run on Triton.
+    builtin = {"univfd": True, "pin-clip": PinClip.has_weights(PinClip.default_weights),
+               "mpft": MPFT.has_weights(MPFT.default_weights)}
     assert {k: v for k, v in result["detectors"].items() if k in builtin} == {
         name: "triton" for name, shipped in builtin.items() if shipped}, result
     assert result["inprocess_load"] == ("MissingExtra: the in-process detector backend needs torch, which is not "
@@ -195,7 +199,7 @@ def test_the_lean_worker_judges_on_triton(lean_python: Path, kafka: Service, tri
                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     service, version = triton
     triton_env = {
-        # univfd alone (the default): the opt-in CLIP detectors stay denied should the defaults change.
+        # univfd alone: the Triton this test starts serves univfd only (pin-clip's head would add CPU time).
         "STREAMGUARD_PLUGINS__DENY": '["builtin-pinclip", "builtin-mpft"]',
         "STREAMGUARD_DETECTORS__BACKEND": "triton",
         "STREAMGUARD_TRITON__URL": service.grpc_address,

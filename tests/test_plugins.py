@@ -233,13 +233,14 @@ def test_opt_in_builtins_load_only_when_enabled() -> None:
     def names(**kw: object) -> set[str]:
         return {name for name, _ in build_plugin_manager(PluginSettings(**kw)).list_name_plugin()}  # type: ignore[arg-type]
 
-    assert "builtin-pinclip" not in names()
-    assert "builtin-pinclip" in names(enable=["builtin-pinclip"])
-    assert "builtin-pinclip" in names(allow=["builtin-fusion", "builtin-policy", "builtin-pinclip"])
-    assert "builtin-pinclip" not in names(enable=["builtin-pinclip"], deny=["builtin-pinclip"])
-    # mpft since 2026-12-04 (fusion weight 0 beside univfd on unseen sources): the default runs univfd only.
-    assert "builtin-mpft" not in names() and "builtin-univfd" in names()
+    assert "builtin-mpft" not in names()
     assert "builtin-mpft" in names(enable=["builtin-mpft"])
+    assert "builtin-mpft" in names(allow=["builtin-fusion", "builtin-policy", "builtin-mpft"])
+    assert "builtin-mpft" not in names(enable=["builtin-mpft"], deny=["builtin-mpft"])
+    # pin-clip back in the default since 2026-12-04 (weight 0.2 beside univfd, retrained with wild-more);
+    # mpft stays out (weight 0) and nirnet too.
+    assert {"builtin-univfd", "builtin-pinclip"} <= names() and "builtin-nirnet" not in names()
+    assert "builtin-pinclip" not in names(deny=["builtin-pinclip"])
 
 
 def test_a_command_measuring_an_opt_in_detector_by_name_enables_its_plugin_only() -> None:

@@ -50,8 +50,9 @@ def test_product_path_has_no_test_detector() -> None:
     proc = subprocess.run([sys.executable, "-m", "streamguard", "plugins"], capture_output=True, text=True,
                           env=env, timeout=120, check=True)
     names = {p["name"] for p in json.loads(proc.stdout)["plugins"]}
-    # pin-clip, mpft and nirnet are opt-in (plugins.enable): validated, they did not earn their compute by default.
-    assert names == {"builtin-fusion", "builtin-policy", "builtin-univfd", "builtin-credentials", "provenance"}
+    # mpft and nirnet are opt-in (plugins.enable): validated, they did not earn their compute by default.
+    assert names == {"builtin-fusion", "builtin-policy", "builtin-univfd", "builtin-pinclip", "builtin-credentials",
+                     "provenance"}
 
 
 def _with_camera_exif(img: Image.Image) -> bytes:

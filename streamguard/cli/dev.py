@@ -81,7 +81,7 @@ def _start_triton(app: AppContext, workdir: Path, shared_trunk: bool) -> TritonS
     from streamguard.builtin.cliphead import builtin_detectors
     from streamguard.triton.build import build_repository, default_models
 
-    # What the worker will call under these settings: an opt-in detector (pin-clip) left out by the worker
+    # What the worker will call under these settings: an opt-in detector (mpft) left out by the worker
     # would still cost its head on every ensemble request.
     loaded = builtin_detectors(app.settings.plugins)
     models = [name for name in default_models() if name in loaded]
