@@ -194,9 +194,11 @@ def test_capture_manifest_moves_toward_real(pki: Pki) -> None:
     plain, signed = judge(1.0, pki, original, captured)
     assert plain.verdict.label == "uncertain"  # type: ignore[union-attr]
     assert score_of(signed).logit == CAPTURED_LOGIT and signed.verdict.label == "real"  # type: ignore[union-attr]
-    # CLIP sure it is fake: the credential does not clear it, a person decides.
-    (disputed,) = judge(8.0, pki, captured)
-    assert disputed.verdict.label == "uncertain"  # type: ignore[union-attr]
+    # CLIP fairly sure (p 0.95 each; the fusion alone would say 0.86) or sure it is fake: the credential does
+    # not clear it, a person decides.
+    for clip_logit in (3.0, 8.0):
+        (disputed,) = judge(clip_logit, pki, captured)
+        assert disputed.verdict.label == "uncertain", clip_logit  # type: ignore[union-attr]
 
 
 def test_tampered_image_does_not_count(pki: Pki) -> None:
