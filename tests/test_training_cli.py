@@ -102,7 +102,7 @@ def scan(backbone: Path, detector: str, weights: Path, *paths: Path) -> dict[str
     plugin = f"builtin-{detector.replace('-', '')}"
     deny = [p for p in ("builtin-univfd", "builtin-pinclip", "builtin-mpft") if p != plugin]
     env = _env(backbone, STREAMGUARD_PLUGINS__DENY=json.dumps([*deny, "brightness"]),
-               STREAMGUARD_PLUGINS__ENABLE=json.dumps([plugin]),  # pin-clip and mpft are opt-in
+               STREAMGUARD_PLUGINS__ENABLE=json.dumps([plugin]),  # mpft is opt-in (pin-clip: a no-op)
                STREAMGUARD_DETECTORS__OPTIONS=json.dumps({detector: {"weights_dir": str(weights)}}))
     result = CliRunner().invoke(cli, ["scan", "--format", "jsonl", *map(str, paths)], env=env)
     assert result.exit_code == 0, f"{result.output}\n{result.stderr}"

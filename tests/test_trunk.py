@@ -96,7 +96,8 @@ def _settings(tiny: dict[str, Path], shared: bool, deny: Sequence[str] = ("prove
     # the views have a test of their own.
     options = {name: {"weights_dir": str(tiny[name]), "views": "resize"} for name in ("univfd", "pin-clip", "mpft")}
     options["univfd"]["weights_dir"] = str(tiny[univfd])
-    # pin-clip and mpft are opt-in: enabled, so that two adapted branches share the trunk with univfd.
+    # mpft is opt-in: enabled, so that two adapted branches (pin-clip, on by default, and mpft) share the trunk
+    # with univfd.
     return load_settings(backbone={"checkpoint": str(tiny["clip"])},
                          plugins={"deny": list(deny), "enable": ["builtin-pinclip", "builtin-mpft"]},
                          detectors={"options": options, "shared_trunk": shared, "timeout_s": None,
