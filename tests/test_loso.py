@@ -582,3 +582,37 @@ def test_an_augmentation_draw_changes_the_augmented_pixels_only(dataset: Path, t
     original_other, files_other = embedded(replace(cfg, augment_seed=1), augmented=False)
     np.testing.assert_array_equal(original_other, original)
     assert files_other == files
+
+
+def test_loso_tunes_pin_clips_recipe_per_fold(dataset: Path, backbone: Path, tmp_path: Path) -> None:
+    out, cache, fold = tmp_path / "loso", tmp_path / "cache", "photos+blockgen"
+
+    def run(*recipe: str) -> Result:
+        args = ["train", "loso", "--data", str(dataset), "--loso-data", str(dataset), "--out", str(out),
+                "--cache-dir", str(cache), "--method", "pin-clip", "--folds", "2", "--epochs", "1", "--fold", fold,
+                "--no-progress", *(a for value in recipe for a in ("--pin-clip", value))]
+        return CliRunner().invoke(cli, args, env=_env(backbone, STREAMGUARD_LOG__LEVEL="info"))
+
+    def trained(result: Result) -> bool:
+        assert result.exit_code == 0, f"{result.output}\n{result.stderr}\n{result.exception!r}"
+        return [e["method"] for e in _events(result, "loso.fold_start")] == ["pin-clip"]
+
+    assert trained(run("noise_scale=0.05", "beta=0.01"))
+    # The fold trained under that recipe, and says so where a later run (and a reader) looks.
+    meta = json.loads((out / "pin-clip" / fold / "meta.json").read_text())
+    assert (meta["recipe"]["config"]["noise_scale"], meta["recipe"]["config"]["beta"]) == (0.05, 0.01)
+    assert meta["recipe"]["config"]["mode"] == "learned"  # the default where not named
+    recorded = json.loads((out / "pin-clip" / fold / "loso_run.json").read_text())["pin_clip"]
+    assert recorded == {"noise_scale": "0.05", "beta": "0.01"}
+    # The same recipe keeps the fold; another one (or the defaults) trains it again.
+    assert not trained(run("noise_scale=0.05", "beta=0.01"))
+    assert trained(run("noise_scale=0.05", "beta=0.01", "mode=none"))
+    assert json.loads((out / "pin-clip" / fold / "meta.json").read_text())["recipe"]["config"]["mode"] == "none"
+    assert trained(run())
+    assert json.loads((out / "pin-clip" / fold / "meta.json").read_text())["recipe"]["config"]["noise_scale"] == 0.02
+    # A name the recipe does not have, or a value it refuses, stops the run before any fold trains.
+    for bad, said in (("noise=0.1", "pin-clip's recipe has no ['noise']"),
+                      ("mode=loud", "pin-clip mode must be one of"), ("beta", "--pin-clip wants NAME=VALUE")):
+        result = run(bad)
+        assert result.exit_code != 0 and said in result.output, result.output
+        assert _events(result, "loso.fold_start") == []

@@ -319,6 +319,9 @@ def train_nirnet_command(app: AppContext, branches: str, no_simulator: bool, pro
               help="Pool the fold models' scores under this view (cropsN, cropsN+whole; `train loso-variants "
                    "--variant VIEW` scores them) to choose the fusion and policy of detectors served with "
                    "detectors.options.<name>.views; --unseen-scores should then be scored under it too.")
+@click.option("--pin-clip", "pin_clip", multiple=True, metavar="NAME=VALUE",
+              help="pin-clip's recipe for its folds, over `train pin-clip`'s defaults: mode (learned, gaussian, "
+                   "none), beta, noise_scale or attn_dim; repeatable. Tuned here, on groups left out.")
 @_choose_on_option
 @_augment_seed_option
 @_augment_draws_option
@@ -328,7 +331,7 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
                        limit_per_group: int | None, epochs: int, max_false_flag: float, max_false_clear: float,
                        device: str, cache_dir: Path, progress: bool | None, unseen_scores: tuple[str, ...],
                        report_name: str, against: tuple[str, ...], view: str, train_view: str, choose_on: str,
-                       augment_seed: int | None, augment_draws: int) -> None:
+                       augment_seed: int | None, augment_draws: int, pin_clip: tuple[str, ...]) -> None:
     """Leave-one-source-out validation: per-source results on unseen sources, fusion weights and thresholds."""
     require("`streamguard train loso`", "inprocess", "eval")
     from streamguard.training.loso import DEFAULT_METHODS, LosoConfig, run_loso
@@ -340,7 +343,8 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
                          progress=progress if progress is not None else sys.stderr.isatty(),
                          max_false_flag=max_false_flag, max_false_clear=max_false_clear, fold_names=fold_names,
                          unseen_scores=tuple(_named_path(v) for v in unseen_scores), report_name=report_name,
-                         view=view, train_view=train_view, against=against, choose_on=choose_on)  # type: ignore[arg-type]
+                         view=view, train_view=train_view, against=against, choose_on=choose_on,  # type: ignore[arg-type]
+                         pin_clip=tuple(_name_value(v, "--pin-clip") for v in pin_clip))
         report = run_loso(app.settings, cfg)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -419,6 +423,13 @@ def _named_path(value: str) -> tuple[str, Path]:
         raise ValueError(f"--unseen-scores wants NAME=SCORES.CSV or NAME=LOSO_OUT/METHOD, an existing file or "
                          f"folder, not {value!r}")
     return name, Path(path)
+
+
+def _name_value(value: str, option: str) -> tuple[str, str]:
+    name, sep, text = value.partition("=")
+    if not sep or not name or not text:
+        raise ValueError(f"{option} wants NAME=VALUE, not {value!r}")
+    return name, text
 
 
 def render_loso(report: dict[str, Any]) -> str:

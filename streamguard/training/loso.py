@@ -178,6 +178,9 @@ class LosoConfig:
     choose_on: Literal["groups", "val"] = "groups"
     # Other reports in ``out`` whose fused verdict this one's is compared with, paired on the images both scored.
     against: tuple[str, ...] = ()
+    # pin-clip's recipe for its folds (`PinClipConfig` fields by name: mode, beta, noise_scale, attn_dim), so
+    # its noise is tuned on groups left out, never on the val split of sources it trained on.
+    pin_clip: tuple[tuple[str, str | float | int], ...] = ()
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in LOSO_METHODS + CANDIDATE_METHODS]
@@ -192,6 +195,26 @@ class LosoConfig:
         with_views(InputContract(), self.train_view)
         if self.train_view != RESIZE and any(m not in PROBE_METHODS for m in self.methods):
             raise ValueError(f"a training view other than {RESIZE} is for the probe methods {PROBE_METHODS}")
+        if self.pin_clip:
+            if "pin-clip" not in self.methods:
+                raise ValueError("pin-clip's recipe is set but pin-clip is not among the methods")
+            pin_clip_config(self)  # refuses an unknown name or a value the recipe would refuse, before any fold
+
+
+PIN_CLIP_TUNABLE: dict[str, type] = {"mode": str, "beta": float, "noise_scale": float, "attn_dim": int}
+
+
+def pin_clip_config(cfg: LosoConfig) -> Any:
+    """The `PinClipConfig` of pin-clip's folds: the recipe's defaults, with ``cfg.pin_clip`` over them."""
+    from streamguard.training.pinclip import PinClipConfig
+
+    unknown = sorted({name for name, _ in cfg.pin_clip} - set(PIN_CLIP_TUNABLE))
+    if unknown:
+        raise ValueError(f"pin-clip's recipe has no {unknown}: tunable are {sorted(PIN_CLIP_TUNABLE)}")
+    try:
+        return PinClipConfig(**{name: PIN_CLIP_TUNABLE[name](value) for name, value in cfg.pin_clip})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"pin-clip's recipe: {exc}") from None
 
 
 def fold_dir(cfg: LosoConfig, method: str, fold: Fold) -> Path:
@@ -205,6 +228,8 @@ def run_settings(cfg: LosoConfig, method: str) -> dict[str, Any]:
                 "epochs": None if method in PROBE_METHODS else cfg.epochs}
     # Recorded only when not resized, so the folds trained before training views existed stay valid.
     settings |= {"train_view": cfg.train_view} if cfg.train_view != RESIZE else {}
+    # Recorded only when set, so the folds trained on the recipe's defaults stay valid.
+    settings |= {"pin_clip": dict(cfg.pin_clip)} if method == "pin-clip" and cfg.pin_clip else {}
     # Folds chosen on the val split (before 2026-12-04) keep the settings they were recorded under; so do
     # folds of the seed's own augmentation draw. Folds recorded without augment_draws had one.
     draw = cfg.augment_seed not in (None, cfg.seed)
@@ -267,10 +292,11 @@ def train_fold(settings: Settings, cfg: LosoConfig, method: str, fold: Fold) -> 
     else:
         from streamguard.training.recipe import Recipe, train_detector
 
+        tuned = {"pinclip": pin_clip_config(cfg)} if method == "pin-clip" else {}
         train_detector(settings, _resuming(Recipe(
             method=method, data=cfg.data, out=directory, seed=cfg.seed, epochs=cfg.epochs,  # type: ignore[arg-type]
             limit_per_group=cfg.limit_per_group, holdout_generators=fold.generators, holdout_sources=fold.sources,
-            device=cfg.device, cache_dir=cfg.cache_dir, progress=cfg.progress)))
+            device=cfg.device, cache_dir=cfg.cache_dir, progress=cfg.progress, **tuned)))
     (directory / RUN_FILE).write_text(json.dumps(run_settings(cfg, method), indent=1) + "\n")
     return directory
 
@@ -441,6 +467,7 @@ def build_report(cfg: LosoConfig, folds: Sequence[Fold], pools: dict[str, str] |
         "augment_draws": cfg.augment_draws,
         "limit_per_group": cfg.limit_per_group,
         "epochs": cfg.epochs,
+        **({"pin_clip": dict(cfg.pin_clip)} if cfg.pin_clip else {}),
         "images": len(ids),
         "targets": {"max_false_flag": cfg.max_false_flag, "max_false_clear": cfg.max_false_clear},
         "weights": None if weights is None else asdict(weights),
