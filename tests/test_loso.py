@@ -603,13 +603,15 @@ def test_loso_tunes_pin_clips_recipe_per_fold(dataset: Path, backbone: Path, tmp
     assert (meta["recipe"]["config"]["noise_scale"], meta["recipe"]["config"]["beta"]) == (0.05, 0.01)
     assert meta["recipe"]["config"]["mode"] == "learned"  # the default where not named
     recorded = json.loads((out / "pin-clip" / fold / "loso_run.json").read_text())["pin_clip"]
-    assert recorded == {"noise_scale": "0.05", "beta": "0.01"}
-    # The same recipe keeps the fold; another one (or the defaults) trains it again.
-    assert not trained(run("noise_scale=0.05", "beta=0.01"))
+    assert recorded == {"noise_scale": 0.05, "beta": 0.01}
+    # The same recipe keeps the fold (a default named changes nothing); another one, or the defaults, trains it
+    # again.
+    assert not trained(run("noise_scale=0.050", "beta=0.01", "mode=learned"))
     assert trained(run("noise_scale=0.05", "beta=0.01", "mode=none"))
     assert json.loads((out / "pin-clip" / fold / "meta.json").read_text())["recipe"]["config"]["mode"] == "none"
     assert trained(run())
     assert json.loads((out / "pin-clip" / fold / "meta.json").read_text())["recipe"]["config"]["noise_scale"] == 0.02
+    assert not trained(run("mode=learned", "beta=0.001"))
     # A name the recipe does not have, or a value it refuses, stops the run before any fold trains.
     for bad, said in (("noise=0.1", "pin-clip's recipe has no ['noise']"),
                       ("mode=loud", "pin-clip mode must be one of"), ("beta", "--pin-clip wants NAME=VALUE")):

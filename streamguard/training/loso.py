@@ -217,6 +217,15 @@ def pin_clip_config(cfg: LosoConfig) -> Any:
         raise ValueError(f"pin-clip's recipe: {exc}") from None
 
 
+def pin_clip_changes(cfg: LosoConfig) -> dict[str, Any]:
+    """What pin-clip's folds change in its recipe, as values: a default named (mode=learned) or spelled
+    otherwise (beta=0.0010) is the same run."""
+    if not cfg.pin_clip:
+        return {}
+    tuned, default = asdict(pin_clip_config(cfg)), asdict(type(pin_clip_config(cfg))())
+    return {name: value for name, value in tuned.items() if value != default[name]}
+
+
 def fold_dir(cfg: LosoConfig, method: str, fold: Fold) -> Path:
     return cfg.out / method / fold.name
 
@@ -229,7 +238,8 @@ def run_settings(cfg: LosoConfig, method: str) -> dict[str, Any]:
     # Recorded only when not resized, so the folds trained before training views existed stay valid.
     settings |= {"train_view": cfg.train_view} if cfg.train_view != RESIZE else {}
     # Recorded only when set, so the folds trained on the recipe's defaults stay valid.
-    settings |= {"pin_clip": dict(cfg.pin_clip)} if method == "pin-clip" and cfg.pin_clip else {}
+    changes = pin_clip_changes(cfg) if method == "pin-clip" else {}
+    settings |= {"pin_clip": changes} if changes else {}
     # Folds chosen on the val split (before 2026-12-04) keep the settings they were recorded under; so do
     # folds of the seed's own augmentation draw. Folds recorded without augment_draws had one.
     draw = cfg.augment_seed not in (None, cfg.seed)
@@ -467,7 +477,7 @@ def build_report(cfg: LosoConfig, folds: Sequence[Fold], pools: dict[str, str] |
         "augment_draws": cfg.augment_draws,
         "limit_per_group": cfg.limit_per_group,
         "epochs": cfg.epochs,
-        **({"pin_clip": dict(cfg.pin_clip)} if cfg.pin_clip else {}),
+        **({"pin_clip": pin_clip_changes(cfg)} if pin_clip_changes(cfg) else {}),
         "images": len(ids),
         "targets": {"max_false_flag": cfg.max_false_flag, "max_false_clear": cfg.max_false_clear},
         "weights": None if weights is None else asdict(weights),
