@@ -222,8 +222,9 @@ def pin_clip_changes(cfg: LosoConfig) -> dict[str, Any]:
     otherwise (beta=0.0010) is the same run."""
     if not cfg.pin_clip:
         return {}
-    tuned, default = asdict(pin_clip_config(cfg)), asdict(type(pin_clip_config(cfg))())
-    return {name: value for name, value in tuned.items() if value != default[name]}
+    tuned = pin_clip_config(cfg)
+    default = asdict(type(tuned)())
+    return {name: value for name, value in asdict(tuned).items() if value != default[name]}
 
 
 def fold_dir(cfg: LosoConfig, method: str, fold: Fold) -> Path:
@@ -477,7 +478,7 @@ def build_report(cfg: LosoConfig, folds: Sequence[Fold], pools: dict[str, str] |
         "augment_draws": cfg.augment_draws,
         "limit_per_group": cfg.limit_per_group,
         "epochs": cfg.epochs,
-        **({"pin_clip": pin_clip_changes(cfg)} if pin_clip_changes(cfg) else {}),
+        **({"pin_clip": changes} if (changes := pin_clip_changes(cfg)) else {}),
         "images": len(ids),
         "targets": {"max_false_flag": cfg.max_false_flag, "max_false_clear": cfg.max_false_clear},
         "weights": None if weights is None else asdict(weights),
