@@ -34,18 +34,18 @@ NAME = "credentials"
 RULES_VERSION = "credentials-1"
 LIBRARY = "c2pa-python"
 # Not fitted (no data set here holds trusted credentials): sized for the shipped fusion (config.py), the
-# weighted mean of calibrated logits, recalibrated as sigmoid(0.59 * mean + 0.04), with `credentials`
-# weighted 6 against the CLIP detectors' 2.0 (univfd 1.6, pin-clip 0.4; mpft's 0), and the shipped policy
-# (ai >= 0.94, real <= 0.38).
-# - Generated, +15: the mean is at least (6 * 15 - 2 * 12) / 8 = 8.25 (p 0.993, over the 0.94 flag) even when
-#   the CLIP detectors average -12 (p 9e-4 of AI): a trusted generator's word carries the verdict.
-# - Captured, -1.8: real while the CLIP detectors average under +1.8 (the mean is then under -0.90, p 0.38;
+# weighted mean of calibrated logits, recalibrated as sigmoid(0.55 * mean + 0.14), with `credentials`
+# weighted 6 against the CLIP detectors' 2.0 (univfd 1.8, pin-clip 0.2; mpft's 0), and the shipped policy
+# (ai >= 0.93, real <= 0.38).
+# - Generated, +15: the mean is at least (6 * 15 - 2 * 12) / 8 = 8.25 (p 0.991, over the 0.93 flag) even when
+#   the CLIP detectors average -12 (p 1e-3 of AI): a trusted generator's word carries the verdict.
+# - Captured, -2.1: real while the CLIP detectors average under +1.7 (the mean is then under -1.15, p 0.38;
 #   the CLIP detectors alone would say p 0.75); above that uncertain, so a person looks (a trusted camera can
-#   still photograph a screen); flagged only past an average of +23.8. (-2.5 under the fusion before
-#   2026-12-04, whose real threshold was 0.31; -2.5 under this one would clear an image the CLIP detectors put
-#   at +3.9, p 0.91.)
+#   still photograph a screen); flagged only past an average of +24.1. (Sized again whenever the fusion is:
+#   -2.5 until 2026-12-04 under real 0.31; -1.8 under the learned-noise pin-clip's calibration, 0.59 / 0.04,
+#   which under this one would clear only below +0.8, p 0.64 alone.)
 GENERATED_LOGIT = 15.0
-CAPTURED_LOGIT = -1.8
+CAPTURED_LOGIT = -2.1
 
 log = structlog.get_logger(__name__)
 
