@@ -38,7 +38,7 @@ LIBRARY = "c2pa-python"
 # weighted 6 against the CLIP detectors' 2.0 (univfd 1.8, pin-clip 0.2; mpft's 0), and the shipped policy
 # (ai >= 0.93, real <= 0.38).
 # - Generated, +15: the mean is at least (6 * 15 - 2 * 12) / 8 = 8.25 (p 0.991, over the 0.93 flag) even when
-#   the CLIP detectors average -12 (p 1e-3 of AI): a trusted generator's word carries the verdict.
+#   the CLIP detectors average -12 (p 2e-3 of AI): a trusted generator's word carries the verdict.
 # - Captured, -2.1: real while the CLIP detectors average under +1.7 (the mean is then under -1.15, p 0.38;
 #   the CLIP detectors alone would say p 0.75); above that uncertain, so a person looks (a trusted camera can
 #   still photograph a screen); flagged only past an average of +24.1. (Sized again whenever the fusion is:
