@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as distribution_version
@@ -22,7 +23,13 @@ from typing import TYPE_CHECKING
 import structlog
 
 from streamguard.builtin.credentials.manifest import INVALID, UNREADABLE, Finding
-from streamguard.config import Settings
+from streamguard.config import (
+    VALIDATED_FUSED_BIAS,
+    VALIDATED_FUSED_SCALE,
+    VALIDATED_REAL_THRESHOLD,
+    VALIDATED_WEIGHTS,
+    Settings,
+)
 from streamguard.detectors.spec import DetectorBackend, DetectorInput, DetectorSpec, LoadContext
 from streamguard.hookspecs import hookimpl
 
@@ -34,18 +41,32 @@ NAME = "credentials"
 RULES_VERSION = "credentials-1"
 LIBRARY = "c2pa-python"
 # Not fitted (no data set here holds trusted credentials): sized for the shipped fusion (config.py), the
-# weighted mean of calibrated logits, recalibrated as sigmoid(0.55 * mean + 0.14), with `credentials`
-# weighted 6 against the CLIP detectors' 2.0 (univfd 1.8, pin-clip 0.2; mpft's 0), and the shipped policy
-# (ai >= 0.93, real <= 0.38).
-# - Generated, +15: the mean is at least (6 * 15 - 2 * 12) / 8 = 8.25 (p 0.991, over the 0.93 flag) even when
-#   the CLIP detectors average -12 (p 2e-3 of AI): a trusted generator's word carries the verdict.
-# - Captured, -2.1: real while the CLIP detectors average under +1.7 (the mean is then under -1.15, p 0.38;
-#   the CLIP detectors alone would say p 0.75); above that uncertain, so a person looks (a trusted camera can
-#   still photograph a screen); flagged only past an average of +24.1. (Sized again whenever the fusion is:
-#   -2.5 until 2026-12-04 under real 0.31; -1.8 under the learned-noise pin-clip's calibration, 0.59 / 0.04,
-#   which under this one would clear only below +0.8, p 0.64 alone.)
+# weighted mean of calibrated logits, recalibrated as sigmoid(scale * mean + bias), with `credentials`
+# weighted 6 against the CLIP detectors' 2.0, and the shipped policy.
+# - Generated, +15: the mean is at least (6 * 15 - 2 * 12) / 8 = 8.25 (p 0.991 under the fusion of
+#   2026-12-04, over its 0.93 flag) even when the CLIP detectors average -12 (p 2e-3 of AI): a trusted
+#   generator's word carries the verdict.
+# - Captured: real while the CLIP detectors' own verdict stays under CAPTURED_CLEARS_UNDER; above that
+#   uncertain, so a person looks (a trusted camera can still photograph a screen). Derived from the validated
+#   fusion rather than written down, because every new calibration or real threshold moved it (-2.5, sized by
+#   hand, under real 0.31; -1.8 under the learned-noise pin-clip's 0.59 / 0.04; -2.1 under 0.55 / 0.14).
 GENERATED_LOGIT = 15.0
-CAPTURED_LOGIT = -2.1
+CAPTURED_CLEARS_UNDER = 0.75
+
+
+def _captured_logit() -> float:
+    """The logit at which the fused mean sits on `real_threshold` exactly when the CLIP detectors alone would
+    say CAPTURED_CLEARS_UNDER; rounded to 0.1, as the hand-sized values were."""
+    def mean_at(probability: float) -> float:  # the fused mean the recalibration maps to this probability
+        return (math.log(probability / (1 - probability)) - VALIDATED_FUSED_BIAS) / VALIDATED_FUSED_SCALE
+
+    own = VALIDATED_WEIGHTS[NAME]
+    others = sum(weight for name, weight in VALIDATED_WEIGHTS.items() if name != NAME)
+    return round(((own + others) * mean_at(VALIDATED_REAL_THRESHOLD) - others * mean_at(CAPTURED_CLEARS_UNDER))
+                 / own, 1)
+
+
+CAPTURED_LOGIT = _captured_logit()
 
 log = structlog.get_logger(__name__)
 
