@@ -361,20 +361,27 @@ def test_augmentation_is_class_blind_seeded_and_covers_platform_post_processing(
     assert min(sides) >= 160 and max(sides) <= 512 and len(sides) > 10
 
 
-def test_frozen_dinov2_probe_and_rigid_features(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The DINOv2 candidates of `train loso`: a middle block's CLS and mean patch token, and RIGID's score
-    (how far the embedding moves under small pixel noise): non-negative, reproducible, zero without noise."""
+def _tiny_dinov2(monkeypatch: pytest.MonkeyPatch, **arch: int) -> Any:
+    """A random small DINOv2 that `load_dinov2` returns, weights spread enough that blocks differ."""
     import streamguard.backbone.dinov2 as dinov2
     from streamguard.backbone.dinov2 import Dinov2Arch, Dinov2Encoder
-    from streamguard.config import Settings
-    from streamguard.training import univfd
 
     torch.manual_seed(0)
-    tiny = Dinov2Encoder(Dinov2Arch(hidden=64, layers=8, heads=1, mlp=128, patch=14, pos_grid=4)).eval()
+    tiny = Dinov2Encoder(Dinov2Arch(heads=1, patch=14, pos_grid=4, **arch)).eval()
     with torch.no_grad():
         for param in tiny.parameters():
             param.normal_(0.0, 0.2)
     monkeypatch.setattr(dinov2, "load_dinov2", lambda *a, **k: tiny)
+    return tiny
+
+
+def test_frozen_dinov2_probe_and_rigid_features(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The DINOv2 candidates of `train loso`: a middle block's CLS and mean patch token, and RIGID's score
+    (how far the embedding moves under small pixel noise): non-negative, reproducible, zero without noise."""
+    from streamguard.config import Settings
+    from streamguard.training import univfd
+
+    tiny = _tiny_dinov2(monkeypatch, hidden=64, layers=8, mlp=128)
     x = torch.randn(3, 3, 56, 56)
     cfg = univfd.TrainConfig(data=("d",), out=Path("o"), backbone="dinov2")
     probe = univfd.frozen_encoder(Settings(), cfg)
@@ -401,17 +408,11 @@ def test_frozen_dinov2_blocks_reads_every_block_cls_and_patch_mean(monkeypatch: 
     block 6's alone), each layer-normalised, the pair unit length, so the block-window choice and the served
     coefficients of univfd-blocks apply unchanged."""
     import streamguard.backbone.dinov2 as dinov2
-    from streamguard.backbone.dinov2 import Dinov2Arch, Dinov2Encoder
     from streamguard.config import Settings
     from streamguard.training import univfd
     from streamguard.training.probe_choice import candidates
 
-    torch.manual_seed(0)
-    tiny = Dinov2Encoder(Dinov2Arch(hidden=32, layers=6, heads=1, mlp=64, patch=14, pos_grid=4)).eval()
-    with torch.no_grad():
-        for param in tiny.parameters():
-            param.normal_(0.0, 0.2)
-    monkeypatch.setattr(dinov2, "load_dinov2", lambda *a, **k: tiny)
+    tiny = _tiny_dinov2(monkeypatch, hidden=32, layers=6, mlp=64)
     cfg = univfd.TrainConfig(data=("d",), out=Path("o"), backbone="dinov2-blocks")
     frozen = univfd.frozen_encoder(Settings(), cfg)
     x = torch.randn(3, 3, 56, 56)
