@@ -47,8 +47,9 @@ log = structlog.get_logger(__name__)
 LOSO_METHODS = ("univfd", "pin-clip", "mpft", "nirnet")
 # What `train loso` validates unless told: the detectors with shipped weights (nirnet joins once it ships).
 DEFAULT_METHODS = ("univfd", "pin-clip", "mpft")
-# Measured against the shipped methods, not shipped: univfd's probe on every CLIP block's class token, a
-# probe on frozen DINOv2 ViT-S/14 features, and RIGID's training-free noise-stability score on them.
+# Measured against the shipped methods: univfd's probe on every CLIP block's class token (what univfd ships
+# since 2026-12-03), and, not shipped, probes on frozen DINOv2 ViT-S/14 features (block 6, or every block as
+# univfd-blocks reads CLIP's) and RIGID's training-free noise-stability score on them.
 CANDIDATE_METHODS = ("univfd-blocks", "dinov2-probe", "dinov2-blocks", "rigid", *NIRNET_ABLATIONS)
 # Probes on frozen features: trained in one fit, so --epochs does not touch them.
 PROBE_METHODS = ("univfd", "univfd-blocks", "dinov2-probe", "dinov2-blocks", "rigid")
