@@ -455,6 +455,31 @@ def test_frozen_clip_blocks_reads_every_block_class_token(monkeypatch: pytest.Mo
         torch.testing.assert_close(features[:, block], torch.nn.functional.normalize(expected, dim=1))
 
 
+def test_frozen_clip_tokens_reads_every_block_class_and_patch_mean(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`univfd-tokens`: block k's slice is the class token and the mean patch token after block k (checked
+    against HF's own hidden states), each layer-normalised, the pair unit length, in its own cache."""
+    from streamguard.config import Settings
+    from streamguard.training import univfd
+
+    encoder = tiny_encoder().eval()
+    monkeypatch.setattr(univfd, "load_backbone", lambda *a, **k: encoder)
+    cfg = univfd.TrainConfig(data=("d",), out=Path("o"), backbone="clip-tokens")
+    frozen = univfd.frozen_encoder(Settings(), cfg)
+    x = torch.randn(3, 3, encoder.image_size, encoder.image_size)
+    layers, hidden = encoder.config.num_hidden_layers, encoder.hidden_size
+    with torch.no_grad():
+        features = frozen.encode(x).view(3, layers, 2 * hidden)
+        states = encoder.model.vision_model(pixel_values=x, output_hidden_states=True).hidden_states
+    assert frozen.blocks == layers > 1 and frozen.normalise and frozen.contract == univfd.CONTRACT
+    assert frozen.version == f"{encoder.version}-tokens"
+    torch.testing.assert_close(features.norm(dim=2), torch.ones(3, layers))
+    for block in range(layers):
+        tokens = states[block + 1]
+        pair = torch.cat([torch.nn.functional.layer_norm(tokens[:, 0], (hidden,)),
+                          torch.nn.functional.layer_norm(tokens[:, 1:].mean(dim=1), (hidden,))], dim=1)
+        torch.testing.assert_close(features[:, block], torch.nn.functional.normalize(pair, dim=1))
+
+
 def test_the_served_class_token_head_computes_what_training_fit_it_on(tmp_path: Path) -> None:
     """The probe `train univfd` fits on `block_classes` gives the same logit served (whole model and branch
     head on the trunk's class tokens); its head file says what it reads, and a mismatched one is refused."""

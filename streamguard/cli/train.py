@@ -281,13 +281,13 @@ def train_nirnet_command(app: AppContext, branches: str, no_simulator: bool, pro
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path(".cache/loso"),
               show_default=True, help="Fold runs and loso.json.")
 @click.option("--method", "methods", multiple=True,
-              type=click.Choice(("univfd", "pin-clip", "mpft", "nirnet", "univfd-blocks", "dinov2-probe", "dinov2-blocks",
-                                 "rigid", *NIRNET_ABLATIONS)),
+              type=click.Choice(("univfd", "pin-clip", "mpft", "nirnet", "univfd-blocks", "univfd-tokens", "dinov2-probe",
+                                 "dinov2-blocks", "rigid", *NIRNET_ABLATIONS)),
               help="Detectors to validate (default: the three CLIP ones; two or more also choose fusion weights). "
                    "nirnet: trained per fold with `train nirnet`'s defaults and --epochs; nirnet-NAME: an ablation "
                    "of it (no-simulator, autoencoder residuals, or one branch alone). "
                    "univfd-blocks: univfd's probe on the class token of every CLIP block (RINE's reading); "
-                   "dinov2-probe: a probe on frozen DINOv2 ViT-S/14 features (block 6); dinov2-blocks: on every "
+                   "univfd-tokens: on every CLIP block's class token and mean patch token (measured); dinov2-probe: a probe on frozen DINOv2 ViT-S/14 features (block 6); dinov2-blocks: on every "
                    "DINOv2 block's CLS and mean patch token, blocks chosen as univfd-blocks' are; rigid: RIGID's "
                    "noise-stability score on them; the DINOv2 ones measured, not shipped.")
 @click.option("--folds", type=int, default=None,

@@ -50,9 +50,9 @@ DEFAULT_METHODS = ("univfd", "pin-clip", "mpft")
 # Measured against the shipped methods: univfd's probe on every CLIP block's class token (what univfd ships
 # since 2026-12-03), and, not shipped, probes on frozen DINOv2 ViT-S/14 features (block 6, or every block as
 # univfd-blocks reads CLIP's) and RIGID's training-free noise-stability score on them.
-CANDIDATE_METHODS = ("univfd-blocks", "dinov2-probe", "dinov2-blocks", "rigid", *NIRNET_ABLATIONS)
+CANDIDATE_METHODS = ("univfd-blocks", "univfd-tokens", "dinov2-probe", "dinov2-blocks", "rigid", *NIRNET_ABLATIONS)
 # Probes on frozen features: trained in one fit, so --epochs does not touch them.
-PROBE_METHODS = ("univfd", "univfd-blocks", "dinov2-probe", "dinov2-blocks", "rigid")
+PROBE_METHODS = ("univfd", "univfd-blocks", "univfd-tokens", "dinov2-probe", "dinov2-blocks", "rigid")
 REPORT_FILE = "loso.json"
 # The settings a fold folder's run was trained under, beside its held_out.json.
 RUN_FILE = "loso_run.json"
@@ -290,7 +290,8 @@ def train_fold(settings: Settings, cfg: LosoConfig, method: str, fold: Fold) -> 
             data=cfg.data, out=directory, seed=cfg.seed, augment_seed=cfg.augment_seed,
             augment_draws=cfg.augment_draws, limit_per_group=cfg.limit_per_group, device=cfg.device,
             cache_dir=cfg.cache_dir, holdout_generators=fold.generators, holdout_sources=fold.sources,
-            backbone={"univfd": "clip", "univfd-blocks": "clip-blocks", "dinov2-probe": "dinov2",
+            backbone={"univfd": "clip", "univfd-blocks": "clip-blocks",
+                      "univfd-tokens": "clip-tokens", "dinov2-probe": "dinov2",
                       "dinov2-blocks": "dinov2-blocks",
                       "rigid": "rigid"}[method], view=cfg.train_view, choose_on=cfg.choose_on))  # type: ignore[arg-type]
     elif method == "nirnet" or method in NIRNET_ABLATIONS:

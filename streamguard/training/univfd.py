@@ -60,8 +60,9 @@ class TrainConfig:
     # mean patch token, DINOv2's own linear-probe input) to measure it against CLIP on unseen sources.
     # "rigid": RIGID's training-free score (He et al. 2024) on the DINOv2 features, fitted to a logit alone.
     # "clip-blocks": the class token of every CLIP block, as RINE (Koutlis & Papadopoulos 2024) reads them;
-    # "dinov2-blocks": RINE's reading of DINOv2, every block's CLS and mean patch token.
-    backbone: Literal["clip", "clip-blocks", "dinov2", "dinov2-blocks", "rigid"] = "clip"
+    # "dinov2-blocks": RINE's reading of DINOv2, every block's CLS and mean patch token; "clip-tokens" the
+    # same reading of CLIP (the class token and the mean patch token of every block).
+    backbone: Literal["clip", "clip-blocks", "clip-tokens", "dinov2", "dinov2-blocks", "rigid"] = "clip"
     # The view the probe learns from and is calibrated on (`with_views`: resize, cropsN, cropsN+whole): each
     # view of an augmented image is a training row, and an image's logit is the mean over its views, as a
     # detector served with `detectors.options.<name>.views` scores it. Held-out images are scored resized
@@ -101,10 +102,13 @@ class Frozen:
 
 
 def frozen_encoder(settings: Settings, cfg: TrainConfig) -> Frozen:
-    if cfg.backbone in ("clip", "clip-blocks"):
+    if cfg.backbone in ("clip", "clip-blocks", "clip-tokens"):
         clip = load_backbone(settings.backbone, cfg.device, precision="fp32")
         if cfg.backbone == "clip":
             return Frozen(clip, clip.version, CONTRACT)
+        if cfg.backbone == "clip-tokens":
+            return Frozen(partial(clip_block_tokens, clip), f"{clip.version}-tokens", CONTRACT,
+                          blocks=vit.num_layers(clip))
         return Frozen(partial(block_classes, clip), f"{clip.version}-blocks", CONTRACT, blocks=vit.num_layers(clip))
     from streamguard.backbone.dinov2 import DINOV2_CONTRACT, load_dinov2
 
@@ -143,6 +147,23 @@ def block_classes(clip: ClipImageEncoder, pixels: torch.Tensor) -> torch.Tensor:
     block's projection, which univfd read before, mostly discards them.
     """
     return class_token_features(vit.class_tokens(clip, pixels), clip.hidden_size)
+
+
+def clip_block_tokens(clip: ClipImageEncoder, pixels: torch.Tensor) -> torch.Tensor:
+    """(N, blocks * 2 * hidden): after every CLIP block its class token and mean patch token, laid out as
+    `dinov2_block_tokens` lays out DINOv2's.
+
+    The class token is what attention pools for CLIP's semantics; the patches' mean keeps the local
+    statistics (a generator's upsampling traces live in patches) that the class token may drop.
+    """
+    hidden = vit.tokens(clip, pixels)
+    per_block = []
+    for layer in clip.model.vision_model.encoder.layers:
+        hidden = layer(hidden, None)
+        per_block.append(torch.cat([torch.nn.functional.layer_norm(hidden[:, 0], (clip.hidden_size,)),
+                                    torch.nn.functional.layer_norm(hidden[:, 1:].mean(dim=1), (clip.hidden_size,))],
+                                   dim=1))
+    return torch.nn.functional.normalize(torch.stack(per_block, dim=1), dim=-1).flatten(1)
 
 
 def dinov2_block_tokens(dino: Dinov2Encoder, pixels: torch.Tensor) -> torch.Tensor:
