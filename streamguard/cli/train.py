@@ -287,7 +287,8 @@ def train_nirnet_command(app: AppContext, branches: str, no_simulator: bool, pro
                    "nirnet: trained per fold with `train nirnet`'s defaults and --epochs; nirnet-NAME: an ablation "
                    "of it (no-simulator, autoencoder residuals, or one branch alone). "
                    "univfd-blocks: univfd's probe on the class token of every CLIP block (RINE's reading); "
-                   "univfd-tokens: on every CLIP block's class token and mean patch token (measured); dinov2-probe: a probe on frozen DINOv2 ViT-S/14 features (block 6); dinov2-blocks: on every "
+                   "univfd-tokens: on every CLIP block's class token and mean patch token (measured); "
+                   "dinov2-probe: a probe on frozen DINOv2 ViT-S/14 features (block 6); dinov2-blocks: on every "
                    "DINOv2 block's CLS and mean patch token, blocks chosen as univfd-blocks' are; rigid: RIGID's "
                    "noise-stability score on them; the DINOv2 ones measured, not shipped.")
 @click.option("--folds", type=int, default=None,

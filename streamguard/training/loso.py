@@ -48,8 +48,9 @@ LOSO_METHODS = ("univfd", "pin-clip", "mpft", "nirnet")
 # What `train loso` validates unless told: the detectors with shipped weights (nirnet joins once it ships).
 DEFAULT_METHODS = ("univfd", "pin-clip", "mpft")
 # Measured against the shipped methods: univfd's probe on every CLIP block's class token (what univfd ships
-# since 2026-12-03), and, not shipped, probes on frozen DINOv2 ViT-S/14 features (block 6, or every block as
-# univfd-blocks reads CLIP's) and RIGID's training-free noise-stability score on them.
+# since 2026-12-03), and, not shipped, that probe with each block's mean patch token too (univfd-tokens),
+# probes on frozen DINOv2 ViT-S/14 features (block 6, or every block as univfd-blocks reads CLIP's) and
+# RIGID's training-free noise-stability score on them.
 CANDIDATE_METHODS = ("univfd-blocks", "univfd-tokens", "dinov2-probe", "dinov2-blocks", "rigid", *NIRNET_ABLATIONS)
 # Probes on frozen features: trained in one fit, so --epochs does not touch them.
 PROBE_METHODS = ("univfd", "univfd-blocks", "univfd-tokens", "dinov2-probe", "dinov2-blocks", "rigid")

@@ -156,14 +156,11 @@ def clip_block_tokens(clip: ClipImageEncoder, pixels: torch.Tensor) -> torch.Ten
     The class token is what attention pools for CLIP's semantics; the patches' mean keeps the local
     statistics (a generator's upsampling traces live in patches) that the class token may drop.
     """
-    hidden = vit.tokens(clip, pixels)
-    per_block = []
+    hidden, states = vit.tokens(clip, pixels), []
     for layer in clip.model.vision_model.encoder.layers:
         hidden = layer(hidden, None)
-        per_block.append(torch.cat([torch.nn.functional.layer_norm(hidden[:, 0], (clip.hidden_size,)),
-                                    torch.nn.functional.layer_norm(hidden[:, 1:].mean(dim=1), (clip.hidden_size,))],
-                                   dim=1))
-    return torch.nn.functional.normalize(torch.stack(per_block, dim=1), dim=-1).flatten(1)
+        states.append(hidden)
+    return class_and_patch_means(states, clip.hidden_size)
 
 
 def dinov2_block_tokens(dino: Dinov2Encoder, pixels: torch.Tensor) -> torch.Tensor:
@@ -174,10 +171,15 @@ def dinov2_block_tokens(dino: Dinov2Encoder, pixels: torch.Tensor) -> torch.Tens
     last blocks for saliency (scripts/check_dinov2.py), so which of them still carry a generator's traces is
     the probe's choice, not a guess here.
     """
-    hidden = dino.embed_dim
+    return class_and_patch_means(dino.hidden_states(pixels)[1:], dino.embed_dim)
+
+
+def class_and_patch_means(states: Sequence[torch.Tensor], hidden: int) -> torch.Tensor:
+    """(N, len(states) * 2 * hidden): each block's class token and mean patch token, layer-normalised without
+    weights, the pair unit length as one block's slice (what the block-window choice expects)."""
     per_block = [torch.cat([torch.nn.functional.layer_norm(tokens[:, 0], (hidden,)),
                             torch.nn.functional.layer_norm(tokens[:, 1:].mean(dim=1), (hidden,))], dim=1)
-                 for tokens in dino.hidden_states(pixels)[1:]]
+                 for tokens in states]
     return torch.nn.functional.normalize(torch.stack(per_block, dim=1), dim=-1).flatten(1)
 
 
