@@ -183,6 +183,8 @@ class LosoConfig:
     # pin-clip's recipe for its folds (`PinClipConfig` fields by name: mode, beta, noise_scale, attn_dim), so
     # its noise is tuned on groups left out, never on the val split of sources it trained on.
     pin_clip: tuple[tuple[str, str | float | int], ...] = ()
+    # The probe methods also learn from real training photos' generated twins (`TrainConfig.matched_fakes`).
+    matched_fakes: bool = False
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in LOSO_METHODS + CANDIDATE_METHODS]
@@ -201,6 +203,8 @@ class LosoConfig:
             if "pin-clip" not in self.methods:
                 raise ValueError("pin-clip's recipe is set but pin-clip is not among the methods")
             pin_clip_config(self)  # refuses an unknown name or a value the recipe would refuse, before any fold
+        if self.matched_fakes and not any(m in PROBE_METHODS for m in self.methods):
+            raise ValueError(f"matched fakes are for the probe methods {PROBE_METHODS}")
 
 
 PIN_CLIP_TUNABLE: dict[str, type] = {"mode": str, "beta": float, "noise_scale": float, "attn_dim": int}
@@ -248,6 +252,7 @@ def run_settings(cfg: LosoConfig, method: str) -> dict[str, Any]:
     draw = cfg.augment_seed not in (None, cfg.seed)
     settings |= {"augment_seed": cfg.augment_seed} if method in PROBE_METHODS and draw else {}
     settings |= {"augment_draws": cfg.augment_draws} if method in PROBE_METHODS and cfg.augment_draws != 1 else {}
+    settings |= {"matched_fakes": True} if method in PROBE_METHODS and cfg.matched_fakes else {}
     return settings | ({"choose_on": cfg.choose_on} if method in PROBE_METHODS and cfg.choose_on != "val" else {})
 
 
@@ -294,7 +299,8 @@ def train_fold(settings: Settings, cfg: LosoConfig, method: str, fold: Fold) -> 
             backbone={"univfd": "clip", "univfd-blocks": "clip-blocks",
                       "univfd-tokens": "clip-tokens", "dinov2-probe": "dinov2",
                       "dinov2-blocks": "dinov2-blocks",
-                      "rigid": "rigid"}[method], view=cfg.train_view, choose_on=cfg.choose_on))  # type: ignore[arg-type]
+                      "rigid": "rigid"}[method], view=cfg.train_view, choose_on=cfg.choose_on,  # type: ignore[arg-type]
+            matched_fakes=cfg.matched_fakes))
     elif method == "nirnet" or method in NIRNET_ABLATIONS:
         from streamguard.training.nirnet.recipe import NirnetRecipe
         from streamguard.training.nirnet.train import train_nirnet

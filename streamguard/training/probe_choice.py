@@ -114,6 +114,13 @@ class Embedded:
         rows = renumber[self.owner] >= 0
         return Embedded(self.x[rows], renumber[self.owner[rows]], [self.samples[i] for i in keep])
 
+    def joined(self, other: Embedded | None) -> Embedded:
+        """These images' rows and then ``other``'s (other images, e.g. generated twins of real ones)."""
+        if other is None or not other.samples:
+            return self
+        return Embedded(np.concatenate([self.x, other.x]), np.concatenate([self.owner, other.owner + len(self.samples)]),
+                        self.samples + other.samples)
+
 
 def stack_draws(draws: Sequence[Embedded]) -> Embedded:
     """Every draw's rows of each image as views of that image (an image a draw skipped is left out of all)."""
@@ -130,18 +137,21 @@ Fit = Callable[[Candidate, np.ndarray, np.ndarray], object]  # (candidate, featu
 
 def choose_by_groups(train: Embedded, val: Embedded, cands: Sequence[Candidate], features: Features, fit: Fit,
                      pools: dict[str, str], folds: Sequence[Fold],
-                     originals: Embedded | None = None) -> tuple[Candidate, dict[str, float]] | None:
+                     originals: Embedded | None = None,
+                     twins: Embedded | None = None) -> tuple[Candidate, dict[str, float]] | None:
     """The candidate whose left-out scores rank best over ``folds`` (of training's groups), with
     every candidate's pooled balanced AUC; None when the folds leave nothing to rank (one class only).
 
     Each fold's model is fitted on train's rows outside the fold, calibrated (temperature) on val's, and
     scores the fold's images in ``originals`` (train's and val's images unaugmented, as a held-out image is
     scored; without them, train's and val's own rows): calibrated, so that pooling folds compares like with
-    like, as `train loso` pools its folds."""
+    like, as `train loso` pools its folds. ``twins``: training rows that belong to no group of their own (a
+    real photo's generated twin, `matched`): fitted on beside train's, and left out with their photo's group."""
     pooled: dict[Candidate, tuple[list[int], list[str], list[float]]] = {c: ([], [], []) for c in cands}
     for fold in folds:
-        left = {s.id for s in train.samples + val.samples if is_held_out(s, fold.generators, fold.sources)}
-        fit_on, calibrate_on = train.without(left), val.without(left)
+        extra = twins.samples if twins is not None else []
+        left = {s.id for s in train.samples + val.samples + extra if is_held_out(s, fold.generators, fold.sources)}
+        fit_on, calibrate_on = train.without(left).joined(twins and twins.without(left)), val.without(left)
         if len(set(fit_on.row_y.tolist())) < 2:
             continue
         sources = (train, val) if originals is None else (originals,)
@@ -178,11 +188,12 @@ class Choice:
 
 
 def choose_probe(choose_on: str, train: Embedded, val: Embedded, n_blocks: int, normalise: bool = True,
-                 originals: Embedded | None = None) -> Choice:
+                 originals: Embedded | None = None, twins: Embedded | None = None) -> Choice:
     """The probe's candidate, chosen on training's groups left out in turn (``choose_on`` "groups"; on the
     val split when training has fewer than two groups or they leave one class only) or on the val split
     ("val"), and fitted on all of train. ``normalise``: features are embeddings (unit length to the probe),
-    not a score. ``originals``: train's and val's images unaugmented, what a left-out group is scored on."""
+    not a score. ``originals``: train's and val's images unaugmented, what a left-out group is scored on.
+    ``twins``: generated twins of train's real photos, fitted on with train (`choose_by_groups`)."""
     from sklearn.linear_model import LogisticRegression
 
     from streamguard.evaluation.metrics import binary_metrics
@@ -200,14 +211,16 @@ def choose_probe(choose_on: str, train: Embedded, val: Embedded, n_blocks: int, 
         if units >= 2:
             folds = plan_folds(groups_of(dev), n_folds=min(INNER_FOLDS, units), pools=pools)
             cands = candidates(GROUP_C_GRID, n_blocks)
-            chosen = choose_by_groups(train, val, cands, features, fit, pools, folds, originals)
+            chosen = choose_by_groups(train, val, cands, features, fit, pools, folds, originals, twins)
             if chosen is not None:
                 best, scores = chosen
                 log.info("train.chosen", on="groups", folds=len(folds), candidate=best.label, auc=scores[best.label])
-                return Choice(best, fit(best, features(train.x, best), train.row_y), f"groups ({len(folds)} folds)",
-                              scores)
+                everything = train.joined(twins)
+                return Choice(best, fit(best, features(everything.x, best), everything.row_y),
+                              f"groups ({len(folds)} folds)", scores)
         log.warning("train.choose_on_val", reason="training's groups cannot be left out in turn: fewer than two, "
                     "or one class only")
+    train = train.joined(twins)
     best_auc, scores, chosen_model, best = -1.0, {}, None, None
     for cand in candidates(VAL_C_GRID, 0):
         model = fit(cand, features(train.x, cand), train.row_y)

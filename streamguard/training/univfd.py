@@ -31,11 +31,13 @@ from streamguard.builtin.univfd.plugin import DETECTOR
 from streamguard.config import Settings
 from streamguard.detectors.calibration import Calibration
 from streamguard.detectors.spec import CLASS_TOKENS
+from streamguard.evaluation.datasets import REAL
 from streamguard.intake import InputContract, decode_image, prepare
 from streamguard.intake.contract import RESIZE, decode_side, prepare_views, with_views
 from streamguard.training.artifacts import save_probe
 from streamguard.training.data import AUGMENT_VERSION, augment, split_samples
 from streamguard.training.held_out import HELD_OUT_FILE, held_out_scores, save_held_out, variant_file
+from streamguard.training.matched import Matcher, matched, train_matcher
 from streamguard.training.probe_choice import Embedded, choose_probe, served_coefficients, stack_draws
 
 if TYPE_CHECKING:  # the DINOv2 backbone is imported only when a run asks for it
@@ -80,6 +82,9 @@ class TrainConfig:
     # the probe depends less on any one draw; three since 2026-12-04 (docs/validation.md). Val and the
     # left-out originals stay one row an image.
     augment_draws: int = 3
+    # Every real training photo also comes back reconstructed through an autoencoder, as a generated image
+    # (`matched`: content- and format-matched fakes, as "Aligned datasets" and B-Free make them).
+    matched_fakes: bool = False
 
     @property
     def draw(self) -> int:
@@ -184,9 +189,10 @@ def class_and_patch_means(states: Sequence[torch.Tensor], hidden: int) -> torch.
 
 
 def embed(samples: Sequence, settings: Settings, cfg: TrainConfig, encoder: Frozen,  # type: ignore[type-arg]
-          tag: str, augmented: bool | None = None, view: str = RESIZE) -> Embedded:
+          tag: str, augmented: bool | None = None, view: str = RESIZE, matcher: Matcher | None = None) -> Embedded:
     """Embeddings of ``samples`` (augmented per sample, seeded, unless ``augmented`` is False) under ``view``,
-    cached on disk by content of the request."""
+    cached on disk by content of the request. ``matcher``: embed each sample's reconstruction instead, under
+    the augmentation its own bytes get (the same rescale and JPEG quality as its real twin)."""
     from streamguard.evaluation import read_samples
 
     augmented = cfg.augment if augmented is None else augmented
@@ -194,7 +200,8 @@ def embed(samples: Sequence, settings: Settings, cfg: TrainConfig, encoder: Froz
     # draw, which is the seed unless `augment_seed` says otherwise. Unaugmented pixels depend on neither.
     request = [tag, cfg.draw if augmented else cfg.seed, augmented and AUGMENT_VERSION, encoder.version,
                [s.id for s in samples]]
-    key = hashlib.sha256(json.dumps(request + ([view] if view != RESIZE else [])).encode()).hexdigest()[:16]
+    request += ([view] if view != RESIZE else []) + ([matcher.version] if matcher is not None else [])
+    key = hashlib.sha256(json.dumps(request).encode()).hexdigest()[:16]
     cache = cfg.cache_dir / f"{'univfd' if cfg.backbone == 'clip' else cfg.backbone}-{tag}-{key}.npz"
     if cache.is_file():
         stored = np.load(cache, allow_pickle=False)
@@ -219,6 +226,7 @@ def embed(samples: Sequence, settings: Settings, cfg: TrainConfig, encoder: Froz
     for sample, data in read_samples(samples):
         rng = random.Random(f"{cfg.draw}:{sample.id}")
         try:
+            data = matcher(data) if matcher is not None else data
             raw = augment(data, rng) if augmented else data
             image = decode_image(raw, settings.intake, decode_side([contract]))
             views = prepare_views(image, contract) if contract.multiview else prepare(image, contract)[None]
@@ -262,14 +270,19 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
         raise ValueError("training needs samples in the train and val splits")
     encoder = frozen_encoder(settings, cfg)
 
-    def rows(name: str, split: list) -> Embedded:  # type: ignore[type-arg]
+    def rows(name: str, split: list, matcher: Matcher | None = None) -> Embedded:  # type: ignore[type-arg]
         if name != "train" or cfg.augment_draws == 1:
-            return embed(split, settings, cfg, encoder, name, view=cfg.view)
+            return embed(split, settings, cfg, encoder, name, view=cfg.view, matcher=matcher)
         return stack_draws([embed(split, settings, replace(cfg, augment_seed=cfg.draw + k), encoder, name,
-                                  view=cfg.view) for k in range(cfg.augment_draws)])
+                                  view=cfg.view, matcher=matcher) for k in range(cfg.augment_draws)])
 
     data = {name: rows(name, split).without(held_ids) for name, split in splits.items() if split}
     train, val = data["train"], data["val"]
+    twins = None
+    if cfg.matched_fakes:
+        matcher = train_matcher(samples, cfg.holdout_sources, cfg.seed, settings.intake)
+        reals = rows("train", [s for s in splits["train"] if s.label == REAL], matcher).without(held_ids)
+        twins = Embedded(reals.x, reals.owner, [matched(s) for s in reals.samples])
 
     originals = None
     if cfg.choose_on == "groups":
@@ -277,8 +290,9 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
         # every train and val image whatever is held out, so all folds of a LOSO run share its cache.
         dev = splits["train"] + splits["val"]
         originals = embed(dev, settings, cfg, encoder, "original", augmented=False, view=cfg.view).without(held_ids)
-    choice = choose_probe(cfg.choose_on, train, val, encoder.blocks, encoder.normalise, originals)
+    choice = choose_probe(cfg.choose_on, train, val, encoder.blocks, encoder.normalise, originals, twins)
     model = choice.model
+    train = train.joined(twins)
     probe = LinearProbe(train.x.shape[1])
     coef = served_coefficients(model.coef_, choice.candidate, train.x, encoder.blocks)  # type: ignore[attr-defined]
     with torch.no_grad():
@@ -298,7 +312,7 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
         "blocks": choice.candidate.blocks,
         "chosen_on": choice.chosen_on,
         "candidates": choice.scores,
-        "counts": {name: len(d.samples) for name, d in data.items()},
+        "counts": {name: len(d.samples) for name, d in data.items()} | ({"matched": len(twins.samples)} if twins else {}),
         "train_rows": int(len(train.x)),
         "view": cfg.view,
         "holdout": {"generators": list(cfg.holdout_generators), "sources": list(cfg.holdout_sources)},
@@ -325,6 +339,7 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
         "augment": cfg.augment,
         "augment_seed": cfg.draw,
         "augment_draws": cfg.augment_draws,
+        **({"matched_fakes": True} if cfg.matched_fakes else {}),
         "C": choice.candidate.c,
         "blocks": choice.candidate.blocks,
         "chosen_on": choice.chosen_on,

@@ -1,0 +1,117 @@
+"""Content-matched fakes for the probe: each real training photo, reconstructed through an autoencoder,
+comes back as a generated image.
+
+"Aligned datasets" (Rajan et al., ICLR'25) and B-Free (CVPR'25) make the generated class out of the real
+one, so that the two classes differ only by a decoder's imprint: content, size and format cannot be what
+the probe learns. Without a generator's VAE offline, the decoder is NIRNet's simulator's
+(`nirnet.autoencoder.TinyAutoencoder`: latent-diffusion's downsampling and nearest-neighbour upsampling),
+trained here on real photos only, as a VAE is.
+
+Under leave-one-source-out the autoencoder must not have seen the held-out photos: it learns on the real
+photos of the first data root that holds none of the held-out real sources (`reference_root`), so a fold
+that holds out one of wild-train's real sources gets an autoencoder trained on wild-more's, and the
+others wild-train's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
+import structlog
+import torch
+from PIL import Image
+
+from streamguard.config import IntakeSettings
+from streamguard.evaluation.datasets import FAKE, REAL, Sample
+from streamguard.intake import decode_image
+from streamguard.training.nirnet.autoencoder import TinyAutoencoder, train_autoencoder
+from streamguard.training.nirnet.groups import choose, read_crops
+
+log = structlog.get_logger(__name__)
+
+GENERATOR = "matched-autoencoder"
+SUFFIX = "#matched"
+# Real photos are brought to a generator's output size before the reconstruction: a 12-megapixel photo's
+# imprint would be shrunk away by the training augmentation's rescale (shortest side 160-512), while
+# generated images are mostly 256-1024 px.
+MAX_SIDE = 512
+AUTOENCODER_IMAGES = 256
+AUTOENCODER_CROP = 64
+AUTOENCODER_STEPS = 300
+
+
+def root_of(sample: Sample) -> str:
+    """The data root's id that `load_samples` put in front of every sample id."""
+    return sample.id.split("/", 1)[0]
+
+
+def reference_root(samples: Sequence[Sample], held_sources: Sequence[str]) -> str:
+    """The first root (in the order of the data) with real photos and none of ``held_sources``' photos."""
+    roots: dict[str, set[str]] = {}
+    for s in samples:
+        if s.label == REAL:
+            roots.setdefault(root_of(s), set()).add(s.source)
+    for root, sources in roots.items():
+        if not sources & set(held_sources):
+            return root
+    raise ValueError(f"matched fakes need a data root whose real photos are all in training; every root "
+                     f"holds one of {sorted(held_sources)}")
+
+
+class Matcher:
+    """Real image bytes -> the PNG bytes of their reconstruction (shortest side at most ``MAX_SIDE``)."""
+
+    def __init__(self, model: TinyAutoencoder, root: str, intake: IntakeSettings) -> None:
+        self.model = model.eval()
+        self.intake = intake
+        digest = hashlib.sha256()
+        for name, tensor in sorted(model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.numpy().tobytes())
+        # In the embedding cache key: other weights must never read this reconstruction's embeddings.
+        self.version = f"{root}-{digest.hexdigest()[:10]}"
+
+    def __call__(self, data: bytes) -> bytes:
+        image = decode_image(data, self.intake, None).rgb.convert("RGB")
+        scale = MAX_SIDE / min(image.size)
+        if scale < 1:
+            image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                 Image.Resampling.LANCZOS)
+        pixels = torch.from_numpy(np.asarray(image, np.float32) / 255.0).permute(2, 0, 1)[None]
+        with torch.inference_mode():
+            out = self.model.reconstruct(pixels)[0]
+        array = (out.permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")  # a generator's usual output; augmentation re-encodes
+        return buffer.getvalue()
+
+
+def train_matcher(samples: Sequence[Sample], held_sources: Sequence[str], seed: int,
+                  intake: IntakeSettings) -> Matcher:
+    """The autoencoder of ``reference_root``'s real training photos (train split), seeded."""
+    root = reference_root(samples, held_sources)
+    reals = [s for s in samples if s.label == REAL and s.split == "train" and root_of(s) == root]
+    chosen = choose(reals, AUTOENCODER_IMAGES, seed)
+    crops = [pixels for _, pixels in read_crops(chosen, AUTOENCODER_CROP, seed, intake=intake)
+             if min(pixels.shape[-2:]) >= AUTOENCODER_CROP]
+    if not crops:
+        raise ValueError(f"matched fakes: no real training photo of {root} has {AUTOENCODER_CROP} px a side")
+    trained = train_autoencoder(crops, steps=AUTOENCODER_STEPS, seed=seed, crop=AUTOENCODER_CROP)
+    log.info("train.matcher_trained", root=root, images=len(crops), steps=trained.steps,
+             final_loss=round(trained.losses[-1], 5))
+    return Matcher(trained.model, root, intake)
+
+
+def matched(sample: Sample) -> Sample:
+    """The generated twin of a real sample: its own id, the generator's name, the photo's source (so that it
+    leaves training with its photo's group)."""
+    return replace(sample, id=sample.id + SUFFIX, label=FAKE, generator=GENERATOR, family="simulated")
+
+
+def twins_of(ids: set[str]) -> set[str]:
+    return {i + SUFFIX for i in ids}
+
