@@ -280,7 +280,7 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
     train, val = data["train"], data["val"]
     twins = None
     if cfg.matched_fakes:
-        matcher = train_matcher(samples, cfg.holdout_sources, cfg.seed, settings.intake)
+        matcher = train_matcher(samples, cfg.holdout_sources, cfg.seed, settings.intake, cfg.cache_dir)
         reals = rows("train", [s for s in splits["train"] if s.label == REAL], matcher).without(held_ids)
         twins = Embedded(reals.x, reals.owner, [matched(s) for s in reals.samples])
 
