@@ -432,21 +432,31 @@ def test_frozen_dinov2_blocks_reads_every_block_cls_and_patch_mean(monkeypatch: 
     assert {c.blocks for c in candidates((1.0,), frozen.blocks)} >= {(0, 6), (0, 4), (3, 6)}  # windows to choose
 
 
-def test_frozen_clip_blocks_reads_every_block_class_token(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`univfd-blocks`: block k's slice is the class token after block k (HF's own hidden states, not the
-    output alone), layer-normalised and unit length, so a probe weighs blocks by what they say, not by scale."""
+def _frozen_clip_reading(monkeypatch: pytest.MonkeyPatch, backbone: str) -> tuple[Any, ClipImageEncoder, torch.Tensor,
+                                                                              tuple[torch.Tensor, ...]]:
+    """The frozen reading ``backbone`` of a tiny CLIP tower, its features of three random images and HF's
+    own hidden states of them, to check the features against."""
     from streamguard.config import Settings
     from streamguard.training import univfd
 
     encoder = tiny_encoder().eval()
     monkeypatch.setattr(univfd, "load_backbone", lambda *a, **k: encoder)
-    cfg = univfd.TrainConfig(data=("d",), out=Path("o"), backbone="clip-blocks")
-    frozen = univfd.frozen_encoder(Settings(), cfg)
+    frozen = univfd.frozen_encoder(Settings(), univfd.TrainConfig(data=("d",), out=Path("o"), backbone=backbone))  # type: ignore[arg-type]
     x = torch.randn(3, 3, encoder.image_size, encoder.image_size)
-    layers, hidden = encoder.config.num_hidden_layers, encoder.hidden_size
     with torch.no_grad():
-        features = frozen.encode(x).view(3, layers, hidden)
+        features = frozen.encode(x)
         states = encoder.model.vision_model(pixel_values=x, output_hidden_states=True).hidden_states
+    return frozen, encoder, features, states
+
+
+def test_frozen_clip_blocks_reads_every_block_class_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`univfd-blocks`: block k's slice is the class token after block k (HF's own hidden states, not the
+    output alone), layer-normalised and unit length, so a probe weighs blocks by what they say, not by scale."""
+    from streamguard.training import univfd
+
+    frozen, encoder, features, states = _frozen_clip_reading(monkeypatch, "clip-blocks")
+    layers, hidden = encoder.config.num_hidden_layers, encoder.hidden_size
+    features = features.view(3, layers, hidden)
     assert layers > 1 and frozen.normalise and frozen.contract == univfd.CONTRACT
     assert frozen.version == f"{encoder.version}-blocks"  # its own embedding cache, never univfd's
     torch.testing.assert_close(features.norm(dim=2), torch.ones(3, layers))
@@ -458,18 +468,11 @@ def test_frozen_clip_blocks_reads_every_block_class_token(monkeypatch: pytest.Mo
 def test_frozen_clip_tokens_reads_every_block_class_and_patch_mean(monkeypatch: pytest.MonkeyPatch) -> None:
     """`univfd-tokens`: block k's slice is the class token and the mean patch token after block k (checked
     against HF's own hidden states), each layer-normalised, the pair unit length, in its own cache."""
-    from streamguard.config import Settings
     from streamguard.training import univfd
 
-    encoder = tiny_encoder().eval()
-    monkeypatch.setattr(univfd, "load_backbone", lambda *a, **k: encoder)
-    cfg = univfd.TrainConfig(data=("d",), out=Path("o"), backbone="clip-tokens")
-    frozen = univfd.frozen_encoder(Settings(), cfg)
-    x = torch.randn(3, 3, encoder.image_size, encoder.image_size)
+    frozen, encoder, features, states = _frozen_clip_reading(monkeypatch, "clip-tokens")
     layers, hidden = encoder.config.num_hidden_layers, encoder.hidden_size
-    with torch.no_grad():
-        features = frozen.encode(x).view(3, layers, 2 * hidden)
-        states = encoder.model.vision_model(pixel_values=x, output_hidden_states=True).hidden_states
+    features = features.view(3, layers, 2 * hidden)
     assert frozen.blocks == layers > 1 and frozen.normalise and frozen.contract == univfd.CONTRACT
     assert frozen.version == f"{encoder.version}-tokens"
     torch.testing.assert_close(features.norm(dim=2), torch.ones(3, layers))
