@@ -49,17 +49,19 @@ def _matcher() -> Matcher:
     return Matcher(TinyAutoencoder(AutoencoderConfig()), "wild-train", IntakeSettings())
 
 
-def test_a_twin_is_the_photos_reconstruction_at_a_generators_size_as_png() -> None:
+def test_a_twin_is_the_photos_reconstruction_at_a_generators_size_in_its_format() -> None:
     matcher = _matcher()
-    photo = encode(noise((1024, 770), seed=1), "JPEG")
+    photo = encode(noise((1024, 770), seed=1), "JPEG", quality=70)
     twin = matcher(photo)
     image = Image.open(io.BytesIO(twin))
-    assert image.format == "PNG" and image.mode == "RGB"
+    # A JPEG photo's twin is a JPEG in the photo's own tables: the format says nothing about the class.
+    assert image.format == "JPEG" and image.mode == "RGB"
+    assert image.quantization == Image.open(io.BytesIO(photo)).quantization
     assert min(image.size) == MAX_SIDE and image.size == (round(1024 * MAX_SIDE / 770), MAX_SIDE)
     assert matcher(photo) == twin  # deterministic: the embedding cache may keep it
-    # A small photo keeps its pixels' size (no upscaling), odd sides included.
+    # A small photo keeps its pixels' size (no upscaling), odd sides included; a PNG photo's twin is a PNG.
     small = Image.open(io.BytesIO(matcher(encode(noise((101, 67), seed=2), "PNG"))))
-    assert small.size == (101, 67)
+    assert small.size == (101, 67) and small.format == "PNG"
     # Other weights are another version: their twins never share a cache entry.
     torch.manual_seed(1)
     other = Matcher(TinyAutoencoder(AutoencoderConfig()), "wild-train", IntakeSettings())

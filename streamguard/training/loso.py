@@ -40,6 +40,7 @@ from streamguard.evaluation.selection import (
 from streamguard.intake.contract import RESIZE, InputContract, with_views
 from streamguard.training.held_out import (HELD_OUT_FILE, HeldOutScore, fold_folders, load_held_out,
                                           load_variant_scores)
+from streamguard.training.matched import TWIN_FORMAT
 from streamguard.training.nirnet.recipe import ABLATIONS as NIRNET_ABLATIONS
 
 log = structlog.get_logger(__name__)
@@ -252,7 +253,8 @@ def run_settings(cfg: LosoConfig, method: str) -> dict[str, Any]:
     draw = cfg.augment_seed not in (None, cfg.seed)
     settings |= {"augment_seed": cfg.augment_seed} if method in PROBE_METHODS and draw else {}
     settings |= {"augment_draws": cfg.augment_draws} if method in PROBE_METHODS and cfg.augment_draws != 1 else {}
-    settings |= {"matched_fakes": True} if method in PROBE_METHODS and cfg.matched_fakes else {}
+    # The twins' recipe, so folds trained on an earlier one (lossless twins) are trained again.
+    settings |= {"matched_fakes": TWIN_FORMAT} if method in PROBE_METHODS and cfg.matched_fakes else {}
     return settings | ({"choose_on": cfg.choose_on} if method in PROBE_METHODS and cfg.choose_on != "val" else {})
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import structlog
 import torch
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 from streamguard.config import IntakeSettings
 from streamguard.evaluation.datasets import FAKE, REAL, Sample
@@ -42,6 +42,8 @@ SUFFIX = "#matched"
 # generated images are mostly 256-1024 px.
 MAX_SIDE = 512
 AUTOENCODER_IMAGES = 256
+# In the embedding cache key: twins encoded another way must never read this way's embeddings.
+TWIN_FORMAT = "photo-format"
 AUTOENCODER_CROP = 64
 # NIRNet's autoencoder trained for longer: at its 300 steps the twins are blurred and their colours shift (L1
 # 0.089), which the probe would learn as "generated" and then find in night and low-light photos. 10,000 steps
@@ -71,7 +73,8 @@ def reference_root(samples: Sequence[Sample], held_sources: Sequence[str]) -> st
 
 
 class Matcher:
-    """Real image bytes -> the PNG bytes of their reconstruction (shortest side at most ``MAX_SIDE``)."""
+    """Real image bytes -> the bytes of their reconstruction (shortest side at most ``MAX_SIDE``), in the
+    photo's format: a JPEG photo's twin in its JPEG tables, any other's as PNG."""
 
     def __init__(self, model: TinyAutoencoder, root: str, intake: IntakeSettings) -> None:
         self.model = model.eval()
@@ -81,9 +84,10 @@ class Matcher:
             digest.update(name.encode())
             digest.update(tensor.numpy().tobytes())
         # In the embedding cache key: other weights must never read this reconstruction's embeddings.
-        self.version = f"{root}-{digest.hexdigest()[:10]}"
+        self.version = f"{root}-{digest.hexdigest()[:10]}-{TWIN_FORMAT}"
 
     def __call__(self, data: bytes) -> bytes:
+        source = Image.open(io.BytesIO(data))
         image = decode_image(data, self.intake, None).rgb.convert("RGB")
         scale = MAX_SIDE / min(image.size)
         if scale < 1:
@@ -94,7 +98,15 @@ class Matcher:
             out = self.model.reconstruct(pixels)[0]
         array = (out.permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
         buffer = io.BytesIO()
-        Image.fromarray(array).save(buffer, format="PNG")  # a generator's usual output; augmentation re-encodes
+        if source.format == "JPEG":
+            # In the photo's own JPEG tables: a twin saved losslessly lost the camera's JPEG trace that its photo
+            # keeps, and the probe learnt that trace as "real" (-0.040 balanced AUC under JPEG q75 on LOSO,
+            # docs/validation.md step 22), the "Fake or JPEG?" shortcut again.
+            sampling = JpegImagePlugin.get_sampling(source)
+            Image.fromarray(array).save(buffer, format="JPEG", qtables=source.quantization,
+                                        **({"subsampling": sampling} if sampling >= 0 else {}))
+        else:
+            Image.fromarray(array).save(buffer, format="PNG")
         return buffer.getvalue()
 
 
