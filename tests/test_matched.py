@@ -140,3 +140,17 @@ def test_train_univfd_with_matched_fakes_end_to_end(tmp_path: Path, monkeypatch:
     assert len(expected) == 9 and report["counts"]["matched"] == len(expected)  # type: ignore[index]
     assert json.loads((out / "meta.json").read_text())["matched_fakes"] is True
     assert report["held_out_original"]  # the held-out photos are scored, twinless
+
+
+def test_loso_folds_record_the_twins_recipe_and_only_probes_take_twins(tmp_path: Path) -> None:
+    from streamguard.training.loso import LosoConfig, run_settings
+
+    base = {"data": ("d",), "loso_data": ("d",), "out": tmp_path}
+    plain = LosoConfig(**base, methods=("univfd-blocks",))  # type: ignore[arg-type]
+    twinned = LosoConfig(**base, methods=("univfd-blocks", "pin-clip"), matched_fakes=True)  # type: ignore[arg-type]
+    # A fold trained without twins, or on an earlier twin recipe, is not taken for one trained with these.
+    assert "matched_fakes" not in run_settings(plain, "univfd-blocks")
+    assert run_settings(twinned, "univfd-blocks")["matched_fakes"] == matched_module.TWIN_FORMAT
+    assert "matched_fakes" not in run_settings(twinned, "pin-clip")
+    with pytest.raises(ValueError, match="matched fakes are for the probe methods"):
+        LosoConfig(**base, methods=("pin-clip",), matched_fakes=True)  # type: ignore[arg-type]
