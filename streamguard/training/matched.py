@@ -11,6 +11,9 @@ Under leave-one-source-out the autoencoder must not have seen the held-out photo
 photos of the first data root that holds none of the held-out real sources (`reference_root`), so a fold
 that holds out one of wild-train's real sources gets an autoencoder trained on wild-more's, and the
 others wild-train's.
+
+Measured, not shipped (docs/validation.md step 22): on one draw +0.026 balanced AUC over the 26 LOSO folds,
+but -0.037 after JPEG q75, and no more decisive under the 2% false-flag rule.
 """
 
 from __future__ import annotations
@@ -99,9 +102,9 @@ class Matcher:
         array = (out.permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
         buffer = io.BytesIO()
         if source.format == "JPEG":
-            # In the photo's own JPEG tables: a twin saved losslessly lost the camera's JPEG trace that its photo
-            # keeps, and the probe learnt that trace as "real" (-0.040 balanced AUC under JPEG q75 on LOSO,
-            # docs/validation.md step 22), the "Fake or JPEG?" shortcut again.
+            # In the photo's own JPEG tables, so the format says nothing about the class ("Fake or JPEG?").
+            # It was meant to mend the lossless twins' fragility under JPEG q75 (-0.040 on LOSO) and did not
+            # (-0.037): what is fragile is the smoothing the twins teach (docs/validation.md step 22).
             sampling = JpegImagePlugin.get_sampling(source)
             Image.fromarray(array).save(buffer, format="JPEG", qtables=source.quantization,
                                         **({"subsampling": sampling} if sampling >= 0 else {}))
