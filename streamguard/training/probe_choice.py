@@ -118,8 +118,8 @@ class Embedded:
         """These images' rows and then ``other``'s (other images, e.g. generated twins of real ones)."""
         if other is None or not other.samples:
             return self
-        return Embedded(np.concatenate([self.x, other.x]), np.concatenate([self.owner, other.owner + len(self.samples)]),
-                        self.samples + other.samples)
+        owner = np.concatenate([self.owner, other.owner + len(self.samples)])
+        return Embedded(np.concatenate([self.x, other.x]), owner, self.samples + other.samples)
 
 
 def stack_draws(draws: Sequence[Embedded]) -> Embedded:
@@ -148,10 +148,11 @@ def choose_by_groups(train: Embedded, val: Embedded, cands: Sequence[Candidate],
     like, as `train loso` pools its folds. ``twins``: training rows that belong to no group of their own (a
     real photo's generated twin, `matched`): fitted on beside train's, and left out with their photo's group."""
     pooled: dict[Candidate, tuple[list[int], list[str], list[float]]] = {c: ([], [], []) for c in cands}
+    everyone = train.samples + val.samples + (twins.samples if twins is not None else [])
     for fold in folds:
-        extra = twins.samples if twins is not None else []
-        left = {s.id for s in train.samples + val.samples + extra if is_held_out(s, fold.generators, fold.sources)}
-        fit_on, calibrate_on = train.without(left).joined(twins and twins.without(left)), val.without(left)
+        left = {s.id for s in everyone if is_held_out(s, fold.generators, fold.sources)}
+        fit_on = train.without(left).joined(None if twins is None else twins.without(left))
+        calibrate_on = val.without(left)
         if len(set(fit_on.row_y.tolist())) < 2:
             continue
         sources = (train, val) if originals is None else (originals,)

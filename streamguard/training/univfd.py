@@ -312,7 +312,8 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
         "blocks": choice.candidate.blocks,
         "chosen_on": choice.chosen_on,
         "candidates": choice.scores,
-        "counts": {name: len(d.samples) for name, d in data.items()} | ({"matched": len(twins.samples)} if twins else {}),
+        "counts": {name: len(d.samples) for name, d in data.items()}
+        | ({"matched": len(twins.samples)} if twins is not None else {}),
         "train_rows": int(len(train.x)),
         "view": cfg.view,
         "holdout": {"generators": list(cfg.holdout_generators), "sources": list(cfg.holdout_sources)},
