@@ -44,9 +44,9 @@ SUFFIX = "#matched"
 # imprint would be shrunk away by the training augmentation's rescale (shortest side 160-512), while
 # generated images are mostly 256-1024 px.
 MAX_SIDE = 512
-AUTOENCODER_IMAGES = 256
-# In the embedding cache key: twins encoded another way must never read this way's embeddings.
+# In the embedding cache key and the LOSO folds' settings: twins encoded another way must never pass for these.
 TWIN_FORMAT = "photo-format"
+AUTOENCODER_IMAGES = 256
 AUTOENCODER_CROP = 64
 # NIRNet's autoencoder trained for longer: at its 300 steps the twins are blurred and their colours shift (L1
 # 0.089), which the probe would learn as "generated" and then find in night and low-light photos. 10,000 steps
@@ -148,8 +148,4 @@ def matched(sample: Sample) -> Sample:
     """The generated twin of a real sample: its own id, the generator's name, the photo's source (so that it
     leaves training with its photo's group)."""
     return replace(sample, id=sample.id + SUFFIX, label=FAKE, generator=GENERATOR, family="simulated")
-
-
-def twins_of(ids: set[str]) -> set[str]:
-    return {i + SUFFIX for i in ids}
 
