@@ -104,7 +104,7 @@ class Matcher:
         if source.format == "JPEG":
             # In the photo's own JPEG tables, so the format says nothing about the class ("Fake or JPEG?").
             # It was meant to mend the lossless twins' fragility under JPEG q75 (-0.040 on LOSO) and did not
-            # (-0.037): what is fragile is the smoothing the twins teach (docs/validation.md step 22).
+            # (-0.037); more likely the smoothing the twins teach is what JPEG breaks (docs/validation.md step 22).
             sampling = JpegImagePlugin.get_sampling(source)
             Image.fromarray(array).save(buffer, format="JPEG", qtables=source.quantization,
                                         **({"subsampling": sampling} if sampling >= 0 else {}))
