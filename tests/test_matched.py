@@ -21,7 +21,7 @@ from streamguard.training.loso import Fold
 from streamguard.training import matched as matched_module
 from streamguard.training.matched import GENERATOR, MAX_SIDE, SUFFIX, Matcher, matched, reference_root
 from streamguard.training.nirnet.autoencoder import AutoencoderConfig, TinyAutoencoder
-from streamguard.training.probe_choice import Embedded, choose_by_groups
+from streamguard.training.probe_choice import Candidate, Embedded, choose_by_groups
 from streamguard.training.univfd import TrainConfig, train_univfd
 
 
@@ -101,8 +101,6 @@ def test_twins_leave_inner_training_with_their_photos_group() -> None:
         seen.append(set(marks[marks > 0].tolist()))
         assert (y[marks > 0] == FAKE).all()
         return LogisticRegression().fit(x, y)
-
-    from streamguard.training.probe_choice import Candidate
 
     folds = [Fold("a", generators=("gen0",), sources=("src0",)), Fold("b", generators=("gen1",), sources=("src1",))]
     chosen = choose_by_groups(train, val, [Candidate(1.0)], lambda x, c: x, fit, {}, folds, twins=twins)

@@ -33,7 +33,13 @@ from PIL import Image, JpegImagePlugin
 from streamguard.config import IntakeSettings
 from streamguard.evaluation.datasets import FAKE, REAL, Sample
 from streamguard.intake import decode_image
-from streamguard.training.nirnet.autoencoder import AutoencoderConfig, TinyAutoencoder, train_autoencoder
+from streamguard.training.nirnet.autoencoder import (
+    TRAINING_CROP,
+    TRAINING_IMAGES,
+    AutoencoderConfig,
+    TinyAutoencoder,
+    train_autoencoder,
+)
 from streamguard.training.nirnet.groups import choose, read_crops
 
 log = structlog.get_logger(__name__)
@@ -46,8 +52,6 @@ SUFFIX = "#matched"
 MAX_SIDE = 512
 # In the embedding cache key and the LOSO folds' settings: twins encoded another way must never pass for these.
 TWIN_FORMAT = "photo-format"
-AUTOENCODER_IMAGES = 256
-AUTOENCODER_CROP = 64
 # NIRNet's autoencoder trained for longer: at its 300 steps the twins are blurred and their colours shift (L1
 # 0.089), which the probe would learn as "generated" and then find in night and low-light photos. 10,000 steps
 # at lr 4e-3 (~2.5 min on 2 cores) reach L1 0.026 and a mean PSNR of 26.5 dB on 20 wild-train photos it never
@@ -119,9 +123,9 @@ def train_matcher(samples: Sequence[Sample], held_sources: Sequence[str], seed: 
     ``cache_dir`` under what it was trained on, since every fold of a LOSO run with the same root asks again."""
     root = reference_root(samples, held_sources)
     reals = [s for s in samples if s.label == REAL and s.split == "train" and root_of(s) == root]
-    chosen = choose(reals, AUTOENCODER_IMAGES, seed)
+    chosen = choose(reals, TRAINING_IMAGES, seed)
     steps = AUTOENCODER_STEPS
-    request = [root, seed, steps, AUTOENCODER_LR, AUTOENCODER_CROP, asdict(AUTOENCODER), [s.id for s in chosen]]
+    request = [root, seed, steps, AUTOENCODER_LR, TRAINING_CROP, asdict(AUTOENCODER), [s.id for s in chosen]]
     cache = None
     if cache_dir is not None:
         key = hashlib.sha256(json.dumps(request).encode()).hexdigest()[:16]
@@ -130,11 +134,11 @@ def train_matcher(samples: Sequence[Sample], held_sources: Sequence[str], seed: 
             model = TinyAutoencoder(AUTOENCODER)
             model.load_state_dict(torch.load(cache, weights_only=True))
             return Matcher(model, root, intake)
-    crops = [pixels for _, pixels in read_crops(chosen, AUTOENCODER_CROP, seed, intake=intake)
-             if min(pixels.shape[-2:]) >= AUTOENCODER_CROP]
+    crops = [pixels for _, pixels in read_crops(chosen, TRAINING_CROP, seed, intake=intake)
+             if min(pixels.shape[-2:]) >= TRAINING_CROP]
     if not crops:
-        raise ValueError(f"matched fakes: no real training photo of {root} has {AUTOENCODER_CROP} px a side")
-    trained = train_autoencoder(crops, steps=steps, seed=seed, crop=AUTOENCODER_CROP, config=AUTOENCODER,
+        raise ValueError(f"matched fakes: no real training photo of {root} has {TRAINING_CROP} px a side")
+    trained = train_autoencoder(crops, steps=steps, seed=seed, crop=TRAINING_CROP, config=AUTOENCODER,
                                 lr=AUTOENCODER_LR)
     log.info("train.matcher_trained", root=root, images=len(crops), steps=trained.steps,
              final_loss=round(sum(trained.losses[-100:]) / len(trained.losses[-100:]), 5))

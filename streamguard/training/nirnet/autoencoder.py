@@ -17,6 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+# What the autoencoder is trained on wherever it stands in for a VAE (NIRNet's residual source, univfd's
+# matched twins): a seeded choice of this many training images, one native crop of this side from each.
+TRAINING_IMAGES = 256
+TRAINING_CROP = 64
+
+
 @dataclass(frozen=True)
 class AutoencoderConfig:
     factor: int = 4  # spatial downsampling, a power of two

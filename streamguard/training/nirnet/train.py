@@ -43,7 +43,7 @@ from streamguard.intake.contract import InputContract, aggregate_logits, crop_pa
 from streamguard.training.checkpoint import load_checkpoint, save_checkpoint
 from streamguard.training.data import Splits, split_samples
 from streamguard.training.held_out import HELD_OUT_FILE, held_out_scores, save_held_out
-from streamguard.training.nirnet.autoencoder import train_autoencoder
+from streamguard.training.nirnet.autoencoder import TRAINING_CROP, TRAINING_IMAGES, train_autoencoder
 from streamguard.training.nirnet.difference import DifferenceAwareLoss
 from streamguard.training.nirnet.groups import FitLimits, choose, fit_groups, pooled_groups, read_crops
 from streamguard.training.nirnet.imprint import (
@@ -70,8 +70,6 @@ IMPRINTS_FILE = "imprints.json"
 META_FILE = "meta.json"
 CARD_FILE = "MODEL_CARD.md"
 TRAINING_FILE = "training.json"
-AUTOENCODER_IMAGES = 256  # training images the autoencoder source is trained on (seeded choice)
-AUTOENCODER_CROP = 64
 EMBED_BATCH = 32
 
 
@@ -120,12 +118,12 @@ def residual_source(recipe: NirnetRecipe, train: Sequence[Sample], intake: Intak
             return VaeResidual(recipe.residual_source.removeprefix("vae:"), recipe.device)
         except VaeUnavailable as exc:
             raise ValueError(str(exc)) from None
-    chosen = choose(list(train), AUTOENCODER_IMAGES, recipe.seed)
-    crops = [pixels for _, pixels in read_crops(chosen, AUTOENCODER_CROP, recipe.seed, intake=intake)]
+    chosen = choose(list(train), TRAINING_IMAGES, recipe.seed)
+    crops = [pixels for _, pixels in read_crops(chosen, TRAINING_CROP, recipe.seed, intake=intake)]
     side = min((min(c.shape[-2:]) for c in crops), default=0) // 4 * 4
     if side < 8:
         raise ValueError("the autoencoder residual source needs training images of at least 8x8 pixels")
-    trained = train_autoencoder(crops, steps=recipe.autoencoder_steps, seed=recipe.seed, crop=min(side, AUTOENCODER_CROP))
+    trained = train_autoencoder(crops, steps=recipe.autoencoder_steps, seed=recipe.seed, crop=min(side, TRAINING_CROP))
     log.info("nirnet.autoencoder_trained", images=len(crops), steps=trained.steps,
              generators=sorted({s.generator for s in chosen if s.label == FAKE}),
              final_loss=round(trained.losses[-1], 5) if trained.losses else None)
@@ -166,7 +164,7 @@ def fit_imprints(recipe: NirnetRecipe, train: Sequence[Sample],
     fitted_on = {"residual": source.name, "generators": sorted({s.generator for s in fakes}),
                  "sources": sorted({s.source for s in fakes}), "fakes": len(fakes),
                  "images": sum(s.images for s in stats.values()),
-                 "autoencoder_images": len(choose(list(train), AUTOENCODER_IMAGES, recipe.seed))
+                 "autoencoder_images": len(choose(list(train), TRAINING_IMAGES, recipe.seed))
                  if isinstance(source, AutoencoderResidual) else None}
     log.info("nirnet.imprints_fitted", **fitted_on)
     return stats, fitted_on
