@@ -361,6 +361,35 @@ def test_augmentation_is_class_blind_seeded_and_covers_platform_post_processing(
     assert min(sides) >= 160 and max(sides) <= 512 and len(sides) > 10
 
 
+def test_native_jpeg_reencodes_half_before_the_rescale_and_keeps_every_other_draw(tmp_path: Path) -> None:
+    import io
+    import random
+
+    from PIL import Image
+
+    from streamguard.training.data import augment
+    from streamguard.training.loso import LosoConfig, run_settings
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(4).integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(buf, format="PNG")
+    data = buf.getvalue()
+    plain = [augment(data, random.Random(f"a2:0:{i}:x")) for i in range(40)]
+    native = [augment(data, random.Random(f"a2:0:{i}:x"), native_jpeg=True) for i in range(40)]
+    changed = [i for i in range(40) if plain[i] != native[i]]
+    assert 10 <= len(changed) <= 30  # about half
+    for i in changed:  # the same rescale, format and quality draw: only the native re-encode differs
+        before, after = Image.open(io.BytesIO(plain[i])), Image.open(io.BytesIO(native[i]))
+        assert (before.size, before.format) == (after.size, after.format)
+    # A fold trained with the re-encode is not taken for one trained without it, and only probes take it.
+    base = {"data": ("d",), "loso_data": ("d",), "out": tmp_path}
+    plain_cfg = LosoConfig(**base, methods=("univfd-blocks",))  # type: ignore[arg-type]
+    cfg = LosoConfig(**base, methods=("univfd-blocks",), native_jpeg=True)  # type: ignore[arg-type]
+    assert "native_jpeg" not in run_settings(plain_cfg, "univfd-blocks")
+    assert run_settings(cfg, "univfd-blocks")["native_jpeg"] is True
+    with pytest.raises(ValueError, match="native JPEG re-encode is for the probe methods"):
+        LosoConfig(**base, methods=("pin-clip",), native_jpeg=True)  # type: ignore[arg-type]
+
+
 def _tiny_dinov2(monkeypatch: pytest.MonkeyPatch, **arch: int) -> Any:
     """A random small DINOv2 that `load_dinov2` returns, weights spread enough that blocks differ."""
     import streamguard.backbone.dinov2 as dinov2

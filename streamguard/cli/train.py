@@ -34,6 +34,11 @@ _matched_fakes_option = click.option(
          "real photos no fold holds out) as a generated image: content- and format-matched fakes (measured, not "
          "shipped).")
 
+_native_jpeg_option = click.option(
+    "--native-jpeg", is_flag=True,
+    help="The probe's augmentation first re-encodes half the images (both classes) as JPEG q60-95 at their own "
+         "size, before the rescale (measured, not shipped).")
+
 
 @click.group("train")
 def train_group() -> None:
@@ -59,11 +64,13 @@ def train_group() -> None:
 @_augment_seed_option
 @_augment_draws_option
 @_matched_fakes_option
+@_native_jpeg_option
 @pass_app
 def train_univfd_command(app: AppContext, data: tuple[str, ...], out: Path | None, seed: int,
                          limit_per_group: int | None, device: str, no_augment: bool,
                          holdout_generators: tuple[str, ...], holdout_sources: tuple[str, ...], reads: str,
-                         choose_on: str, augment_seed: int | None, augment_draws: int, matched_fakes: bool) -> None:
+                         choose_on: str, augment_seed: int | None, augment_draws: int, matched_fakes: bool,
+                         native_jpeg: bool) -> None:
     """Fit the UnivFD linear probe on frozen CLIP features; writes head, calibration and a report."""
     require("`streamguard train univfd`", "inprocess", "eval")
     from streamguard.builtin.univfd.plugin import WEIGHTS_DIR
@@ -73,7 +80,8 @@ def train_univfd_command(app: AppContext, data: tuple[str, ...], out: Path | Non
                       device=device, augment=not no_augment, holdout_generators=holdout_generators,
                       holdout_sources=holdout_sources, backbone="clip-blocks" if reads == "class-tokens" else "clip",
                       choose_on=choose_on, augment_seed=augment_seed,
-                      augment_draws=augment_draws, matched_fakes=matched_fakes)  # type: ignore[arg-type]
+                      augment_draws=augment_draws, matched_fakes=matched_fakes,  # type: ignore[arg-type]
+                      native_jpeg=native_jpeg)
     try:
         report = train_univfd(app.settings, cfg)
     except ValueError as exc:
@@ -335,6 +343,7 @@ def train_nirnet_command(app: AppContext, branches: str, no_simulator: bool, pro
 @_augment_seed_option
 @_augment_draws_option
 @_matched_fakes_option
+@_native_jpeg_option
 @pass_app
 def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[str, ...], out: Path,
                        methods: tuple[str, ...], folds: int | None, fold_names: tuple[str, ...], seed: int,
@@ -342,7 +351,7 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
                        device: str, cache_dir: Path, progress: bool | None, unseen_scores: tuple[str, ...],
                        report_name: str, against: tuple[str, ...], view: str, train_view: str, choose_on: str,
                        augment_seed: int | None, augment_draws: int, pin_clip: tuple[str, ...],
-                       matched_fakes: bool) -> None:
+                       matched_fakes: bool, native_jpeg: bool) -> None:
     """Leave-one-source-out validation: per-source results on unseen sources, fusion weights and thresholds."""
     require("`streamguard train loso`", "inprocess", "eval")
     from streamguard.training.loso import DEFAULT_METHODS, LosoConfig, run_loso
@@ -355,7 +364,8 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
                          max_false_flag=max_false_flag, max_false_clear=max_false_clear, fold_names=fold_names,
                          unseen_scores=tuple(_named_path(v) for v in unseen_scores), report_name=report_name,
                          view=view, train_view=train_view, against=against, choose_on=choose_on,  # type: ignore[arg-type]
-                         pin_clip=tuple(_name_value(v, "--pin-clip") for v in pin_clip), matched_fakes=matched_fakes)
+                         pin_clip=tuple(_name_value(v, "--pin-clip") for v in pin_clip), matched_fakes=matched_fakes,
+                         native_jpeg=native_jpeg)
         report = run_loso(app.settings, cfg)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None

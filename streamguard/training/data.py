@@ -41,12 +41,16 @@ NO_AUGMENTATION = "none"
 AUGMENT_VERSION = 2
 
 
-def augment(data: bytes, rng: random.Random) -> bytes:
+def augment(data: bytes, rng: random.Random, native_jpeg: bool = False) -> bytes:
     """The same for both classes, so no class-specific processing is left to learn.
 
     Real photos reach a platform denoised by a phone, sharpened by an editor or re-saved as a screenshot;
     generated images reach it the same ways. Without these in training, a detector learns that a smoothed
     or sharpened texture means "generated" and flags exactly the phone photos and portraits it never saw.
+
+    ``native_jpeg``: half of the images are first re-encoded as JPEG (quality 60-95) at their own size, as
+    an upload pipeline re-encodes before anything rescales them; the later JPEG only ever comes after the
+    rescale, where its blocks land on other pixels than a native re-encode's.
     """
     img = Image.open(io.BytesIO(data))
     img.load()
@@ -58,11 +62,17 @@ def augment(data: bytes, rng: random.Random) -> bytes:
         img = img.filter(ImageFilter.UnsharpMask(radius=rng.uniform(0.8, 2.0), percent=rng.randint(50, 150),
                                                  threshold=2))
     side = rng.randint(160, 512)
+    quality = rng.randint(60, 95)
+    screenshot = rng.random() < 0.1
+    # Drawn after the rest, so that without it every image keeps the draw it had (AUGMENT_VERSION 2).
+    if native_jpeg and rng.random() < 0.5:
+        native = io.BytesIO()
+        img.save(native, format="JPEG", quality=rng.randint(60, 95))
+        img = Image.open(native).convert("RGB")
     scale = side / min(img.size)
     img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BICUBIC)
     out = io.BytesIO()
-    quality = rng.randint(60, 95)
-    if rng.random() < 0.1:
+    if screenshot:
         img.save(out, format="PNG")  # a screenshot: rescaled, then lossless
     else:
         img.save(out, format="JPEG", quality=quality)

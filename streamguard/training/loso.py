@@ -186,6 +186,8 @@ class LosoConfig:
     pin_clip: tuple[tuple[str, str | float | int], ...] = ()
     # The probe methods also learn from real training photos' generated twins (`TrainConfig.matched_fakes`).
     matched_fakes: bool = False
+    # The probe methods' augmentation re-encodes half the images as JPEG at native size (`TrainConfig.native_jpeg`).
+    native_jpeg: bool = False
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in LOSO_METHODS + CANDIDATE_METHODS]
@@ -206,6 +208,8 @@ class LosoConfig:
             pin_clip_config(self)  # refuses an unknown name or a value the recipe would refuse, before any fold
         if self.matched_fakes and not any(m in PROBE_METHODS for m in self.methods):
             raise ValueError(f"matched fakes are for the probe methods {PROBE_METHODS}")
+        if self.native_jpeg and not any(m in PROBE_METHODS for m in self.methods):
+            raise ValueError(f"the native JPEG re-encode is for the probe methods {PROBE_METHODS}")
 
 
 PIN_CLIP_TUNABLE: dict[str, type] = {"mode": str, "beta": float, "noise_scale": float, "attn_dim": int}
@@ -255,6 +259,7 @@ def run_settings(cfg: LosoConfig, method: str) -> dict[str, Any]:
     settings |= {"augment_draws": cfg.augment_draws} if method in PROBE_METHODS and cfg.augment_draws != 1 else {}
     # The twins' recipe, so folds trained on an earlier one (lossless twins) are trained again.
     settings |= {"matched_fakes": TWIN_FORMAT} if method in PROBE_METHODS and cfg.matched_fakes else {}
+    settings |= {"native_jpeg": True} if method in PROBE_METHODS and cfg.native_jpeg else {}
     return settings | ({"choose_on": cfg.choose_on} if method in PROBE_METHODS and cfg.choose_on != "val" else {})
 
 
@@ -302,7 +307,7 @@ def train_fold(settings: Settings, cfg: LosoConfig, method: str, fold: Fold) -> 
                       "univfd-tokens": "clip-tokens", "dinov2-probe": "dinov2",
                       "dinov2-blocks": "dinov2-blocks",
                       "rigid": "rigid"}[method], view=cfg.train_view, choose_on=cfg.choose_on,  # type: ignore[arg-type]
-            matched_fakes=cfg.matched_fakes))
+            matched_fakes=cfg.matched_fakes, native_jpeg=cfg.native_jpeg))
     elif method == "nirnet" or method in NIRNET_ABLATIONS:
         from streamguard.training.nirnet.recipe import NirnetRecipe
         from streamguard.training.nirnet.train import train_nirnet

@@ -85,6 +85,8 @@ class TrainConfig:
     # Every real training photo also comes back reconstructed through an autoencoder, as a generated image
     # (`matched`: content- and format-matched fakes, as "Aligned datasets" and B-Free make them).
     matched_fakes: bool = False
+    # Half of the training images also re-encoded as JPEG at their own size before the rescale (`augment`).
+    native_jpeg: bool = False
 
     @property
     def draw(self) -> int:
@@ -201,6 +203,7 @@ def embed(samples: Sequence, settings: Settings, cfg: TrainConfig, encoder: Froz
     request = [tag, cfg.draw if augmented else cfg.seed, augmented and AUGMENT_VERSION, encoder.version,
                [s.id for s in samples]]
     request += ([view] if view != RESIZE else []) + ([matcher.version] if matcher is not None else [])
+    request += ["native-jpeg"] if augmented and cfg.native_jpeg else []
     key = hashlib.sha256(json.dumps(request).encode()).hexdigest()[:16]
     cache = cfg.cache_dir / f"{'univfd' if cfg.backbone == 'clip' else cfg.backbone}-{tag}-{key}.npz"
     if cache.is_file():
@@ -227,7 +230,7 @@ def embed(samples: Sequence, settings: Settings, cfg: TrainConfig, encoder: Froz
         rng = random.Random(f"{cfg.draw}:{sample.id}")
         try:
             data = matcher(data) if matcher is not None else data
-            raw = augment(data, rng) if augmented else data
+            raw = augment(data, rng, cfg.native_jpeg) if augmented else data
             image = decode_image(raw, settings.intake, decode_side([contract]))
             views = prepare_views(image, contract) if contract.multiview else prepare(image, contract)[None]
         except Exception as exc:  # noqa: BLE001 - a bad training image is skipped, not fatal
@@ -341,6 +344,7 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
         "augment_seed": cfg.draw,
         "augment_draws": cfg.augment_draws,
         **({"matched_fakes": True} if cfg.matched_fakes else {}),
+        **({"native_jpeg": True} if cfg.native_jpeg else {}),
         "C": choice.candidate.c,
         "blocks": choice.candidate.blocks,
         "chosen_on": choice.chosen_on,
