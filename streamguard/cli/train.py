@@ -36,7 +36,7 @@ _matched_fakes_option = click.option(
 
 _native_jpeg_option = click.option(
     "--native-jpeg", is_flag=True,
-    help="The probe's augmentation first re-encodes half the images (both classes) as JPEG q60-95 at their own "
+    help="The probe's augmentation also re-encodes half the images (both classes) as JPEG q60-95 at their own "
          "size, before the rescale (measured, not shipped).")
 
 

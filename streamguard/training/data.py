@@ -48,9 +48,9 @@ def augment(data: bytes, rng: random.Random, native_jpeg: bool = False) -> bytes
     generated images reach it the same ways. Without these in training, a detector learns that a smoothed
     or sharpened texture means "generated" and flags exactly the phone photos and portraits it never saw.
 
-    ``native_jpeg``: half of the images are first re-encoded as JPEG (quality 60-95) at their own size, as
-    an upload pipeline re-encodes before anything rescales them; the later JPEG only ever comes after the
-    rescale, where its blocks land on other pixels than a native re-encode's.
+    ``native_jpeg``: half of the images are also re-encoded as JPEG (quality 60-95) at their own size, after
+    any denoise or sharpening and before the rescale, as an upload pipeline re-encodes an edited image; the
+    last JPEG only ever comes after the rescale, where its blocks land on other pixels than a native one's.
     """
     img = Image.open(io.BytesIO(data))
     img.load()
