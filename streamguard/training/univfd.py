@@ -357,7 +357,8 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
     if held:
         if dev_originals is not None and cfg.view == RESIZE:
             # The held-out train and val images are in the shared pass already: only the test split's are new
-            # (a LOSO fold embedded its whole group again before 2026-12-05, ~30 s a fold).
+            # (a LOSO fold embedded its whole group again before 2026-12-05, ~30 s a fold). Under another
+            # training view the shared pass holds that view's rows, and held_out.json is the resized view's.
             ours = dev_originals.without({s.id for s in dev_originals.samples} - held_ids)
             original = ours.joined(embed([s for s in held if s.split == "test"], settings, cfg, encoder,
                                          "original", augmented=False))
