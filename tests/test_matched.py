@@ -103,7 +103,7 @@ def test_twins_leave_inner_training_with_their_photos_group() -> None:
         return LogisticRegression().fit(x, y)
 
     folds = [Fold("a", generators=("gen0",), sources=("src0",)), Fold("b", generators=("gen1",), sources=("src1",))]
-    chosen = choose_by_groups(train, val, [Candidate(1.0)], lambda x, c: x, fit, {}, folds, twins=twins)
+    chosen = choose_by_groups(train, val, [Candidate(1.0)], lambda x, c: x, fit, {}, folds, extra=twins)
     assert chosen is None or chosen[0] == Candidate(1.0)
     twin_source = {k + 1: s.source for k, s in enumerate(reals)}
     for fold, got in zip(folds, seen, strict=True):

@@ -41,6 +41,7 @@ from streamguard.intake.contract import RESIZE, InputContract, with_views
 from streamguard.training.held_out import (HELD_OUT_FILE, HeldOutScore, fold_folders, load_held_out,
                                           load_variant_scores)
 from streamguard.training.matched import TWIN_FORMAT
+from streamguard.training.renders import RENDER_VERSION
 from streamguard.training.nirnet.recipe import ABLATIONS as NIRNET_ABLATIONS
 
 log = structlog.get_logger(__name__)
@@ -188,6 +189,8 @@ class LosoConfig:
     matched_fakes: bool = False
     # The probe methods' augmentation re-encodes half the images as JPEG at native size (`TrainConfig.native_jpeg`).
     native_jpeg: bool = False
+    # The probe methods' real class also holds this many procedural screenshots (`TrainConfig.rendered_screens`).
+    rendered_screens: int = 0
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in LOSO_METHODS + CANDIDATE_METHODS]
@@ -210,6 +213,10 @@ class LosoConfig:
             raise ValueError(f"matched fakes are for the probe methods {PROBE_METHODS}")
         if self.native_jpeg and not any(m in PROBE_METHODS for m in self.methods):
             raise ValueError(f"the native JPEG re-encode is for the probe methods {PROBE_METHODS}")
+        if self.rendered_screens and not any(m in PROBE_METHODS for m in self.methods):
+            raise ValueError(f"rendered screens are for the probe methods {PROBE_METHODS}")
+        if self.rendered_screens < 0:
+            raise ValueError(f"rendered_screens must be 0 or more, not {self.rendered_screens}")
 
 
 PIN_CLIP_TUNABLE: dict[str, type] = {"mode": str, "beta": float, "noise_scale": float, "attn_dim": int}
@@ -260,6 +267,8 @@ def run_settings(cfg: LosoConfig, method: str) -> dict[str, Any]:
     # The twins' recipe, so folds trained on an earlier one (lossless twins) are trained again.
     settings |= {"matched_fakes": TWIN_FORMAT} if method in PROBE_METHODS and cfg.matched_fakes else {}
     settings |= {"native_jpeg": True} if method in PROBE_METHODS and cfg.native_jpeg else {}
+    screens = method in PROBE_METHODS and cfg.rendered_screens
+    settings |= {"rendered_screens": [cfg.rendered_screens, RENDER_VERSION]} if screens else {}
     return settings | ({"choose_on": cfg.choose_on} if method in PROBE_METHODS and cfg.choose_on != "val" else {})
 
 
@@ -307,7 +316,7 @@ def train_fold(settings: Settings, cfg: LosoConfig, method: str, fold: Fold) -> 
                       "univfd-tokens": "clip-tokens", "dinov2-probe": "dinov2",
                       "dinov2-blocks": "dinov2-blocks",
                       "rigid": "rigid"}[method], view=cfg.train_view, choose_on=cfg.choose_on,  # type: ignore[arg-type]
-            matched_fakes=cfg.matched_fakes, native_jpeg=cfg.native_jpeg))
+            matched_fakes=cfg.matched_fakes, native_jpeg=cfg.native_jpeg, rendered_screens=cfg.rendered_screens))
     elif method == "nirnet" or method in NIRNET_ABLATIONS:
         from streamguard.training.nirnet.recipe import NirnetRecipe
         from streamguard.training.nirnet.train import train_nirnet

@@ -115,7 +115,7 @@ class Embedded:
         return Embedded(self.x[rows], renumber[self.owner[rows]], [self.samples[i] for i in keep])
 
     def joined(self, other: Embedded | None) -> Embedded:
-        """These images' rows and then ``other``'s (other images, e.g. generated twins of real ones)."""
+        """These images' rows and then ``other``'s (other images, e.g. generated twins of real ones, renders)."""
         if other is None or not other.samples:
             return self
         owner = np.concatenate([self.owner, other.owner + len(self.samples)])
@@ -138,20 +138,21 @@ Fit = Callable[[Candidate, np.ndarray, np.ndarray], object]  # (candidate, featu
 def choose_by_groups(train: Embedded, val: Embedded, cands: Sequence[Candidate], features: Features, fit: Fit,
                      pools: dict[str, str], folds: Sequence[Fold],
                      originals: Embedded | None = None,
-                     twins: Embedded | None = None) -> tuple[Candidate, dict[str, float]] | None:
+                     extra: Embedded | None = None) -> tuple[Candidate, dict[str, float]] | None:
     """The candidate whose left-out scores rank best over ``folds`` (of training's groups), with
     every candidate's pooled balanced AUC; None when the folds leave nothing to rank (one class only).
 
     Each fold's model is fitted on train's rows outside the fold, calibrated (temperature) on val's, and
     scores the fold's images in ``originals`` (train's and val's images unaugmented, as a held-out image is
     scored; without them, train's and val's own rows): calibrated, so that pooling folds compares like with
-    like, as `train loso` pools its folds. ``twins``: training rows that belong to no group of their own (a
-    real photo's generated twin, `matched`): fitted on beside train's, and left out with their photo's group."""
+    like, as `train loso` pools its folds. ``extra``: training rows beyond train's images, fitted on beside
+    them and left out when their own group is (a real photo's generated twin, `matched`, keeps its photo's
+    source and leaves with it; a render, `renders`, is of no data's group and is never left out)."""
     pooled: dict[Candidate, tuple[list[int], list[str], list[float]]] = {c: ([], [], []) for c in cands}
-    everyone = train.samples + val.samples + (twins.samples if twins is not None else [])
+    everyone = train.samples + val.samples + (extra.samples if extra is not None else [])
     for fold in folds:
         left = {s.id for s in everyone if is_held_out(s, fold.generators, fold.sources)}
-        fit_on = train.without(left).joined(None if twins is None else twins.without(left))
+        fit_on = train.without(left).joined(None if extra is None else extra.without(left))
         calibrate_on = val.without(left)
         if len(set(fit_on.row_y.tolist())) < 2:
             continue
@@ -189,12 +190,12 @@ class Choice:
 
 
 def choose_probe(choose_on: str, train: Embedded, val: Embedded, n_blocks: int, normalise: bool = True,
-                 originals: Embedded | None = None, twins: Embedded | None = None) -> Choice:
+                 originals: Embedded | None = None, extra: Embedded | None = None) -> Choice:
     """The probe's candidate, chosen on training's groups left out in turn (``choose_on`` "groups"; on the
     val split when training has fewer than two groups or they leave one class only) or on the val split
     ("val"), and fitted on all of train. ``normalise``: features are embeddings (unit length to the probe),
     not a score. ``originals``: train's and val's images unaugmented, what a left-out group is scored on.
-    ``twins``: generated twins of train's real photos, fitted on with train (`choose_by_groups`)."""
+    ``extra``: training rows beyond train's images (twins, renders), fitted on with train (`choose_by_groups`)."""
     from sklearn.linear_model import LogisticRegression
 
     from streamguard.evaluation.metrics import binary_metrics
@@ -212,16 +213,16 @@ def choose_probe(choose_on: str, train: Embedded, val: Embedded, n_blocks: int, 
         if units >= 2:
             folds = plan_folds(groups_of(dev), n_folds=min(INNER_FOLDS, units), pools=pools)
             cands = candidates(GROUP_C_GRID, n_blocks)
-            chosen = choose_by_groups(train, val, cands, features, fit, pools, folds, originals, twins)
+            chosen = choose_by_groups(train, val, cands, features, fit, pools, folds, originals, extra)
             if chosen is not None:
                 best, scores = chosen
                 log.info("train.chosen", on="groups", folds=len(folds), candidate=best.label, auc=scores[best.label])
-                everything = train.joined(twins)
+                everything = train.joined(extra)
                 return Choice(best, fit(best, features(everything.x, best), everything.row_y),
                               f"groups ({len(folds)} folds)", scores)
         log.warning("train.choose_on_val", reason="training's groups cannot be left out in turn: fewer than two, "
                     "or one class only")
-    train = train.joined(twins)
+    train = train.joined(extra)
     best_auc, scores, chosen_model, best = -1.0, {}, None, None
     for cand in candidates(VAL_C_GRID, 0):
         model = fit(cand, features(train.x, cand), train.row_y)

@@ -39,6 +39,7 @@ from streamguard.training.data import AUGMENT_VERSION, augment, split_samples
 from streamguard.training.held_out import HELD_OUT_FILE, held_out_scores, save_held_out, variant_file
 from streamguard.training.matched import Matcher, matched, train_matcher
 from streamguard.training.probe_choice import Embedded, choose_probe, served_coefficients, stack_draws
+from streamguard.training.renders import RENDER_VERSION, rendered_samples
 
 if TYPE_CHECKING:  # the DINOv2 backbone is imported only when a run asks for it
     from streamguard.backbone.dinov2 import Dinov2Encoder
@@ -87,6 +88,8 @@ class TrainConfig:
     matched_fakes: bool = False
     # Half of the training images also re-encoded as JPEG at their own size before the rescale (`augment`).
     native_jpeg: bool = False
+    # This many procedural screenshots (`renders`) in the real class, beside the data's photos; 0: none.
+    rendered_screens: int = 0
 
     @property
     def draw(self) -> int:
@@ -286,6 +289,11 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
         matcher = train_matcher(samples, cfg.holdout_sources, cfg.seed, settings.intake, cfg.cache_dir)
         reals = rows("train", [s for s in splits["train"] if s.label == REAL], matcher).without(held_ids)
         twins = Embedded(reals.x, reals.owner, [matched(s) for s in reals.samples])
+    renders = None
+    if cfg.rendered_screens:
+        # Training rows of no data group: no fold, outer or inner, ever holds them out.
+        renders = rows("train", rendered_samples(cfg.rendered_screens, cfg.seed, cfg.cache_dir))
+    extra = renders.joined(twins) if renders is not None else twins
 
     originals = dev_originals = None
     if cfg.choose_on == "groups":
@@ -294,9 +302,9 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
         dev = splits["train"] + splits["val"]
         dev_originals = embed(dev, settings, cfg, encoder, "original", augmented=False, view=cfg.view)
         originals = dev_originals.without(held_ids)
-    choice = choose_probe(cfg.choose_on, train, val, encoder.blocks, encoder.normalise, originals, twins)
+    choice = choose_probe(cfg.choose_on, train, val, encoder.blocks, encoder.normalise, originals, extra)
     model = choice.model
-    train = train.joined(twins)
+    train = train.joined(extra)
     probe = LinearProbe(train.x.shape[1])
     coef = served_coefficients(model.coef_, choice.candidate, train.x, encoder.blocks)  # type: ignore[attr-defined]
     with torch.no_grad():
@@ -317,7 +325,8 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
         "chosen_on": choice.chosen_on,
         "candidates": choice.scores,
         "counts": {name: len(d.samples) for name, d in data.items()}
-        | ({"matched": len(twins.samples)} if twins is not None else {}),
+        | ({"matched": len(twins.samples)} if twins is not None else {})
+        | ({"rendered": len(renders.samples)} if renders is not None else {}),
         "train_rows": int(len(train.x)),
         "view": cfg.view,
         "holdout": {"generators": list(cfg.holdout_generators), "sources": list(cfg.holdout_sources)},
@@ -346,6 +355,7 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
         "augment_draws": cfg.augment_draws,
         **({"matched_fakes": True} if cfg.matched_fakes else {}),
         **({"native_jpeg": True} if cfg.native_jpeg else {}),
+        **({"rendered_screens": [cfg.rendered_screens, RENDER_VERSION]} if cfg.rendered_screens else {}),
         "C": choice.candidate.c,
         "blocks": choice.candidate.blocks,
         "chosen_on": choice.chosen_on,
