@@ -41,8 +41,8 @@ from streamguard.intake.contract import RESIZE, InputContract, with_views
 from streamguard.training.held_out import (HELD_OUT_FILE, HeldOutScore, fold_folders, load_held_out,
                                           load_variant_scores)
 from streamguard.training.matched import TWIN_FORMAT
-from streamguard.training.renders import RENDER_VERSION
 from streamguard.training.nirnet.recipe import ABLATIONS as NIRNET_ABLATIONS
+from streamguard.training.renders import RENDER_VERSION
 
 log = structlog.get_logger(__name__)
 
