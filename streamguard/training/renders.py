@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import random
 import string
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +59,6 @@ class Canvas:
     """A screen drawn at SUPERSAMPLE x its size, in its own units (screen pixels)."""
 
     def __init__(self, size: tuple[int, int], colour: tuple[int, int, int]) -> None:
-        self.size = size
         self.image = Image.new("RGB", (size[0] * SUPERSAMPLE, size[1] * SUPERSAMPLE), colour)
         self.draw = ImageDraw.Draw(self.image)
         self._fonts: dict[int, ImageFont.FreeTypeFont | ImageFont.ImageFont] = {}
@@ -77,12 +75,11 @@ class Canvas:
         s = SUPERSAMPLE
         self.draw.polygon([((cx - r) * s, (cy - r) * s), ((cx + r) * s, cy * s), ((cx - r) * s, (cy + r) * s)], fill=fill)
 
-    def text(self, x: float, y: float, body: str, size: float, fill: tuple[int, int, int]) -> float:
-        """Draws ``body`` at (x, y); returns its width in screen pixels."""
+    def text(self, x: float, y: float, body: str, size: float, fill: tuple[int, int, int]) -> None:
         px = max(6, round(size * SUPERSAMPLE))
-        font = self._fonts.setdefault(px, ImageFont.load_default(size=px))
-        self.draw.text((x * SUPERSAMPLE, y * SUPERSAMPLE), body, font=font, fill=fill)
-        return self.draw.textlength(body, font=font) / SUPERSAMPLE
+        if px not in self._fonts:
+            self._fonts[px] = ImageFont.load_default(size=px)
+        self.draw.text((x * SUPERSAMPLE, y * SUPERSAMPLE), body, font=self._fonts[px], fill=fill)
 
     def png(self) -> bytes:
         out = io.BytesIO()
@@ -169,7 +166,3 @@ def rendered_samples(count: int, seed: int, cache_dir: Path) -> list[Sample]:
         samples.append(Sample(id=f"{SOURCE}/v{RENDER_VERSION}/{seed}/{k:05d}", path=str(path), member=None,
                               label=REAL, generator="real", family="real", source=SOURCE, split="train"))
     return samples
-
-
-def renders_of(samples: Sequence[Sample]) -> list[Sample]:
-    return [s for s in samples if s.source == SOURCE]
