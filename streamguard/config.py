@@ -219,16 +219,16 @@ class TritonSettings(_Section):
 
 
 # Chosen by leave-one-source-out validation (`streamguard train loso ... --unseen-scores NAME=...`, see
-# docs/validation.md, steps 11-17), never on the test split, on all 26 groups of wild-train and wild-more
-# (1,376 held-out images, 11 real sources): univfd trained on three augmentation draws per group left out
-# (univfd-1+e490f6bde5), pin-clip as plain LoRA (`--mode none`, tuned on LOSO: its learned noise cost 0.035
-# of its own AUC on groups left out) retrained with wild-more on 4 packed folds (they hold out 3-10 groups
-# each, so its share is if anything understated). Weight search in steps of 0.1: univfd 0.9 / pin-clip 0.1
-# 0.920, univfd alone 0.904, equal weights 0.904; the learned-noise pin-clip at its best (0.2) 0.911, and
-# this fusion +0.009 [+0.002, +0.017] over that one, paired. mpft adds nothing beside this univfd (wild-more's
-# groups: univfd alone 0.847, equal weights 0.820). The CLIP detectors' weights average 1, `default_weight`,
-# so a detector without an entry counts as an average one. mpft is off by default (plugins.enable,
-# plugins.py); enabled, its 0 keeps it out of the fusion while it reports.
+# docs/validation.md, steps 11-25), never on the test split, on all 26 groups of wild-train and wild-more
+# (1,376 held-out images, 11 real sources): univfd trained on three augmentation draws and 150 procedural
+# screenshots in its real class per group left out (univfd-1+8a365f1a35), pin-clip as plain LoRA (`--mode
+# none`, tuned on LOSO: its learned noise cost 0.035 of its own AUC on groups left out) retrained with
+# wild-more on 4 packed folds (they hold out 3-10 groups each, so its share is if anything understated).
+# Weight search in steps of 0.1: univfd 0.9 / pin-clip 0.1 0.930, univfd alone 0.911, equal weights 0.912;
+# +0.010 [+0.002, +0.019] over the same fusion without the screenshots, paired (step 25). mpft adds nothing
+# beside univfd (wild-more's groups: univfd alone 0.847, equal weights 0.820, step 11). The CLIP detectors'
+# weights average 1, `default_weight`, so a detector without an entry counts as an average one. mpft is off
+# by default (plugins.enable, plugins.py); enabled, its 0 keeps it out of the fusion while it reports.
 VALIDATED_WEIGHTS: dict[str, float] = {
     "univfd": 1.8, "pin-clip": 0.2, "mpft": 0.0,
     # Not from the validation (no data set holds trusted content credentials): a trusted C2PA manifest is
@@ -238,15 +238,16 @@ VALIDATED_WEIGHTS: dict[str, float] = {
     "credentials": 6.0,
 }
 # The fused logit recalibrated on that pool: the folds' own calibrations, fitted on sources they had seen,
-# were ~1.8x overconfident on sources they had not (scale 0.55). Should pin-clip fail on an image, the
-# verdict is univfd's alone under this calibration (univfd's own pooled fit: 0.566, 0.100).
-VALIDATED_FUSED_SCALE = 0.549257
-VALIDATED_FUSED_BIAS = 0.140658
-# On that recalibrated probability: at 0.93 no held-out real source has more than 2% of its photos flagged
-# (ImageNet 1 of 262 the worst); generators have 9.7% of their images cleared at 0.38, on average. Between
-# the two (35% of the pool; 33% of wild-more's) is `uncertain`: see docs/validation.md.
-VALIDATED_AI_THRESHOLD = 0.93
-VALIDATED_REAL_THRESHOLD = 0.38
+# were ~1.6x overconfident on sources they had not (scale 0.62). Should pin-clip fail on an image, the
+# verdict is univfd's alone under this calibration (univfd's own pooled fit: 0.619, 0.090).
+VALIDATED_FUSED_SCALE = 0.622732
+VALIDATED_FUSED_BIAS = 0.167485
+# On that recalibrated probability: at 0.95 no held-out real source has more than 2% of its photos flagged
+# (ImageNet 3 of 262 the worst; one night photo at 0.946 sets the threshold, ImageNet alone would allow
+# 0.89); generators have 9.0% of their images cleared at 0.33, on average. Between the two (38% of the
+# pool; 35% of wild-more's) is `uncertain`: see docs/validation.md.
+VALIDATED_AI_THRESHOLD = 0.95
+VALIDATED_REAL_THRESHOLD = 0.33
 
 
 class FusionSettings(_Section):
