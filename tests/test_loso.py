@@ -157,6 +157,11 @@ def test_loso_end_to_end(dataset: Path, backbone: Path, tmp_path: Path) -> None:
     assert chosen["univfd"] + chosen["mpft"] == pytest.approx(2.0)  # scaled to average 1, the default weight
     assert chosen["univfd"] / 2 == pytest.approx(weights["univfd"], abs=1e-4)
     assert "Verdicts of fused under the chosen policy" in result.stdout
+    # The rule carried to each group it was not chosen on: every group once, under the pool's rule.
+    carried = {c["group"]: c for c in report["policy_carry_over"]}
+    assert set(carried) == {g for g, _ in GROUPS}
+    assert {c["kind"] for c in carried.values()} == {"real", "ai"}
+    assert "Chosen without each group in turn: real sources over 2% flagged:" in result.stdout
     # univfd's held-out scores are what its fold's probe says of the original bytes through `scan`.
     _, held = load_held_out(out / "univfd" / "scans+noisegen")
     files = {Path(s.id).name: s for s in held[:6]}

@@ -14,6 +14,7 @@ from streamguard.evaluation.selection import (
     choose_thresholds,
     choose_weights,
     fuse,
+    policy_carry_over,
     simplex,
     verdict_rates,
 )
@@ -114,6 +115,32 @@ def test_thresholds_bound_the_worst_real_source_and_the_mean_generator() -> None
     for row in rates.values():
         assert row["ai_generated"] + row["uncertain"] + row["real"] == pytest.approx(1.0)
     assert rates["easy"]["real"] == 1.0 and rates["b"]["ai_generated"] == 1.0
+
+
+def test_carry_over_judges_each_group_under_thresholds_chosen_without_it() -> None:
+    # "outlier" has one photo at 0.97: with it in the pool the ai threshold sits over it, without it the
+    # other real source ("tame", nothing over 0.6) lets the threshold fall, and the outlier is flagged.
+    tame = np.linspace(0.0, 0.6, 50)
+    outlier = np.concatenate([np.full(9, 0.1), [0.97]])
+    gen_a = np.linspace(0.5, 1.0, 50)
+    gen_b = np.full(20, 0.99)
+    probs = np.concatenate([tame, outlier, gen_a, gen_b])
+    labels = np.array([0] * 60 + [1] * 70)
+    groups = ["tame"] * 50 + ["outlier"] * 10 + ["a"] * 50 + ["b"] * 20
+    pooled = choose_thresholds(labels, groups, probs, max_false_flag=0.02, max_false_clear=0.10)
+    assert pooled.ai_threshold > 0.97  # the outlier's own rule held it up
+    carried = {c.group: c for c in policy_carry_over(labels, groups, probs, 0.02, 0.10)}
+    assert set(carried) == {"tame", "outlier", "a", "b"}
+    assert carried["outlier"].kind == "real" and carried["outlier"].ai_threshold <= 0.61
+    assert carried["outlier"].ai_generated == pytest.approx(0.1)  # over the 2% the pooled choice promised
+    assert carried["tame"].ai_threshold == pooled.ai_threshold and carried["tame"].ai_generated == 0.0
+    without_b = choose_thresholds(labels[:110], groups[:110], probs[:110], 0.02, 0.10)
+    assert carried["b"].kind == "ai" and carried["b"].real_threshold == without_b.real_threshold
+    assert carried["b"].ai_generated == pytest.approx(np.mean(gen_b >= without_b.ai_threshold))
+    only_real = policy_carry_over(labels[50:], groups[50:], probs[50:], 0.02, 0.10)
+    assert {c.group for c in only_real} == {"a", "b"}  # without "outlier" no real source is left to choose on
+    with pytest.raises(ValueError, match="both real and generated"):
+        policy_carry_over(labels, ["tame"] * 50 + ["mixed"] * 60 + ["b"] * 20, probs)
 
 
 def test_an_unmeetable_target_takes_the_strictest_threshold_and_says_so() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 import click
@@ -460,13 +461,25 @@ def _name_value(value: str, option: str) -> tuple[str, str]:
     return name, text
 
 
+def carry_over_line(report: dict[str, Any]) -> str:
+    """How the policy rule fares on each group when chosen without it (`policy_carry_over`)."""
+    carried, most = report["policy_carry_over"], report["targets"]["max_false_flag"]
+    over = [f"{c['group']} {c['ai_generated']:.1%} (ai >= {c['ai_threshold']})" for c in carried
+            if c["kind"] == "real" and c["ai_generated"] > most]
+    fakes = [c for c in carried if c["kind"] == "ai"]
+    generators = (f"generators flagged {fmean(c['ai_generated'] for c in fakes):.1%}, cleared "
+                  f"{fmean(c['real'] for c in fakes):.1%} on average" if fakes else "one generator group: none judged")
+    return (f"Chosen without each group in turn: real sources over {most:.0%} flagged: {', '.join(over) or 'none'}; "
+            f"{generators}.")
+
+
 def render_loso(report: dict[str, Any]) -> str:
     """The report as Markdown: per-detector summary, then per-group verdict shares under the chosen policy."""
     t = report["thresholds"]
     lines = [f"Folds: {', '.join(f['name'] for f in report['folds'])}; {report['images']} held-out images.",
              f"Policy chosen: ai >= {t['ai_threshold']}, real <= {t['real_threshold']} "
              f"(worst real source flagged {t['worst_false_flag']:.1%}, generators cleared {t['mean_false_clear']:.1%} "
-             "on average).", ""]
+             "on average).", carry_over_line(report), ""]
     if report["weights"]:
         w = report["weights"]
         lines += [f"Fusion weights: {w['weights']} (balanced AUC {w['auc']:.4f}; equal weights {w['equal_auc']:.4f}).",

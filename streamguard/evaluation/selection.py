@@ -209,3 +209,40 @@ def verdict_rates(labels: np.ndarray, groups: Sequence[str], probs: np.ndarray, 
                          "uncertain": round(1 - ai - real, 4), "real": round(real, 4),
                          "accuracy_at_0.5": round(float(np.mean(correct)), 4)}
     return out
+
+
+@dataclass(frozen=True)
+class CarryOver:
+    """The policy rule applied to a group it was not chosen on: thresholds chosen on every other group."""
+
+    group: str
+    kind: str  # "real" or "ai"
+    ai_threshold: float
+    real_threshold: float
+    ai_generated: float  # the group's share at or over that ai_threshold
+    real: float  # its share at or under that real_threshold
+
+
+def policy_carry_over(labels: np.ndarray, groups: Sequence[str], probs: np.ndarray, max_false_flag: float = 0.05,
+                      max_false_clear: float = 0.10) -> list[CarryOver]:
+    """Each group judged under the thresholds `choose_thresholds` picks without it.
+
+    The pooled scores are unseen by every detector, but the thresholds are chosen on them: the worst real
+    source sets ``ai_threshold`` with its own images counted. A source the product meets later has no say,
+    so a real source flagged over ``max_false_flag`` here is what the rule costs on one it never saw. The
+    only group of its class is left out: without it there is no threshold to choose."""
+    index = np.asarray(groups)
+    out = []
+    for name in sorted(set(groups)):
+        rest = index != name
+        own, classes = probs[~rest], set(labels[~rest].tolist())
+        if len(classes) != 1:
+            raise ValueError(f"group {name!r} holds both real and generated images")
+        kind = "real" if classes == {0} else "ai"
+        if len(set(labels[rest].tolist())) < 2:  # the only group of its class: nothing to choose on without it
+            continue
+        t = choose_thresholds(labels[rest], list(index[rest]), probs[rest], max_false_flag, max_false_clear)
+        out.append(CarryOver(name, kind, t.ai_threshold, t.real_threshold,
+                             round(float(np.mean(own >= t.ai_threshold)), 4),
+                             round(float(np.mean(own <= t.real_threshold)), 4)))
+    return out

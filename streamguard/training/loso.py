@@ -35,6 +35,7 @@ from streamguard.evaluation.selection import (
     choose_weights,
     fit_fused_calibration,
     fuse,
+    policy_carry_over,
     verdict_rates,
 )
 from streamguard.intake.contract import RESIZE, InputContract, with_views
@@ -511,6 +512,9 @@ def build_report(cfg: LosoConfig, folds: Sequence[Fold], pools: dict[str, str] |
         "thresholds": asdict(thresholds),
         "fused_calibration": asdict(calibration),
         "uncertain_share": round(float(np.mean((fused > thresholds.real_threshold) & (fused < thresholds.ai_threshold))), 4),
+        # The rule on sources it did not see: each group judged under thresholds chosen without it.
+        "policy_carry_over": [asdict(c) for c in policy_carry_over(scored.labels, scored.groups, fused,
+                                                                   cfg.max_false_flag, cfg.max_false_clear)],
         "detectors": detectors,
         # Balanced AUCs and every pairwise difference, with 95% intervals from resampling images in their groups.
         "auc_intervals": {k: asdict(v) for k, v in bootstrap_auc(scored).items()},
