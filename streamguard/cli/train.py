@@ -45,6 +45,11 @@ _rendered_screens_option = click.option(
     help="The probe's real class also holds this many procedural app and desktop screenshots, drawn from the "
          "seed (never held out: they are no data's group; the shipped univfd weights hold 150).")
 
+_night_twins_option = click.option(
+    "--night-twins", type=click.IntRange(min=0), default=0, show_default=True,
+    help="The probe's real class also holds this many real training photos (seeded) as a phone's night mode "
+         "returns them: darkened, noisy, denoised, tone-lifted, sharpened (each leaves with its photo's source).")
+
 
 @click.group("train")
 def train_group() -> None:
@@ -72,12 +77,13 @@ def train_group() -> None:
 @_matched_fakes_option
 @_native_jpeg_option
 @_rendered_screens_option
+@_night_twins_option
 @pass_app
 def train_univfd_command(app: AppContext, data: tuple[str, ...], out: Path | None, seed: int,
                          limit_per_group: int | None, device: str, no_augment: bool,
                          holdout_generators: tuple[str, ...], holdout_sources: tuple[str, ...], reads: str,
                          choose_on: str, augment_seed: int | None, augment_draws: int, matched_fakes: bool,
-                         native_jpeg: bool, rendered_screens: int) -> None:
+                         native_jpeg: bool, rendered_screens: int, night_twins: int) -> None:
     """Fit the UnivFD linear probe on frozen CLIP features; writes head, calibration and a report."""
     require("`streamguard train univfd`", "inprocess", "eval")
     from streamguard.builtin.univfd.plugin import WEIGHTS_DIR
@@ -88,7 +94,7 @@ def train_univfd_command(app: AppContext, data: tuple[str, ...], out: Path | Non
                       holdout_sources=holdout_sources, backbone="clip-blocks" if reads == "class-tokens" else "clip",
                       choose_on=choose_on, augment_seed=augment_seed,
                       augment_draws=augment_draws, matched_fakes=matched_fakes,  # type: ignore[arg-type]
-                      native_jpeg=native_jpeg, rendered_screens=rendered_screens)
+                      native_jpeg=native_jpeg, rendered_screens=rendered_screens, night_twins=night_twins)
     try:
         report = train_univfd(app.settings, cfg)
     except ValueError as exc:
@@ -352,6 +358,7 @@ def train_nirnet_command(app: AppContext, branches: str, no_simulator: bool, pro
 @_matched_fakes_option
 @_native_jpeg_option
 @_rendered_screens_option
+@_night_twins_option
 @pass_app
 def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[str, ...], out: Path,
                        methods: tuple[str, ...], folds: int | None, fold_names: tuple[str, ...], seed: int,
@@ -359,7 +366,7 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
                        device: str, cache_dir: Path, progress: bool | None, unseen_scores: tuple[str, ...],
                        report_name: str, against: tuple[str, ...], view: str, train_view: str, choose_on: str,
                        augment_seed: int | None, augment_draws: int, pin_clip: tuple[str, ...],
-                       matched_fakes: bool, native_jpeg: bool, rendered_screens: int) -> None:
+                       matched_fakes: bool, native_jpeg: bool, rendered_screens: int, night_twins: int) -> None:
     """Leave-one-source-out validation: per-source results on unseen sources, fusion weights and thresholds."""
     require("`streamguard train loso`", "inprocess", "eval")
     from streamguard.training.loso import DEFAULT_METHODS, LosoConfig, run_loso
@@ -373,7 +380,7 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
                          unseen_scores=tuple(_named_path(v) for v in unseen_scores), report_name=report_name,
                          view=view, train_view=train_view, against=against, choose_on=choose_on,  # type: ignore[arg-type]
                          pin_clip=tuple(_name_value(v, "--pin-clip") for v in pin_clip), matched_fakes=matched_fakes,
-                         native_jpeg=native_jpeg, rendered_screens=rendered_screens)
+                         native_jpeg=native_jpeg, rendered_screens=rendered_screens, night_twins=night_twins)
         report = run_loso(app.settings, cfg)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None

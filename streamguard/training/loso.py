@@ -43,6 +43,7 @@ from streamguard.training.held_out import (HELD_OUT_FILE, HeldOutScore, fold_fol
                                           load_variant_scores)
 from streamguard.training.matched import TWIN_FORMAT
 from streamguard.training.nirnet.recipe import ABLATIONS as NIRNET_ABLATIONS
+from streamguard.training.night import NIGHT_VERSION
 from streamguard.training.renders import RENDER_VERSION
 
 log = structlog.get_logger(__name__)
@@ -192,6 +193,8 @@ class LosoConfig:
     native_jpeg: bool = False
     # The probe methods' real class also holds this many procedural screenshots (`TrainConfig.rendered_screens`).
     rendered_screens: int = 0
+    # ... and this many real training photos' night-mode twins (`TrainConfig.night_twins`).
+    night_twins: int = 0
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in LOSO_METHODS + CANDIDATE_METHODS]
@@ -218,6 +221,10 @@ class LosoConfig:
             raise ValueError(f"rendered screens are for the probe methods {PROBE_METHODS}")
         if self.rendered_screens < 0:
             raise ValueError(f"rendered_screens must be 0 or more, not {self.rendered_screens}")
+        if self.night_twins and not any(m in PROBE_METHODS for m in self.methods):
+            raise ValueError(f"night-mode twins are for the probe methods {PROBE_METHODS}")
+        if self.night_twins < 0:
+            raise ValueError(f"night_twins must be 0 or more, not {self.night_twins}")
 
 
 PIN_CLIP_TUNABLE: dict[str, type] = {"mode": str, "beta": float, "noise_scale": float, "attn_dim": int}
@@ -270,6 +277,8 @@ def run_settings(cfg: LosoConfig, method: str) -> dict[str, Any]:
     settings |= {"native_jpeg": True} if method in PROBE_METHODS and cfg.native_jpeg else {}
     screens = method in PROBE_METHODS and cfg.rendered_screens
     settings |= {"rendered_screens": [cfg.rendered_screens, RENDER_VERSION]} if screens else {}
+    nights = method in PROBE_METHODS and cfg.night_twins
+    settings |= {"night_twins": [cfg.night_twins, NIGHT_VERSION]} if nights else {}
     return settings | ({"choose_on": cfg.choose_on} if method in PROBE_METHODS and cfg.choose_on != "val" else {})
 
 
@@ -317,7 +326,8 @@ def train_fold(settings: Settings, cfg: LosoConfig, method: str, fold: Fold) -> 
                       "univfd-tokens": "clip-tokens", "dinov2-probe": "dinov2",
                       "dinov2-blocks": "dinov2-blocks",
                       "rigid": "rigid"}[method], view=cfg.train_view, choose_on=cfg.choose_on,  # type: ignore[arg-type]
-            matched_fakes=cfg.matched_fakes, native_jpeg=cfg.native_jpeg, rendered_screens=cfg.rendered_screens))
+            matched_fakes=cfg.matched_fakes, native_jpeg=cfg.native_jpeg, rendered_screens=cfg.rendered_screens,
+            night_twins=cfg.night_twins))
     elif method == "nirnet" or method in NIRNET_ABLATIONS:
         from streamguard.training.nirnet.recipe import NirnetRecipe
         from streamguard.training.nirnet.train import train_nirnet

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 import structlog
@@ -37,7 +37,8 @@ from streamguard.intake.contract import RESIZE, decode_side, prepare_views, with
 from streamguard.training.artifacts import save_probe
 from streamguard.training.data import AUGMENT_VERSION, augment, split_samples
 from streamguard.training.held_out import HELD_OUT_FILE, held_out_scores, save_held_out, variant_file
-from streamguard.training.matched import Matcher, matched, train_matcher
+from streamguard.training.matched import matched, train_matcher
+from streamguard.training.night import NIGHT_VERSION, NightMode, night_photos, night_twin
 from streamguard.training.probe_choice import Embedded, choose_probe, served_coefficients, stack_draws
 from streamguard.training.renders import RENDER_VERSION, rendered_samples
 
@@ -90,6 +91,8 @@ class TrainConfig:
     native_jpeg: bool = False
     # This many procedural screenshots (`renders`) in the real class, beside the data's photos; 0: none.
     rendered_screens: int = 0
+    # This many real training photos also in the real class as a phone's night mode returns them (`night`).
+    night_twins: int = 0
 
     @property
     def draw(self) -> int:
@@ -98,6 +101,15 @@ class TrainConfig:
 
 RIGID_NOISE = 0.05  # std of the Gaussian pixel noise, in [0, 1] pixel units
 DINOV2_BLOCK = 6  # hidden_states index: the output of block 6 of 12
+
+
+class Twins(Protocol):
+    """An image's bytes -> its twin's (`matched`'s reconstruction, `night`'s night mode); ``version`` is in
+    the twins' embedding cache key."""
+
+    version: str
+
+    def __call__(self, data: bytes) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -194,10 +206,10 @@ def class_and_patch_means(states: Sequence[torch.Tensor], hidden: int) -> torch.
 
 
 def embed(samples: Sequence, settings: Settings, cfg: TrainConfig, encoder: Frozen,  # type: ignore[type-arg]
-          tag: str, augmented: bool | None = None, view: str = RESIZE, matcher: Matcher | None = None) -> Embedded:
+          tag: str, augmented: bool | None = None, view: str = RESIZE, twins: Twins | None = None) -> Embedded:
     """Embeddings of ``samples`` (augmented per sample, seeded, unless ``augmented`` is False) under ``view``,
-    cached on disk by content of the request. ``matcher``: embed each sample's reconstruction instead, under
-    the augmentation its own bytes get (the same rescale and JPEG quality as its real twin)."""
+    cached on disk by content of the request. ``twins``: embed each sample's twin instead, under the
+    augmentation its own bytes get (the same rescale and JPEG quality as its original)."""
     from streamguard.evaluation import read_samples
 
     augmented = cfg.augment if augmented is None else augmented
@@ -205,7 +217,7 @@ def embed(samples: Sequence, settings: Settings, cfg: TrainConfig, encoder: Froz
     # draw, which is the seed unless `augment_seed` says otherwise. Unaugmented pixels depend on neither.
     request = [tag, cfg.draw if augmented else cfg.seed, augmented and AUGMENT_VERSION, encoder.version,
                [s.id for s in samples]]
-    request += ([view] if view != RESIZE else []) + ([matcher.version] if matcher is not None else [])
+    request += ([view] if view != RESIZE else []) + ([twins.version] if twins is not None else [])
     request += ["native-jpeg"] if augmented and cfg.native_jpeg else []
     key = hashlib.sha256(json.dumps(request).encode()).hexdigest()[:16]
     cache = cfg.cache_dir / f"{'univfd' if cfg.backbone == 'clip' else cfg.backbone}-{tag}-{key}.npz"
@@ -232,7 +244,7 @@ def embed(samples: Sequence, settings: Settings, cfg: TrainConfig, encoder: Froz
     for sample, data in read_samples(samples):
         rng = random.Random(f"{cfg.draw}:{sample.id}")
         try:
-            data = matcher(data) if matcher is not None else data
+            data = twins(data) if twins is not None else data
             raw = augment(data, rng, cfg.native_jpeg) if augmented else data
             image = decode_image(raw, settings.intake, decode_side([contract]))
             views = prepare_views(image, contract) if contract.multiview else prepare(image, contract)[None]
@@ -276,11 +288,11 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
         raise ValueError("training needs samples in the train and val splits")
     encoder = frozen_encoder(settings, cfg)
 
-    def rows(name: str, split: list, matcher: Matcher | None = None) -> Embedded:  # type: ignore[type-arg]
+    def rows(name: str, split: list, twins: Twins | None = None) -> Embedded:  # type: ignore[type-arg]
         if name != "train" or cfg.augment_draws == 1:
-            return embed(split, settings, cfg, encoder, name, view=cfg.view, matcher=matcher)
+            return embed(split, settings, cfg, encoder, name, view=cfg.view, twins=twins)
         return stack_draws([embed(split, settings, replace(cfg, augment_seed=cfg.draw + k), encoder, name,
-                                  view=cfg.view, matcher=matcher) for k in range(cfg.augment_draws)])
+                                  view=cfg.view, twins=twins) for k in range(cfg.augment_draws)])
 
     data = {name: rows(name, split).without(held_ids) for name, split in splits.items() if split}
     train, val = data["train"], data["val"]
@@ -293,7 +305,15 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
     if cfg.rendered_screens:
         # Training rows of no data group: no fold, outer or inner, ever holds them out.
         renders = rows("train", rendered_samples(cfg.rendered_screens, cfg.seed, cfg.cache_dir))
-    extra = renders.joined(twins) if renders is not None else twins
+    nights = None
+    if cfg.night_twins:
+        # Chosen among all training photos, so that every fold shares one cache; a held-out photo's twin leaves.
+        photos = night_photos([s for s in splits["train"] if s.label == REAL], cfg.night_twins, cfg.seed)
+        made = rows("train", photos, NightMode()).without(held_ids)
+        nights = Embedded(made.x, made.owner, [night_twin(s) for s in made.samples])
+    extra = None
+    for more in (renders, twins, nights):
+        extra = more if extra is None else extra.joined(more)
 
     originals = dev_originals = None
     if cfg.choose_on == "groups":
@@ -326,7 +346,8 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
         "candidates": choice.scores,
         "counts": {name: len(d.samples) for name, d in data.items()}
         | ({"matched": len(twins.samples)} if twins is not None else {})
-        | ({"rendered": len(renders.samples)} if renders is not None else {}),
+        | ({"rendered": len(renders.samples)} if renders is not None else {})
+        | ({"night": len(nights.samples)} if nights is not None else {}),
         "train_rows": int(len(train.x)),
         "view": cfg.view,
         "holdout": {"generators": list(cfg.holdout_generators), "sources": list(cfg.holdout_sources)},
@@ -356,6 +377,7 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
         **({"matched_fakes": True} if cfg.matched_fakes else {}),
         **({"native_jpeg": True} if cfg.native_jpeg else {}),
         **({"rendered_screens": [cfg.rendered_screens, RENDER_VERSION]} if cfg.rendered_screens else {}),
+        **({"night_twins": [cfg.night_twins, NIGHT_VERSION]} if cfg.night_twins else {}),
         "C": choice.candidate.c,
         "blocks": choice.candidate.blocks,
         "chosen_on": choice.chosen_on,
