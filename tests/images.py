@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -62,3 +63,18 @@ def mpo(first: Image.Image, second: Image.Image, **kwargs: object) -> bytes:
     buf = io.BytesIO()
     first.save(buf, format="MPO", save_all=True, append_images=[second], **kwargs)
     return buf.getvalue()
+
+
+def tiny_root(directory: Path) -> Path:
+    """A labelled root as `eval` reads it: two real sources and two generators, three train and two val noise
+    images each (a real row's generator column is its source)."""
+    rows = ["path,label,generator,split"]
+    for label, kind in ((0, "real"), (1, "ai")):
+        for k in range(2):
+            group = f"{kind}{k}"
+            (directory / group).mkdir(parents=True)
+            for i, split in enumerate(("train",) * 3 + ("val",) * 2):
+                noise((96, 80), seed=100 * label + 10 * k + i).save(directory / group / f"{i}.png")
+                rows.append(f"{group}/{i}.png,{kind},{group},{split}")
+    (directory / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return directory

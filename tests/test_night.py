@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from images import encode, noise
+from images import encode, noise, tiny_root
 from streamguard.config import load_settings
 from streamguard.evaluation.datasets import FAKE, REAL, Sample
 from streamguard.training.data import is_held_out
 from streamguard.training.loso import LosoConfig, run_settings
 from streamguard.training.night import MAX_SIDE, NIGHT_VERSION, SUFFIX, NightMode, night_photos, night_twin
+from streamguard.training.renders import RENDER_VERSION
 from streamguard.training.univfd import TrainConfig, train_univfd
 
 
@@ -85,15 +86,7 @@ def test_a_twin_is_real_and_leaves_with_its_photos_source() -> None:
 def test_train_univfd_with_night_twins_end_to_end(tmp_path: Path) -> None:
     """Real training code and backbone on a tiny root: the twins join the real class, none is made of the
     held-out source's photos, they are recorded in the weights' meta, and held-out scores hold no twin."""
-    rows = ["path,label,generator,split"]
-    for label, kind in ((0, "real"), (1, "ai")):
-        for k in range(2):
-            group = f"{kind}{k}"
-            (tmp_path / "d" / group).mkdir(parents=True)
-            for i, split in enumerate(("train",) * 3 + ("val",) * 2):
-                noise((96, 80), seed=100 * label + 10 * k + i).save(tmp_path / "d" / group / f"{i}.png")
-                rows.append(f"{group}/{i}.png,{kind},{group},{split}")
-    (tmp_path / "d" / "manifest.csv").write_text("\n".join(rows) + "\n")
+    tiny_root(tmp_path / "d")
     out = tmp_path / "weights"
     report = train_univfd(load_settings(), TrainConfig(
         data=(str(tmp_path / "d"),), out=out, holdout_sources=("real0",), night_twins=6, augment_draws=1,
@@ -106,12 +99,19 @@ def test_train_univfd_with_night_twins_end_to_end(tmp_path: Path) -> None:
     assert held["scores"] and not any(SUFFIX in str(s) for s in held["scores"])
 
 
-def test_loso_folds_record_the_twins_and_only_probes_take_them(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("field", "version", "refusal"), [
+    ("night_twins", NIGHT_VERSION, "night-mode twins are for the probe methods"),
+    ("rendered_screens", RENDER_VERSION, "rendered screens are for the probe methods"),
+])
+def test_loso_folds_record_extra_real_rows_and_only_probes_take_them(tmp_path: Path, field: str, version: int,
+                                                                     refusal: str) -> None:
     base = {"data": ("d",), "loso_data": ("d",), "out": tmp_path}
     plain = LosoConfig(**base, methods=("univfd-blocks",))  # type: ignore[arg-type]
-    nights = LosoConfig(**base, methods=("univfd-blocks", "pin-clip"), night_twins=200)  # type: ignore[arg-type]
-    assert "night_twins" not in run_settings(plain, "univfd-blocks")
-    assert run_settings(nights, "univfd-blocks")["night_twins"] == [200, NIGHT_VERSION]
-    assert "night_twins" not in run_settings(nights, "pin-clip")
-    with pytest.raises(ValueError, match="night-mode twins are for the probe methods"):
-        LosoConfig(**base, methods=("pin-clip",), night_twins=5)  # type: ignore[arg-type]
+    extra = LosoConfig(**base, methods=("univfd-blocks", "pin-clip"), **{field: 50})  # type: ignore[arg-type]
+    assert field not in run_settings(plain, "univfd-blocks")
+    assert run_settings(extra, "univfd-blocks")[field] == [50, version]  # a changed recipe trains again
+    assert field not in run_settings(extra, "pin-clip")
+    with pytest.raises(ValueError, match=refusal):
+        LosoConfig(**base, methods=("pin-clip",), **{field: 5})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="must be 0 or more"):
+        LosoConfig(**base, methods=("univfd-blocks",), **{field: -1})  # type: ignore[arg-type]

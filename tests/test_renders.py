@@ -8,13 +8,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
-from images import noise
+from images import tiny_root
 from streamguard.config import load_settings
 from streamguard.evaluation.datasets import REAL
-from streamguard.training.loso import Fold, LosoConfig, run_settings
+from streamguard.training.loso import Fold
 from streamguard.training.probe_choice import Candidate, Embedded, choose_by_groups
 from streamguard.training.renders import RENDER_VERSION, SCREENS, SOURCE, render_screen, rendered_samples
 from streamguard.training.univfd import TrainConfig, train_univfd
@@ -82,15 +81,7 @@ def test_renders_stay_in_every_inner_fold() -> None:
 def test_train_univfd_with_rendered_screens_end_to_end(tmp_path: Path) -> None:
     """Real training code and backbone on a tiny root: the renders join the real class, are recorded in the
     weights' meta, and the held-out source is scored without them."""
-    rows = ["path,label,generator,split"]
-    for label, kind in ((0, "real"), (1, "ai")):
-        for k in range(2):
-            group = f"{kind}{k}"
-            (tmp_path / "d" / group).mkdir(parents=True)
-            for i, split in enumerate(("train",) * 3 + ("val",) * 2):
-                noise((96, 80), seed=100 * label + 10 * k + i).save(tmp_path / "d" / group / f"{i}.png")
-                rows.append(f"{group}/{i}.png,{kind},{group},{split}")
-    (tmp_path / "d" / "manifest.csv").write_text("\n".join(rows) + "\n")
+    tiny_root(tmp_path / "d")
     out = tmp_path / "weights"
     report = train_univfd(load_settings(), TrainConfig(
         data=(str(tmp_path / "d"),), out=out, holdout_sources=("real0",), rendered_screens=3, augment_draws=1,
@@ -102,13 +93,3 @@ def test_train_univfd_with_rendered_screens_end_to_end(tmp_path: Path) -> None:
     held = json.loads((out / "held_out.json").read_text())
     assert held["scores"] and not any(SOURCE in str(s) for s in held["scores"])
 
-
-def test_loso_folds_record_the_renders_and_only_probes_take_them(tmp_path: Path) -> None:
-    base = {"data": ("d",), "loso_data": ("d",), "out": tmp_path}
-    plain = LosoConfig(**base, methods=("univfd-blocks",))  # type: ignore[arg-type]
-    rendered = LosoConfig(**base, methods=("univfd-blocks", "pin-clip"), rendered_screens=50)  # type: ignore[arg-type]
-    assert "rendered_screens" not in run_settings(plain, "univfd-blocks")
-    assert run_settings(rendered, "univfd-blocks")["rendered_screens"] == [50, RENDER_VERSION]
-    assert "rendered_screens" not in run_settings(rendered, "pin-clip")
-    with pytest.raises(ValueError, match="rendered screens are for the probe methods"):
-        LosoConfig(**base, methods=("pin-clip",), rendered_screens=5)  # type: ignore[arg-type]
