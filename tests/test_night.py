@@ -1,5 +1,6 @@
 """Night-mode twins in univfd's real class (`streamguard.training.night`): what a twin is, that it is the same
-in every fold and draw, and that a held-out source's photos never reach training as twins."""
+in every fold and draw, and that a held-out source's photos never reach training as twins; with the renders,
+the one end-to-end training run of univfd's extra real rows."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from streamguard.evaluation.datasets import FAKE, REAL, Sample
 from streamguard.training.data import is_held_out
 from streamguard.training.loso import LosoConfig, run_settings
 from streamguard.training.night import MAX_SIDE, NIGHT_VERSION, SUFFIX, NightMode, night_photos, night_twin
-from streamguard.training.renders import RENDER_VERSION
+from streamguard.training.renders import RENDER_VERSION, SOURCE as RENDERS
 from streamguard.training.univfd import TrainConfig, train_univfd
 
 
@@ -83,20 +84,23 @@ def test_a_twin_is_real_and_leaves_with_its_photos_source() -> None:
     assert is_held_out(twin, (), ("phones",)) and not is_held_out(twin, (), ("other",))
 
 
-def test_train_univfd_with_night_twins_end_to_end(tmp_path: Path) -> None:
-    """Real training code and backbone on a tiny root: the twins join the real class, none is made of the
-    held-out source's photos, they are recorded in the weights' meta, and held-out scores hold no twin."""
+def test_train_univfd_with_renders_and_night_twins_end_to_end(tmp_path: Path) -> None:
+    """Real training code and backbone on a tiny root: renders and night twins join the real class together,
+    none of the twins is made of the held-out source's photos, both are recorded in the weights' meta, and
+    the held-out scores hold neither."""
     tiny_root(tmp_path / "d")
     out = tmp_path / "weights"
     report = train_univfd(load_settings(), TrainConfig(
-        data=(str(tmp_path / "d"),), out=out, holdout_sources=("real0",), night_twins=6, augment_draws=1,
-        cache_dir=tmp_path / "cache"))
+        data=(str(tmp_path / "d"),), out=out, holdout_sources=("real0",), rendered_screens=3, night_twins=6,
+        augment_draws=1, cache_dir=tmp_path / "cache"))
     counts = report["counts"]
+    assert counts["rendered"] == 3  # type: ignore[index]
     assert counts["night"] == 3  # type: ignore[index]  # all six train photos chosen; real0's three left
-    assert report["train_rows"] == counts["train"] + 3  # type: ignore[index]
-    assert json.loads((out / "meta.json").read_text())["night_twins"] == [6, NIGHT_VERSION]
+    assert report["train_rows"] == counts["train"] + 3 + 3  # type: ignore[index]  # fitted on, one row each
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["rendered_screens"] == [3, RENDER_VERSION] and meta["night_twins"] == [6, NIGHT_VERSION]
     held = json.loads((out / "held_out.json").read_text())
-    assert held["scores"] and not any(SUFFIX in str(s) for s in held["scores"])
+    assert held["scores"] and not any(SUFFIX in str(s) or RENDERS in str(s) for s in held["scores"])
 
 
 @pytest.mark.parametrize(("field", "version", "refusal"), [

@@ -4,19 +4,15 @@ is reproducible from its seed, and that no fold, outer or inner, ever holds one 
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from images import tiny_root
-from streamguard.config import load_settings
 from streamguard.evaluation.datasets import REAL
 from streamguard.training.loso import Fold
 from streamguard.training.probe_choice import Candidate, Embedded, choose_by_groups
-from streamguard.training.renders import RENDER_VERSION, SCREENS, SOURCE, render_screen, rendered_samples
-from streamguard.training.univfd import TrainConfig, train_univfd
+from streamguard.training.renders import SCREENS, SOURCE, render_screen, rendered_samples
 
 
 def test_a_render_is_a_lossless_screen_reproducible_from_its_seed() -> None:
@@ -76,20 +72,3 @@ def test_renders_stay_in_every_inner_fold() -> None:
                               lambda x, c: x, fit, {}, folds, extra=embedded(renders, 1.0))
     assert fitted == [4, 4]  # every fold fits on all four renders
     assert chosen is not None
-
-
-def test_train_univfd_with_rendered_screens_end_to_end(tmp_path: Path) -> None:
-    """Real training code and backbone on a tiny root: the renders join the real class, are recorded in the
-    weights' meta, and the held-out source is scored without them."""
-    tiny_root(tmp_path / "d")
-    out = tmp_path / "weights"
-    report = train_univfd(load_settings(), TrainConfig(
-        data=(str(tmp_path / "d"),), out=out, holdout_sources=("real0",), rendered_screens=3, augment_draws=1,
-        cache_dir=tmp_path / "cache"))
-    counts = report["counts"]
-    assert counts["rendered"] == 3  # type: ignore[index]
-    assert report["train_rows"] == counts["train"] + 3  # type: ignore[index]  # fitted on, one row a render
-    assert json.loads((out / "meta.json").read_text())["rendered_screens"] == [3, RENDER_VERSION]
-    held = json.loads((out / "held_out.json").read_text())
-    assert held["scores"] and not any(SOURCE in str(s) for s in held["scores"])
-
