@@ -48,7 +48,7 @@ _rendered_screens_option = click.option(
 _night_twins_option = click.option(
     "--night-twins", type=click.IntRange(min=0), default=0, show_default=True,
     help="The probe's real class also holds this many real training photos (seeded) as a phone's night mode "
-         "returns them: darkened, noisy, denoised, tone-lifted, sharpened (each leaves with its photo's source; "
+         "returns them: darkened, noisy, tone-lifted, denoised, sharpened (each leaves with its photo's source; "
          "measured, not shipped).")
 
 

@@ -5,8 +5,8 @@ result is smooth, saturated and glowing, which a CLIP probe trained on daylight 
 reads as generated. Under leave-one-source-out one night photo (light effects, 0.946) set `ai_threshold`
 under the 2% rule, and carried to a left-out source the rule flagged 1 of 14 night photos (docs/validation.md
 step 25). The twins give the real class that processing on scenes it already holds: each chosen photo is
-darkened in linear light, given shot and read noise, then put through a night mode's denoise, tone curve,
-colour and sharpening, and saved as a phone saves (JPEG q85-95). A twin keeps its photo's source, so it
+darkened in linear light and given shot and read noise, then put through a night mode's tone curve, bloom,
+denoise, colour and sharpening, and saved as a phone saves (JPEG q85-95). A twin keeps its photo's source, so it
 leaves training with that source in every fold, outer or inner (`choose_by_groups`).
 
 What a twin draws is seeded by its photo's bytes, so every fold and augmentation draw sees the same twin.
@@ -60,9 +60,8 @@ class NightMode:
         electrons = rng.uniform(1_000, 4_000) * rng.choice((1, 4, 8))
         signal = noise.poisson(linear * exposure * electrons).astype(np.float32)
         signal += noise.normal(0.0, rng.uniform(2.0, 6.0), signal.shape).astype(np.float32)
-        # The night mode's gain: back to a bright exposure, then a tone curve that lifts the shadows.
-        # A night mode keeps the scene dark (it is night) but lifts its shadows, and lamps and bright surfaces
-        # bloom through the lens and the merge.
+        # The night mode's gain and tone curve keep the scene dark (it is night) but lift its shadows; lamps and
+        # bright surfaces bloom through the lens and the merge.
         gained = np.clip(signal / (exposure * electrons) * rng.uniform(0.15, 0.6), 0.0, 1.0)
         tone = gained ** (1.0 / (2.2 * rng.uniform(1.1, 1.6)))
         night = Image.fromarray((tone * 255.0).round().astype(np.uint8))

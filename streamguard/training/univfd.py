@@ -296,11 +296,11 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
 
     data = {name: rows(name, split).without(held_ids) for name, split in splits.items() if split}
     train, val = data["train"], data["val"]
-    twins = None
+    fakes = None
     if cfg.matched_fakes:
         matcher = train_matcher(samples, cfg.holdout_sources, cfg.seed, settings.intake, cfg.cache_dir)
         reals = rows("train", [s for s in splits["train"] if s.label == REAL], matcher).without(held_ids)
-        twins = Embedded(reals.x, reals.owner, [matched(s) for s in reals.samples])
+        fakes = Embedded(reals.x, reals.owner, [matched(s) for s in reals.samples])
     renders = None
     if cfg.rendered_screens:
         # Training rows of no data group: no fold, outer or inner, ever holds them out.
@@ -312,7 +312,7 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
         made = rows("train", photos, NightMode()).without(held_ids)
         nights = Embedded(made.x, made.owner, [night_twin(s) for s in made.samples])
     extra = None
-    for more in (renders, twins, nights):
+    for more in (renders, fakes, nights):
         extra = more if extra is None else extra.joined(more)
 
     originals = dev_originals = None
@@ -345,7 +345,7 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
         "chosen_on": choice.chosen_on,
         "candidates": choice.scores,
         "counts": {name: len(d.samples) for name, d in data.items()}
-        | ({"matched": len(twins.samples)} if twins is not None else {})
+        | ({"matched": len(fakes.samples)} if fakes is not None else {})
         | ({"rendered": len(renders.samples)} if renders is not None else {})
         | ({"night": len(nights.samples)} if nights is not None else {}),
         "train_rows": int(len(train.x)),
