@@ -213,18 +213,15 @@ class LosoConfig:
             if "pin-clip" not in self.methods:
                 raise ValueError("pin-clip's recipe is set but pin-clip is not among the methods")
             pin_clip_config(self)  # refuses an unknown name or a value the recipe would refuse, before any fold
-        if self.matched_fakes and not any(m in PROBE_METHODS for m in self.methods):
-            raise ValueError(f"matched fakes are for the probe methods {PROBE_METHODS}")
-        if self.native_jpeg and not any(m in PROBE_METHODS for m in self.methods):
-            raise ValueError(f"the native JPEG re-encode is for the probe methods {PROBE_METHODS}")
-        if self.rendered_screens and not any(m in PROBE_METHODS for m in self.methods):
-            raise ValueError(f"rendered screens are for the probe methods {PROBE_METHODS}")
-        if self.rendered_screens < 0:
-            raise ValueError(f"rendered_screens must be 0 or more, not {self.rendered_screens}")
-        if self.night_twins and not any(m in PROBE_METHODS for m in self.methods):
-            raise ValueError(f"night-mode twins are for the probe methods {PROBE_METHODS}")
-        if self.night_twins < 0:
-            raise ValueError(f"night_twins must be 0 or more, not {self.night_twins}")
+        # What only the probe methods' training has: set for none of the methods, it would silently do nothing.
+        probe_only = {"matched fakes are": self.matched_fakes, "the native JPEG re-encode is": self.native_jpeg,
+                      "rendered screens are": self.rendered_screens, "night-mode twins are": self.night_twins}
+        for what, asked in probe_only.items():
+            if asked and not any(m in PROBE_METHODS for m in self.methods):
+                raise ValueError(f"{what} for the probe methods {PROBE_METHODS}")
+        for name, count in (("rendered_screens", self.rendered_screens), ("night_twins", self.night_twins)):
+            if count < 0:
+                raise ValueError(f"{name} must be 0 or more, not {count}")
 
 
 PIN_CLIP_TUNABLE: dict[str, type] = {"mode": str, "beta": float, "noise_scale": float, "attn_dim": int}

@@ -64,13 +64,12 @@ class NightMode:
         # bright surfaces bloom through the lens and the merge.
         gained = np.clip(signal / (exposure * electrons) * rng.uniform(0.15, 0.6), 0.0, 1.0)
         tone = gained ** (1.0 / (2.2 * rng.uniform(1.1, 1.6)))
-        night = Image.fromarray((tone * 255.0).round().astype(np.uint8))
         if rng.random() < 0.5:
             highlights = Image.fromarray((np.clip(tone - 0.6, 0.0, 1.0) * 255.0 / 0.4).round().astype(np.uint8))
-            bloom = np.asarray(highlights.filter(ImageFilter.GaussianBlur(min(night.size) / rng.uniform(20, 60))),
-                               np.float32) / 255.0
+            blur = ImageFilter.GaussianBlur(min(tone.shape[:2]) / rng.uniform(20, 60))
+            bloom = np.asarray(highlights.filter(blur), np.float32) / 255.0
             tone = np.clip(tone + rng.uniform(0.2, 0.5) * bloom, 0.0, 1.0)
-            night = Image.fromarray((tone * 255.0).round().astype(np.uint8))
+        night = Image.fromarray((tone * 255.0).round().astype(np.uint8))
         # Denoise as phones do: hard on colour, gentler on brightness, where it would erase the detail.
         y, cb, cr = night.convert("YCbCr").split()
         chroma = ImageFilter.GaussianBlur(rng.uniform(1.5, 3.0))
