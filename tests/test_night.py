@@ -1,25 +1,15 @@
-"""Night-mode twins in univfd's real class (`streamguard.training.night`): what a twin is, that it is the same
-in every fold and draw, and that a held-out source's photos never reach training as twins; with the renders,
-the one end-to-end training run of univfd's extra real rows."""
+"""Night-mode twins in univfd's real class (`streamguard.training.night`): what a twin is, and that it is the
+same in every fold and draw (how twins join training: tests/test_twins.py)."""
 
 from __future__ import annotations
 
 import io
-import json
-from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
-from images import encode, noise, tiny_root
-from streamguard.config import load_settings
-from streamguard.evaluation.datasets import FAKE, REAL, Sample
-from streamguard.training.data import is_held_out
-from streamguard.training.loso import LosoConfig, run_settings
-from streamguard.training.night import MAX_SIDE, NIGHT_VERSION, SUFFIX, NightMode, night_photos, night_twin
-from streamguard.training.renders import RENDER_VERSION, SOURCE as RENDERS
-from streamguard.training.univfd import TrainConfig, train_univfd
+from images import encode, noise
+from streamguard.training.night import MAX_SIDE, NightMode
 
 
 def scene(size: tuple[int, int]) -> Image.Image:
@@ -61,61 +51,3 @@ def test_a_twin_is_a_noisy_processed_jpeg_of_the_same_scene_reproducible_from_th
 def test_a_small_photo_keeps_its_size() -> None:
     image = Image.open(io.BytesIO(NightMode()(encode(noise((120, 90)), "PNG"))))
     assert image.size == (120, 90)
-
-
-def sample(sid: str, source: str, label: int = REAL) -> Sample:
-    return Sample(id=sid, path=f"{sid}.png", member=None, label=label, generator="real" if label == REAL else "g",
-                  family="real" if label == REAL else "diffusion", source=source, split="train")
-
-
-def test_the_chosen_photos_are_seeded_and_do_not_depend_on_order() -> None:
-    photos = [sample(f"p{i:02d}", f"src{i % 3}") for i in range(20)]
-    chosen = night_photos(photos, 5, seed=0)
-    assert len(chosen) == 5 and chosen == night_photos(list(reversed(photos)), 5, seed=0)
-    assert chosen != night_photos(photos, 5, seed=1)
-    assert night_photos(photos, 50, seed=0) == sorted(photos, key=lambda s: s.id)  # all, when asked for more
-    with pytest.raises(ValueError, match="real photos only"):
-        night_photos(photos + [sample("f", "gen", FAKE)], 5, seed=0)
-
-
-def test_a_twin_is_real_and_leaves_with_its_photos_source() -> None:
-    twin = night_twin(sample("root/p1", "phones"))
-    assert twin.id == "root/p1" + SUFFIX and twin.label == REAL and twin.source == "phones"
-    assert is_held_out(twin, (), ("phones",)) and not is_held_out(twin, (), ("other",))
-
-
-def test_train_univfd_with_renders_and_night_twins_end_to_end(tmp_path: Path) -> None:
-    """Real training code and backbone on a tiny root: renders and night twins join the real class together,
-    none of the twins is made of the held-out source's photos, both are recorded in the weights' meta, and
-    the held-out scores hold neither."""
-    tiny_root(tmp_path / "d")
-    out = tmp_path / "weights"
-    report = train_univfd(load_settings(), TrainConfig(
-        data=(str(tmp_path / "d"),), out=out, holdout_sources=("real0",), rendered_screens=3, night_twins=6,
-        augment_draws=1, cache_dir=tmp_path / "cache"))
-    counts = report["counts"]
-    assert counts["rendered"] == 3  # type: ignore[index]
-    assert counts["night"] == 3  # type: ignore[index]  # all six train photos chosen; real0's three left
-    assert report["train_rows"] == counts["train"] + 3 + 3  # type: ignore[index]  # fitted on, one row each
-    meta = json.loads((out / "meta.json").read_text())
-    assert meta["rendered_screens"] == [3, RENDER_VERSION] and meta["night_twins"] == [6, NIGHT_VERSION]
-    held = json.loads((out / "held_out.json").read_text())
-    assert held["scores"] and not any(SUFFIX in str(s) or RENDERS in str(s) for s in held["scores"])
-
-
-@pytest.mark.parametrize(("field", "version", "refusal"), [
-    ("night_twins", NIGHT_VERSION, "night-mode twins are for the probe methods"),
-    ("rendered_screens", RENDER_VERSION, "rendered screens are for the probe methods"),
-])
-def test_loso_folds_record_extra_real_rows_and_only_probes_take_them(tmp_path: Path, field: str, version: int,
-                                                                     refusal: str) -> None:
-    base = {"data": ("d",), "loso_data": ("d",), "out": tmp_path}
-    plain = LosoConfig(**base, methods=("univfd-blocks",))  # type: ignore[arg-type]
-    extra = LosoConfig(**base, methods=("univfd-blocks", "pin-clip"), **{field: 50})  # type: ignore[arg-type]
-    assert field not in run_settings(plain, "univfd-blocks")
-    assert run_settings(extra, "univfd-blocks")[field] == [50, version]  # a changed recipe trains again
-    assert field not in run_settings(extra, "pin-clip")
-    with pytest.raises(ValueError, match=refusal):
-        LosoConfig(**base, methods=("pin-clip",), **{field: 5})  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="must be 0 or more"):
-        LosoConfig(**base, methods=("univfd-blocks",), **{field: -1})  # type: ignore[arg-type]

@@ -1,5 +1,6 @@
 """Procedural screenshots in univfd's real class (`streamguard.training.renders`): what a render is, that it
-is reproducible from its seed, and that no fold, outer or inner, ever holds one out."""
+is reproducible from its seed, and that no fold, outer or inner, ever holds one out; what a feed post's
+screenshot of a real photo is."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from images import encode
+
 from streamguard.evaluation.datasets import REAL
 from streamguard.training.loso import Fold
 from streamguard.training.probe_choice import Candidate, Embedded, choose_by_groups
-from streamguard.training.renders import SCREENS, SOURCE, render_screen, rendered_samples
+from streamguard.training.renders import FEED_ASPECTS, SCREENS, SOURCE, FeedPost, render_screen, rendered_samples
 
 
 def test_a_render_is_a_lossless_screen_reproducible_from_its_seed() -> None:
@@ -72,3 +75,57 @@ def test_renders_stay_in_every_inner_fold() -> None:
                               lambda x, c: x, fit, {}, folds, extra=embedded(renders, 1.0))
     assert fitted == [4, 4]  # every fold fits on all four renders
     assert chosen is not None
+
+
+def photo_frame(screenshot: Image.Image, colour: tuple[int, int, int]) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Where a screenshot shows a photo of one flat ``colour`` (JPEG's error allowed), and its bounding box."""
+    pixels = np.asarray(screenshot.convert("RGB"), np.int16)
+    mask = (np.abs(pixels - np.asarray(colour, np.int16)) < 12).all(axis=-1)
+    rows, cols = np.nonzero(mask)
+    return mask, (int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1)
+
+
+def flat_photo(k: int, size: tuple[int, int]) -> tuple[bytes, tuple[int, int, int]]:
+    colour = (13 + 3 * k, 200 - 5 * k, 77 + 4 * k)  # colours a theme's greys and accent hardly meet
+    return encode(Image.new("RGB", size, colour), "JPEG", quality=95), colour
+
+
+def test_a_feed_post_shows_the_photo_in_an_apps_frame_reproducibly() -> None:
+    """The photo fills a phone's width or a centred column on a wider screen, between the app's chrome."""
+    post, portrait = FeedPost(), set()
+    for k in range(12):
+        photo, colour = flat_photo(k, (900, 600))
+        shot = post(photo)
+        assert shot == post(photo)  # the same in every fold and draw
+        image = Image.open(io.BytesIO(shot))
+        assert image.format in ("PNG", "JPEG") and image.size in SCREENS
+        mask, (left, top, right, bottom) = photo_frame(image, colour)
+        assert mask[top:bottom, left:right].mean() > 0.97  # one rectangle: the post's frame
+        width, height = image.size
+        if height > width:
+            assert right - left >= width - 2  # a phone gives the post its whole width
+            assert abs((bottom - top) - (right - left) / 1.5) <= 6  # and keeps a 3:2 photo's shape (JPEG blurs edges)
+        else:
+            assert right - left < 0.6 * width and abs(left - (width - right)) <= 3  # a centred column
+        assert 0.15 < mask.mean() < 0.85  # with the app's chrome around it
+        portrait.add(height > width)
+    assert portrait == {True, False}
+    assert post(flat_photo(0, (900, 600))[0]) != post(flat_photo(1, (900, 600))[0])
+
+
+def test_a_feed_post_crops_a_panorama_to_the_apps_widest_frame() -> None:
+    for k in range(4):
+        photo, colour = flat_photo(k, (2000, 500))
+        _, (left, top, right, bottom) = photo_frame(Image.open(io.BytesIO(FeedPost()(photo))), colour)
+        assert abs((bottom - top) - (right - left) / FEED_ASPECTS[1]) <= 6
+
+
+def test_a_feed_post_shows_the_photo_the_right_way_round() -> None:
+    left_colour, right_colour = (200, 30, 40), (30, 60, 210)
+    photo = Image.new("RGB", (800, 600), left_colour)
+    photo.paste(right_colour, (400, 0, 800, 600))
+    image = Image.open(io.BytesIO(FeedPost()(encode(photo, "PNG"))))
+    _, (l_left, l_top, l_right, l_bottom) = photo_frame(image, left_colour)
+    _, (r_left, r_top, r_right, r_bottom) = photo_frame(image, right_colour)
+    assert abs(l_right - r_left) <= 4 and abs(l_top - r_top) <= 2 and abs(l_bottom - r_bottom) <= 2
+    assert abs((l_right - l_left) - (r_right - r_left)) <= 4  # the halves stay halves

@@ -51,6 +51,11 @@ _night_twins_option = click.option(
          "returns them: darkened, noisy, tone-lifted, denoised, sharpened (each leaves with its photo's source; "
          "measured, not shipped).")
 
+_feed_twins_option = click.option(
+    "--feed-twins", type=click.IntRange(min=0), default=0, show_default=True,
+    help="The probe's real class also holds this many real training photos (seeded) shown as a post in a "
+         "rendered screenshot of a social feed (each leaves with its photo's source).")
+
 
 @click.group("train")
 def train_group() -> None:
@@ -79,12 +84,13 @@ def train_group() -> None:
 @_native_jpeg_option
 @_rendered_screens_option
 @_night_twins_option
+@_feed_twins_option
 @pass_app
 def train_univfd_command(app: AppContext, data: tuple[str, ...], out: Path | None, seed: int,
                          limit_per_group: int | None, device: str, no_augment: bool,
                          holdout_generators: tuple[str, ...], holdout_sources: tuple[str, ...], reads: str,
                          choose_on: str, augment_seed: int | None, augment_draws: int, matched_fakes: bool,
-                         native_jpeg: bool, rendered_screens: int, night_twins: int) -> None:
+                         native_jpeg: bool, rendered_screens: int, night_twins: int, feed_twins: int) -> None:
     """Fit the UnivFD linear probe on frozen CLIP features; writes head, calibration and a report."""
     require("`streamguard train univfd`", "inprocess", "eval")
     from streamguard.builtin.univfd.plugin import WEIGHTS_DIR
@@ -95,7 +101,8 @@ def train_univfd_command(app: AppContext, data: tuple[str, ...], out: Path | Non
                       holdout_sources=holdout_sources, backbone="clip-blocks" if reads == "class-tokens" else "clip",
                       choose_on=choose_on, augment_seed=augment_seed,
                       augment_draws=augment_draws, matched_fakes=matched_fakes,  # type: ignore[arg-type]
-                      native_jpeg=native_jpeg, rendered_screens=rendered_screens, night_twins=night_twins)
+                      native_jpeg=native_jpeg, rendered_screens=rendered_screens, night_twins=night_twins,
+                      feed_twins=feed_twins)
     try:
         report = train_univfd(app.settings, cfg)
     except ValueError as exc:
@@ -360,6 +367,7 @@ def train_nirnet_command(app: AppContext, branches: str, no_simulator: bool, pro
 @_native_jpeg_option
 @_rendered_screens_option
 @_night_twins_option
+@_feed_twins_option
 @pass_app
 def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[str, ...], out: Path,
                        methods: tuple[str, ...], folds: int | None, fold_names: tuple[str, ...], seed: int,
@@ -367,7 +375,8 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
                        device: str, cache_dir: Path, progress: bool | None, unseen_scores: tuple[str, ...],
                        report_name: str, against: tuple[str, ...], view: str, train_view: str, choose_on: str,
                        augment_seed: int | None, augment_draws: int, pin_clip: tuple[str, ...],
-                       matched_fakes: bool, native_jpeg: bool, rendered_screens: int, night_twins: int) -> None:
+                       matched_fakes: bool, native_jpeg: bool, rendered_screens: int, night_twins: int,
+                       feed_twins: int) -> None:
     """Leave-one-source-out validation: per-source results on unseen sources, fusion weights and thresholds."""
     require("`streamguard train loso`", "inprocess", "eval")
     from streamguard.training.loso import DEFAULT_METHODS, LosoConfig, run_loso
@@ -381,7 +390,8 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
                          unseen_scores=tuple(_named_path(v) for v in unseen_scores), report_name=report_name,
                          view=view, train_view=train_view, against=against, choose_on=choose_on,  # type: ignore[arg-type]
                          pin_clip=tuple(_name_value(v, "--pin-clip") for v in pin_clip), matched_fakes=matched_fakes,
-                         native_jpeg=native_jpeg, rendered_screens=rendered_screens, night_twins=night_twins)
+                         native_jpeg=native_jpeg, rendered_screens=rendered_screens, night_twins=night_twins,
+                         feed_twins=feed_twins)
         report = run_loso(app.settings, cfg)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None

@@ -6,8 +6,7 @@ reads as generated. Under leave-one-source-out one night photo (light effects, 0
 under the 2% rule, and carried to a left-out source the rule flagged 1 of 14 night photos (docs/validation.md
 step 25). The twins give the real class that processing on scenes it already holds: each chosen photo is
 darkened in linear light and given shot and read noise, then put through a night mode's tone curve, bloom,
-denoise, colour and sharpening, and saved as a phone saves (JPEG q85-95). A twin keeps its photo's source, so it
-leaves training with that source in every fold, outer or inner (`choose_by_groups`).
+denoise, colour and sharpening, and saved as a phone saves (JPEG q85-95). A twin keeps its photo's source (`twins`).
 
 What a twin draws is seeded by its photo's bytes, so every fold and augmentation draw sees the same twin.
 
@@ -20,15 +19,10 @@ from __future__ import annotations
 import hashlib
 import io
 import random
-from collections.abc import Sequence
-from dataclasses import replace
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-from streamguard.evaluation.datasets import REAL, Sample
-
-SUFFIX = "#night"
 # In the embedding cache key and the LOSO folds' settings: a changed recipe must never read these rows.
 NIGHT_VERSION = 1
 # Twins are made at most this size (shortest side): the training augmentation rescales to 160-512 px anyway,
@@ -40,6 +34,7 @@ class NightMode:
     """Real photo bytes -> the bytes of its night-mode twin (JPEG, shortest side at most ``MAX_SIDE``)."""
 
     version = f"night-mode-{NIGHT_VERSION}"
+    suffix = "#night"
 
     def __call__(self, data: bytes) -> bytes:
         rng = random.Random(hashlib.sha256(data).hexdigest())
@@ -81,17 +76,3 @@ class NightMode:
         out = io.BytesIO()
         night.save(out, format="JPEG", quality=rng.randint(85, 95))
         return out.getvalue()
-
-
-def night_photos(train_reals: Sequence[Sample], count: int, seed: int) -> list[Sample]:
-    """``count`` of the real training photos (all when fewer), seeded: the same choice in every fold, whose
-    held-out photos then leave it (`Embedded.without`), so all folds share one embedding cache."""
-    if any(s.label != REAL for s in train_reals):
-        raise ValueError("night-mode twins are made of real photos only")
-    ordered = sorted(train_reals, key=lambda s: s.id)
-    return sorted(random.Random(seed).sample(ordered, min(count, len(ordered))), key=lambda s: s.id)
-
-
-def night_twin(sample: Sample) -> Sample:
-    """A real photo's night-mode twin: real, of the photo's source (it leaves training with the photo)."""
-    return replace(sample, id=sample.id + SUFFIX)

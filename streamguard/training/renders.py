@@ -12,13 +12,14 @@ losslessly, as a screenshot is, then augmented like every training image.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import random
 import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from streamguard.evaluation.datasets import REAL, Sample
 
@@ -59,6 +60,7 @@ class Canvas:
     """A screen drawn at SUPERSAMPLE x its size, in its own units (screen pixels)."""
 
     def __init__(self, size: tuple[int, int], colour: tuple[int, int, int]) -> None:
+        self.size = size
         self.image = Image.new("RGB", (size[0] * SUPERSAMPLE, size[1] * SUPERSAMPLE), colour)
         self.draw = ImageDraw.Draw(self.image)
         self._fonts: dict[int, ImageFont.FreeTypeFont | ImageFont.ImageFont] = {}
@@ -81,9 +83,13 @@ class Canvas:
             self._fonts[px] = ImageFont.load_default(size=px)
         self.draw.text((x * SUPERSAMPLE, y * SUPERSAMPLE), body, font=self._fonts[px], fill=fill)
 
+    def screen(self) -> Image.Image:
+        """The screen at its own size, anti-aliased as a compositor leaves it."""
+        return self.image.reduce(SUPERSAMPLE)
+
     def png(self) -> bytes:
         out = io.BytesIO()
-        self.image.reduce(SUPERSAMPLE).save(out, format="PNG")
+        self.screen().save(out, format="PNG")
         return out.getvalue()
 
 
@@ -97,6 +103,27 @@ def icon(canvas: Canvas, rng: random.Random, cx: float, cy: float, r: float, col
         canvas.triangle(cx, cy, r, colour)
 
 
+def status_bar(canvas: Canvas, rng: random.Random, look: Theme, unit: float) -> float:
+    """A phone's status bar (the time and a few system icons); where the screen's content starts."""
+    width, height = canvas.size
+    if height <= width:
+        return 0.0
+    bar = unit * 1.6
+    canvas.text(unit, unit * 0.3, f"{rng.randint(0, 23)}:{rng.randint(0, 59):02d}", unit * 0.9, look.text)
+    for k in range(3):
+        icon(canvas, rng, width - unit * (1.2 + 1.4 * k), bar / 2, unit * 0.45, look.text)
+    return bar
+
+
+def nav_bar(canvas: Canvas, rng: random.Random, look: Theme, unit: float, bottom: float) -> None:
+    """A phone's navigation bar, from ``bottom`` down."""
+    width, height = canvas.size
+    if height > width:
+        canvas.box(0, bottom, width, height, look.surface)
+        for k in range(3):
+            icon(canvas, rng, width * (k + 1) / 4, (bottom + height) / 2, unit * 0.7, look.muted)
+
+
 def render_screen(seed: int) -> bytes:
     """One screenshot as PNG bytes, the same for the same seed."""
     rng = random.Random(f"render:{RENDER_VERSION}:{seed}")
@@ -104,13 +131,7 @@ def render_screen(seed: int) -> bytes:
     look = theme(rng)
     canvas = Canvas((width, height), look.background)
     unit = min(width, height) / 36  # a density-independent pixel, roughly
-    y = 0.0
-    if height > width:  # a phone's status bar: the time and a few system icons
-        bar = unit * 1.6
-        canvas.text(unit, unit * 0.3, f"{rng.randint(0, 23)}:{rng.randint(0, 59):02d}", unit * 0.9, look.text)
-        for k in range(3):
-            icon(canvas, rng, width - unit * (1.2 + 1.4 * k), bar / 2, unit * 0.45, look.text)
-        y = bar
+    y = status_bar(canvas, rng, look, unit)
     header = unit * rng.uniform(2.8, 4.5)
     canvas.box(0, y, width, y + header, look.accent if rng.random() < 0.5 else look.surface)
     canvas.text(unit * 1.2, y + header * 0.3, words(rng, rng.randint(1, 3)), unit * 1.1, look.text)
@@ -144,10 +165,7 @@ def render_screen(seed: int) -> bytes:
                 canvas.text(x + unit, y + unit * 0.6, label, label_size, look.background)
                 x += w + unit
             y += unit * 3.2
-    if height > width:  # a phone's navigation bar
-        canvas.box(0, bottom, width, height, look.surface)
-        for k in range(3):
-            icon(canvas, rng, width * (k + 1) / 4, (bottom + height) / 2, unit * 0.7, look.muted)
+    nav_bar(canvas, rng, look, unit, bottom)
     return canvas.png()
 
 
@@ -166,3 +184,71 @@ def rendered_samples(count: int, seed: int, cache_dir: Path) -> list[Sample]:
         samples.append(Sample(id=f"{SOURCE}/v{RENDER_VERSION}/{seed}/{k:05d}", path=str(path), member=None,
                               label=REAL, generator="real", family="real", source=SOURCE, split="train"))
     return samples
+
+
+FEED_VERSION = 1
+# An app shows a post between these aspect ratios (width / height) and crops the photo to fit.
+FEED_ASPECTS = (0.8, 1.91)
+# Apps and browsers resample with different filters; a screenshot keeps whichever drew the photo.
+RESAMPLERS = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC, Image.Resampling.LANCZOS)
+
+
+class FeedPost:
+    """Real photo bytes -> a screenshot of a social feed that shows the photo as a post (`Twins`).
+
+    The commonest screenshot on a platform is of a post: a photo resampled into the app's frame, with the
+    app's chrome around it. The photo keeps its source (it leaves training with it), the chrome is drawn as
+    `render_screen` draws it; a quarter are re-shared as JPEG, as a screenshot forwarded is. Seeded by the
+    photo's bytes, so every fold and augmentation draw sees the same screenshot."""
+
+    version = f"feed-post-{FEED_VERSION}"
+    suffix = "#feed"
+
+    def __call__(self, data: bytes) -> bytes:
+        rng = random.Random(f"feed:{FEED_VERSION}:{hashlib.sha256(data).hexdigest()}")
+        width, height = rng.choice(SCREENS)
+        look = theme(rng)
+        canvas = Canvas((width, height), look.background)
+        unit = min(width, height) / 36
+        y = status_bar(canvas, rng, look, unit)
+        header = unit * rng.uniform(2.8, 4.0)
+        canvas.box(0, y, width, y + header, look.surface)
+        canvas.text(unit * 1.2, y + header * 0.3, words(rng, 1), unit * 1.1, look.text)
+        y += header
+        # A phone gives the post its whole width; a tablet or desktop a centred column beside a sidebar.
+        column = width if height > width else round(min(width * rng.uniform(0.4, 0.55), unit * 30))
+        x0 = (width - column) // 2
+        if x0:
+            for k in range(rng.randint(3, 7)):
+                row = y + unit * (1.5 + 2.4 * k)
+                icon(canvas, rng, unit * 2, row, unit * 0.6, look.muted)
+                canvas.text(unit * 3.4, row - unit * 0.45, words(rng, 1), unit * 0.8, look.text)
+        avatar = unit * 1.2
+        canvas.circle(x0 + unit * 2, y + unit * 2, avatar, look.accent)
+        canvas.text(x0 + unit * 3.8, y + unit * 1.1, words(rng, rng.randint(1, 2)), unit * 0.8, look.text)
+        canvas.text(x0 + unit * 3.8, y + unit * 2.1, "@" + words(rng, 1).lower(), unit * 0.6, look.muted)
+        y += unit * 4.2
+        photo = Image.open(io.BytesIO(data))
+        aspect = min(max(photo.width / photo.height, FEED_ASPECTS[0]), FEED_ASPECTS[1])
+        frame = (column, round(column / aspect))
+        photo.draft("RGB", frame)  # a JPEG decodes at a fraction of its size when that suffices
+        photo = ImageOps.fit(photo.convert("RGB"), frame, method=rng.choice(RESAMPLERS))
+        top = round(y)
+        y += frame[1] + unit * 0.8
+        bottom = height - (unit * 3 if height > width else 0)
+        for k in range(3):  # like, comment, share; and a caption below
+            icon(canvas, rng, x0 + unit * (1.8 + 2.4 * k), y + unit, unit * 0.7, look.text)
+        canvas.text(x0 + unit, y + unit * 2.3, f"{rng.randint(2, 99_999):,} likes", unit * 0.7, look.text)
+        for k in range(rng.randint(1, 3)):
+            canvas.text(x0 + unit, y + unit * (3.4 + 1.1 * k), words(rng, rng.randint(3, 9)), unit * 0.7, look.text)
+        nav_bar(canvas, rng, look, unit, bottom)
+        screen = canvas.screen()
+        # Under the bars, as a feed scrolls: what of the photo the screen shows.
+        visible = max(0, min(frame[1], round(bottom) - top))
+        screen.paste(photo.crop((0, 0, frame[0], visible)), (x0, top))
+        out = io.BytesIO()
+        if rng.random() < 0.25:
+            screen.save(out, format="JPEG", quality=rng.randint(70, 92))
+        else:
+            screen.save(out, format="PNG")
+        return out.getvalue()

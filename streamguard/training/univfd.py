@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import structlog
@@ -38,9 +38,9 @@ from streamguard.training.artifacts import save_probe
 from streamguard.training.data import AUGMENT_VERSION, augment, split_samples
 from streamguard.training.held_out import HELD_OUT_FILE, held_out_scores, save_held_out, variant_file
 from streamguard.training.matched import matched, train_matcher
-from streamguard.training.night import NIGHT_VERSION, NightMode, night_photos, night_twin
 from streamguard.training.probe_choice import Embedded, choose_probe, served_coefficients, stack_draws
 from streamguard.training.renders import RENDER_VERSION, rendered_samples
+from streamguard.training.twins import Twins, real_twins, twin_of, twin_photos, twin_settings
 
 if TYPE_CHECKING:  # the DINOv2 backbone is imported only when a run asks for it
     from streamguard.backbone.dinov2 import Dinov2Encoder
@@ -93,6 +93,8 @@ class TrainConfig:
     rendered_screens: int = 0
     # This many real training photos also in the real class as a phone's night mode returns them (`night`).
     night_twins: int = 0
+    # ... and this many shown as a post in a screenshot of a social feed (`renders.FeedPost`).
+    feed_twins: int = 0
 
     @property
     def draw(self) -> int:
@@ -101,15 +103,6 @@ class TrainConfig:
 
 RIGID_NOISE = 0.05  # std of the Gaussian pixel noise, in [0, 1] pixel units
 DINOV2_BLOCK = 6  # hidden_states index: the output of block 6 of 12
-
-
-class Twins(Protocol):
-    """An image's bytes -> its twin's (`matched`'s reconstruction, `night`'s night mode); ``version`` is in
-    the twins' embedding cache key."""
-
-    version: str
-
-    def __call__(self, data: bytes) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -305,14 +298,15 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
     if cfg.rendered_screens:
         # Training rows of no data group: no fold, outer or inner, ever holds them out.
         renders = rows("train", rendered_samples(cfg.rendered_screens, cfg.seed, cfg.cache_dir))
-    nights = None
-    if cfg.night_twins:
+    twins: dict[str, Embedded] = {}
+    asked = real_twins(night=cfg.night_twins, feed=cfg.feed_twins)
+    for kind in asked:
         # Chosen among all training photos, so that every fold shares one cache; a held-out photo's twin leaves.
-        photos = night_photos([s for s in splits["train"] if s.label == REAL], cfg.night_twins, cfg.seed)
-        made = rows("train", photos, NightMode()).without(held_ids)
-        nights = Embedded(made.x, made.owner, [night_twin(s) for s in made.samples])
+        photos = twin_photos([s for s in splits["train"] if s.label == REAL], kind.count, cfg.seed)
+        made = rows("train", photos, kind.maker).without(held_ids)
+        twins[kind.name] = Embedded(made.x, made.owner, [twin_of(s, kind.maker) for s in made.samples])
     extra = None
-    for more in (renders, fakes, nights):
+    for more in (renders, fakes, *twins.values()):
         extra = more if extra is None else extra.joined(more)
 
     originals = dev_originals = None
@@ -347,7 +341,7 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
         "counts": {name: len(d.samples) for name, d in data.items()}
         | ({"matched": len(fakes.samples)} if fakes is not None else {})
         | ({"rendered": len(renders.samples)} if renders is not None else {})
-        | ({"night": len(nights.samples)} if nights is not None else {}),
+        | {name: len(made.samples) for name, made in twins.items()},
         "train_rows": int(len(train.x)),
         "view": cfg.view,
         "holdout": {"generators": list(cfg.holdout_generators), "sources": list(cfg.holdout_sources)},
@@ -377,7 +371,7 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
         **({"matched_fakes": True} if cfg.matched_fakes else {}),
         **({"native_jpeg": True} if cfg.native_jpeg else {}),
         **({"rendered_screens": [cfg.rendered_screens, RENDER_VERSION]} if cfg.rendered_screens else {}),
-        **({"night_twins": [cfg.night_twins, NIGHT_VERSION]} if cfg.night_twins else {}),
+        **twin_settings(asked),
         "C": choice.candidate.c,
         "blocks": choice.candidate.blocks,
         "chosen_on": choice.chosen_on,

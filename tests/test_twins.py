@@ -1,0 +1,92 @@
+"""How real-class twins join univfd's training (`streamguard.training.twins`): the photos chosen are the same
+in every fold, a twin is real and leaves with its photo's source, and a held-out source's photos never reach
+training as twins; with the renders, the one end-to-end training run of univfd's extra real rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from images import tiny_root
+from streamguard.config import load_settings
+from streamguard.evaluation.datasets import FAKE, REAL, Sample
+from streamguard.training.data import is_held_out
+from streamguard.training.loso import LosoConfig, run_settings
+from streamguard.training.night import NIGHT_VERSION, NightMode
+from streamguard.training.renders import FEED_VERSION, RENDER_VERSION, SOURCE as RENDERS, FeedPost
+from streamguard.training.twins import real_twins, twin_of, twin_photos, twin_settings
+from streamguard.training.univfd import TrainConfig, train_univfd
+
+
+def sample(sid: str, source: str, label: int = REAL) -> Sample:
+    return Sample(id=sid, path=f"{sid}.png", member=None, label=label, generator="real" if label == REAL else "g",
+                  family="real" if label == REAL else "diffusion", source=source, split="train")
+
+
+def test_the_chosen_photos_are_seeded_and_do_not_depend_on_order() -> None:
+    photos = [sample(f"p{i:02d}", f"src{i % 3}") for i in range(20)]
+    chosen = twin_photos(photos, 5, seed=0)
+    assert len(chosen) == 5 and chosen == twin_photos(list(reversed(photos)), 5, seed=0)
+    assert chosen != twin_photos(photos, 5, seed=1)
+    assert twin_photos(photos, 50, seed=0) == sorted(photos, key=lambda s: s.id)  # all, when asked for more
+    with pytest.raises(ValueError, match="real photos only"):
+        twin_photos(photos + [sample("f", "gen", FAKE)], 5, seed=0)
+
+
+@pytest.mark.parametrize("maker", [NightMode(), FeedPost()], ids=["night", "feed"])
+def test_a_twin_is_real_and_leaves_with_its_photos_source(maker: NightMode | FeedPost) -> None:
+    twin = twin_of(sample("root/p1", "phones"), maker)
+    assert twin.id == "root/p1" + maker.suffix and twin.label == REAL and twin.source == "phones"
+    assert is_held_out(twin, (), ("phones",)) and not is_held_out(twin, (), ("other",))
+
+
+def test_the_twins_asked_for_are_recorded_with_their_recipes() -> None:
+    asked = real_twins(night=4, feed=2)
+    assert [(kind.name, kind.count) for kind in asked] == [("night", 4), ("feed", 2)]
+    assert twin_settings(asked) == {"night_twins": [4, NIGHT_VERSION], "feed_twins": [2, FEED_VERSION]}
+    assert twin_settings(real_twins(feed=3)) == {"feed_twins": [3, FEED_VERSION]}  # none asked, none recorded
+    with pytest.raises(ValueError, match="feed_twins must be 0 or more"):
+        real_twins(feed=-1)
+
+
+def test_train_univfd_with_renders_and_twins_end_to_end(tmp_path: Path) -> None:
+    """Real training code and backbone on a tiny root: renders, night and feed twins join the real class
+    together, none of the twins is made of the held-out source's photos, all are recorded in the weights'
+    meta, and the held-out scores hold none of them."""
+    tiny_root(tmp_path / "d")
+    out = tmp_path / "weights"
+    report = train_univfd(load_settings(), TrainConfig(
+        data=(str(tmp_path / "d"),), out=out, holdout_sources=("real0",), rendered_screens=3, night_twins=6,
+        feed_twins=6, augment_draws=1, cache_dir=tmp_path / "cache"))
+    counts = report["counts"]
+    assert counts["rendered"] == 3  # type: ignore[index]
+    # All six train photos chosen; real0's three left, with their twins of either kind.
+    assert counts["night"] == 3 and counts["feed"] == 3  # type: ignore[index]
+    assert report["train_rows"] == counts["train"] + 3 + 3 + 3  # type: ignore[index]  # fitted on, one row each
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["rendered_screens"] == [3, RENDER_VERSION]
+    assert meta["night_twins"] == [6, NIGHT_VERSION] and meta["feed_twins"] == [6, FEED_VERSION]
+    held = json.loads((out / "held_out.json").read_text())
+    twins = (NightMode.suffix, FeedPost.suffix, RENDERS)
+    assert held["scores"] and not any(mark in str(s) for s in held["scores"] for mark in twins)
+
+
+@pytest.mark.parametrize(("field", "version", "refusal"), [
+    ("night_twins", NIGHT_VERSION, "night-mode twins are for the probe methods"),
+    ("feed_twins", FEED_VERSION, "feed twins are for the probe methods"),
+    ("rendered_screens", RENDER_VERSION, "rendered screens are for the probe methods"),
+])
+def test_loso_folds_record_extra_real_rows_and_only_probes_take_them(tmp_path: Path, field: str, version: int,
+                                                                     refusal: str) -> None:
+    base = {"data": ("d",), "loso_data": ("d",), "out": tmp_path}
+    plain = LosoConfig(**base, methods=("univfd-blocks",))  # type: ignore[arg-type]
+    extra = LosoConfig(**base, methods=("univfd-blocks", "pin-clip"), **{field: 50})  # type: ignore[arg-type]
+    assert field not in run_settings(plain, "univfd-blocks")
+    assert run_settings(extra, "univfd-blocks")[field] == [50, version]  # a changed recipe trains again
+    assert field not in run_settings(extra, "pin-clip")
+    with pytest.raises(ValueError, match=refusal):
+        LosoConfig(**base, methods=("pin-clip",), **{field: 5})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="must be 0 or more"):
+        LosoConfig(**base, methods=("univfd-blocks",), **{field: -1})  # type: ignore[arg-type]
