@@ -17,7 +17,8 @@ from streamguard.cli import cli
 from streamguard.config import load_settings
 from streamguard.training.held_out import load_held_out, load_variant_scores
 from streamguard.evaluation.datasets import Sample
-from streamguard.training.loso import Fold, groups_of, plan_folds, pool_groups, read_unseen_scores
+from streamguard.evaluation.selection import Scored, choose_weights
+from streamguard.training.loso import Fold, choose_fusion, groups_of, plan_folds, pool_groups, read_unseen_scores
 from streamguard.training.loso_views import unseen_logits
 from test_training_cli import _env, backbone, scan, smooth, textured, write_dataset  # noqa: F401 - the fixture
 from test_training_units import _sample
@@ -623,3 +624,20 @@ def test_loso_tunes_pin_clips_recipe_per_fold(dataset: Path, backbone: Path, tmp
         result = run(bad)
         assert result.exit_code != 0 and said in result.output, result.output
         assert _events(result, "loso.fold_start") == []
+
+
+def test_the_fusion_chosen_on_some_groups_scores_every_image() -> None:
+    """What the carry-over check refits without a group: weights and calibration from the mask's images alone,
+    applied to all of them (the left-out group's too)."""
+    rng = np.random.default_rng(3)
+    labels = np.repeat([0, 0, 1, 1], 30)
+    groups = tuple(np.repeat(["r1", "r2", "g1", "g2"], 30).tolist())
+    good = labels * 2.0 + rng.normal(0, 1, 120)
+    odd = np.where(np.asarray(groups) == "r2", 3.0, labels * 2.0) + rng.normal(0, 1, 120)  # r2 looks generated
+    scored = Scored(labels, groups, {"good": good, "odd": odd})
+    weights, calibration, probs = choose_fusion(scored, 0.1)
+    rest = np.asarray(groups) != "r2"
+    w_rest, c_rest, p_rest = choose_fusion(scored, 0.1, rest)
+    assert w_rest == choose_weights(scored.only(rest), 0.1) and w_rest != weights  # r2 had no say
+    assert len(probs) == len(p_rest) == 120 and (c_rest.scale, c_rest.bias) != (calibration.scale, calibration.bias)
+    assert np.all((p_rest > 0) & (p_rest < 1))

@@ -143,6 +143,29 @@ def test_carry_over_judges_each_group_under_thresholds_chosen_without_it() -> No
         policy_carry_over(labels, ["tame"] * 50 + ["mixed"] * 60 + ["b"] * 20, probs)
 
 
+def test_carry_over_refits_what_else_was_chosen_without_the_group() -> None:
+    """With ``refit`` a left-out group's images are judged under probabilities chosen on the others: here a
+    calibration that, fitted without the outlier, moves every score, so the thresholds move with it."""
+    probs = np.concatenate([np.linspace(0.0, 0.6, 50), np.full(9, 0.1), [0.97], np.linspace(0.5, 1.0, 50)])
+    labels = np.array([0] * 60 + [1] * 50)
+    groups = ["tame"] * 50 + ["outlier"] * 10 + ["a"] * 50
+    seen: list[frozenset[str]] = []
+
+    def refit(rest: np.ndarray) -> np.ndarray:
+        seen.append(frozenset(np.asarray(groups)[rest].tolist()))
+        return probs ** 2 if not rest[55] else probs  # a different fit only when the outlier had no say
+
+    carried = {c.group: c for c in policy_carry_over(labels, groups, probs, 0.02, 0.10, refit=refit)}
+    # Asked once per group left out, on the others ("a", the only generator, is never left out).
+    assert seen == [frozenset({"tame", "a"}), frozenset({"outlier", "a"})]
+    rest = np.asarray(groups) != "outlier"
+    squared = choose_thresholds(labels[rest], list(np.asarray(groups)[rest]), probs[rest] ** 2, 0.02, 0.10)
+    assert carried["outlier"].ai_threshold == squared.ai_threshold
+    assert carried["outlier"].ai_generated == pytest.approx(np.mean(probs[50:60] ** 2 >= squared.ai_threshold))
+    plain = {c.group: c for c in policy_carry_over(labels, groups, probs, 0.02, 0.10)}
+    assert carried["tame"] == plain["tame"] and carried["outlier"] != plain["outlier"]
+
+
 def test_an_unmeetable_target_takes_the_strictest_threshold_and_says_so() -> None:
     labels = np.array([0, 0, 1, 1])
     probs = np.array([0.999, 0.1, 0.002, 0.9])

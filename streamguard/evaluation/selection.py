@@ -16,7 +16,7 @@ Thresholds follow the costs a platform has:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +41,11 @@ class Scored:
             raise ValueError("labels, groups and every detector's logits must have one entry per image")
         if not self.logits:
             raise ValueError("no detector scores")
+
+    def only(self, rows: np.ndarray) -> Scored:
+        """These images alone (a boolean mask or indices)."""
+        return Scored(self.labels[rows], tuple(np.asarray(self.groups)[rows].tolist()),
+                      {name: z[rows] for name, z in self.logits.items()})
 
 
 def group_weights(labels: np.ndarray, groups: Sequence[str]) -> np.ndarray:
@@ -224,24 +229,29 @@ class CarryOver:
 
 
 def policy_carry_over(labels: np.ndarray, groups: Sequence[str], probs: np.ndarray, max_false_flag: float = 0.05,
-                      max_false_clear: float = 0.10) -> list[CarryOver]:
+                      max_false_clear: float = 0.10,
+                      refit: Callable[[np.ndarray], np.ndarray] | None = None) -> list[CarryOver]:
     """Each group judged under the thresholds `choose_thresholds` picks without it.
 
     The pooled scores are unseen by every detector, but the thresholds are chosen on them: the worst real
     source sets ``ai_threshold`` with its own images counted. A source the product meets later has no say,
     so a real source flagged over ``max_false_flag`` here is what the rule costs on one it never saw. The
-    only group of its class is left out: without it there is no threshold to choose."""
+    only group of its class is left out: without it there is no threshold to choose. ``refit``: the
+    probabilities of every image under what else was chosen on the pool (fusion weights, calibration),
+    chosen again on the images of a mask (the other groups), so the left-out group has no say in any of it."""
     index = np.asarray(groups)
     out = []
     for name in sorted(set(groups)):
         rest = index != name
-        own, classes = probs[~rest], set(labels[~rest].tolist())
+        classes = set(labels[~rest].tolist())
         if len(classes) != 1:
             raise ValueError(f"group {name!r} holds both real and generated images")
         kind = "real" if classes == {0} else "ai"
         if len(set(labels[rest].tolist())) < 2:  # the only group of its class: nothing to choose on without it
             continue
-        t = choose_thresholds(labels[rest], list(index[rest]), probs[rest], max_false_flag, max_false_clear)
+        chosen = probs if refit is None else refit(rest)
+        own = chosen[~rest]
+        t = choose_thresholds(labels[rest], list(index[rest]), chosen[rest], max_false_flag, max_false_clear)
         out.append(CarryOver(name, kind, t.ai_threshold, t.real_threshold,
                              round(float(np.mean(own >= t.ai_threshold)), 4),
                              round(float(np.mean(own <= t.real_threshold)), 4)))

@@ -28,7 +28,9 @@ from streamguard.config import Settings
 from streamguard.detectors.calibration import sigmoid
 from streamguard.evaluation.datasets import FAKE, Sample
 from streamguard.evaluation.selection import (
+    FusedCalibration,
     Scored,
+    WeightChoice,
     balanced_auc,
     bootstrap_auc,
     choose_thresholds,
@@ -479,18 +481,27 @@ def _mean_one(weights: dict[str, float]) -> dict[str, float]:
     return {name: round(w / mean, 4) for name, w in weights.items()}
 
 
+def choose_fusion(scored: Scored, weight_step: float, rows: np.ndarray | None = None,
+                  ) -> tuple[WeightChoice | None, FusedCalibration, np.ndarray]:
+    """The fusion weights (None for one detector) and the fused logit's calibration chosen on ``rows`` (a mask;
+    None: every image), and every image's fused probability under them."""
+    on = scored if rows is None else scored.only(rows)
+    methods = list(scored.logits)
+    weights = choose_weights(on, weight_step) if len(methods) > 1 else None
+    chosen = weights.weights if weights else {methods[0]: 1.0}
+    # Each fold calibrated on the validation split of the sources it saw, which says little about sources it
+    # did not: the pooled held-out scores recalibrate the fused logit, and the thresholds are chosen on that.
+    calibration = fit_fused_calibration(on.labels, on.groups, fuse(on.logits, chosen))
+    return weights, calibration, sigmoid(calibration.scale * fuse(scored.logits, chosen) + calibration.bias)
+
+
 def build_report(cfg: LosoConfig, folds: Sequence[Fold], pools: dict[str, str] | None = None) -> dict[str, Any]:
     pooled = {m: pooled_scores(cfg, m, folds) for m in cfg.methods}
     for name, path in cfg.unseen_scores:
         pooled[name] = read_unseen_scores(path)
     scored, ids = scored_together(pooled, pools)
     methods = list(pooled)
-    weights = choose_weights(scored, cfg.weight_step) if len(methods) > 1 else None
-    fused_logit = fuse(scored.logits, weights.weights if weights else {methods[0]: 1.0})
-    # Each fold calibrated on the validation split of the sources it saw, which says little about sources it
-    # did not: the pooled held-out scores recalibrate the fused logit, and the thresholds are chosen on that.
-    calibration = fit_fused_calibration(scored.labels, scored.groups, fused_logit)
-    fused = sigmoid(calibration.scale * fused_logit + calibration.bias)
+    weights, calibration, fused = choose_fusion(scored, cfg.weight_step)
     thresholds = choose_thresholds(scored.labels, scored.groups, fused, cfg.max_false_flag, cfg.max_false_clear)
     detectors = {m: summarise(scored, sigmoid(scored.logits[m]), thresholds.ai_threshold, thresholds.real_threshold)
                  for m in methods}
@@ -521,9 +532,10 @@ def build_report(cfg: LosoConfig, folds: Sequence[Fold], pools: dict[str, str] |
         "thresholds": asdict(thresholds),
         "fused_calibration": asdict(calibration),
         "uncertain_share": round(float(np.mean((fused > thresholds.real_threshold) & (fused < thresholds.ai_threshold))), 4),
-        # The rule on sources it did not see: each group judged under thresholds chosen without it.
-        "policy_carry_over": [asdict(c) for c in policy_carry_over(scored.labels, scored.groups, fused,
-                                                                   cfg.max_false_flag, cfg.max_false_clear)],
+        # The rule on sources it did not see: each group judged under a fusion and thresholds chosen without it.
+        "policy_carry_over": [asdict(c) for c in policy_carry_over(
+            scored.labels, scored.groups, fused, cfg.max_false_flag, cfg.max_false_clear,
+            refit=lambda rest: choose_fusion(scored, cfg.weight_step, rest)[2])],
         "detectors": detectors,
         # Balanced AUCs and every pairwise difference, with 95% intervals from resampling images in their groups.
         "auc_intervals": {k: asdict(v) for k, v in bootstrap_auc(scored).items()},
