@@ -54,7 +54,8 @@ _night_twins_option = click.option(
 _feed_twins_option = click.option(
     "--feed-twins", type=click.IntRange(min=0), default=0, show_default=True,
     help="The probe's real class also holds this many real training photos (seeded) shown as a post in a "
-         "rendered screenshot of a social feed (each leaves with its photo's source).")
+         "rendered screenshot of a social feed (each leaves with its photo's source; the shipped univfd weights "
+         "hold 150).")
 
 
 @click.group("train")

@@ -8,6 +8,9 @@ screen looks like (status and navigation bars, lists, cards, buttons, anti-alias
 any held-out image: they are drawn from a seed, so every LOSO fold trains on the same ones and none is held
 out. Rasterised at twice the size and box-reduced, as a compositor's anti-aliasing leaves edges; saved
 losslessly, as a screenshot is, then augmented like every training image.
+
+`FeedPost` draws the same chrome around a real training photo, as a feed shows a post: the renders hold no
+photo, and the commonest screenshot on a platform is of a post (docs/validation.md step 28, shipped).
 """
 
 from __future__ import annotations
