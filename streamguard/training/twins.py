@@ -10,6 +10,8 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from streamguard.evaluation.datasets import REAL, Sample
+from streamguard.training.night import NIGHT_VERSION, NightMode
+from streamguard.training.renders import FEED_VERSION, FeedPost
 
 
 class Twins(Protocol):
@@ -53,9 +55,6 @@ class Asked:
 
 def real_twins(night: int = 0, feed: int = 0) -> list[Asked]:
     """The real-class twins asked for, in the order their rows join training (the embedding order depends on it)."""
-    from streamguard.training.night import NIGHT_VERSION, NightMode
-    from streamguard.training.renders import FEED_VERSION, FeedPost
-
     kinds = (Asked("night", night, NightMode(), NIGHT_VERSION), Asked("feed", feed, FeedPost(), FEED_VERSION))
     for kind in kinds:
         if kind.count < 0:
