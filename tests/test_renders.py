@@ -11,7 +11,6 @@ import numpy as np
 from PIL import Image
 
 from images import encode
-
 from streamguard.evaluation.datasets import REAL
 from streamguard.training.loso import Fold
 from streamguard.training.probe_choice import Candidate, Embedded, choose_by_groups

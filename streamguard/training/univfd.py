@@ -289,10 +289,11 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
 
     data = {name: rows(name, split).without(held_ids) for name, split in splits.items() if split}
     train, val = data["train"], data["val"]
+    train_reals = [s for s in splits["train"] if s.label == REAL]
     fakes = None
     if cfg.matched_fakes:
         matcher = train_matcher(samples, cfg.holdout_sources, cfg.seed, settings.intake, cfg.cache_dir)
-        reals = rows("train", [s for s in splits["train"] if s.label == REAL], matcher).without(held_ids)
+        reals = rows("train", train_reals, matcher).without(held_ids)
         fakes = Embedded(reals.x, reals.owner, [matched(s) for s in reals.samples])
     renders = None
     if cfg.rendered_screens:
@@ -302,7 +303,7 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
     asked = real_twins(night=cfg.night_twins, feed=cfg.feed_twins)
     for kind in asked:
         # Chosen among all training photos, so that every fold shares one cache; a held-out photo's twin leaves.
-        photos = twin_photos([s for s in splits["train"] if s.label == REAL], kind.count, cfg.seed)
+        photos = twin_photos(train_reals, kind.count, cfg.seed)
         made = rows("train", photos, kind.maker).without(held_ids)
         twins[kind.name] = Embedded(made.x, made.owner, [twin_of(s, kind.maker) for s in made.samples])
     extra = None
