@@ -129,8 +129,10 @@ def _run_round(topics: Topics, tmp_path: Path, round_: int, env: dict[str, str],
     try:
         # Batches compressed with a codec this worker lacks (lz4 is blocked in its environment): each of
         # their records becomes a dead letter of its own, and the partition goes on.
-        # One key, so the three land in one partition and one batch.
-        lz4_batch = produce(topics, [_binary(f"lz4-{round_}", encode(noise((24, 24), seed=i), "PNG"))
+        # One key, so the three land in one partition. Stored PNGs of flat colour: kafka-python's producer
+        # sends a batch uncompressed when lz4 would not shrink it, and a noise PNG sent alone (the sender
+        # may flush before the next record joins) did not, so that record was readable after all.
+        lz4_batch = produce(topics, [_binary(f"lz4-{round_}", encode(solid(40 + i, (24, 24)), "PNG", compress_level=0))
                                      for i in range(3)], compression_type="lz4")
         messages = [m for pair in zip([m for m, _ in bad], good(round_) * 5, strict=False) for m in pair]
         sent = produce(topics, messages[:20]) + produce(topics, unreadable(round_)) + produce(topics, messages[20:])
