@@ -9,7 +9,9 @@ import pytest
 from PIL import Image
 
 from streamguard.errors import CorruptImage
-from streamguard.evaluation.perturb import NORMALIZED, PERTURBATIONS, SWEEP, parse_perturbations, perturb
+from streamguard.evaluation.perturb import (FEED_POST, NORMALIZED, PERTURBATIONS, SWEEP, cache_tag,
+                                            parse_perturbations, perturb)
+from streamguard.training.renders import FEED_VERSION, SCREENS, FeedPost
 from test_eval_datasets import BRIGHT, encoded
 
 
@@ -49,7 +51,7 @@ def test_formats_and_sizes() -> None:
 
 def test_brightness_survives_so_labels_stay_meaningful() -> None:
     data = encoded(BRIGHT, "PNG", size=(64, 48))
-    for name in PERTURBATIONS:
+    for name in (*SWEEP, NORMALIZED):  # the feed post adds an app's chrome: its brightness is the app's
         mean = np.asarray(opened(perturb(name, data)).convert("L")).mean() / 255
         assert abs(mean - BRIGHT) < 0.05, name
 
@@ -65,5 +67,20 @@ def test_parse_perturbations() -> None:
     assert parse_perturbations("all") == list(SWEEP)
     assert parse_perturbations("blur2,jpeg") == ["jpeg95", "jpeg75", "jpeg50", "jpeg30", "blur2"]
     assert parse_perturbations("social, downscale") == ["downscale0.5", "downscale0.25", "social"]
+    assert parse_perturbations("feedpost,jpeg75") == ["jpeg75", FEED_POST]  # asked by name only
+    assert FEED_POST not in parse_perturbations("all")
     with pytest.raises(ValueError, match="unknown perturbation 'sepia'"):
         parse_perturbations("jpeg,sepia")
+
+
+def test_feed_post_shows_the_decoded_image_in_a_screenshot() -> None:
+    jpeg = encoded(BRIGHT, "JPEG", size=(300, 200), quality=92)
+    out = perturb(FEED_POST, jpeg)
+    shot = opened(out)
+    assert shot.size in SCREENS  # a whole screen, the photo inside it
+    # The post is drawn from the decoded pixels, as the training twins are from a photo's bytes: a JPEG's
+    # own bytes would seed and decode alike, but the perturbation's input is the intake's decode.
+    decoded = io.BytesIO()
+    opened(jpeg).convert("RGB").save(decoded, format="PNG", compress_level=1)
+    assert out == FeedPost()(decoded.getvalue())
+    assert cache_tag(FEED_POST).endswith(f".{FEED_VERSION}")  # a redrawn post is scored again

@@ -8,6 +8,9 @@ Re-encoding drops metadata, as upload pipelines do; a metadata detector abstains
 Blur and downscale keep the source's format family: JPEG sources are re-saved as JPEG q=95 (a lossless
 save would turn every real photo into a PNG and hand detectors the format shortcut), everything else as
 PNG. ``normalized`` is the shortcut check: every image as JPEG q=90, shortest side 256, centre crop 256.
+``feedpost`` is no robustness perturbation but a re-presentation: the image as a post in a screenshot of a
+social feed (`FeedPost`, the training twins' drawing), the commonest way a platform meets an image again. A
+generated image screenshotted in a feed is still generated content; it is scored apart from the sweep.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from streamguard.intake import decode_image
 
 NONE = "none"
 NORMALIZED = "normalized"
+FEED_POST = "feedpost"
 # Part of every cached score of a perturbed image: bump it when a perturbation's output changes.
 PERTURB_VERSION = "2"
 _KEEP_JPEG_QUALITY = 95
@@ -82,6 +86,13 @@ def _social(img: Image.Image, _fmt: str) -> bytes:
     return _encode(img, "JPEG", quality=_SOCIAL_QUALITY)
 
 
+def _feed_post(img: Image.Image, _fmt: str) -> bytes:
+    # Imported here: the drawing lives with the training twins, and only this perturbation needs it.
+    from streamguard.training.renders import FeedPost
+
+    return FeedPost()(_encode(img, "PNG", compress_level=1))
+
+
 def _normalized(img: Image.Image, _fmt: str) -> bytes:
     w, h = img.size
     scale = _NORMALIZED_SIDE / min(w, h)
@@ -107,16 +118,19 @@ PERTURBATIONS: dict[str, Perturbation] = {
         Perturbation("downscale0.25", "downscale", 0.25, _downscale(0.25)),
         Perturbation("social", "social", 0, _social),
         Perturbation(NORMALIZED, NORMALIZED, 0, _normalized),
+        Perturbation(FEED_POST, FEED_POST, 0, _feed_post),
     )
 }
-SWEEP = tuple(name for name, p in PERTURBATIONS.items() if p.group != NORMALIZED)
+# The robustness sweep: the same content, degraded. The shortcut check and the feed screenshot are asked by name.
+SWEEP = tuple(name for name, p in PERTURBATIONS.items() if p.group not in (NORMALIZED, FEED_POST))
 GROUPS = tuple(dict.fromkeys(PERTURBATIONS[name].group for name in SWEEP))
 
 
 def parse_perturbations(spec: str) -> list[str]:
-    """``none``, ``all``, or a comma list of groups (jpeg, blur, downscale, social) and names (jpeg75).
+    """``none``, ``all``, or a comma list of groups (jpeg, blur, downscale, social) and names (jpeg75,
+    feedpost: never in ``all``, a re-presentation rather than a degradation).
 
-    Returns the robustness perturbations to run, in canonical order; raises ValueError on an unknown name.
+    Returns the perturbations to run, in canonical order; raises ValueError on an unknown name.
     """
     wanted: set[str] = set()
     for token in (t.strip().lower() for t in spec.split(",")):
@@ -126,11 +140,12 @@ def parse_perturbations(spec: str) -> list[str]:
             wanted.update(SWEEP)
         elif token in GROUPS:
             wanted.update(n for n in SWEEP if PERTURBATIONS[n].group == token)
-        elif token in SWEEP:
+        elif token in SWEEP or token == FEED_POST:
             wanted.add(token)
         else:
-            raise ValueError(f"unknown perturbation {token!r}; choose from none, all, {', '.join(GROUPS + SWEEP)}")
-    return [name for name in SWEEP if name in wanted]
+            raise ValueError(f"unknown perturbation {token!r}; choose from none, all, "
+                             f"{', '.join(GROUPS + SWEEP + (FEED_POST,))}")
+    return [name for name in (*SWEEP, FEED_POST) if name in wanted]
 
 
 def perturb(name: str, data: bytes, limits: IntakeSettings | None = None) -> bytes:
@@ -146,4 +161,8 @@ def perturb(name: str, data: bytes, limits: IntakeSettings | None = None) -> byt
 
 def cache_tag(name: str) -> str:
     """The perturbation as a score-cache key part: versioned, so a changed perturbation is never reused."""
+    if name == FEED_POST:
+        from streamguard.training.renders import FEED_VERSION
+
+        return f"{name}@{PERTURB_VERSION}.{FEED_VERSION}"  # a redrawn post must not reuse the old one's scores
     return name if name == NONE else f"{name}@{PERTURB_VERSION}"
