@@ -1,6 +1,6 @@
-"""How real-class twins join univfd's training (`streamguard.training.twins`): the photos chosen are the same
-in every fold, a twin is real and leaves with its photo's source, and a held-out source's photos never reach
-training as twins; with the renders, the one end-to-end training run of univfd's extra real rows."""
+"""How twins join univfd's training (`streamguard.training.twins`): the images chosen are the same in every
+fold, a twin keeps its image's label and leaves with its group, and a held-out group's images never reach
+training as twins; with the renders, the one end-to-end training run of univfd's extra rows."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from streamguard.training.data import is_held_out
 from streamguard.training.loso import LosoConfig, run_settings
 from streamguard.training.night import NIGHT_VERSION, NightMode
 from streamguard.training.renders import FEED_VERSION, RENDER_VERSION, SOURCE as RENDERS, FeedPost
-from streamguard.training.twins import real_twins, twin_of, twin_photos, twin_settings
+from streamguard.training.twins import asked_twins, twin_of, twin_photos, twin_settings
 from streamguard.training.univfd import TrainConfig, train_univfd
 
 
@@ -31,8 +31,10 @@ def test_the_chosen_photos_are_seeded_and_do_not_depend_on_order() -> None:
     assert len(chosen) == 5 and chosen == twin_photos(list(reversed(photos)), 5, seed=0)
     assert chosen != twin_photos(photos, 5, seed=1)
     assert twin_photos(photos, 50, seed=0) == sorted(photos, key=lambda s: s.id)  # all, when asked for more
-    with pytest.raises(ValueError, match="real photos only"):
+    with pytest.raises(ValueError, match="one class's images at a time"):
         twin_photos(photos + [sample("f", "gen", FAKE)], 5, seed=0)
+    fakes = [sample(f"f{i:02d}", "gen", FAKE) for i in range(8)]
+    assert len(twin_photos(fakes, 3, seed=0)) == 3
 
 
 @pytest.mark.parametrize("maker", [NightMode(), FeedPost()], ids=["night", "feed"])
@@ -42,32 +44,45 @@ def test_a_twin_is_real_and_leaves_with_its_photos_source(maker: NightMode | Fee
     assert is_held_out(twin, (), ("phones",)) and not is_held_out(twin, (), ("other",))
 
 
+def test_a_generated_images_feed_post_stays_generated_and_leaves_with_its_generator() -> None:
+    twin = twin_of(sample("root/g1", "gen", FAKE), FeedPost())
+    assert twin.label == FAKE and twin.generator == "g"
+    assert is_held_out(twin, ("g",), ()) and not is_held_out(twin, ("other",), ())
+
+
 def test_the_twins_asked_for_are_recorded_with_their_recipes() -> None:
-    asked = real_twins(night=4, feed=2)
-    assert [(kind.name, kind.count) for kind in asked] == [("night", 4), ("feed", 2)]
-    assert twin_settings(asked) == {"night_twins": [4, NIGHT_VERSION], "feed_twins": [2, FEED_VERSION]}
-    assert twin_settings(real_twins(feed=3)) == {"feed_twins": [3, FEED_VERSION]}  # none asked, none recorded
+    asked = asked_twins(night=4, feed=2, feed_fake=1)
+    assert [(kind.name, kind.count, kind.label) for kind in asked] == [
+        ("night", 4, REAL), ("feed", 2, REAL), ("feed_fake", 1, FAKE)]
+    assert twin_settings(asked) == {"night_twins": [4, NIGHT_VERSION], "feed_twins": [2, FEED_VERSION],
+                                    "feed_fake_twins": [1, FEED_VERSION]}
+    assert twin_settings(asked_twins(feed=3)) == {"feed_twins": [3, FEED_VERSION]}  # none asked, none recorded
     with pytest.raises(ValueError, match="feed_twins must be 0 or more"):
-        real_twins(feed=-1)
+        asked_twins(feed=-1)
+    with pytest.raises(ValueError, match="feed_fake_twins must be 0 or more"):
+        asked_twins(feed_fake=-1)
 
 
 def test_train_univfd_with_renders_and_twins_end_to_end(tmp_path: Path) -> None:
     """Real training code and backbone on a tiny root: renders, night and feed twins join the real class
-    together, none of the twins is made of the held-out source's photos, all are recorded in the weights'
-    meta, and the held-out scores hold none of them."""
+    together and generated feed posts the generated class, none of the twins is made of a held-out group's
+    images, all are recorded in the weights' meta, and the held-out scores hold none of them."""
     tiny_root(tmp_path / "d")
     out = tmp_path / "weights"
     report = train_univfd(load_settings(), TrainConfig(
-        data=(str(tmp_path / "d"),), out=out, holdout_sources=("real0",), rendered_screens=3, night_twins=6,
-        feed_twins=6, augment_draws=1, cache_dir=tmp_path / "cache"))
+        data=(str(tmp_path / "d"),), out=out, holdout_sources=("real0",), holdout_generators=("ai0",),
+        rendered_screens=3, night_twins=6, feed_twins=6, feed_fake_twins=6, augment_draws=1,
+        cache_dir=tmp_path / "cache"))
     counts = report["counts"]
     assert counts["rendered"] == 3  # type: ignore[index]
-    # All six train photos chosen; real0's three left, with their twins of either kind.
-    assert counts["night"] == 3 and counts["feed"] == 3  # type: ignore[index]
-    assert report["train_rows"] == counts["train"] + 3 + 3 + 3  # type: ignore[index]  # fitted on, one row each
+    # All six train images of a class chosen; the held-out group's three left, with their twins of every kind.
+    assert counts["night"] == 3 and counts["feed"] == 3 and counts["feed_fake"] == 3  # type: ignore[index]
+    assert counts["train"] == 6  # type: ignore[index]  # real1's and ai1's three
+    assert report["train_rows"] == 6 + 3 + 3 + 3 + 3  # fitted on, one row each
     meta = json.loads((out / "meta.json").read_text())
     assert meta["rendered_screens"] == [3, RENDER_VERSION]
     assert meta["night_twins"] == [6, NIGHT_VERSION] and meta["feed_twins"] == [6, FEED_VERSION]
+    assert meta["feed_fake_twins"] == [6, FEED_VERSION]
     held = json.loads((out / "held_out.json").read_text())
     twins = (NightMode.suffix, FeedPost.suffix, RENDERS)
     assert held["scores"] and not any(mark in str(s) for s in held["scores"] for mark in twins)
@@ -76,9 +91,10 @@ def test_train_univfd_with_renders_and_twins_end_to_end(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("field", "version", "refusal"), [
     ("night_twins", NIGHT_VERSION, "night-mode twins are for the probe methods"),
     ("feed_twins", FEED_VERSION, "feed twins are for the probe methods"),
+    ("feed_fake_twins", FEED_VERSION, "generated feed twins are for the probe methods"),
     ("rendered_screens", RENDER_VERSION, "rendered screens are for the probe methods"),
 ])
-def test_loso_folds_record_extra_real_rows_and_only_probes_take_them(tmp_path: Path, field: str, version: int,
+def test_loso_folds_record_extra_rows_and_only_probes_take_them(tmp_path: Path, field: str, version: int,
                                                                      refusal: str) -> None:
     base = {"data": ("d",), "loso_data": ("d",), "out": tmp_path}
     plain = LosoConfig(**base, methods=("univfd-blocks",))  # type: ignore[arg-type]

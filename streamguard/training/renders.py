@@ -197,10 +197,11 @@ RESAMPLERS = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC, Image.Resampl
 
 
 class FeedPost:
-    """Real photo bytes -> a screenshot of a social feed that shows the photo as a post (`Twins`).
+    """Image bytes -> a screenshot of a social feed that shows the image as a post (`Twins`).
 
     The commonest screenshot on a platform is of a post: a photo resampled into the app's frame, with the
-    app's chrome around it. The photo keeps its source (it leaves training with it), the chrome is drawn as
+    app's chrome around it. The image keeps its label and group (it leaves training with them: a real photo's
+    post is real, a generated image's is generated, so the chrome tells neither), the chrome is drawn as
     `render_screen` draws it; a quarter are re-shared as JPEG, as a screenshot forwarded is. Seeded by the
     photo's bytes, so every fold and augmentation draw sees the same screenshot."""
 

@@ -1,6 +1,7 @@
-"""Real-class twins: real training photos made again as a platform also meets them (`night`'s night mode,
-`renders`' feed screenshots). A twin keeps its photo's label and source, so it leaves training with that
-source in every fold, outer or inner (`Embedded.without`, `choose_by_groups`)."""
+"""Twins: training images made again as a platform also meets them (`night`'s night mode of a real photo,
+`renders`' feed screenshot of a real photo or of a generated image). A twin keeps its image's label and group,
+so it leaves training with that group in every fold, outer or inner (`Embedded.without`,
+`choose_by_groups`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from streamguard.evaluation.datasets import REAL, Sample
+from streamguard.evaluation.datasets import FAKE, REAL, Sample
 from streamguard.training.night import NIGHT_VERSION, NightMode
 from streamguard.training.renders import FEED_VERSION, FeedPost
 
@@ -23,39 +24,46 @@ class Twins(Protocol):
     def __call__(self, data: bytes) -> bytes: ...
 
 
-class RealTwins(Twins, Protocol):
-    """Twins that stay real; ``suffix`` makes a twin's id, never taken for its photo's in a split or cache."""
+class KeptTwins(Twins, Protocol):
+    """Twins that keep their image's label; ``suffix`` makes a twin's id, never taken for its image's in a split
+    or cache."""
 
     suffix: str
 
 
-def twin_photos(train_reals: Sequence[Sample], count: int, seed: int) -> list[Sample]:
-    """``count`` of the real training photos (all when fewer), seeded: the same choice in every fold, whose
-    held-out photos then leave it (`Embedded.without`), so all folds share one embedding cache."""
-    if any(s.label != REAL for s in train_reals):
-        raise ValueError("real-class twins are made of real photos only")
-    ordered = sorted(train_reals, key=lambda s: s.id)
+def twin_photos(train: Sequence[Sample], count: int, seed: int) -> list[Sample]:
+    """``count`` of the training images of one class (all when fewer), seeded: the same choice in every fold,
+    whose held-out images then leave it (`Embedded.without`), so all folds share one embedding cache."""
+    if len({s.label for s in train}) > 1:
+        raise ValueError("twins are made of one class's images at a time")
+    ordered = sorted(train, key=lambda s: s.id)
     return sorted(random.Random(seed).sample(ordered, min(count, len(ordered))), key=lambda s: s.id)
 
 
-def twin_of(sample: Sample, maker: RealTwins) -> Sample:
-    """A real photo's twin: real, of the photo's source (it leaves training with the photo)."""
+def twin_of(sample: Sample, maker: KeptTwins) -> Sample:
+    """An image's twin: of the image's label and group (it leaves training with the image)."""
     return replace(sample, id=sample.id + maker.suffix)
 
 
 @dataclass(frozen=True)
 class Asked:
-    """Twins a training run asked for: ``count`` photos through ``maker``, whose drawing is at ``recipe``."""
+    """Twins a training run asked for: ``count`` images of class ``label`` through ``maker``, whose drawing is
+    at ``recipe``."""
 
     name: str
     count: int
-    maker: RealTwins
+    label: int
+    maker: KeptTwins
     recipe: int
 
 
-def real_twins(night: int = 0, feed: int = 0) -> list[Asked]:
-    """The real-class twins asked for, in the order their rows join training (the embedding order depends on it)."""
-    kinds = (Asked("night", night, NightMode(), NIGHT_VERSION), Asked("feed", feed, FeedPost(), FEED_VERSION))
+def asked_twins(night: int = 0, feed: int = 0, feed_fake: int = 0) -> list[Asked]:
+    """The twins asked for, in the order their rows join training (the embedding order depends on it).
+    ``feed_fake``: generated training images shown as feed posts, so that a feed's chrome is no cue to the
+    real class and a screenshotted generation is still judged by its pixels."""
+    kinds = (Asked("night", night, REAL, NightMode(), NIGHT_VERSION),
+             Asked("feed", feed, REAL, FeedPost(), FEED_VERSION),
+             Asked("feed_fake", feed_fake, FAKE, FeedPost(), FEED_VERSION))
     for kind in kinds:
         if kind.count < 0:
             raise ValueError(f"{kind.name}_twins must be 0 or more, not {kind.count}")

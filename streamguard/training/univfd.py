@@ -40,7 +40,7 @@ from streamguard.training.held_out import HELD_OUT_FILE, held_out_scores, save_h
 from streamguard.training.matched import matched, train_matcher
 from streamguard.training.probe_choice import Embedded, choose_probe, served_coefficients, stack_draws
 from streamguard.training.renders import RENDER_VERSION, rendered_samples
-from streamguard.training.twins import Twins, real_twins, twin_of, twin_photos, twin_settings
+from streamguard.training.twins import Twins, asked_twins, twin_of, twin_photos, twin_settings
 
 if TYPE_CHECKING:  # the DINOv2 backbone is imported only when a run asks for it
     from streamguard.backbone.dinov2 import Dinov2Encoder
@@ -95,6 +95,8 @@ class TrainConfig:
     night_twins: int = 0
     # ... and this many shown as a post in a screenshot of a social feed (`renders.FeedPost`).
     feed_twins: int = 0
+    # This many generated training images shown as such posts too, in the generated class.
+    feed_fake_twins: int = 0
 
     @property
     def draw(self) -> int:
@@ -300,11 +302,12 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
         # Training rows of no data group: no fold, outer or inner, ever holds them out.
         renders = rows("train", rendered_samples(cfg.rendered_screens, cfg.seed, cfg.cache_dir))
     twins: dict[str, Embedded] = {}
-    asked = real_twins(night=cfg.night_twins, feed=cfg.feed_twins)
+    asked = asked_twins(night=cfg.night_twins, feed=cfg.feed_twins, feed_fake=cfg.feed_fake_twins)
     for kind in asked:
-        # Chosen among all training photos, so that every fold shares one cache; a held-out photo's twin leaves.
-        photos = twin_photos(train_reals, kind.count, cfg.seed)
-        made = rows("train", photos, kind.maker).without(held_ids)
+        # Chosen among all training images of the class, so that every fold shares one cache; a held-out
+        # image's twin leaves.
+        pool = train_reals if kind.label == REAL else [s for s in splits["train"] if s.label != REAL]
+        made = rows("train", twin_photos(pool, kind.count, cfg.seed), kind.maker).without(held_ids)
         twins[kind.name] = Embedded(made.x, made.owner, [twin_of(s, kind.maker) for s in made.samples])
     extra = None
     for more in (renders, fakes, *twins.values()):
