@@ -23,6 +23,7 @@ from PIL import Image, ImageFilter
 
 from streamguard.config import IntakeSettings
 from streamguard.intake import decode_image
+from streamguard.training.renders import FEED_VERSION, FeedPost
 
 NONE = "none"
 NORMALIZED = "normalized"
@@ -42,6 +43,7 @@ class Perturbation:
     group: str  # what ``--perturb`` may name instead of listing each member
     level: float  # the swept parameter (JPEG quality, blur sigma, scale factor), for plots
     apply: Callable[[Image.Image, str], bytes]  # (decoded RGB, source format) -> encoded bytes
+    version: str = PERTURB_VERSION  # in every cached score of it: a perturbation drawn from elsewhere adds that
 
 
 def _encode(img: Image.Image, fmt: str, **options: object) -> bytes:
@@ -87,9 +89,6 @@ def _social(img: Image.Image, _fmt: str) -> bytes:
 
 
 def _feed_post(img: Image.Image, _fmt: str) -> bytes:
-    # Imported here: the drawing lives with the training twins, and only this perturbation needs it.
-    from streamguard.training.renders import FeedPost
-
     return FeedPost()(_encode(img, "PNG", compress_level=1))
 
 
@@ -118,7 +117,7 @@ PERTURBATIONS: dict[str, Perturbation] = {
         Perturbation("downscale0.25", "downscale", 0.25, _downscale(0.25)),
         Perturbation("social", "social", 0, _social),
         Perturbation(NORMALIZED, NORMALIZED, 0, _normalized),
-        Perturbation(FEED_POST, FEED_POST, 0, _feed_post),
+        Perturbation(FEED_POST, FEED_POST, 0, _feed_post, f"{PERTURB_VERSION}.{FEED_VERSION}"),
     )
 }
 # The robustness sweep: the same content, degraded. The shortcut check and the feed screenshot are asked by name.
@@ -161,8 +160,4 @@ def perturb(name: str, data: bytes, limits: IntakeSettings | None = None) -> byt
 
 def cache_tag(name: str) -> str:
     """The perturbation as a score-cache key part: versioned, so a changed perturbation is never reused."""
-    if name == FEED_POST:
-        from streamguard.training.renders import FEED_VERSION
-
-        return f"{name}@{PERTURB_VERSION}.{FEED_VERSION}"  # a redrawn post must not reuse the old one's scores
-    return name if name == NONE else f"{name}@{PERTURB_VERSION}"
+    return name if name == NONE else f"{name}@{PERTURBATIONS[name].version}"

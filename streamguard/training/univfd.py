@@ -291,11 +291,10 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
 
     data = {name: rows(name, split).without(held_ids) for name, split in splits.items() if split}
     train, val = data["train"], data["val"]
-    train_reals = [s for s in splits["train"] if s.label == REAL]
     fakes = None
     if cfg.matched_fakes:
         matcher = train_matcher(samples, cfg.holdout_sources, cfg.seed, settings.intake, cfg.cache_dir)
-        reals = rows("train", train_reals, matcher).without(held_ids)
+        reals = rows("train", [s for s in splits["train"] if s.label == REAL], matcher).without(held_ids)
         fakes = Embedded(reals.x, reals.owner, [matched(s) for s in reals.samples])
     renders = None
     if cfg.rendered_screens:
@@ -306,7 +305,7 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
     for kind in asked:
         # Chosen among all training images of the class, so that every fold shares one cache; a held-out
         # image's twin leaves.
-        pool = train_reals if kind.label == REAL else [s for s in splits["train"] if s.label != REAL]
+        pool = [s for s in splits["train"] if s.label == kind.label]
         made = rows("train", twin_photos(pool, kind.count, cfg.seed), kind.maker).without(held_ids)
         twins[kind.name] = Embedded(made.x, made.owner, [twin_of(s, kind.maker) for s in made.samples])
     extra = None
