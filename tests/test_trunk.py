@@ -37,6 +37,7 @@ from streamguard.config import BackboneSettings, IntakeSettings, Settings, load_
 from streamguard.detectors.spec import CLASS_TOKENS, DetectorInput, LoadContext
 from streamguard.detectors.trunk import MAX_PENDING_BATCHES, SharedTrunk
 from streamguard.intake.contract import prepare_views, with_views
+from streamguard.intake.inset import INSET_VERSION, find_inset
 from streamguard.intake.decode import decode_image
 from streamguard.plugins import build_plugin_manager
 from streamguard.scoring import ImageJob, Scorer
@@ -255,6 +256,32 @@ def test_built_in_detectors_declare_where_they_branch(tiny: dict[str, Path]) -> 
         TrunkSpec(backbone=CLIP_TRUNK, branch_block=-1, load_head=lambda ctx: None)
     with pytest.raises(ValueError, match="cannot be 'classes'"):
         TrunkSpec(backbone=CLIP_TRUNK, branch_block="classes", load_head=lambda ctx: None)  # type: ignore[arg-type]
+
+
+def test_a_detector_configured_for_the_inset_judges_the_photo_a_screenshot_shows(tiny: dict[str, Path]) -> None:
+    """``views = "resize-inset"``: a screenshot around a photo gets the logit the photo alone gets, and its
+    version names the view with the inset rule's version; a plain photo scores as it did."""
+    from test_inset import photo, screen
+
+    shown = photo((1080, 900), seed=7)
+    shot = screen(shown, (0, 420))
+    box = find_inset(shot)
+    assert box is not None
+    jobs = [ImageJob("shot", encode(shot, "PNG")), ImageJob("inside", encode(shot.crop(box), "PNG")),
+            ImageJob("plain", encode(_scene(1, 320), "PNG"))]
+    settings = _settings(tiny, shared=True).model_copy(deep=True)
+    settings.detectors.options["univfd"]["views"] = "resize-inset"
+    plain = _settings(tiny, shared=True)
+    with Scorer(settings, build_plugin_manager(settings.plugins)) as scorer:
+        got = _raw(scorer, jobs)
+        versions = scorer.model_versions
+    with Scorer(plain, build_plugin_manager(plain.plugins)) as resized:
+        before = _raw(resized, jobs)
+        plain_versions = resized.model_versions
+    assert versions["univfd"] == f"{plain_versions['univfd']}@resize-inset{INSET_VERSION}"
+    np.testing.assert_allclose(got["univfd"][0], before["univfd"][1], rtol=0, atol=1e-5)  # the photo's logit
+    assert abs(before["univfd"][0] - before["univfd"][1]) > 1e-3  # which the whole screen does not get
+    np.testing.assert_allclose(got["univfd"][2], before["univfd"][2], rtol=0, atol=1e-5)
 
 
 def test_a_detector_configured_for_native_crops_scores_their_mean_logit(tiny: dict[str, Path]) -> None:

@@ -11,6 +11,9 @@ A ``crop`` contract may ask for several ``crops`` spread over the image (and the
 beside them): the detector scores each view and the runner aggregates their logits into one (mean, or a
 trimmed mean that drops the extremes), never a max, which would let one odd patch decide (SAFE, B-Free and
 SPAI aggregate the same way). Views are placed deterministically, so a replayed image gets the same score.
+
+Any contract may ask for the ``inset`` first: when the image is a screenshot around a photo (`find_inset`),
+the views are cut from that photo, not from the screen, so the app's chrome does not speak for the picture.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from streamguard.intake.decode import DecodedImage
+from streamguard.intake.inset import INSET_VERSION, find_inset
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -46,6 +50,7 @@ class InputContract:
     # judged on its resized view alone ("resize"), for a model trained on resized views, to which a tiled
     # thumbnail is foreign (the shipped univfd on 32 px CIFAKE photos: AUC 0.67 resized, 0.53 padded).
     small_image: Literal["pad", "resize"] = "pad"
+    inset: bool = False  # judge the photo a screenshot shows, where `find_inset` finds one
 
     def __post_init__(self) -> None:
         if self.size <= 0:
@@ -68,20 +73,30 @@ class InputContract:
 
 
 RESIZE = "resize"  # the view name of the contract as a detector declares it
-_VIEW = re.compile(r"^(resize|crops(\d+)(\+whole)?)(-trimmed)?$")
+INSET = "-inset"  # a view name's suffix for the photo inside a screenshot
+_VIEW = re.compile(r"^(resize|crops(\d+)(\+whole)?)(-trimmed)?(-inset)?$")
 
 
 def with_views(base: InputContract, view: str) -> InputContract:
     """``base`` under a view name: ``resize`` (``base`` itself), ``cropsN`` (N native crops) or
-    ``cropsN+whole`` (and the resized whole view), with ``-trimmed`` for a trimmed mean of their logits.
-    The names `detectors.options.<name>.views` and `streamguard train loso-variants` use."""
+    ``cropsN+whole`` (and the resized whole view), with ``-trimmed`` for a trimmed mean of their logits, then
+    ``-inset`` to cut them from the photo a screenshot shows (`find_inset`). The names
+    `detectors.options.<name>.views` and `streamguard train loso-variants` use."""
     match = _VIEW.match(view)
     if match is None:
-        raise ValueError(f"views must be resize, cropsN or cropsN+whole (optionally -trimmed), not {view!r}")
+        raise ValueError(f"views must be resize, cropsN or cropsN+whole (optionally -trimmed, then optionally "
+                         f"-inset), not {view!r}")
+    inset = replace(base, inset=True) if match.group(5) else base
     if match.group(1) == RESIZE:
-        return base
-    return replace(base, fit="crop", crops=int(match.group(2)), whole=bool(match.group(3)),
+        return inset
+    return replace(inset, fit="crop", crops=int(match.group(2)), whole=bool(match.group(3)),
                    aggregate="trimmed-mean" if match.group(4) else "mean")
+
+
+def view_tag(view: str) -> str:
+    """``view`` as a model version names it: an inset view carries the rule's version, so a changed rule is
+    a changed version (and dedupe does not reuse verdicts the old rule made)."""
+    return f"{view}{INSET_VERSION}" if view.endswith(INSET) else view
 
 
 def decode_side(contracts: Iterable[InputContract | None]) -> int | None:
@@ -101,32 +116,40 @@ def prepare(image: DecodedImage, contract: InputContract) -> np.ndarray:
 
     Only the region that survives the centre crop is ever resampled or copied, so nothing larger than the
     output is allocated whatever the image's shape."""
-    if contract.fit == "resize" or _resized_instead(image, contract):
-        pixels = _resize_center_crop(image.rgb, contract.size)
+    rgb = _shown(image, contract)
+    if contract.fit == "resize" or _resized_instead(rgb, contract):
+        pixels = _resize_center_crop(rgb, contract.size)
     else:
         if image.reduced:
             raise ValueError("a crop contract needs native pixels but the image was decoded reduced")
-        pixels = _center_crop_pad(image.rgb, contract.size)
+        pixels = _center_crop_pad(rgb, contract.size)
     return _normalized(np.asarray(pixels).transpose(2, 0, 1), contract)
 
 
-def _resized_instead(image: DecodedImage, contract: InputContract) -> bool:
-    return contract.small_image == "resize" and min(image.rgb.size) < contract.size
+def _shown(image: DecodedImage, contract: InputContract) -> Image.Image:
+    """The pixels the contract's views are cut from: the image, or the photo inside it (``inset``)."""
+    box = find_inset(image.rgb) if contract.inset else None
+    return image.rgb if box is None else image.rgb.crop(box)
+
+
+def _resized_instead(rgb: Image.Image, contract: InputContract) -> bool:
+    return contract.small_image == "resize" and min(rgb.size) < contract.size
 
 
 def prepare_views(image: DecodedImage, contract: InputContract) -> np.ndarray:
     """Every view of a multi-view contract, normalised: (views, 3, size, size). The native crops come first
     (fewer than ``crops`` when the image is too small to hold that many distinct ones), then the whole view;
     under ``small_image = "resize"`` an image too small for one crop has its resized view alone."""
-    if _resized_instead(image, contract):
-        return _normalized(_resize_center_crop(image.rgb, contract.size)[None].transpose(0, 3, 1, 2), contract)
+    rgb = _shown(image, contract)
+    if _resized_instead(rgb, contract):
+        return _normalized(_resize_center_crop(rgb, contract.size)[None].transpose(0, 3, 1, 2), contract)
     if image.reduced:
         raise ValueError("a crop contract needs native pixels but the image was decoded reduced")
-    w, h = image.rgb.size
-    views = [crop_pad(image.rgb, contract.size, left, top) for left, top in crop_boxes(w, h, contract.size,
-                                                                                         contract.crops)]
+    w, h = rgb.size
+    views = [crop_pad(rgb, contract.size, left, top) for left, top in crop_boxes(w, h, contract.size,
+                                                                                  contract.crops)]
     if contract.whole:
-        views.append(_resize_center_crop(image.rgb, contract.size))
+        views.append(_resize_center_crop(rgb, contract.size))
     return _normalized(np.stack(views).transpose(0, 3, 1, 2), contract)
 
 

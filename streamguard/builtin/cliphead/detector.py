@@ -30,7 +30,7 @@ from streamguard.detectors.spec import (
     LoadContext,
     TrunkSpec,
 )
-from streamguard.intake.contract import RESIZE, InputContract, with_views
+from streamguard.intake.contract import RESIZE, InputContract, view_tag, with_views
 
 if TYPE_CHECKING:
     import torch
@@ -85,7 +85,7 @@ class ClipHeadDetector:
         the resized one: the served model's version with what the client does differently named after it."""
         suffix = "" if computation == "fp32" else f".{computation}"
         if view != RESIZE:
-            suffix += f"{VIEW_SEPARATOR}{view}"
+            suffix += f"{VIEW_SEPARATOR}{view_tag(view)}"
         return f"{self.name}-{VERSION_PREFIX}+{self.weights_digest(directory)}{suffix}"
 
     def view(self, settings: Settings) -> str:
