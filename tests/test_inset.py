@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 from streamguard.config import IntakeSettings
 from streamguard.intake import InputContract, decode_image, prepare, prepare_views
 from streamguard.intake.contract import view_tag, with_views
-from streamguard.intake.inset import INSET_VERSION, find_inset
+from streamguard.intake.inset import INSET_VERSION, InsetRules, find_inset
 from streamguard.training.renders import FeedPost, render_screen
 
 
@@ -91,6 +91,18 @@ def test_photos_and_screens_without_a_photo_have_no_inset() -> None:
     # A screen of text, bars and buttons holds nothing to judge apart from itself.
     for seed in range(12):
         assert find_inset(Image.open(io.BytesIO(render_screen(seed))).convert("RGB")) is None
+
+
+def test_a_photos_own_flat_sky_does_not_make_it_a_screen() -> None:
+    """A blown-out sky is exactly flat, one grey, like an app's background; but it meets the land along a
+    ragged horizon, where a screen frames its photo with straight chrome (`InsetRules.min_frame`)."""
+    land = np.asarray(photo((1200, 900), seed=6, sky=False)).copy()
+    horizon = 330 + (60 * np.sin(np.arange(1200) / 70.0) + 40 * np.sin(np.arange(1200) / 23.0)).astype(int)
+    for x, y in enumerate(horizon):
+        land[:y, x] = 255
+    image = Image.fromarray(land)
+    assert find_inset(image) is None
+    assert find_inset(image, InsetRules(min_frame=0.0)) is not None  # what the frame rule turns away
 
 
 def test_a_thumbnail_is_not_what_a_screen_shows() -> None:
