@@ -50,7 +50,10 @@ def test_shipped_weights_are_small_documented_and_score(name: str) -> None:
     settings = load_settings(plugins={"allow": ["builtin-fusion", "builtin-policy", PLUGINS[name]], "deny": []})
     with Scorer(settings, build_plugin_manager(settings.plugins)) as scorer:
         (spec,) = scorer.specs
-        assert spec.name == name and spec.version == DETECTORS[name].version(directory)
+        # Served as the plugin's default view says (`default_view`), on the weights the card describes.
+        detector = DETECTORS[name]
+        assert spec.name == name and spec.version == detector.version(directory, view=detector.default_view)
+        assert spec.served_version == detector.version(directory)
         assert spec.calibration.method == "temperature" and spec.triton_model == name
         outcomes = scorer.score([ImageJob("a", encode(_scene(1), "PNG")), ImageJob("b", encode(noise((300, 200)), "JPEG"))])
     for outcome in outcomes:
@@ -69,7 +72,7 @@ def test_scan_uses_univfd_and_pin_clip_by_default_and_mpft_only_when_enabled(tmp
     assert {s["detector"] for s in verdict["scores"]} == {"univfd", "pin-clip", "provenance"}
     assert all(s["error"] is None for s in verdict["scores"])
     assert verdict["model_versions"]["univfd"].startswith("univfd-1+")
-    assert verdict["model_versions"]["pin-clip"] == PINCLIP.version(PINCLIP.default_weights)
+    assert verdict["model_versions"]["pin-clip"] == PINCLIP.version(PINCLIP.default_weights, view=PINCLIP.default_view)
     proc = subprocess.run([sys.executable, "-m", "streamguard", "scan", "--format", "jsonl", str(image)],
                           capture_output=True, text=True, timeout=300,
                           env={**env, "STREAMGUARD_PLUGINS__ENABLE": '["builtin-mpft"]'})
@@ -86,7 +89,8 @@ def test_eval_measures_the_opt_in_mpft_by_name_unless_it_is_denied(tmp_path: Pat
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["detector"] == "mpft" and metrics["versions"] == {"mpft": MPFT.version(MPFT.default_weights)}
+    served = MPFT.version(MPFT.default_weights, view=MPFT.default_view)
+    assert metrics["detector"] == "mpft" and metrics["versions"] == {"mpft": served}
     assert metrics["results"]["none"]["overall"]["n_fake"] == 2
     denied = subprocess.run(args, capture_output=True, text=True, timeout=300,
                             env={**env, "STREAMGUARD_PLUGINS__DENY": '["builtin-mpft"]'})

@@ -31,10 +31,13 @@ from stack import Topics, WorkerProcess, image_events, produce, wait_for_outcome
 
 from streamguard.builtin.mpft.plugin import DETECTOR as MPFT
 from streamguard.builtin.pinclip.plugin import DETECTOR as PinClip
+from streamguard.builtin.univfd.plugin import DETECTOR as UNIVFD
 from streamguard.config import load_settings
+from streamguard.detectors.spec import VIEW_SEPARATOR
 from streamguard.devstack import Service, TritonService, start_triton
 from streamguard.plugins import build_plugin_manager
 from streamguard.scoring import ImageJob, Scorer
+from streamguard.intake.contract import view_tag
 from streamguard.triton.build import build_repository
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -234,11 +237,13 @@ def test_the_lean_worker_judges_on_triton(lean_python: Path, kafka: Service, tri
     settings = load_settings()
     with Scorer(settings, build_plugin_manager(settings.plugins)) as scorer:
         expected = scorer.score([ImageJob(key=f"x{i}", data=data) for i, data in enumerate(images)])
+    # The served model's version, and after it the views the worker cut (the photo a screenshot shows).
+    judged = f"{version}{VIEW_SEPARATOR}{view_tag(UNIVFD.default_view)}"
     for i, outcome in enumerate(expected):
         verdict = by_id[f"lean-{i}"]
-        assert verdict["model_versions"] == {MODEL: version}
+        assert verdict["model_versions"] == {MODEL: judged}
         (score,) = verdict["scores"]
-        assert score["detector"] == MODEL and score["version"] == version
+        assert score["detector"] == MODEL and score["version"] == judged
         assert score["error"] is None and score["logit"] is not None, score
         want = next(s for s in outcome.verdict.scores if s.detector == MODEL)  # type: ignore[union-attr]
         assert score["logit"] == pytest.approx(want.logit, abs=1e-4)

@@ -227,9 +227,10 @@ def test_versions_name_the_runtime(tiny: dict[str, Path], cache: Path) -> None:
     ort_fp32, ort_mixed = versions(_settings(tiny, cache)), versions(_settings(tiny, cache, precision="int8-mixed"))
     torch_mixed = versions(_settings(tiny, cache, "torch", "int8-mixed"))
     for name in CLIP_DETECTORS:
-        assert ort_fp32[name] == f"{torch_fp32[name]}.ort-fp32"
-        assert ort_mixed[name] == f"{torch_fp32[name]}.ort-int8-mixed"
-        assert torch_mixed[name] == f"{torch_fp32[name]}.int8-mixed"
+        model, at, view = torch_fp32[name].partition("@")  # the computation names the model, before the views
+        assert ort_fp32[name] == f"{model}.ort-fp32{at}{view}"
+        assert ort_mixed[name] == f"{model}.ort-int8-mixed{at}{view}"
+        assert torch_mixed[name] == f"{model}.int8-mixed{at}{view}"
     # On Triton the models are the repository's, built at fp32 by torch, whatever the runtime says.
     assert versions(_settings(tiny, cache, "onnxruntime", "int8-mixed", backend="triton")) == torch_fp32
 

@@ -26,6 +26,7 @@ from streamguard.builtin.cliphead.model import build_branch, build_served
 from streamguard.builtin.mpft.plugin import DETECTOR as MPFT
 from streamguard.builtin.pinclip.plugin import DETECTOR as PINCLIP
 from streamguard.config import BackboneSettings, Settings, load_settings
+from streamguard.intake.inset import INSET_VERSION
 from streamguard.plugins import build_plugin_manager
 from streamguard.scoring import Scorer
 
@@ -94,12 +95,13 @@ def test_versions_change_at_int8_and_stay_as_they_were_at_fp32(tiny: dict[str, P
     mixed = versions(_settings(tiny, "int8-mixed"))
     files = {"univfd": ["head.safetensors"], "pin-clip": ["lora.safetensors", "head.safetensors"],
              "mpft": ["lora.safetensors", "head.safetensors"]}
+    view = f"@resize-inset{INSET_VERSION}"  # the views the built-in detectors cut by default, after the model
     for name in CLIP_DETECTORS:
         digest = hashlib.sha256(b"".join((tiny[name] / f).read_bytes() for f in files[name])).hexdigest()[:10]
-        assert fp32[name] == f"{name}-1+{digest}"  # the format every fp32 verdict and cache entry carries
-        assert int8[name] == f"{name}-1+{digest}.int8"
+        assert fp32[name] == f"{name}-1+{digest}{view}"  # the format every fp32 verdict and cache entry carries
+        assert int8[name] == f"{name}-1+{digest}.int8{view}"
         # Other arithmetic than int8's: its own version, or dedupe would hand out int8 verdicts for it.
-        assert mixed[name] == f"{name}-1+{digest}.int8-mixed"
+        assert mixed[name] == f"{name}-1+{digest}.int8-mixed{view}"
     # On Triton the models are built at fp32, whatever backbone.precision says: the version must match theirs.
     on_triton = versions(_settings(tiny, "int8", backend="triton"))
     assert on_triton == fp32

@@ -120,7 +120,7 @@ def test_a_view_is_chosen_by_the_client_and_scored_on_the_same_ensemble(triton: 
     """``detectors.options.<name>.views``: the crops are cut in the worker and go to the ensemble as images of their
     own; the ensemble serves the version before the ``@`` whatever the views."""
     jobs = [ImageJob(f"wide{i}", _jpeg(i, (420, 260))) for i in range(2)]
-    options = {"univfd": {"views": "crops2+whole"}, "pin-clip": {"views": "crops2"}}  # mpft: the resized view
+    options = {"univfd": {"views": "crops2+whole"}, "pin-clip": {"views": "crops2"}, "mpft": {"views": "resize"}}
     with _scorer(options=options) as local:
         expected = local.score(jobs)
     remote_settings = {"url": triton.grpc_address, "trunk_model": ENSEMBLE_MODEL, "request_timeout_s": 120}

@@ -258,6 +258,19 @@ def test_built_in_detectors_declare_where_they_branch(tiny: dict[str, Path]) -> 
         TrunkSpec(backbone=CLIP_TRUNK, branch_block="classes", load_head=lambda ctx: None)  # type: ignore[arg-type]
 
 
+def _univfd_viewed(tiny: dict[str, Path], jobs: Sequence[ImageJob], views: str) -> tuple[
+        tuple[dict[str, list[float]], dict[str, str]], tuple[dict[str, list[float]], dict[str, str]]]:
+    """(raw logits, versions) of every detector over ``jobs`` with univfd under ``views``, then with all at the
+    resized view, on the shared trunk."""
+    out = []
+    for view in (views, "resize"):
+        settings = _settings(tiny, shared=True).model_copy(deep=True)
+        settings.detectors.options["univfd"]["views"] = view
+        with Scorer(settings, build_plugin_manager(settings.plugins)) as scorer:
+            out.append((_raw(scorer, jobs), scorer.model_versions))
+    return out[0], out[1]
+
+
 def test_a_detector_configured_for_the_inset_judges_the_photo_a_screenshot_shows(tiny: dict[str, Path]) -> None:
     """``views = "resize-inset"``: a screenshot around a photo gets the logit the photo alone gets, and its
     version names the view with the inset rule's version; a plain photo scores as it did."""
@@ -269,15 +282,7 @@ def test_a_detector_configured_for_the_inset_judges_the_photo_a_screenshot_shows
     assert box is not None
     jobs = [ImageJob("shot", encode(shot, "PNG")), ImageJob("inside", encode(shot.crop(box), "PNG")),
             ImageJob("plain", encode(_scene(1, 320), "PNG"))]
-    settings = _settings(tiny, shared=True).model_copy(deep=True)
-    settings.detectors.options["univfd"]["views"] = "resize-inset"
-    plain = _settings(tiny, shared=True)
-    with Scorer(settings, build_plugin_manager(settings.plugins)) as scorer:
-        got = _raw(scorer, jobs)
-        versions = scorer.model_versions
-    with Scorer(plain, build_plugin_manager(plain.plugins)) as resized:
-        before = _raw(resized, jobs)
-        plain_versions = resized.model_versions
+    (got, versions), (before, plain_versions) = _univfd_viewed(tiny, jobs, "resize-inset")
     assert versions["univfd"] == f"{plain_versions['univfd']}@resize-inset{INSET_VERSION}"
     np.testing.assert_allclose(got["univfd"][0], before["univfd"][1], rtol=0, atol=1e-5)  # the photo's logit
     assert abs(before["univfd"][0] - before["univfd"][1]) > 1e-3  # which the whole screen does not get
@@ -291,19 +296,14 @@ def test_a_detector_configured_for_native_crops_scores_their_mean_logit(tiny: di
     jobs = [ImageJob(f"big-{i}", encode(_scene(i, 320), "PNG")) for i in range(3)]
     settings = _settings(tiny, shared=True).model_copy(deep=True)
     settings.detectors.options["univfd"]["views"] = "crops2+whole"
-    plain = _settings(tiny, shared=True)
-    with Scorer(settings, build_plugin_manager(settings.plugins)) as scorer:
-        got = _raw(scorer, jobs)
-        versions = scorer.model_versions
-    with Scorer(plain, build_plugin_manager(plain.plugins)) as resized:
-        before = _raw(resized, jobs)
-    assert versions["univfd"] == f"{resized.model_versions['univfd']}@crops2+whole"
-    assert versions["mpft"] == resized.model_versions["mpft"]
+    (got, versions), (before, plain_versions) = _univfd_viewed(tiny, jobs, "crops2+whole")
+    assert versions["univfd"] == f"{plain_versions['univfd']}@crops2+whole"
+    assert versions["mpft"] == plain_versions["mpft"]
     np.testing.assert_allclose(got["mpft"], before["mpft"], rtol=0, atol=1e-5)
     spec = UNIVFD.spec(settings)
     # The views asked for; an image too small for a crop would get its resized view, as the head was trained.
     assert spec is not None and spec.contract == replace(with_views(CONTRACT, "crops2+whole"), small_image="resize")
-    assert spec.served_version == resized.model_versions["univfd"]  # what Triton and the trunk must serve
+    assert spec.served_version == plain_versions["univfd"]  # what Triton and the trunk must serve
     model = spec.load(LoadContext())
     try:
         for job, logit in zip(jobs, got["univfd"], strict=True):

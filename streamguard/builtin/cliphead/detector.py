@@ -59,6 +59,7 @@ class ClipHeadDetector:
     default_weights: Path
     adapters: bool
     description: str
+    default_view: str = RESIZE  # the views it scores when ``detectors.options.<name>.views`` is unset
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -90,8 +91,8 @@ class ClipHeadDetector:
 
     def view(self, settings: Settings) -> str:
         """``detectors.options.<name>.views``, the views of an image it scores (``resize``, ``crops2``,
-        ``crops2+whole``, ... as `with_views` names them); ``resize`` when unset. Refuses an unknown name."""
-        view = settings.detectors.options.get(self.name, {}).get("views", RESIZE)
+        ``crops2+whole``, ... as `with_views` names them); ``default_view`` when unset. Refuses an unknown name."""
+        view = settings.detectors.options.get(self.name, {}).get("views", self.default_view)
         try:
             served_contract(view)
         except (TypeError, ValueError) as exc:

@@ -17,6 +17,9 @@ DETECTOR = ClipHeadDetector(
     default_weights=Path(__file__).parent / "weights",
     adapters=True,
     description="MPFT: CLIP ViT fine-tuned with LoRA under Texture-Aware Masking.",
+    # As univfd's and pin-clip's (docs/validation.md, step 33): off by default and at weight 0, but enabled it
+    # must take the same pixels, or the shared trunk would run twice an image.
+    default_view="resize-inset",
 )
 NAME = DETECTOR.name
 WEIGHTS_DIR = DETECTOR.default_weights

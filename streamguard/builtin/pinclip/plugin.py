@@ -17,6 +17,7 @@ DETECTOR = ClipHeadDetector(
     default_weights=Path(__file__).parent / "weights",
     adapters=True,
     description="PiN-CLIP: CLIP ViT fine-tuned with LoRA under positive-incentive noise.",
+    default_view="resize-inset",  # as univfd's, which it is fused with (docs/validation.md, step 33)
 )
 NAME = DETECTOR.name
 WEIGHTS_DIR = DETECTOR.default_weights

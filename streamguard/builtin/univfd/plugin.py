@@ -18,6 +18,9 @@ DETECTOR = ClipHeadDetector(
     default_weights=Path(__file__).parent / "weights",
     adapters=False,
     description="UnivFD baseline: linear probe on the frozen CLIP ViT, reading every block's class token (RINE).",
+    # A screenshot around a photo is judged on the photo: the shipped default cleared 47% of held-out
+    # generations shown as feed posts, 14% with the inset, at -0.004 of the AUC on original bytes (step 33).
+    default_view="resize-inset",
 )
 NAME = DETECTOR.name
 WEIGHTS_DIR = DETECTOR.default_weights
