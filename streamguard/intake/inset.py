@@ -39,7 +39,7 @@ class InsetRules:
     # white backdrop) meets the rest of it along an irregular line. Set where 19 of 26 photos and generations
     # that met the other rules fail it, and 2.5% of feed posts do (validation step 33).
     min_frame: float = 0.35
-    max_dominant: float = 0.35  # of the rectangle's pixels within 3 levels of its commonest grey: text above
+    max_dominant: float = 0.35  # of the rectangle's pixels within 3 levels of its commonest grey; more is text
     min_side: int = 96  # native pixels, the shorter side of the inset
 
 
