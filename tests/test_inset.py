@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pytest
+from images import encode
 from PIL import Image, ImageDraw
 
 from streamguard.config import IntakeSettings
@@ -48,9 +49,7 @@ def screen(shown: Image.Image, at: tuple[int, int], size: tuple[int, int] = (108
 
 
 def decoded(image: Image.Image, fmt: str = "PNG", **kwargs: int) -> Image.Image:
-    out = io.BytesIO()
-    image.save(out, format=fmt, **kwargs)
-    return Image.open(io.BytesIO(out.getvalue())).convert("RGB")
+    return Image.open(io.BytesIO(encode(image, fmt, **kwargs))).convert("RGB")
 
 
 def overlap(found: tuple[int, int, int, int], truth: tuple[int, int, int, int]) -> float:
@@ -118,9 +117,8 @@ def test_feed_posts_are_found_inside_the_posts_frame() -> None:
         rng = np.random.default_rng(seed)
         red = photo((900, 640), seed, sky=False).getchannel("R")
         blue = Image.merge("RGB", (red, Image.new("L", red.size, 10), Image.new("L", red.size, 240)))
-        out = io.BytesIO()
-        blue.save(out, format="JPEG", quality=int(rng.integers(85, 96)))
-        shot = Image.open(io.BytesIO(FeedPost()(out.getvalue()))).convert("RGB")
+        post = FeedPost()(encode(blue, "JPEG", quality=int(rng.integers(85, 96))))
+        shot = Image.open(io.BytesIO(post)).convert("RGB")
         pixels = np.asarray(shot).astype(np.int16)
         mask = (pixels[..., 1] < 60) & (pixels[..., 2] > 190)
         box = find_inset(shot)
@@ -136,10 +134,10 @@ def test_feed_posts_are_found_inside_the_posts_frame() -> None:
 def test_the_inset_view_is_the_photo_prepared_as_the_contract_says() -> None:
     shown = photo((1080, 900), seed=4)
     shot = screen(shown, (0, 420))
-    image = decode_image(encode(shot), IntakeSettings())
+    image = decode_image(encode(shot, "PNG"), IntakeSettings())
     box = find_inset(image.rgb)
     assert box is not None
-    inside = decode_image(encode(image.rgb.crop(box)), IntakeSettings())
+    inside = decode_image(encode(image.rgb.crop(box), "PNG"), IntakeSettings())
     for view in ("resize", "crops2+whole"):
         plain = with_views(InputContract(), view)
         inset = with_views(InputContract(), f"{view}-inset")
@@ -148,7 +146,7 @@ def test_the_inset_view_is_the_photo_prepared_as_the_contract_says() -> None:
         np.testing.assert_array_equal(make(image, inset), make(inside, plain))
         assert not np.array_equal(make(image, inset), make(image, plain))
     # An image with no inset is prepared as it always was.
-    alone = decode_image(encode(photo((800, 600), seed=5)), IntakeSettings())
+    alone = decode_image(encode(photo((800, 600), seed=5), "PNG"), IntakeSettings())
     np.testing.assert_array_equal(prepare(alone, with_views(InputContract(), "resize-inset")),
                                   prepare(alone, InputContract()))
 
@@ -159,9 +157,3 @@ def test_inset_view_names_and_versions() -> None:
         with_views(InputContract(), "resize-inset-trimmed")
     assert view_tag("resize-inset") == f"resize-inset{INSET_VERSION}"
     assert view_tag("crops2") == "crops2"
-
-
-def encode(image: Image.Image) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
