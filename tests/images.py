@@ -8,7 +8,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
 
 def solid(value: int, size: tuple[int, int] = (64, 48), mode: str = "RGB") -> Image.Image:
@@ -18,6 +18,22 @@ def solid(value: int, size: tuple[int, int] = (64, 48), mode: str = "RGB") -> Im
 def noise(size: tuple[int, int] = (64, 48), seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def drawn_face(size: tuple[int, int] = (480, 360), at: tuple[int, int] = (240, 170), r: int = 60) -> Image.Image:
+    """A painted face (oval, eyes under brows, nose, mouth; softened) of half-width ``r`` centred ``at``, on
+    a flat background: enough of a face for OpenCV's frontal-face cascade, drawn rather than photographed."""
+    image = Image.new("RGB", size, (70, 90, 120))
+    draw = ImageDraw.Draw(image)
+    x, y = at
+    draw.ellipse((x - r, y - 1.3 * r, x + r, y + 1.3 * r), fill=(225, 180, 150))
+    for side in (-1, 1):
+        ex, ey = x + side * 0.4 * r, y - 0.25 * r
+        draw.ellipse((ex - 0.22 * r, ey - 0.1 * r, ex + 0.22 * r, ey + 0.1 * r), fill=(40, 30, 30))
+        draw.rectangle((ex - 0.28 * r, ey - 0.35 * r, ex + 0.28 * r, ey - 0.25 * r), fill=(60, 40, 30))
+    draw.polygon([(x, y - 0.1 * r), (x - 0.12 * r, y + 0.35 * r), (x + 0.12 * r, y + 0.35 * r)], fill=(200, 150, 125))
+    draw.ellipse((x - 0.35 * r, y + 0.6 * r, x + 0.35 * r, y + 0.8 * r), fill=(150, 60, 60))
+    return image.filter(ImageFilter.GaussianBlur(3))
 
 
 def encode(img: Image.Image, fmt: str, **kwargs: object) -> bytes:

@@ -62,6 +62,12 @@ _feed_fake_twins_option = click.option(
     help="The probe's generated class also holds this many generated training images (seeded) shown as such "
          "posts, so that a feed's chrome is no cue to the real class (each leaves with its generator).")
 
+_portrait_twins_option = click.option(
+    "--portrait-twins", type=click.IntRange(min=0), default=0, show_default=True,
+    help="The probe's real class also holds up to this many real training photos with a face (seeded), each "
+         "cropped as a portrait of it at its own pixels (each leaves with its photo's source; needs OpenCV, "
+         "in the eval extra).")
+
 
 @click.group("train")
 def train_group() -> None:
@@ -92,13 +98,14 @@ def train_group() -> None:
 @_night_twins_option
 @_feed_twins_option
 @_feed_fake_twins_option
+@_portrait_twins_option
 @pass_app
 def train_univfd_command(app: AppContext, data: tuple[str, ...], out: Path | None, seed: int,
                          limit_per_group: int | None, device: str, no_augment: bool,
                          holdout_generators: tuple[str, ...], holdout_sources: tuple[str, ...], reads: str,
                          choose_on: str, augment_seed: int | None, augment_draws: int, matched_fakes: bool,
                          native_jpeg: bool, rendered_screens: int, night_twins: int, feed_twins: int,
-                         feed_fake_twins: int) -> None:
+                         feed_fake_twins: int, portrait_twins: int) -> None:
     """Fit the UnivFD linear probe on frozen CLIP features; writes head, calibration and a report."""
     require("`streamguard train univfd`", "inprocess", "eval")
     from streamguard.builtin.univfd.plugin import WEIGHTS_DIR
@@ -110,7 +117,7 @@ def train_univfd_command(app: AppContext, data: tuple[str, ...], out: Path | Non
                       choose_on=choose_on, augment_seed=augment_seed,
                       augment_draws=augment_draws, matched_fakes=matched_fakes,  # type: ignore[arg-type]
                       native_jpeg=native_jpeg, rendered_screens=rendered_screens, night_twins=night_twins,
-                      feed_twins=feed_twins, feed_fake_twins=feed_fake_twins)
+                      feed_twins=feed_twins, feed_fake_twins=feed_fake_twins, portrait_twins=portrait_twins)
     try:
         report = train_univfd(app.settings, cfg)
     except ValueError as exc:
@@ -377,6 +384,7 @@ def train_nirnet_command(app: AppContext, branches: str, no_simulator: bool, pro
 @_night_twins_option
 @_feed_twins_option
 @_feed_fake_twins_option
+@_portrait_twins_option
 @pass_app
 def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[str, ...], out: Path,
                        methods: tuple[str, ...], folds: int | None, fold_names: tuple[str, ...], seed: int,
@@ -385,7 +393,7 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
                        report_name: str, against: tuple[str, ...], view: str, train_view: str, choose_on: str,
                        augment_seed: int | None, augment_draws: int, pin_clip: tuple[str, ...],
                        matched_fakes: bool, native_jpeg: bool, rendered_screens: int, night_twins: int,
-                       feed_twins: int, feed_fake_twins: int) -> None:
+                       feed_twins: int, feed_fake_twins: int, portrait_twins: int) -> None:
     """Leave-one-source-out validation: per-source results on unseen sources, fusion weights and thresholds."""
     require("`streamguard train loso`", "inprocess", "eval")
     from streamguard.training.loso import DEFAULT_METHODS, LosoConfig, run_loso
@@ -400,7 +408,7 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
                          view=view, train_view=train_view, against=against, choose_on=choose_on,  # type: ignore[arg-type]
                          pin_clip=tuple(_name_value(v, "--pin-clip") for v in pin_clip), matched_fakes=matched_fakes,
                          native_jpeg=native_jpeg, rendered_screens=rendered_screens, night_twins=night_twins,
-                         feed_twins=feed_twins, feed_fake_twins=feed_fake_twins)
+                         feed_twins=feed_twins, feed_fake_twins=feed_fake_twins, portrait_twins=portrait_twins)
         report = run_loso(app.settings, cfg)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None

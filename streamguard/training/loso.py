@@ -201,6 +201,8 @@ class LosoConfig:
     feed_twins: int = 0
     # ... and this many generated training images as such posts, generated (`TrainConfig.feed_fake_twins`).
     feed_fake_twins: int = 0
+    # ... and this many real training photos' portraits of the person in them (`TrainConfig.portrait_twins`).
+    portrait_twins: int = 0
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in LOSO_METHODS + CANDIDATE_METHODS]
@@ -222,13 +224,15 @@ class LosoConfig:
         # What only the probe methods' training has: set for none of the methods, it would silently do nothing.
         probe_only = {"matched fakes are": self.matched_fakes, "the native JPEG re-encode is": self.native_jpeg,
                       "rendered screens are": self.rendered_screens, "night-mode twins are": self.night_twins,
-                      "feed twins are": self.feed_twins, "generated feed twins are": self.feed_fake_twins}
+                      "feed twins are": self.feed_twins, "generated feed twins are": self.feed_fake_twins,
+                      "portrait twins are": self.portrait_twins}
         for what, asked in probe_only.items():
             if asked and not any(m in PROBE_METHODS for m in self.methods):
                 raise ValueError(f"{what} for the probe methods {PROBE_METHODS}")
         if self.rendered_screens < 0:
             raise ValueError(f"rendered_screens must be 0 or more, not {self.rendered_screens}")
-        asked_twins(night=self.night_twins, feed=self.feed_twins, feed_fake=self.feed_fake_twins)  # refuses < 0
+        asked_twins(night=self.night_twins, feed=self.feed_twins, feed_fake=self.feed_fake_twins,
+                    portrait=self.portrait_twins)  # refuses < 0
 
 
 PIN_CLIP_TUNABLE: dict[str, type] = {"mode": str, "beta": float, "noise_scale": float, "attn_dim": int}
@@ -281,7 +285,7 @@ def run_settings(cfg: LosoConfig, method: str) -> dict[str, Any]:
     settings |= {"native_jpeg": True} if method in PROBE_METHODS and cfg.native_jpeg else {}
     screens = method in PROBE_METHODS and cfg.rendered_screens
     settings |= {"rendered_screens": [cfg.rendered_screens, RENDER_VERSION]} if screens else {}
-    twins = asked_twins(cfg.night_twins, cfg.feed_twins, cfg.feed_fake_twins)
+    twins = asked_twins(cfg.night_twins, cfg.feed_twins, cfg.feed_fake_twins, cfg.portrait_twins)
     settings |= twin_settings(twins) if method in PROBE_METHODS else {}
     return settings | ({"choose_on": cfg.choose_on} if method in PROBE_METHODS and cfg.choose_on != "val" else {})
 
@@ -331,7 +335,8 @@ def train_fold(settings: Settings, cfg: LosoConfig, method: str, fold: Fold) -> 
                       "dinov2-blocks": "dinov2-blocks",
                       "rigid": "rigid"}[method], view=cfg.train_view, choose_on=cfg.choose_on,  # type: ignore[arg-type]
             matched_fakes=cfg.matched_fakes, native_jpeg=cfg.native_jpeg, rendered_screens=cfg.rendered_screens,
-            night_twins=cfg.night_twins, feed_twins=cfg.feed_twins, feed_fake_twins=cfg.feed_fake_twins))
+            night_twins=cfg.night_twins, feed_twins=cfg.feed_twins, feed_fake_twins=cfg.feed_fake_twins,
+            portrait_twins=cfg.portrait_twins))
     elif method == "nirnet" or method in NIRNET_ABLATIONS:
         from streamguard.training.nirnet.recipe import NirnetRecipe
         from streamguard.training.nirnet.train import train_nirnet

@@ -1,17 +1,20 @@
 """Twins: training images made again as a platform also meets them (`night`'s night mode of a real photo,
-`renders`' feed screenshot of a real photo or of a generated image). A twin keeps its image's label and group,
+`renders`' feed screenshot of a real photo or of a generated image, `portraits`' portrait of a real photo's
+person). A twin keeps its image's label and group,
 so it leaves training with that group in every fold, outer or inner (`Embedded.without`,
 `choose_by_groups`)."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Protocol
 
 from streamguard.evaluation.datasets import FAKE, REAL, Sample
 from streamguard.training.night import NIGHT_VERSION, NightMode
+from streamguard.training.portraits import PORTRAIT_VERSION, PortraitCrop, with_faces
 from streamguard.training.renders import FEED_VERSION, FeedPost
 
 
@@ -48,22 +51,26 @@ def twin_of(sample: Sample, maker: KeptTwins) -> Sample:
 @dataclass(frozen=True)
 class Asked:
     """Twins a training run asked for: ``count`` images of class ``label`` through ``maker``, whose drawing is
-    at ``recipe``."""
+    at ``recipe``. ``among``: the training images (and a cache folder) -> those a twin can be made of, where
+    not every image makes one."""
 
     name: str
     count: int
     label: int
     maker: KeptTwins
     recipe: int
+    among: Callable[[Sequence[Sample], Path], list[Sample]] | None = None
 
 
-def asked_twins(night: int = 0, feed: int = 0, feed_fake: int = 0) -> list[Asked]:
+def asked_twins(night: int = 0, feed: int = 0, feed_fake: int = 0, portrait: int = 0) -> list[Asked]:
     """The twins asked for, in the order their rows join training (the embedding order depends on it).
     ``feed_fake``: generated training images shown as feed posts, so that a feed's chrome is no cue to the
-    real class and a screenshotted generation is still judged by its pixels."""
+    real class and a screenshotted generation is still judged by its pixels. ``portrait``: real photos with a
+    face, each cropped as a portrait of it."""
     kinds = (Asked("night", night, REAL, NightMode(), NIGHT_VERSION),
              Asked("feed", feed, REAL, FeedPost(), FEED_VERSION),
-             Asked("feed_fake", feed_fake, FAKE, FeedPost(), FEED_VERSION))
+             Asked("feed_fake", feed_fake, FAKE, FeedPost(), FEED_VERSION),
+             Asked("portrait", portrait, REAL, PortraitCrop(), PORTRAIT_VERSION, with_faces))
     for kind in kinds:
         if kind.count < 0:
             raise ValueError(f"{kind.name}_twins must be 0 or more, not {kind.count}")

@@ -97,6 +97,8 @@ class TrainConfig:
     feed_twins: int = 0
     # This many generated training images shown as such posts too, in the generated class.
     feed_fake_twins: int = 0
+    # This many real training photos with a face also as a portrait of it (`portraits`), in the real class.
+    portrait_twins: int = 0
 
     @property
     def draw(self) -> int:
@@ -301,11 +303,13 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
         # Training rows of no data group: no fold, outer or inner, ever holds them out.
         renders = rows("train", rendered_samples(cfg.rendered_screens, cfg.seed, cfg.cache_dir))
     twins: dict[str, Embedded] = {}
-    asked = asked_twins(night=cfg.night_twins, feed=cfg.feed_twins, feed_fake=cfg.feed_fake_twins)
+    asked = asked_twins(night=cfg.night_twins, feed=cfg.feed_twins, feed_fake=cfg.feed_fake_twins,
+                        portrait=cfg.portrait_twins)
     for kind in asked:
         # Chosen among all training images of the class, so that every fold shares one cache; a held-out
         # image's twin leaves.
         pool = [s for s in splits["train"] if s.label == kind.label]
+        pool = kind.among(pool, cfg.cache_dir) if kind.among is not None else pool
         made = rows("train", twin_photos(pool, kind.count, cfg.seed), kind.maker).without(held_ids)
         twins[kind.name] = Embedded(made.x, made.owner, [twin_of(s, kind.maker) for s in made.samples])
     extra = None
