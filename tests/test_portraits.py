@@ -95,6 +95,8 @@ def _samples(directory: Path) -> list[Sample]:
     samples = []
     for name, image in images.items():
         image.save(directory / f"{name}.png")
+    (directory / "broken.png").write_bytes(b"not an image")
+    for name in (*images, "broken"):
         samples.append(Sample(id=name, path=str(directory / f"{name}.png"), member=None, label=REAL,
                               generator="real", family="real", source="photos", split="train"))
     return samples
@@ -106,7 +108,7 @@ def test_only_photos_with_a_face_are_chosen_and_each_is_asked_about_once(tmp_pat
     cache = tmp_path / "cache"
     assert [s.id for s in with_faces(samples, cache)] == ["face-a", "face-b"]
     assert json.loads((cache / f"portrait-faces-{PORTRAIT_VERSION}.json").read_text()) == {
-        "face-a": True, "face-b": True, "noisy": False, "plain": False}
+        "broken": False, "face-a": True, "face-b": True, "noisy": False, "plain": False}
 
     def asked(self: PortraitCrop, data: bytes) -> bool:
         raise AssertionError("asked again about a photo already answered")

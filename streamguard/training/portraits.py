@@ -11,6 +11,9 @@ saves. A twin keeps its photo's source (`twins`), so a held-out source's faces l
 
 Faces are found by OpenCV's frontal-face Haar cascade, which ships inside the opencv wheel (nothing is
 downloaded): deterministic and small, and a missed face only means one twin fewer.
+
+Measured, not shipped (docs/validation.md step 34): the press portraits move from uncertain to real, but the
+ranking is unchanged and a night photo then sets a higher `ai_threshold`.
 """
 
 from __future__ import annotations
@@ -54,9 +57,10 @@ def _cascade():  # type: ignore[no-untyped-def]
 
 
 def largest_face(image: Image.Image) -> tuple[int, int, int, int] | None:
-    """The largest frontal face in ``image`` as (left, top, width, height) in its pixels, or None."""
+    """The largest frontal face in ``image`` (already upright: callers apply its EXIF orientation) as (left,
+    top, width, height) in its pixels, or None."""
     cv2, cascade = _cascade()
-    grey = ImageOps.exif_transpose(image).convert("L")
+    grey = image.convert("L")
     scale = min(1.0, DETECT_SIDE / max(grey.size))
     if scale < 1:
         grey = grey.resize((round(grey.width * scale), round(grey.height * scale)), Image.Resampling.BILINEAR)
@@ -117,9 +121,10 @@ def with_faces(samples: Sequence[Sample], cache_dir: Path) -> list[Sample]:
     if unknown:
         maker = PortraitCrop()
         for sample, data in read_samples(unknown):
+            # An undecodable photo makes no twin, as embedding it would skip it too.
             try:
                 known[sample.id] = maker.frames(data)
-            except OSError:  # undecodable: no twin, as embedding it would skip it too
+            except (OSError, ValueError, Image.DecompressionBombError):
                 known[sample.id] = False
         cache_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(known, sort_keys=True))
