@@ -93,21 +93,30 @@ class PortraitCrop:
     def __call__(self, data: bytes) -> bytes:
         rng = random.Random(f"portrait:{PORTRAIT_VERSION}:{hashlib.sha256(data).hexdigest()}")
         image = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
-        face = largest_face(image)
-        if face is None:
-            raise ValueError("no face to frame")
-        box = portrait_box(face, image.size, rng.uniform(*FRAMING))
-        if box[2] - box[0] < MIN_SIDE:
-            raise ValueError(f"the face frames a portrait of {box[2] - box[0]} px, under {MIN_SIDE}")
+        box = _framed(image, rng.uniform(*FRAMING))
         out = io.BytesIO()
         image.crop(box).save(out, format="JPEG", quality=rng.randint(88, 95))
         return out.getvalue()
 
     def frames(self, data: bytes) -> bool:
-        """Whether ``data`` holds a face that frames a portrait (the twin would not raise)."""
-        image = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
-        face = largest_face(image)
-        return face is not None and min(round(face[2] * FRAMING[0]), *image.size) >= MIN_SIDE
+        """Whether ``data`` holds a face that frames a portrait (the twin would not raise): at the tightest
+        framing, since a portrait's side only grows with it."""
+        try:
+            _framed(ImageOps.exif_transpose(Image.open(io.BytesIO(data))), FRAMING[0])
+        except ValueError:
+            return False
+        return True
+
+
+def _framed(image: Image.Image, framing: float) -> tuple[int, int, int, int]:
+    """The portrait box of ``image``'s largest face at ``framing``; ValueError where none frames one."""
+    face = largest_face(image)
+    if face is None:
+        raise ValueError("no face to frame")
+    box = portrait_box(face, image.size, framing)
+    if box[2] - box[0] < MIN_SIDE:
+        raise ValueError(f"the face frames a portrait of {box[2] - box[0]} px, under {MIN_SIDE}")
+    return box
 
 
 def with_faces(samples: Sequence[Sample], cache_dir: Path) -> list[Sample]:
