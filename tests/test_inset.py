@@ -10,8 +10,9 @@ from images import encode
 from PIL import Image, ImageDraw
 
 from streamguard.config import IntakeSettings
-from streamguard.intake import InputContract, decode_image, prepare, prepare_views
+from streamguard.intake import DecodedImage, InputContract, decode_image, prepare, prepare_views
 from streamguard.intake.contract import view_tag, with_views
+from streamguard.intake.decode import decode_box
 from streamguard.intake.inset import INSET_VERSION, InsetRules, find_inset
 from streamguard.training.renders import FeedPost, render_screen
 
@@ -149,6 +150,63 @@ def test_the_inset_view_is_the_photo_prepared_as_the_contract_says() -> None:
     alone = decode_image(encode(photo((800, 600), seed=5), "PNG"), IntakeSettings())
     np.testing.assert_array_equal(prepare(alone, with_views(InputContract(), "resize-inset")),
                                   prepare(alone, InputContract()))
+
+
+def texture(size: tuple[int, int], seed: int) -> Image.Image:
+    """Detail 3 native pixels across: resolved at a 224-px view of a 570-px photo, lost at a quarter scale."""
+    cells = np.random.default_rng(seed).integers(0, 256, (size[1] // 3, size[0] // 3, 3), dtype=np.uint8)
+    return Image.fromarray(cells).resize(size, Image.Resampling.NEAREST)
+
+
+def test_a_photo_held_too_small_by_a_reduced_decode_is_decoded_again() -> None:
+    # A landscape post on a phone: the screen's decode for a 224-px view is a quarter scale (270x480), which
+    # holds the 1080x570 photo at 270x142.
+    data = encode(screen(texture((1080, 570), seed=1), (0, 420)), "JPEG", quality=90)
+    held, native = decode_image(data, IntakeSettings(), 224), decode_image(data, IntakeSettings())
+    assert held.rgb.size == (270, 480)
+    box = find_inset(held.rgb)
+    assert box is not None and min(box[2] - box[0], box[3] - box[1]) < 224
+    region = decode_box(held, box, 224)
+    # The smallest draft scale that gives the photo the view's size: half, not the file's full size.
+    assert 224 <= min(region.size) < 2 * 224 and abs(region.width - 540) <= 2
+    # The view is what the native file's photo gives (the same box), not the held pixels enlarged.
+    scale = native.rgb.width / held.rgb.width
+    same_box = native.rgb.crop(tuple(round(v * scale) for v in box))
+    reference = prepare(DecodedImage(same_box, "JPEG", *same_box.size), InputContract())
+    enlarged = prepare(DecodedImage(held.rgb.crop(box), "JPEG", *same_box.size), InputContract())
+    view = prepare(held, with_views(InputContract(), "resize-inset"))
+    assert np.abs(view - reference).mean() < 0.5 * np.abs(enlarged - reference).mean()
+
+
+def test_a_photo_the_held_pixels_serve_is_not_decoded_again() -> None:
+    data = encode(screen(texture((1080, 900), seed=2), (0, 420)), "JPEG", quality=90)
+    held = decode_image(data, IntakeSettings(), 224)
+    box = find_inset(held.rgb)
+    assert box is not None and min(box[2] - box[0], box[3] - box[1]) >= 224
+    assert decode_box(held, box, 224).tobytes() == held.rgb.crop(box).tobytes()
+    native = decode_image(data, IntakeSettings())
+    native_box = find_inset(native.rgb)
+    assert native_box is not None and decode_box(native, native_box, 224).size == native.rgb.crop(native_box).size
+
+
+def test_decoding_again_keeps_the_orientation_and_serves_other_formats() -> None:
+    upright = screen(texture((1080, 570), seed=3), (0, 420))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: the file holds the screen on its side
+    sideways = encode(upright.transpose(Image.Transpose.ROTATE_90), "JPEG", quality=95, exif=exif.tobytes())
+    held = decode_image(sideways, IntakeSettings(), 224)
+    plain = decode_image(encode(upright, "JPEG", quality=95), IntakeSettings(), 224)
+    assert held.rgb.size == plain.rgb.size == (270, 480)
+    box = find_inset(held.rgb)
+    assert box is not None and box == find_inset(plain.rgb)
+    turned, straight = decode_box(held, box, 224), decode_box(plain, box, 224)
+    assert turned.size == straight.size
+    assert np.abs(np.asarray(turned, np.float32) - np.asarray(straight, np.float32)).mean() < 4
+    # A PNG is reduced by an integer factor after decoding: its photo comes back at native pixels.
+    shot = screen(texture((1440, 400), seed=4), (0, 420), size=(1440, 2560))
+    reduced = decode_image(encode(shot, "PNG"), IntakeSettings(), 224)
+    assert reduced.rgb.size == (720, 1280)
+    assert decode_box(reduced, (0, 210, 720, 410), 224).tobytes() == shot.crop((0, 420, 1440, 820)).tobytes()
 
 
 def test_inset_view_names_and_versions() -> None:

@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from streamguard.intake.decode import DecodedImage
+from streamguard.intake.decode import DecodedImage, decode_box
 from streamguard.intake.inset import INSET_VERSION, find_inset
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -129,7 +129,10 @@ def prepare(image: DecodedImage, contract: InputContract) -> np.ndarray:
 def _shown(image: DecodedImage, contract: InputContract) -> Image.Image:
     """The pixels the contract's views are cut from: the image, or the photo inside it (``inset``)."""
     box = find_inset(image.rgb) if contract.inset else None
-    return image.rgb if box is None else image.rgb.crop(box)
+    if box is None:
+        return image.rgb
+    # A decode reduced for the whole screen may hold the photo under the contract's size: decoded again then.
+    return decode_box(image, box, contract.size)
 
 
 def _resized_instead(rgb: Image.Image, contract: InputContract) -> bool:

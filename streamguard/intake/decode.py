@@ -140,6 +140,38 @@ def decode_image(data: bytes, limits: IntakeSettings, min_side: int | None = Non
     )
 
 
+def decode_box(image: DecodedImage, box: tuple[int, int, int, int], min_side: int) -> Image.Image:
+    """The region ``box`` of ``image`` (in ``image.rgb``'s pixels) with its shorter side at least ``min_side``
+    pixels where the original holds that many: decoded again from ``image.data`` at the scale that gives the
+    region that size when ``image`` was held too small for it, else cut from ``image.rgb``.
+
+    A decode is reduced for the whole image's sake; a part of it judged on its own (the photo inside a
+    screenshot) would otherwise be enlarged from pixels the decode threw away: a phone screenshot held at a
+    quarter scale shows a landscape post's photo at ~140 px where the file holds ~560. The bytes passed every
+    limit when ``image`` was decoded from them, so only the region's scale is decided here."""
+    left, top, right, bottom = box
+    held = min(right - left, bottom - top)
+    if not image.reduced or not image.data or held >= min_side:
+        return image.rgb.crop(box)
+    # Sides are proportional up to the draft's and the reduction's rounding (under a pixel of ``image.rgb``).
+    native = held * image.width / image.rgb.width
+    img = _open(image.data)
+    if _format(img) == "JPEG" and native > min_side:
+        scale = min_side / native
+        img.draft("RGB", (math.ceil(img.size[0] * scale), math.ceil(img.size[1] * scale)))
+    transpose = _orientation(img)
+    try:
+        img.load()
+    except Exception as exc:  # noqa: BLE001 - decoded once already; a decoder that now fails is reported
+        raise CorruptImage(f"cannot decode {_format(img)} again: {exc}") from None
+    img = _to_rgb(img)
+    if transpose is not None:
+        img = img.transpose(transpose)
+    sx, sy = img.width / image.rgb.width, img.height / image.rgb.height
+    region = (round(left * sx), round(top * sy), min(img.width, round(right * sx)), min(img.height, round(bottom * sy)))
+    return img.crop(region)
+
+
 def estimate_decoded_pixels(data: bytes, settings: IntakeSettings, decode_side: int | None) -> int:
     """Pixels of the image `decode_image(data, settings, decode_side)` returns, from the header alone (no
     pixel is decoded); 0 for bytes the decode step will refuse. A batch can use it to bound what it holds

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-INSET_VERSION = 1
+# 2: the photo decoded again from the file where the screenshot's reduced decode held it under the view's size.
+INSET_VERSION = 2
 _WORK_SIDE = 512  # the long side the search runs at: a phone screen's photo stays ~30 blocks wide
 _BLOCK = 8
 _FLAT_RANGE = 1  # grey levels a block may span and still be flat colour (JPEG leaves flat chrome near-flat)
