@@ -148,7 +148,9 @@ def decode_box(image: DecodedImage, box: tuple[int, int, int, int], min_side: in
     A decode is reduced for the whole image's sake; a part of it judged on its own (the photo inside a
     screenshot) would otherwise be enlarged from pixels the decode threw away: a phone screenshot held at a
     quarter scale shows a landscape post's photo at ~140 px where the file holds ~560. The bytes passed every
-    limit when ``image`` was decoded from them, so only the region's scale is decided here."""
+    limit when ``image`` was decoded from them, so only the region's scale is decided here. While it runs it
+    holds the whole image at that scale (a phone screenshot's landscape photo: 540x1170), one image per
+    preparing thread, beside what a batch's pixel budget (`estimate_decoded_pixels`) counts."""
     left, top, right, bottom = box
     held = min(right - left, bottom - top)
     if not image.reduced or not image.data or held >= min_side:
