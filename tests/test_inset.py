@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -187,6 +188,18 @@ def test_a_photo_the_held_pixels_serve_is_not_decoded_again() -> None:
     native = decode_image(data, IntakeSettings())
     native_box = find_inset(native.rgb)
     assert native_box is not None and decode_box(native, native_box, 224).size == native.rgb.crop(native_box).size
+
+
+def test_bytes_that_fail_to_decode_again_keep_the_held_view() -> None:
+    # A batch's inputs are prepared together: a second decode that fails must not cost the other images.
+    data = encode(screen(texture((1080, 570), seed=5), (0, 420)), "JPEG", quality=90)
+    held = decode_image(data, IntakeSettings(), 224)
+    box = find_inset(held.rgb)
+    assert box is not None
+    for broken in (data[: len(data) // 2], b"not an image at all"):
+        again = decode_box(replace(held, data=broken), box, 224)
+        assert again.tobytes() == held.rgb.crop(box).tobytes()
+    assert min(decode_box(held, box, 224).size) >= 224  # the intact bytes are decoded again
 
 
 def test_decoding_again_keeps_the_orientation_and_serves_other_formats() -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import numpy as np
+import structlog
 from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from streamguard.config import IntakeSettings
@@ -36,6 +37,8 @@ try:  # HEIF is optional: present when pillow-heif installs cleanly on the platf
     pillow_heif.register_heif_opener()
 except ImportError:  # pragma: no cover - depends on the platform's wheels
     pass
+
+log = structlog.get_logger(__name__)
 
 # Composite transparent images on white: that is how feeds show them to people.
 _MATTE = (255, 255, 255)
@@ -157,15 +160,18 @@ def decode_box(image: DecodedImage, box: tuple[int, int, int, int], min_side: in
         return image.rgb.crop(box)
     # Sides are proportional up to the draft's and the reduction's rounding (under a pixel of ``image.rgb``).
     native = held * image.width / image.rgb.width
-    img = _open(image.data)
-    if _format(img) == "JPEG" and native > min_side:
-        scale = min_side / native
-        img.draft("RGB", (math.ceil(img.size[0] * scale), math.ceil(img.size[1] * scale)))
-    transpose = _orientation(img)
     try:
+        img = _open(image.data)
+        if _format(img) == "JPEG" and native > min_side:
+            scale = min_side / native
+            img.draft("RGB", (math.ceil(img.size[0] * scale), math.ceil(img.size[1] * scale)))
+        transpose = _orientation(img)
         img.load()
-    except Exception as exc:  # noqa: BLE001 - decoded once already; a decoder that now fails is reported
-        raise CorruptImage(f"cannot decode {_format(img)} again: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - hostile bytes may decode at one scale and fail at another
+        # The detectors run a batch at a time: an error here would cost every image in it, so this one keeps
+        # the view its first decode gives.
+        log.warning("intake.decode_again_failed", error=str(exc), held=held, wanted=min_side)
+        return image.rgb.crop(box)
     img = _to_rgb(img)
     if transpose is not None:
         img = img.transpose(transpose)
