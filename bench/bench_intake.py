@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from synthetic import photo_jpeg
 from streamguard.config import IntakeSettings
 from streamguard.intake import InputContract, decode_image, prepare
 from streamguard.intake.contract import with_views
@@ -43,13 +44,6 @@ def _jpeg(size: tuple[int, int], seed: int) -> bytes:
     return buf.getvalue()
 
 
-def _photo(size: tuple[int, int], seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size, Image.Resampling.BICUBIC)
-    grain = rng.normal(0, 6, (size[1], size[0], 3))
-    return Image.fromarray(np.clip(np.asarray(coarse, np.float64) + grain, 0, 255).astype(np.uint8))
-
-
 # (screen, the post's photo, where it sits): a phone with a landscape photo (held at 270x142 by the screen's
 # quarter-scale decode: decoded again), with a square one (held at 270 px: not), and a desktop's column.
 SCREENS = [((1080, 2340), (1080, 565), (0, 380)), ((1080, 2340), (1080, 1080), (0, 380)),
@@ -63,7 +57,7 @@ def _screenshot(screen: tuple[int, int], photo: tuple[int, int], at: tuple[int, 
     for k in range(8):
         draw.text((40, at[1] + photo[1] + 30 + 40 * k), "a comment and its replies, one line", fill=(20, 20, 20),
                   font_size=28)
-    image.paste(_photo(photo, seed), at)
+    image.paste(Image.open(io.BytesIO(photo_jpeg(photo, seed))), at)  # a photo posted as a camera saved it
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=85)
     return buf.getvalue()

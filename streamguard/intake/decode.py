@@ -103,8 +103,7 @@ def read_header(data: bytes, limits: IntakeSettings, min_side: int | None = None
     fmt = _format(img)
     size = img.size
     frames = getattr(img, "n_frames", 1)
-    if min_side is not None and fmt == "JPEG":
-        img.draft("RGB", (min_side, min_side))  # only rewrites the header's scale and size
+    _draft(img, min_side)
     width, height = _reduced_size(img.size, _reduce_factor(img.size, min_side))
     return ImageHeader(img, fmt, size, frames, width * height)
 
@@ -124,14 +123,9 @@ def decode_image(data: bytes, limits: IntakeSettings, min_side: int | None = Non
     except Exception as exc:  # noqa: BLE001 - decoders raise many types on hostile input
         raise CorruptImage(f"cannot decode {fmt}: {exc}") from None
     metadata = _metadata(img)
-    transpose = _orientation(img)
-    # Rebinding ``img`` at each step lets the full-size buffer go as soon as the next one exists.
-    img = _to_rgb(img)
-    img = _reduce(img, min_side)
-    if transpose is not None:
-        img = img.transpose(transpose)
-        if transpose in _SWAPS_SIDES:
-            width, height = height, width
+    img, transpose = _upright(img, min_side)
+    if transpose in _SWAPS_SIDES:
+        width, height = height, width
     return DecodedImage(
         rgb=img,
         format=fmt,
@@ -158,23 +152,19 @@ def decode_box(image: DecodedImage, box: tuple[int, int, int, int], min_side: in
     held = min(right - left, bottom - top)
     if not image.reduced or not image.data or held >= min_side:
         return image.rgb.crop(box)
-    # Sides are proportional up to the draft's and the reduction's rounding (under a pixel of ``image.rgb``).
-    native = held * image.width / image.rgb.width
+    # Sides scale together, so the region has ``min_side`` where the whole image's short side has this: the
+    # decode `decode_image` makes at that side serves it.
+    side = math.ceil(min_side * min(image.rgb.size) / held)
     try:
         img = _open(image.data)
-        if _format(img) == "JPEG" and native > min_side:
-            scale = min_side / native
-            img.draft("RGB", (math.ceil(img.size[0] * scale), math.ceil(img.size[1] * scale)))
-        transpose = _orientation(img)
+        _draft(img, side)
         img.load()
     except Exception as exc:  # noqa: BLE001 - hostile bytes may decode at one scale and fail at another
         # The detectors run a batch at a time: an error here would cost every image in it, so this one keeps
         # the view its first decode gives.
         log.warning("intake.decode_again_failed", error=str(exc), held=held, wanted=min_side)
         return image.rgb.crop(box)
-    img = _to_rgb(img)
-    if transpose is not None:
-        img = img.transpose(transpose)
+    img, _ = _upright(img, side)
     sx, sy = img.width / image.rgb.width, img.height / image.rgb.height
     region = (round(left * sx), round(top * sy), min(img.width, round(right * sx)), min(img.height, round(bottom * sy)))
     return img.crop(region)
@@ -235,6 +225,25 @@ def _open(data: bytes) -> ImageFile.ImageFile:
         raise TooLarge(str(exc)) from None
     except Exception as exc:  # noqa: BLE001
         raise CorruptImage(f"cannot parse image header: {exc}") from None
+
+
+def _draft(img: ImageFile.ImageFile, min_side: int | None) -> None:
+    """A JPEG set to decode at the largest power-of-two reduction keeping both sides at least ``min_side``
+    (Pillow's draft mode; only the header's scale and size are rewritten). Other formats decode whole."""
+    if min_side is not None and _format(img) == "JPEG":
+        img.draft("RGB", (min_side, min_side))
+
+
+def _upright(img: Image.Image, min_side: int | None) -> tuple[Image.Image, Image.Transpose | None]:
+    """The loaded ``img`` as RGB, reduced for ``min_side`` (`_reduce`) and turned as its EXIF orientation asks;
+    and that turn."""
+    transpose = _orientation(img)
+    # Rebinding ``img`` at each step lets the full-size buffer go as soon as the next one exists.
+    img = _to_rgb(img)
+    img = _reduce(img, min_side)
+    if transpose is not None:
+        img = img.transpose(transpose)
+    return img, transpose
 
 
 def _reduce_factor(size: tuple[int, int], min_side: int | None) -> int:
