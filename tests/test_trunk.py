@@ -289,6 +289,22 @@ def test_a_detector_configured_for_the_inset_judges_the_photo_a_screenshot_shows
     np.testing.assert_allclose(got["univfd"][2], before["univfd"][2], rtol=0, atol=1e-5)
 
 
+def test_a_detector_configured_for_the_mirror_image_scores_both_sides_the_same(tiny: dict[str, Path]) -> None:
+    """``views = "resize-flip"``: a picture and its mirror image get the same logit, the mean of the two logits
+    the resized view alone gives them; its version names the view."""
+    # Square, so the centre crop has no odd pixel to put on one side; smooth on one side, noise on the other.
+    scene = _scene(3, 320)
+    scene.paste(noise((320, 160), seed=3), (160, 0))
+    jobs = [ImageJob("scene", encode(scene, "PNG")),
+            ImageJob("mirror", encode(scene.transpose(Image.Transpose.FLIP_LEFT_RIGHT), "PNG"))]
+    (got, versions), (before, plain_versions) = _univfd_viewed(tiny, jobs, "resize-flip")
+    assert versions["univfd"] == f"{plain_versions['univfd']}@resize-flip"
+    assert abs(before["univfd"][0] - before["univfd"][1]) > 1e-3  # the resized view alone tells them apart
+    both = (before["univfd"][0] + before["univfd"][1]) / 2
+    np.testing.assert_allclose(got["univfd"], [both, both], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got["mpft"], before["mpft"], rtol=0, atol=1e-5)
+
+
 def test_a_detector_configured_for_native_crops_scores_their_mean_logit(tiny: dict[str, Path]) -> None:
     """``detectors.options.<name>.views``: univfd on two native crops and the resized whole view, on the shared
     trunk, gives the mean of its own whole model's logits over those views; its version says so, and a

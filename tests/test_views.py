@@ -13,7 +13,7 @@ from streamguard.config import DetectorSettings, IntakeSettings
 from streamguard.detectors.runner import DetectorRunner
 from streamguard.detectors.spec import Calibration, DetectorInput, DetectorSpec
 from streamguard.intake import InputContract, aggregate_logits, decode_image, prepare, prepare_views
-from streamguard.intake.contract import crop_boxes
+from streamguard.intake.contract import crop_boxes, with_views
 from streamguard.scoring import _input
 
 
@@ -112,3 +112,29 @@ def test_the_runner_scores_every_view_and_aggregates_per_image(aggregate: str) -
         expected = aggregate_logits([float(v.mean()) for v in x.views], aggregate)
         assert score.raw_logit == pytest.approx(expected, rel=1e-6)
     runner.close()
+
+
+def test_a_flipped_contract_adds_each_views_mirror_image_after_the_views() -> None:
+    image = _decoded(600, 400, 3)
+    resized = prepare_views(image, with_views(InputContract(), "resize-flip"))
+    whole = prepare(image, InputContract())
+    assert resized.shape == (2, 3, 224, 224)
+    np.testing.assert_array_equal(resized[0], whole)
+    np.testing.assert_array_equal(resized[1], whole[:, :, ::-1])
+    contract = with_views(InputContract(), "crops2+whole-trimmed-flip")
+    assert contract.multiview and contract.aggregate == "trimmed-mean" and contract.fit == "crop"
+    plain = prepare_views(image, with_views(InputContract(), "crops2+whole"))
+    views = prepare_views(image, contract)
+    assert len(views) == 2 * len(plain) == 6
+    np.testing.assert_array_equal(views[:3], plain)
+    np.testing.assert_array_equal(views[3:], plain[:, :, :, ::-1])
+
+
+def test_flip_view_names() -> None:
+    both = with_views(InputContract(), "resize-flip-inset")
+    assert both.flip and both.inset and both.fit == "resize"
+    assert not with_views(InputContract(), "resize-inset").flip
+    assert with_views(InputContract(flip=True), "resize").flip  # a contract's own flip is kept
+    for name in ("resize-inset-flip", "resize-trimmed-flip", "flip"):  # -trimmed needs views, -inset comes last
+        with pytest.raises(ValueError, match="views must be"):
+            with_views(InputContract(), name)

@@ -12,7 +12,8 @@ beside them): the detector scores each view and the runner aggregates their logi
 trimmed mean that drops the extremes), never a max, which would let one odd patch decide (SAFE, B-Free and
 SPAI aggregate the same way). Views are placed deterministically, so a replayed image gets the same score.
 
-Any contract may ask for the ``inset`` first: when the image is a screenshot around a photo (`find_inset`),
+Any contract may ask for each view's mirror image too (``flip``), aggregated with the views, so a score does not
+hang on which way the picture faces; and for the ``inset`` first: when the image is a screenshot around a photo (`find_inset`),
 the views are cut from that photo, not from the screen, so the app's chrome does not speak for the picture.
 """
 
@@ -51,6 +52,7 @@ class InputContract:
     # thumbnail is foreign (the shipped univfd on 32 px CIFAKE photos: AUC 0.67 resized, 0.53 padded).
     small_image: Literal["pad", "resize"] = "pad"
     inset: bool = False  # judge the photo a screenshot shows, where `find_inset` finds one
+    flip: bool = False  # each view's left-right mirror image beside it
 
     def __post_init__(self) -> None:
         if self.size <= 0:
@@ -69,27 +71,28 @@ class InputContract:
     @property
     def multiview(self) -> bool:
         """Whether `prepare_views` (several views per image) rather than `prepare` makes the input."""
-        return self.crops > 1 or self.whole
+        return self.crops > 1 or self.whole or self.flip
 
 
 RESIZE = "resize"  # the view name of the contract as a detector declares it
 INSET = "-inset"  # a view name's suffix for the photo inside a screenshot
-_VIEW = re.compile(r"^(resize|crops(\d+)(\+whole)?)(-trimmed)?(-inset)?$")
+# -trimmed follows crops only: the one resized view (and its mirror) leaves nothing to trim.
+_VIEW = re.compile(r"^(resize|crops(\d+)(\+whole)?(-trimmed)?)(-flip)?(-inset)?$")
 
 
 def with_views(base: InputContract, view: str) -> InputContract:
     """``base`` under a view name: ``resize`` (``base`` itself), ``cropsN`` (N native crops) or
     ``cropsN+whole`` (and the resized whole view), with ``-trimmed`` for a trimmed mean of their logits, then
-    ``-inset`` to cut them from the photo a screenshot shows (`find_inset`). The names
-    `detectors.options.<name>.views` and `streamguard train loso-variants` use."""
+    ``-flip`` for each view's mirror image too, then ``-inset`` to cut them from the photo a screenshot shows
+    (`find_inset`). The names `detectors.options.<name>.views` and `streamguard train loso-variants` use."""
     match = _VIEW.match(view)
     if match is None:
-        raise ValueError(f"views must be resize, cropsN or cropsN+whole (optionally -trimmed, then optionally "
-                         f"-inset), not {view!r}")
-    inset = replace(base, inset=True) if match.group(5) else base
+        raise ValueError(f"views must be resize, cropsN or cropsN+whole (crops optionally -trimmed), then "
+                         f"optionally -flip, then optionally -inset, not {view!r}")
+    contract = replace(base, flip=base.flip or bool(match.group(5)), inset=base.inset or bool(match.group(6)))
     if match.group(1) == RESIZE:
-        return inset
-    return replace(inset, fit="crop", crops=int(match.group(2)), whole=bool(match.group(3)),
+        return contract
+    return replace(contract, fit="crop", crops=int(match.group(2)), whole=bool(match.group(3)),
                    aggregate="trimmed-mean" if match.group(4) else "mean")
 
 
@@ -142,17 +145,21 @@ def _resized_instead(rgb: Image.Image, contract: InputContract) -> bool:
 def prepare_views(image: DecodedImage, contract: InputContract) -> np.ndarray:
     """Every view of a multi-view contract, normalised: (views, 3, size, size). The native crops come first
     (fewer than ``crops`` when the image is too small to hold that many distinct ones), then the whole view;
-    under ``small_image = "resize"`` an image too small for one crop has its resized view alone."""
+    under ``small_image = "resize"`` an image too small for one crop has its resized view alone; a resize
+    contract has its one view. Under ``flip`` the mirror images follow, in the same order."""
     rgb = _shown(image, contract)
-    if _resized_instead(rgb, contract):
-        return _normalized(_resize_center_crop(rgb, contract.size)[None].transpose(0, 3, 1, 2), contract)
-    if image.reduced:
-        raise ValueError("a crop contract needs native pixels but the image was decoded reduced")
-    w, h = rgb.size
-    views = [crop_pad(rgb, contract.size, left, top) for left, top in crop_boxes(w, h, contract.size,
-                                                                                  contract.crops)]
-    if contract.whole:
-        views.append(_resize_center_crop(rgb, contract.size))
+    if contract.fit == "resize" or _resized_instead(rgb, contract):
+        views = [_resize_center_crop(rgb, contract.size)]
+    else:
+        if image.reduced:
+            raise ValueError("a crop contract needs native pixels but the image was decoded reduced")
+        w, h = rgb.size
+        views = [crop_pad(rgb, contract.size, left, top)
+                 for left, top in crop_boxes(w, h, contract.size, contract.crops)]
+        if contract.whole:
+            views.append(_resize_center_crop(rgb, contract.size))
+    if contract.flip:
+        views += [view[:, ::-1] for view in views]
     return _normalized(np.stack(views).transpose(0, 3, 1, 2), contract)
 
 

@@ -45,7 +45,8 @@ SERVINGS = ("fp32", "int8", "int8-mixed", "ort-fp32", "ort-int8", "ort-int8-mixe
 @dataclass(frozen=True)
 class Variant:
     """``view``: ``resize`` (the shipped contract), ``cropsN`` (N native crops) or ``cropsN+whole``, with
-    ``-trimmed`` for a trimmed mean of the views' logits, then ``-inset`` for the photo a screenshot shows;
+    ``-trimmed`` for a trimmed mean of the crops' logits, then ``-flip`` for each view's mirror image too,
+    then ``-inset`` for the photo a screenshot shows;
     ``perturb``: a perturbation name or ``none``;
     ``serving``: one of `SERVINGS` (fp32 is the detector's own unshared model, the reference)."""
 
