@@ -2,7 +2,10 @@
 branches off the shared trunk at block 10, so beside univfd it should add its two tuned blocks and a head
 an image (12 + 2 block passes instead of 12), not a second encoder. Both variants are real `Scorer`s on the
 shared trunk, in-process, timed on `Scorer.judge` over the same images decoded beforehand, alternating within
-each round (the best round of each counts). Prints images/s of each and the ratio; writes JSON.
+each round (the best round of each counts). A third variant is the default with univfd judging each view's
+mirror image too (``views = "resize-flip-inset"``, measured in docs/validation.md step 36): its contract is
+no longer pin-clip's, so it costs univfd a trunk pass of its own on two views. Prints images/s of each and
+the ratios; writes JSON.
 
     .venv/bin/python bench/bench_default_cost.py [--images 16] [--repeat 3] [--out bench/results/default_cost.json]
 
@@ -25,14 +28,16 @@ from streamguard.scoring import ImageJob, Scorer
 
 SIZES = [(1280, 960), (640, 480), (512, 512), (1024, 768)]
 # The baseline denies pin-clip; the default is the plugin settings' defaults (which must load both).
-VARIANTS: dict[str, list[str]] = {"univfd_alone": ["builtin-pinclip"], "default": []}
-EXPECTED = {"univfd_alone": ["univfd"], "default": ["pin-clip", "univfd"]}
+VARIANTS: dict[str, list[str]] = {"univfd_alone": ["builtin-pinclip"], "default": [], "default_flip": []}
+EXPECTED = {"univfd_alone": ["univfd"], "default": ["pin-clip", "univfd"], "default_flip": ["pin-clip", "univfd"]}
+OPTIONS: dict[str, dict[str, Any]] = {"default_flip": {"univfd": {"views": "resize-flip-inset"}}}
 
 
 def _scorer(deny: list[str], batch_size: int, name: str) -> Scorer:
     # provenance and credentials read metadata only; left out so that the ratio is the CLIP detectors'.
     settings = load_settings(plugins={"deny": ["provenance", "builtin-credentials", *deny]},
-                             detectors={"shared_trunk": True, "timeout_s": None, "batch_size": batch_size})
+                             detectors={"shared_trunk": True, "timeout_s": None, "batch_size": batch_size,
+                                        "options": OPTIONS.get(name, {})})
     scorer = Scorer(settings, build_plugin_manager(settings.plugins)).start()
     loaded = sorted(r.spec.name for r in scorer.runners if r.load_error is None)
     if loaded != EXPECTED[name]:
@@ -72,21 +77,27 @@ def main() -> None:
             scorer.close()
 
     n = len(jobs)
-    alone, default = min(seconds["univfd_alone"]), min(seconds["default"])
+    alone, default, flip = min(seconds["univfd_alone"]), min(seconds["default"]), min(seconds["default_flip"])
     result: dict[str, Any] = {
         "benchmark": "default_clip_detectors_vs_univfd_alone",
         "images": n,
         "image_sizes": [f"{w}x{h}" for w, h in SIZES],
         "batch_size": args.batch_size,
         "repeat": args.repeat,
-        "block_passes_per_image": {"univfd_alone": 12, "default": 14},
+        # default_flip: univfd's own 12 on each of two views, pin-clip's 10 frozen and 2 tuned on one.
+        "block_passes_per_image": {"univfd_alone": 12, "default": 14, "default_flip": 36},
         "baseline_univfd_alone_images_per_s": round(n / alone, 3),
         "default_images_per_s": round(n / default, 3),
         "cost_ratio_vs_baseline": round(default / alone, 3),
+        "default_flip_images_per_s": round(n / flip, 3),
+        "default_flip_cost_ratio_vs_baseline": round(flip / alone, 3),
+        "default_flip_cost_ratio_vs_default": round(flip / default, 3),
         "seconds": {k: [round(s, 2) for s in v] for k, v in seconds.items()},
     }
     print(f"univfd alone (baseline)        : {n / alone:7.3f} images/s")
     print(f"default (univfd and pin-clip)  : {n / default:7.3f} images/s  {default / alone:.2f}x the time")
+    print(f"default, univfd on the mirror too: {n / flip:7.3f} images/s  {flip / alone:.2f}x the time "
+          f"({flip / default:.2f}x the default's)")
     result.update(machine.record(load_before))
     machine.write(args.out, result)
     print(f"load average {load_before:.2f} -> {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs -> {args.out}")
