@@ -390,6 +390,44 @@ def test_native_jpeg_reencodes_half_before_the_rescale_and_keeps_every_other_dra
         LosoConfig(**base, methods=("pin-clip",), native_jpeg=True)  # type: ignore[arg-type]
 
 
+def test_mirror_turns_half_the_images_round_and_keeps_every_other_draw(tmp_path: Path) -> None:
+    import io
+    import random
+
+    from PIL import Image
+
+    from streamguard.training.data import augment
+    from streamguard.training.loso import LosoConfig, run_settings
+
+    dark_left = np.zeros((300, 400, 3), np.uint8)
+    dark_left[:, 200:] = 255
+    buf = io.BytesIO()
+    Image.fromarray(dark_left).save(buf, format="PNG")
+    data = buf.getvalue()
+
+    def read(out: bytes) -> tuple[tuple[int, int], str | None, bool]:
+        img = Image.open(io.BytesIO(out))
+        grey = np.asarray(img.convert("L"), np.float32)
+        half = grey.shape[1] // 2
+        return img.size, img.format, bool(grey[:, :half].mean() > grey[:, half:].mean())
+
+    plain = [read(augment(data, random.Random(f"a2:0:{i}:x"))) for i in range(40)]
+    mirrored = [read(augment(data, random.Random(f"a2:0:{i}:x"), mirror=True)) for i in range(40)]
+    assert not any(turned for _, _, turned in plain)
+    turned = [i for i in range(40) if mirrored[i][2]]
+    assert 10 <= len(turned) <= 30  # about half
+    # The same rescale and format draw whether turned or not: the mirror is the only difference.
+    assert [m[:2] for m in mirrored] == [p[:2] for p in plain]
+    assert augment(data, random.Random("a2:0:1:x"), native_jpeg=True, mirror=True) == augment(
+        data, random.Random("a2:0:1:x"), native_jpeg=True, mirror=True)  # seeded: the cache key names the pixels
+    base = {"data": ("d",), "loso_data": ("d",), "out": tmp_path, "methods": ("univfd-blocks",)}
+    assert "mirror" not in run_settings(LosoConfig(**base), "univfd-blocks")  # type: ignore[arg-type]
+    assert run_settings(LosoConfig(**base, mirror=True), "univfd-blocks")["mirror"] is True  # type: ignore[arg-type]
+    base["methods"] = ("pin-clip",)
+    with pytest.raises(ValueError, match="mirror images are for the probe methods"):
+        LosoConfig(**base, mirror=True)  # type: ignore[arg-type]
+
+
 def _tiny_dinov2(monkeypatch: pytest.MonkeyPatch, **arch: int) -> Any:
     """A random small DINOv2 that `load_dinov2` returns, weights spread enough that blocks differ."""
     import streamguard.backbone.dinov2 as dinov2

@@ -40,6 +40,10 @@ _native_jpeg_option = click.option(
     help="The probe's augmentation also re-encodes half the images (both classes) as JPEG q60-95 at their own "
          "size, before the rescale (measured, not shipped).")
 
+_mirror_option = click.option(
+    "--mirror", is_flag=True,
+    help="The probe's augmentation also mirrors half the images (both classes) left to right.")
+
 _rendered_screens_option = click.option(
     "--rendered-screens", type=click.IntRange(min=0), default=0, show_default=True,
     help="The probe's real class also holds this many procedural app and desktop screenshots, drawn from the "
@@ -94,6 +98,7 @@ def train_group() -> None:
 @_augment_draws_option
 @_matched_fakes_option
 @_native_jpeg_option
+@_mirror_option
 @_rendered_screens_option
 @_night_twins_option
 @_feed_twins_option
@@ -104,8 +109,8 @@ def train_univfd_command(app: AppContext, data: tuple[str, ...], out: Path | Non
                          limit_per_group: int | None, device: str, no_augment: bool,
                          holdout_generators: tuple[str, ...], holdout_sources: tuple[str, ...], reads: str,
                          choose_on: str, augment_seed: int | None, augment_draws: int, matched_fakes: bool,
-                         native_jpeg: bool, rendered_screens: int, night_twins: int, feed_twins: int,
-                         feed_fake_twins: int, portrait_twins: int) -> None:
+                         native_jpeg: bool, mirror: bool, rendered_screens: int, night_twins: int,
+                         feed_twins: int, feed_fake_twins: int, portrait_twins: int) -> None:
     """Fit the UnivFD linear probe on frozen CLIP features; writes head, calibration and a report."""
     require("`streamguard train univfd`", "inprocess", "eval")
     from streamguard.builtin.univfd.plugin import WEIGHTS_DIR
@@ -116,8 +121,9 @@ def train_univfd_command(app: AppContext, data: tuple[str, ...], out: Path | Non
                       holdout_sources=holdout_sources, backbone="clip-blocks" if reads == "class-tokens" else "clip",
                       choose_on=choose_on, augment_seed=augment_seed,
                       augment_draws=augment_draws, matched_fakes=matched_fakes,  # type: ignore[arg-type]
-                      native_jpeg=native_jpeg, rendered_screens=rendered_screens, night_twins=night_twins,
-                      feed_twins=feed_twins, feed_fake_twins=feed_fake_twins, portrait_twins=portrait_twins)
+                      native_jpeg=native_jpeg, mirror=mirror, rendered_screens=rendered_screens,
+                      night_twins=night_twins, feed_twins=feed_twins, feed_fake_twins=feed_fake_twins,
+                      portrait_twins=portrait_twins)
     try:
         report = train_univfd(app.settings, cfg)
     except ValueError as exc:
@@ -380,6 +386,7 @@ def train_nirnet_command(app: AppContext, branches: str, no_simulator: bool, pro
 @_augment_draws_option
 @_matched_fakes_option
 @_native_jpeg_option
+@_mirror_option
 @_rendered_screens_option
 @_night_twins_option
 @_feed_twins_option
@@ -392,8 +399,8 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
                        device: str, cache_dir: Path, progress: bool | None, unseen_scores: tuple[str, ...],
                        report_name: str, against: tuple[str, ...], view: str, train_view: str, choose_on: str,
                        augment_seed: int | None, augment_draws: int, pin_clip: tuple[str, ...],
-                       matched_fakes: bool, native_jpeg: bool, rendered_screens: int, night_twins: int,
-                       feed_twins: int, feed_fake_twins: int, portrait_twins: int) -> None:
+                       matched_fakes: bool, native_jpeg: bool, mirror: bool, rendered_screens: int,
+                       night_twins: int, feed_twins: int, feed_fake_twins: int, portrait_twins: int) -> None:
     """Leave-one-source-out validation: per-source results on unseen sources, fusion weights and thresholds."""
     require("`streamguard train loso`", "inprocess", "eval")
     from streamguard.training.loso import DEFAULT_METHODS, LosoConfig, run_loso
@@ -407,8 +414,9 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
                          unseen_scores=tuple(_named_path(v) for v in unseen_scores), report_name=report_name,
                          view=view, train_view=train_view, against=against, choose_on=choose_on,  # type: ignore[arg-type]
                          pin_clip=tuple(_name_value(v, "--pin-clip") for v in pin_clip), matched_fakes=matched_fakes,
-                         native_jpeg=native_jpeg, rendered_screens=rendered_screens, night_twins=night_twins,
-                         feed_twins=feed_twins, feed_fake_twins=feed_fake_twins, portrait_twins=portrait_twins)
+                         native_jpeg=native_jpeg, mirror=mirror, rendered_screens=rendered_screens,
+                         night_twins=night_twins, feed_twins=feed_twins, feed_fake_twins=feed_fake_twins,
+                         portrait_twins=portrait_twins)
         report = run_loso(app.settings, cfg)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None

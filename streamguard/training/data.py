@@ -41,7 +41,7 @@ NO_AUGMENTATION = "none"
 AUGMENT_VERSION = 2
 
 
-def augment(data: bytes, rng: random.Random, native_jpeg: bool = False) -> bytes:
+def augment(data: bytes, rng: random.Random, native_jpeg: bool = False, mirror: bool = False) -> bytes:
     """The same for both classes, so no class-specific processing is left to learn.
 
     Real photos reach a platform denoised by a phone, sharpened by an editor or re-saved as a screenshot;
@@ -51,6 +51,9 @@ def augment(data: bytes, rng: random.Random, native_jpeg: bool = False) -> bytes
     ``native_jpeg``: half of the images are also re-encoded as JPEG (quality 60-95) at their own size, after
     any denoise or sharpening and before the rescale, as an upload pipeline re-encodes an edited image; the
     last JPEG only ever comes after the rescale, where its blocks land on other pixels than a native one's.
+
+    ``mirror``: half of the images are also mirrored left to right, so the model hears each picture both ways
+    round (a probe on CLIP's class tokens reads a picture and its mirror image a little differently).
     """
     img = Image.open(io.BytesIO(data))
     img.load()
@@ -69,6 +72,9 @@ def augment(data: bytes, rng: random.Random, native_jpeg: bool = False) -> bytes
         native = io.BytesIO()
         img.save(native, format="JPEG", quality=rng.randint(60, 95))
         img = Image.open(native).convert("RGB")
+    # Drawn last for the same reason: without it, and with it on the images it leaves, nothing else moves.
+    if mirror and rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     scale = side / min(img.size)
     img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BICUBIC)
     out = io.BytesIO()

@@ -193,6 +193,8 @@ class LosoConfig:
     matched_fakes: bool = False
     # The probe methods' augmentation re-encodes half the images as JPEG at native size (`TrainConfig.native_jpeg`).
     native_jpeg: bool = False
+    # The probe methods' augmentation mirrors half the images left to right (`TrainConfig.mirror`).
+    mirror: bool = False
     # The probe methods' real class also holds this many procedural screenshots (`TrainConfig.rendered_screens`).
     rendered_screens: int = 0
     # ... and this many real training photos' night-mode twins (`TrainConfig.night_twins`).
@@ -223,6 +225,7 @@ class LosoConfig:
             pin_clip_config(self)  # refuses an unknown name or a value the recipe would refuse, before any fold
         # What only the probe methods' training has: set for none of the methods, it would silently do nothing.
         probe_only = {"matched fakes are": self.matched_fakes, "the native JPEG re-encode is": self.native_jpeg,
+                      "the mirror images are": self.mirror,
                       "rendered screens are": self.rendered_screens, "night-mode twins are": self.night_twins,
                       "feed twins are": self.feed_twins, "generated feed twins are": self.feed_fake_twins,
                       "portrait twins are": self.portrait_twins}
@@ -283,6 +286,7 @@ def run_settings(cfg: LosoConfig, method: str) -> dict[str, Any]:
     # The twins' recipe, so folds trained on an earlier one (lossless twins) are trained again.
     settings |= {"matched_fakes": TWIN_FORMAT} if method in PROBE_METHODS and cfg.matched_fakes else {}
     settings |= {"native_jpeg": True} if method in PROBE_METHODS and cfg.native_jpeg else {}
+    settings |= {"mirror": True} if method in PROBE_METHODS and cfg.mirror else {}
     screens = method in PROBE_METHODS and cfg.rendered_screens
     settings |= {"rendered_screens": [cfg.rendered_screens, RENDER_VERSION]} if screens else {}
     twins = asked_twins(cfg.night_twins, cfg.feed_twins, cfg.feed_fake_twins, cfg.portrait_twins)
@@ -334,7 +338,8 @@ def train_fold(settings: Settings, cfg: LosoConfig, method: str, fold: Fold) -> 
                       "univfd-tokens": "clip-tokens", "dinov2-probe": "dinov2",
                       "dinov2-blocks": "dinov2-blocks",
                       "rigid": "rigid"}[method], view=cfg.train_view, choose_on=cfg.choose_on,  # type: ignore[arg-type]
-            matched_fakes=cfg.matched_fakes, native_jpeg=cfg.native_jpeg, rendered_screens=cfg.rendered_screens,
+            matched_fakes=cfg.matched_fakes, native_jpeg=cfg.native_jpeg, mirror=cfg.mirror,
+            rendered_screens=cfg.rendered_screens,
             night_twins=cfg.night_twins, feed_twins=cfg.feed_twins, feed_fake_twins=cfg.feed_fake_twins,
             portrait_twins=cfg.portrait_twins))
     elif method == "nirnet" or method in NIRNET_ABLATIONS:

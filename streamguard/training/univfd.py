@@ -89,6 +89,8 @@ class TrainConfig:
     matched_fakes: bool = False
     # Half of the training images also re-encoded as JPEG at their own size before the rescale (`augment`).
     native_jpeg: bool = False
+    # Half of the training images also mirrored left to right (`augment`).
+    mirror: bool = False
     # This many procedural screenshots (`renders`) in the real class, beside the data's photos; 0: none.
     rendered_screens: int = 0
     # This many real training photos also in the real class as a phone's night mode returns them (`night`).
@@ -216,6 +218,7 @@ def embed(samples: Sequence, settings: Settings, cfg: TrainConfig, encoder: Froz
                [s.id for s in samples]]
     request += ([view] if view != RESIZE else []) + ([twins.version] if twins is not None else [])
     request += ["native-jpeg"] if augmented and cfg.native_jpeg else []
+    request += ["mirror"] if augmented and cfg.mirror else []
     key = hashlib.sha256(json.dumps(request).encode()).hexdigest()[:16]
     cache = cfg.cache_dir / f"{'univfd' if cfg.backbone == 'clip' else cfg.backbone}-{tag}-{key}.npz"
     if cache.is_file():
@@ -242,7 +245,7 @@ def embed(samples: Sequence, settings: Settings, cfg: TrainConfig, encoder: Froz
         rng = random.Random(f"{cfg.draw}:{sample.id}")
         try:
             data = twins(data) if twins is not None else data
-            raw = augment(data, rng, cfg.native_jpeg) if augmented else data
+            raw = augment(data, rng, cfg.native_jpeg, cfg.mirror) if augmented else data
             image = decode_image(raw, settings.intake, decode_side([contract]))
             views = prepare_views(image, contract) if contract.multiview else prepare(image, contract)[None]
         except Exception as exc:  # noqa: BLE001 - a bad training image is skipped, not fatal
@@ -377,6 +380,7 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
         "augment_draws": cfg.augment_draws,
         **({"matched_fakes": True} if cfg.matched_fakes else {}),
         **({"native_jpeg": True} if cfg.native_jpeg else {}),
+        **({"mirror": True} if cfg.mirror else {}),
         **({"rendered_screens": [cfg.rendered_screens, RENDER_VERSION]} if cfg.rendered_screens else {}),
         **twin_settings(asked),
         "C": choice.candidate.c,
