@@ -12,9 +12,10 @@ beside them): the detector scores each view and the runner aggregates their logi
 trimmed mean that drops the extremes), never a max, which would let one odd patch decide (SAFE, B-Free and
 SPAI aggregate the same way). Views are placed deterministically, so a replayed image gets the same score.
 
-Any contract may ask for each view's mirror image too (``flip``), aggregated with the views, so a score does not
-hang on which way the picture faces; and for the ``inset`` first: when the image is a screenshot around a photo (`find_inset`),
-the views are cut from that photo, not from the screen, so the app's chrome does not speak for the picture.
+Any contract may ask for each view's mirror image too (``flip``), aggregated with the views, so a score does
+not hang on which way the picture faces; and for the ``inset`` first: when the image is a screenshot around a
+photo (`find_inset`), the views are cut from that photo, not from the screen, so the app's chrome does not
+speak for the picture.
 """
 
 from __future__ import annotations
