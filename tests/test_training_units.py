@@ -411,13 +411,16 @@ def test_mirror_turns_half_the_images_round_and_keeps_every_other_draw(tmp_path:
         half = grey.shape[1] // 2
         return img.size, img.format, bool(grey[:, :half].mean() > grey[:, half:].mean())
 
-    plain = [read(augment(data, random.Random(f"a2:0:{i}:x"))) for i in range(40)]
-    mirrored = [read(augment(data, random.Random(f"a2:0:{i}:x"), mirror=True)) for i in range(40)]
+    plain_bytes = [augment(data, random.Random(f"a2:0:{i}:x")) for i in range(40)]
+    mirrored_bytes = [augment(data, random.Random(f"a2:0:{i}:x"), mirror=True) for i in range(40)]
+    plain, mirrored = [read(o) for o in plain_bytes], [read(o) for o in mirrored_bytes]
     assert not any(turned for _, _, turned in plain)
     turned = [i for i in range(40) if mirrored[i][2]]
     assert 10 <= len(turned) <= 30  # about half
-    # The same rescale and format draw whether turned or not: the mirror is the only difference.
+    # The same rescale and format draw whether turned or not: the mirror is the only difference, and an
+    # image left unturned is byte for byte what it was without the flag.
     assert [m[:2] for m in mirrored] == [p[:2] for p in plain]
+    assert all(mirrored_bytes[i] == plain_bytes[i] for i in range(40) if i not in turned)
     assert augment(data, random.Random("a2:0:1:x"), native_jpeg=True, mirror=True) == augment(
         data, random.Random("a2:0:1:x"), native_jpeg=True, mirror=True)  # seeded: the cache key names the pixels
     base = {"data": ("d",), "loso_data": ("d",), "out": tmp_path, "methods": ("univfd-blocks",)}
