@@ -18,7 +18,7 @@ import argparse
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import machine
 from synthetic import photo_jpeg
@@ -27,22 +27,30 @@ from streamguard.plugins import build_plugin_manager
 from streamguard.scoring import ImageJob, Scorer
 
 SIZES = [(1280, 960), (640, 480), (512, 512), (1024, 768)]
+BOTH = ["pin-clip", "univfd"]
+
+
+class Variant(NamedTuple):
+    deny: list[str]  # plugins left out
+    loads: list[str]  # the detectors that must load
+    options: dict[str, Any]  # detectors.options
+
+
 # The baseline denies pin-clip; the default is the plugin settings' defaults (which must load both).
-VARIANTS: dict[str, list[str]] = {"univfd_alone": ["builtin-pinclip"], "default": [], "default_flip": []}
-EXPECTED = {"univfd_alone": ["univfd"], "default": ["pin-clip", "univfd"], "default_flip": ["pin-clip", "univfd"]}
-OPTIONS: dict[str, dict[str, Any]] = {"default_flip": {"univfd": {"views": "resize-flip-inset"}}}
+VARIANTS = {"univfd_alone": Variant(["builtin-pinclip"], ["univfd"], {}), "default": Variant([], BOTH, {}),
+            "default_flip": Variant([], BOTH, {"univfd": {"views": "resize-flip-inset"}})}
 
 
-def _scorer(deny: list[str], batch_size: int, name: str) -> Scorer:
+def _scorer(variant: Variant, batch_size: int, name: str) -> Scorer:
     # provenance and credentials read metadata only; left out so that the ratio is the CLIP detectors'.
-    settings = load_settings(plugins={"deny": ["provenance", "builtin-credentials", *deny]},
+    settings = load_settings(plugins={"deny": ["provenance", "builtin-credentials", *variant.deny]},
                              detectors={"shared_trunk": True, "timeout_s": None, "batch_size": batch_size,
-                                        "options": OPTIONS.get(name, {})})
+                                        "options": variant.options})
     scorer = Scorer(settings, build_plugin_manager(settings.plugins)).start()
     loaded = sorted(r.spec.name for r in scorer.runners if r.load_error is None)
-    if loaded != EXPECTED[name]:
+    if loaded != variant.loads:
         scorer.close()
-        raise SystemExit(f"{name}: expected {EXPECTED[name]} to load, got {loaded}")
+        raise SystemExit(f"{name}: expected {variant.loads} to load, got {loaded}")
     return scorer
 
 
@@ -55,7 +63,7 @@ def main() -> None:
     args = parser.parse_args()
 
     jobs = [ImageJob(f"img-{i}", photo_jpeg(SIZES[i % len(SIZES)], i)) for i in range(args.images)]
-    scorers = {name: _scorer(deny, args.batch_size, name) for name, deny in VARIANTS.items()}
+    scorers = {name: _scorer(variant, args.batch_size, name) for name, variant in VARIANTS.items()}
     load_before = os.getloadavg()[0]
     seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
     try:
