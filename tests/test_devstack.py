@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 import redis
 import tritonclient.grpc as grpcclient
 from kafka import KafkaConsumer
@@ -90,3 +91,38 @@ def test_health_endpoints() -> None:
         assert status == 503 and json.loads(body)["alive"] is False
     finally:
         server.close()
+
+
+def test_ports_drawn_together_are_all_different(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel may hand a just-released port out again; `free_ports` draws again on a repeat, and keeps
+    every socket bound until all are chosen, so a real draw of several is several ports."""
+    import socket
+
+    import streamguard.devstack as devstack
+
+    given = iter([5000, 5000, 5001, 5000, 5002])
+    opened: list[FakeSocket] = []
+
+    class FakeSocket:
+        def __init__(self, family: int = socket.AF_INET) -> None:
+            self.port, self.closed = next(given), False
+            opened.append(self)
+
+        def bind(self, address: tuple[str, int]) -> None:
+            pass
+
+        def getsockname(self) -> tuple[str, int]:
+            return "127.0.0.1", self.port
+
+        def __enter__(self) -> FakeSocket:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.closed = True
+
+    with monkeypatch.context() as patched:
+        patched.setattr(devstack.socket, "socket", FakeSocket)
+        assert devstack.free_ports(["127.0.0.1", "127.0.0.1", "::1"]) == [5000, 5001, 5002]
+    assert len(opened) == 5 and all(s.closed for s in opened)
+    real = devstack.free_ports(["127.0.0.1"] * 4)
+    assert len(set(real)) == 4
