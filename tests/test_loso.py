@@ -163,6 +163,13 @@ def test_loso_end_to_end(dataset: Path, backbone: Path, tmp_path: Path) -> None:
     assert set(carried) == {g for g, _ in GROUPS}
     assert {c["kind"] for c in carried.values()} == {"real", "ai"}
     assert "Chosen without each group in turn: real sources over 2% flagged:" in result.stdout
+    # What each missed aim would cost the thresholds, beside the chosen policy they start from.
+    points = report["operating_points"]
+    assert set(points) == {"chosen", "flagged_aim", "uncertain_aim"}
+    assert (points["chosen"]["ai_threshold"], points["chosen"]["real_threshold"]) == (t["ai_threshold"],
+                                                                                       t["real_threshold"])
+    assert points["chosen"]["uncertain"] == report["uncertain_share"]
+    assert "What the thresholds alone would have to give up for each aim:" in result.stdout
     # univfd's held-out scores are what its fold's probe says of the original bytes through `scan`.
     _, held = load_held_out(out / "univfd" / "scans+noisegen")
     files = {Path(s.id).name: s for s in held[:6]}

@@ -14,6 +14,7 @@ from streamguard.evaluation.selection import (
     choose_thresholds,
     choose_weights,
     fuse,
+    operating_points,
     policy_carry_over,
     simplex,
     verdict_rates,
@@ -115,6 +116,62 @@ def test_thresholds_bound_the_worst_real_source_and_the_mean_generator() -> None
     for row in rates.values():
         assert row["ai_generated"] + row["uncertain"] + row["real"] == pytest.approx(1.0)
     assert rates["easy"]["real"] == 1.0 and rates["b"]["ai_generated"] == 1.0
+
+
+def test_operating_points_price_each_missed_aim_in_what_the_thresholds_give_up() -> None:
+    # A ranking that cannot meet the 2% rule and flag 75% of generators together: the hard real source's top
+    # photos sit among the generators' middle, which the chosen policy leaves uncertain.
+    hard, easy = np.concatenate([np.linspace(0.0, 0.35, 95), np.linspace(0.6, 0.97, 6)]), np.full(101, 0.05)
+    gen_a = np.concatenate([np.linspace(0.3, 0.48, 20), np.linspace(0.55, 0.85, 40), np.linspace(0.9, 1.0, 41)])
+    gen_b = gen_a * 0.99
+    probs = np.concatenate([hard, easy, gen_a, gen_b])
+    labels = np.array([0] * 202 + [1] * 202)
+    groups = ["hard"] * 101 + ["easy"] * 101 + ["a"] * 101 + ["b"] * 101
+    chosen = choose_thresholds(labels, groups, probs, max_false_flag=0.02, max_false_clear=0.10)
+    points = operating_points(labels, groups, probs, chosen, max_false_flag=0.02)
+
+    def flagged(t: float) -> float:
+        return float(np.mean(gen_a >= t) + np.mean(gen_b >= t)) / 2
+
+    def uncertain(ai: float, real: float) -> float:
+        return float(np.mean((probs > real) & (probs < ai)))
+
+    here = points["chosen"]
+    assert (here.ai_threshold, here.real_threshold) == (chosen.ai_threshold, chosen.real_threshold)
+    assert here.worst_false_flag == pytest.approx(chosen.worst_false_flag, abs=1e-4)
+    assert here.real_sources_over == 0 and here.generators_flagged < 0.75 and here.uncertain > 0.20
+    flag = points["flagged_aim"]
+    assert flag.generators_flagged == pytest.approx(flagged(flag.ai_threshold), abs=1e-4)
+    assert flag.generators_flagged >= 0.75
+    assert flagged(flag.ai_threshold + 0.01) < 0.75  # the highest that meets it: the least given up
+    assert flag.worst_false_flag == pytest.approx(np.mean(hard >= flag.ai_threshold), abs=1e-4)
+    assert flag.real_sources_over == 1 and flag.real_flagged == pytest.approx(flag.worst_false_flag / 2, abs=1e-4)
+    assert flag.real_threshold < flag.ai_threshold
+    calm = points["uncertain_aim"]
+    assert calm.ai_threshold == chosen.ai_threshold
+    assert calm.uncertain == pytest.approx(uncertain(calm.ai_threshold, calm.real_threshold), abs=1e-4)
+    assert calm.uncertain <= 0.20
+    assert uncertain(calm.ai_threshold, calm.real_threshold - 0.01) > 0.20  # the lowest: the least cleared
+    assert calm.generators_cleared == pytest.approx(
+        (np.mean(gen_a <= calm.real_threshold) + np.mean(gen_b <= calm.real_threshold)) / 2, abs=1e-4)
+    assert calm.generators_cleared > here.generators_cleared  # what it costs: generated images cleared
+
+
+def test_operating_points_keep_a_met_aim_where_it_is_and_stop_at_even_odds() -> None:
+    labels = np.array([0] * 50 + [1] * 50)
+    groups = ["photos"] * 50 + ["gan"] * 50
+    separated = np.concatenate([np.full(50, 0.1), np.full(50, 0.9)])
+    chosen = choose_thresholds(labels, groups, separated, max_false_flag=0.02)
+    points = operating_points(labels, groups, separated, chosen, max_false_flag=0.02)
+    assert points["flagged_aim"] == points["uncertain_aim"] == points["chosen"]
+    # Generators at 0.4 and real photos at 0.6 (a ranking upside down): meeting either aim would take a verdict
+    # against the odds, so each point stops at 0.5, where the aim stays missed.
+    upside_down = np.concatenate([np.full(50, 0.6), np.full(50, 0.4)])
+    chosen = choose_thresholds(labels, groups, upside_down, max_false_flag=0.02)
+    points = operating_points(labels, groups, upside_down, chosen, max_false_flag=0.02)
+    flag, calm = points["flagged_aim"], points["uncertain_aim"]
+    assert flag.ai_threshold == 0.5 and flag.generators_flagged == 0.0 and flag.real_threshold < 0.5
+    assert calm.real_threshold == 0.5 and calm.uncertain == 0.5  # the real photos between 0.5 and the flag
 
 
 def test_carry_over_judges_each_group_under_thresholds_chosen_without_it() -> None:

@@ -518,6 +518,31 @@ def carry_over_line(report: dict[str, Any]) -> str:
             f"{generators}.")
 
 
+def operating_points_table(report: dict[str, Any]) -> list[str]:
+    """The chosen policy and what each missed aim would cost if the thresholds alone met it
+    (`operating_points`: at the bound, 0.5, where none within it does); nothing for a report written before
+    they were recorded."""
+    points = report.get("operating_points")
+    if not points:
+        return []
+    from streamguard.evaluation.selection import FLAGGED_AIM, UNCERTAIN_AIM
+
+    most = report["targets"]["max_false_flag"]
+    titles = {"chosen": "chosen", "flagged_aim": f"generators {FLAGGED_AIM:.0%} flagged",
+              "uncertain_aim": f"at most {UNCERTAIN_AIM:.0%} uncertain"}
+    lines = ["What the thresholds alone would have to give up for each aim:", "",
+             f"| policy | ai / real | worst real source flagged | real sources over {most:.0%} | real flagged | "
+             "real cleared | generators flagged | generators cleared | uncertain |", "|---" * 9 + "|"]
+    missed = {"flagged_aim": lambda p: p["generators_flagged"] < FLAGGED_AIM,
+              "uncertain_aim": lambda p: p["uncertain"] > UNCERTAIN_AIM}
+    for name, p in points.items():
+        title = titles[name] + (" (not met within 0.5)" if name in missed and missed[name](p) else "")
+        lines.append(f"| {title} | {p['ai_threshold']} / {p['real_threshold']} | {p['worst_false_flag']:.1%} | "
+                     f"{p['real_sources_over']} | {p['real_flagged']:.1%} | {p['real_cleared']:.1%} | "
+                     f"{p['generators_flagged']:.1%} | {p['generators_cleared']:.1%} | {p['uncertain']:.1%} |")
+    return lines
+
+
 def render_loso(report: dict[str, Any]) -> str:
     """The report as Markdown: per-detector summary, then per-group verdict shares under the chosen policy."""
     t = report["thresholds"]
@@ -525,6 +550,7 @@ def render_loso(report: dict[str, Any]) -> str:
              f"Policy chosen: ai >= {t['ai_threshold']}, real <= {t['real_threshold']} "
              f"(worst real source flagged {t['worst_false_flag']:.1%}, generators cleared {t['mean_false_clear']:.1%} "
              "on average).", carry_over_line(report), ""]
+    lines += [*operating_points_table(report), ""]
     if report["weights"]:
         w = report["weights"]
         lines += [f"Fusion weights: {w['weights']} (balanced AUC {w['auc']:.4f}; equal weights {w['equal_auc']:.4f}).",

@@ -216,6 +216,76 @@ def verdict_rates(labels: np.ndarray, groups: Sequence[str], probs: np.ndarray, 
     return out
 
 
+# Issue 12's decision aims, besides the 2% rule the thresholds are chosen under: what a generator's images
+# flagged and all images `uncertain` should be. `operating_points` prices each one on a pool's ranking.
+FLAGGED_AIM = 0.75
+UNCERTAIN_AIM = 0.20
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """What one pair of thresholds decides on a pool: group shares averaged as `verdict_rates` gives them,
+    ``uncertain`` over all images, as the aim counts it."""
+
+    ai_threshold: float
+    real_threshold: float
+    worst_false_flag: float  # the worst real source's share flagged
+    real_sources_over: int  # real sources with more than max_false_flag flagged
+    real_flagged: float  # real sources' mean share flagged
+    real_cleared: float
+    generators_flagged: float
+    generators_cleared: float
+    uncertain: float
+
+
+def operating_point(labels: np.ndarray, groups: Sequence[str], probs: np.ndarray, ai_threshold: float,
+                    real_threshold: float, max_false_flag: float = 0.05) -> OperatingPoint:
+    reals, fakes = _by_group(labels, groups, 0), _by_group(labels, groups, 1)
+    if not reals or not fakes:
+        raise ValueError("an operating point needs real and generated images")
+    flagged = [float(np.mean(probs[m] >= ai_threshold)) for m in reals.values()]
+    return OperatingPoint(
+        ai_threshold, real_threshold, round(max(flagged), 4), sum(f > max_false_flag for f in flagged),
+        round(float(np.mean(flagged)), 4),
+        round(float(np.mean([np.mean(probs[m] <= real_threshold) for m in reals.values()])), 4),
+        round(float(np.mean([np.mean(probs[m] >= ai_threshold) for m in fakes.values()])), 4),
+        round(float(np.mean([np.mean(probs[m] <= real_threshold) for m in fakes.values()])), 4),
+        round(float(np.mean((probs > real_threshold) & (probs < ai_threshold))), 4))
+
+
+def operating_points(labels: np.ndarray, groups: Sequence[str], probs: np.ndarray, chosen: ThresholdChoice,
+                     max_false_flag: float = 0.05, flagged_aim: float = FLAGGED_AIM,
+                     uncertain_aim: float = UNCERTAIN_AIM) -> dict[str, OperatingPoint]:
+    """The chosen policy beside what each aim it misses would cost if the thresholds alone were moved to meet
+    it, within the bounds `choose_thresholds` keeps (``ai_threshold`` at least 0.5, ``real_threshold`` at most
+    0.5: no verdict against the calibrated odds):
+    - ``flagged_aim``: the highest ``ai_threshold`` at which generators have ``flagged_aim`` of their images
+      flagged on average (``real_threshold`` as chosen, or just under it);
+    - ``uncertain_aim``: ``ai_threshold`` as chosen, the lowest ``real_threshold`` at which at most
+      ``uncertain_aim`` of all images are uncertain.
+    Where no threshold within the bounds meets an aim, its point is the bound, which the caller reads as not
+    met; an aim the chosen policy meets costs nothing, and its point is the chosen one."""
+
+    def point(ai: float, real: float) -> OperatingPoint:
+        return operating_point(labels, groups, probs, ai, real, max_false_flag)
+
+    here = point(chosen.ai_threshold, chosen.real_threshold)
+    flag_point = here
+    if here.generators_flagged < flagged_aim:
+        ais = [float(t) for t in THRESHOLD_GRID if 0.5 <= t < chosen.ai_threshold]
+        ai = next((t for t in reversed(ais) if point(t, chosen.real_threshold).generators_flagged >= flagged_aim),
+                  ais[0] if ais else chosen.ai_threshold)
+        flag_point = point(ai, min(chosen.real_threshold, float(THRESHOLD_GRID[THRESHOLD_GRID < ai][-1])))
+    uncertain_point = here
+    if here.uncertain > uncertain_aim:
+        reals = [float(t) for t in THRESHOLD_GRID if chosen.real_threshold < t <= min(0.5, chosen.ai_threshold)
+                 and t < chosen.ai_threshold]
+        real = next((t for t in reals if point(chosen.ai_threshold, t).uncertain <= uncertain_aim),
+                    reals[-1] if reals else chosen.real_threshold)
+        uncertain_point = point(chosen.ai_threshold, real)
+    return {"chosen": here, "flagged_aim": flag_point, "uncertain_aim": uncertain_point}
+
+
 @dataclass(frozen=True)
 class CarryOver:
     """The policy rule applied to a group it was not chosen on: thresholds chosen on every other group."""
