@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -256,6 +257,19 @@ def test_loso_end_to_end(dataset: Path, backbone: Path, tmp_path: Path) -> None:
     assert sorted(read_unseen_scores(out / "univfd"), key=lambda s: s.id) == sorted(everyone, key=lambda s: s.id)
     with pytest.raises(ValueError, match="no fold with a held_out.json"):
         read_unseen_scores(tmp_path)
+    # Under a view, the folder's scores are those its own loso-variants run gave that view: here its
+    # crops2+whole files, shifted by one so they cannot pass for the resized view's.
+    shifted = tmp_path / "shifted" / "univfd"
+    shutil.copytree(out / "univfd", shifted)
+    for f in report["folds"]:
+        path = shifted / f["name"] / "held_out.crops2_whole.json"
+        payload = json.loads(path.read_text())
+        payload["scores"] = [{**r, "logit": r["logit"] + 1.0} for r in payload["scores"]]
+        path.write_text(json.dumps(payload))
+    assert {s.id: s.logit for s in read_unseen_scores(shifted, "crops2+whole")} == {
+        s.id: pytest.approx(s.logit + 1.0, abs=2e-4) for s in everyone}
+    with pytest.raises(ValueError, match="has no scores under view crops3"):
+        read_unseen_scores(shifted, "crops3")
     # A report's fused verdict under a perturbation: the fold models' perturbed scores with the unseen
     # detector's perturbed eval rows, weighted and recalibrated as that report chose. loso.json does not
     # weigh the oracle: its fusion leaves it out and covers every held-out image.
@@ -384,6 +398,14 @@ def test_loso_measures_univfd_on_every_blocks_class_token(dataset: Path, backbon
     assert difference["low"] <= difference["value"] <= difference["high"]
     assert difference["value"] == pytest.approx(against["balanced_auc"] - against["other_balanced_auc"], abs=2e-4)
     assert "Against loso.json" in result.stdout
+    # A detector joined from another run's folder is pooled under the same view, or refused: univfd's folds
+    # never scored crops2, univfd-blocks' did.
+    plain = under("crops2", "--unseen-scores", f"plain={tmp_path / 'loso' / 'univfd'}")
+    assert plain.exit_code != 0 and "univfd fold" in plain.output and "no scores under view crops2" in plain.output
+    joined = under("crops2", "--unseen-scores", f"packed={tmp_path / 'loso' / 'univfd-blocks'}")
+    assert joined.exit_code == 0, f"{joined.output}\n{joined.stderr}\n{joined.exception!r}"
+    both = json.loads((tmp_path / "loso" / "crops2.json").read_text())["detectors"]
+    assert both["packed"]["groups"] == both["univfd-blocks"]["groups"]  # the same fold models' crops2 scores
     assert crops["view"] == "crops2" and crops["images"] == report["images"]
     scored = [s for fold in report["folds"] for s in load_variant_scores(
         tmp_path / "loso" / "univfd-blocks" / fold["name"], "crops2")]

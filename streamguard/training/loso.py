@@ -384,24 +384,24 @@ def pooled_scores(cfg: LosoConfig, method: str, folds: Sequence[Fold]) -> list[H
             raise ValueError(f"{method} has no finished run for fold {fold.name} in {directory}")
         wanted = [s for s in scores if s.split != "test"]
         if cfg.view != RESIZE:
-            wanted = _under_view(cfg.view, method, fold, directory, wanted)
+            wanted = _under_view(cfg.view, method, directory, wanted)
         out.extend(wanted)
     return out
 
 
-def _under_view(view: str, method: str, fold: Fold, directory: Path,
-                wanted: list[HeldOutScore]) -> list[HeldOutScore]:
-    """``wanted``'s images as the fold's model scored them under ``view``: every one of them, or a refusal (a
-    subsample would choose the policy on fewer images than the resized view's report)."""
+def _under_view(view: str, method: str, directory: Path, wanted: list[HeldOutScore]) -> list[HeldOutScore]:
+    """``wanted``'s images as the fold's model (in ``directory``) scored them under ``view``: every one of them,
+    or a refusal (a subsample would choose the policy on fewer images than the resized view's report)."""
     hint = f"`streamguard train loso-variants ... --method {method} --variant {view}` (no --limit-per-group)"
     try:
         scored = {s.id: s for s in load_variant_scores(directory, view)}
     except FileNotFoundError:
-        raise ValueError(f"{method} fold {fold.name} has no scores under view {view}: score them with {hint}") from None
+        raise ValueError(f"{method} fold {directory.name} has no scores under view {view}: score them with "
+                         f"{hint}") from None
     missing = [s.id for s in wanted if s.id not in scored]
     if missing:
-        raise ValueError(f"{method} fold {fold.name} scored {len(wanted) - len(missing)} of its {len(wanted)} held-out "
-                         f"images under view {view}: score the rest with {hint}")
+        raise ValueError(f"{method} fold {directory.name} scored {len(wanted) - len(missing)} of its {len(wanted)} "
+                         f"held-out images under view {view}: score the rest with {hint}")
     return [scored[s.id] for s in wanted]
 
 
@@ -461,18 +461,21 @@ def score_logit(score: str) -> float:
     return math.log(p / (1 - p))
 
 
-def read_unseen_scores(path: Path) -> list[HeldOutScore]:
+def read_unseen_scores(path: Path, view: str = RESIZE) -> list[HeldOutScore]:
     """An `eval` scores.csv (unperturbed rows, outside the test split) as held-out scores: its probabilities
     are the detector's calibrated ones, so their logits are what fusion averages. A folder is one method of
-    another `train loso` run (``<out>/<method>``): its folds' held-out scores, outside the test split. A
+    another `train loso` run (``<out>/<method>``): its folds' held-out scores, outside the test split, under
+    ``view`` as its own `train loso-variants` scored them (all of them, as for this run's methods). A
     method too slow to train on one fold per group (pin-clip: ~20 CPU minutes a fold) can then be packed
     into fewer folds and still be fused with the per-group ones; every image is still scored by a model that
-    never saw its group."""
+    never saw its group. A scores.csv is taken as it is: `eval` scored it under the detector's own views."""
     import csv
 
     out: list[HeldOutScore] = []
     if path.is_dir():
-        out = [s for d in fold_folders(path) for s in load_held_out(d)[1] if s.split != "test"]
+        for d in fold_folders(path):
+            wanted = [s for s in load_held_out(d)[1] if s.split != "test"]
+            out += wanted if view == RESIZE else _under_view(view, path.name, d, wanted)
         if not out:
             raise ValueError(f"{path}: no fold with a {HELD_OUT_FILE} outside the test split (a `train loso` "
                              "--out folder's method folder, e.g. .cache/loso/pin-clip)")
@@ -512,7 +515,7 @@ def choose_fusion(scored: Scored, weight_step: float, rows: np.ndarray | None = 
 def build_report(cfg: LosoConfig, folds: Sequence[Fold], pools: dict[str, str] | None = None) -> dict[str, Any]:
     pooled = {m: pooled_scores(cfg, m, folds) for m in cfg.methods}
     for name, path in cfg.unseen_scores:
-        pooled[name] = read_unseen_scores(path)
+        pooled[name] = read_unseen_scores(path, cfg.view)
     scored, ids = scored_together(pooled, pools)
     methods = list(pooled)
     weights, calibration, fused = choose_fusion(scored, cfg.weight_step)
