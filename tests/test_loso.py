@@ -285,11 +285,19 @@ def test_loso_end_to_end(dataset: Path, backbone: Path, tmp_path: Path) -> None:
                   "with-packed.json", "--unseen-scores", f"univfd-packed={out / 'univfd'}")
     fused = json.loads((out / "loso-variants.fused.json").read_text())["reports"]["with-packed.json"]
     assert fused["images"] == report["images"] and list(fused["variants"]) == ["resize", "resize@jpeg75"]
-    jpeg = unseen_logits({"packed": out / "univfd"}, ["jpeg75"])["packed"]["jpeg75"]
+    jpeg = unseen_logits({"packed": out / "univfd"}, ["resize@jpeg75"])["packed"]["resize@jpeg75"]
     assert jpeg == {r["id"]: r["logit"] for f in report["folds"] for r in json.loads(
         (out / "univfd" / f["name"] / "held_out.resize_jpeg75.json").read_text())["scores"] if r["split"] != "test"}
     with pytest.raises(ValueError, match="have no resize@jpeg90 scores"):
-        unseen_logits({"packed": out / "univfd"}, ["jpeg90"])
+        unseen_logits({"packed": out / "univfd"}, ["resize@jpeg90"])
+    # Under a view, a folder gives its own scores of that view (the shifted copy's crops2+whole files), and an
+    # eval scores.csv, which has no views, its unperturbed rows.
+    viewed = unseen_logits({"shifted": shifted}, ["crops2+whole"])
+    viewed |= unseen_logits({"oracle": tmp_path / "scores.csv"}, ["crops2+whole@jpeg75", "crops2+whole"])
+    assert viewed["shifted"]["crops2+whole"] == {s.id: s.logit for s in read_unseen_scores(shifted, "crops2+whole")}
+    assert viewed["shifted"]["resize"] == {s.id: s.logit for s in everyone}
+    assert viewed["oracle"]["crops2+whole"] == viewed["oracle"]["resize"] and len(viewed["oracle"]["resize"]) == 6
+    assert set(viewed["oracle"]["crops2+whole@jpeg75"].values()) == {0.0}  # the jpeg75 rows: p 0.5
 
 
 def test_a_rerun_under_other_settings_trains_the_fold_again(dataset: Path, backbone: Path, tmp_path: Path) -> None:

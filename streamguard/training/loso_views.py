@@ -217,24 +217,27 @@ def compare_variants(pooled: dict[str, list[HeldOutScore]], pools: dict[str, str
     return out
 
 
-def unseen_logits(unseen: dict[str, Path],
-                  perturbations: Sequence[str] = ()) -> dict[str, dict[str, dict[str, float]]]:
-    """Each unseen detector's `eval` scores.csv (outside the test split) as name -> perturbation -> id -> logit.
-    Another `train loso` run's method folder gives its folds' original bytes, and each of ``perturbations``
-    as its own `train loso-variants` run scored them (``resize@<perturbation>``)."""
+def unseen_logits(unseen: dict[str, Path], variants: Sequence[str] = ()) -> dict[str, dict[str, dict[str, float]]]:
+    """Each unseen detector's held-out logits outside the test split, as name -> variant name -> id -> logit,
+    for ``resize`` (original bytes) and each of ``variants``. Another `train loso` run's method folder gives a
+    variant as its own `train loso-variants` run scored it, view and perturbation alike: its fold models are
+    served as this run's are. An `eval` scores.csv holds perturbations only, scored under the detector's own
+    view: a variant gets its perturbation's rows."""
     import csv
 
+    names = list(dict.fromkeys([RESIZE, *variants]))
     rows: dict[str, dict[str, dict[str, float]]] = {}
     for name, path in unseen.items():
         if path.is_dir():
-            rows[name] = {"none": {s.id: s.logit for s in read_unseen_scores(path)}}
-            for perturbation in sorted(set(perturbations) - {"none"}):
-                rows[name][perturbation] = _folder_variant_logits(path, f"{RESIZE}@{perturbation}")
+            rows[name] = {v: {s.id: s.logit for s in read_unseen_scores(path)} if v == RESIZE
+                          else _folder_variant_logits(path, v) for v in names}
             continue
+        by_perturbation: dict[str, dict[str, float]] = {}
         with path.open(newline="") as f:
             for row in csv.DictReader(f):
                 if row["score"] and row["split"] != "test":
-                    rows.setdefault(name, {}).setdefault(row["perturbation"], {})[row["id"]] = score_logit(row["score"])
+                    by_perturbation.setdefault(row["perturbation"], {})[row["id"]] = score_logit(row["score"])
+        rows[name] = {v: by_perturbation.get(parse_variant(v).perturb, {}) for v in names}
     return rows
 
 
@@ -254,8 +257,7 @@ def fused_variants(pooled: dict[str, dict[str, list[HeldOutScore]]],
                    pools: dict[str, str]) -> dict[str, Any]:
     """``report``'s fused verdict (a `train loso` report: its fusion weights and fused calibration) under each
     variant: the fold-trained methods' variant scores (``pooled``: method -> variant -> scores) fused with
-    each unseen detector's `eval` logits (`unseen_logits`) under the same perturbation (their unperturbed ones
-    for a view), on the images all of them scored. A method or detector the report's fusion does not weigh is
+    each unseen detector's logits under the same variant (`unseen_logits`), on the images all of them scored. A method or detector the report's fusion does not weigh is
     left out, so one run compares the fusions of two reports (with a detector and without it)."""
     fusion = report["settings"]["fusion"]
     weights, scale, bias = fusion["weights"], fusion.get("scale", 1.0), fusion.get("bias", 0.0)
@@ -265,9 +267,8 @@ def fused_variants(pooled: dict[str, dict[str, list[HeldOutScore]]],
         raise ValueError(f"the report's fusion weighs none of {sorted(pooled)} (it weighs {sorted(weights)})")
     fused: dict[str, list[HeldOutScore]] = {}
     for variant_name in pooled[methods[0]]:
-        perturbation = parse_variant(variant_name).perturb
         sources = {m: {s.id: s.logit for s in pooled[m][variant_name]} for m in methods}
-        sources |= {name: by.get(perturbation, {}) for name, by in rows.items()}
+        sources |= {name: by.get(variant_name, {}) for name, by in rows.items()}
         scored = [s for s in pooled[methods[0]][variant_name] if all(s.id in logits for logits in sources.values())]
         mean = fuse({name: np.array([logits[s.id] for s in scored]) for name, logits in sources.items()}, weights)
         fused[variant_name] = [replace(s, logit=float(scale * z + bias)) for s, z in zip(scored, mean, strict=True)]
@@ -316,7 +317,7 @@ def run_variants(settings: Settings, cfg: LosoConfig, methods: Sequence[str], va
             **compare_variants(pooled[method], pools, thresholds["ai_threshold"], thresholds["real_threshold"])}
     fused: dict[str, Any] = {}
     if unseen or len(methods) > 1:
-        logits = unseen_logits(unseen or {}, [v.perturb for v in variants])
+        logits = unseen_logits(unseen or {}, [v.name for v in variants])
         for name in ("loso.json", *reports):
             chosen = report if name == "loso.json" else json.loads((cfg.out / name).read_text())
             fused[name] = {"weights": chosen["settings"]["fusion"]["weights"],
