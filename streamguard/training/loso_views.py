@@ -257,8 +257,9 @@ def fused_variants(pooled: dict[str, dict[str, list[HeldOutScore]]],
                    pools: dict[str, str]) -> dict[str, Any]:
     """``report``'s fused verdict (a `train loso` report: its fusion weights and fused calibration) under each
     variant: the fold-trained methods' variant scores (``pooled``: method -> variant -> scores) fused with
-    each unseen detector's logits under the same variant (`unseen_logits`), on the images all of them scored. A method or detector the report's fusion does not weigh is
-    left out, so one run compares the fusions of two reports (with a detector and without it)."""
+    each unseen detector's logits under the same variant (`unseen_logits`), on the images all of them
+    scored. A method or detector the report's fusion does not weigh is left out, so one run compares the
+    fusions of two reports (with a detector and without it)."""
     fusion = report["settings"]["fusion"]
     weights, scale, bias = fusion["weights"], fusion.get("scale", 1.0), fusion.get("bias", 0.0)
     rows = {name: by for name, by in unseen.items() if name in weights}
