@@ -533,10 +533,9 @@ def operating_points_table(report: dict[str, Any]) -> list[str]:
     lines = ["What the thresholds alone would have to give up for each aim:", "",
              f"| policy | ai / real | worst real source flagged | real sources over {most:.0%} | real flagged | "
              "real cleared | generators flagged | generators cleared | uncertain |", "|---" * 9 + "|"]
-    missed = {"flagged_aim": lambda p: p["generators_flagged"] < FLAGGED_AIM,
-              "uncertain_aim": lambda p: p["uncertain"] > UNCERTAIN_AIM}
     for name, p in points.items():
-        title = titles[name] + (" (not met within 0.5)" if name in missed and missed[name](p) else "")
+        missed = {"flagged_aim": p["generators_flagged"] < FLAGGED_AIM, "uncertain_aim": p["uncertain"] > UNCERTAIN_AIM}
+        title = titles[name] + (" (not met within 0.5)" if missed.get(name) else "")
         lines.append(f"| {title} | {p['ai_threshold']} / {p['real_threshold']} | {p['worst_false_flag']:.1%} | "
                      f"{p['real_sources_over']} | {p['real_flagged']:.1%} | {p['real_cleared']:.1%} | "
                      f"{p['generators_flagged']:.1%} | {p['generators_cleared']:.1%} | {p['uncertain']:.1%} |")

@@ -278,8 +278,7 @@ def operating_points(labels: np.ndarray, groups: Sequence[str], probs: np.ndarra
         flag_point = point(ai, min(chosen.real_threshold, float(THRESHOLD_GRID[THRESHOLD_GRID < ai][-1])))
     uncertain_point = here
     if here.uncertain > uncertain_aim:
-        reals = [float(t) for t in THRESHOLD_GRID if chosen.real_threshold < t <= min(0.5, chosen.ai_threshold)
-                 and t < chosen.ai_threshold]
+        reals = [float(t) for t in THRESHOLD_GRID if chosen.real_threshold < t <= 0.5 and t < chosen.ai_threshold]
         real = next((t for t in reals if point(chosen.ai_threshold, t).uncertain <= uncertain_aim),
                     reals[-1] if reals else chosen.real_threshold)
         uncertain_point = point(chosen.ai_threshold, real)

@@ -550,7 +550,7 @@ def build_report(cfg: LosoConfig, folds: Sequence[Fold], pools: dict[str, str] |
         "fused_calibration": asdict(calibration),
         "uncertain_share": round(float(np.mean((fused > thresholds.real_threshold) & (fused < thresholds.ai_threshold))), 4),
         # What the aims the policy misses would cost if the thresholds alone were moved to meet them.
-        "operating_points": {name: None if p is None else asdict(p) for name, p in operating_points(
+        "operating_points": {name: asdict(p) for name, p in operating_points(
             scored.labels, scored.groups, fused, thresholds, cfg.max_false_flag).items()},
         # The rule on sources it did not see: each group judged under a fusion and thresholds chosen without it.
         "policy_carry_over": [asdict(c) for c in policy_carry_over(
