@@ -159,6 +159,12 @@ def test_loso_end_to_end(dataset: Path, backbone: Path, tmp_path: Path) -> None:
     assert chosen["univfd"] + chosen["mpft"] == pytest.approx(2.0)  # scaled to average 1, the default weight
     assert chosen["univfd"] / 2 == pytest.approx(weights["univfd"], abs=1e-4)
     assert "Verdicts of fused under the chosen policy" in result.stdout
+    # Each group's AUC against the other class: a kind's groups average to the balanced AUC, so the table's
+    # costs name where it is lost.
+    for kind in ("real", "ai"):
+        aucs = [row["auc"] for row in fused.values() if row["kind"] == kind]
+        assert np.mean(aucs) == pytest.approx(report["detectors"]["fused"]["balanced_auc"], abs=1e-4)
+    assert "| group | ai_generated | uncertain | real | AUC against the other class | cost |" in result.stdout
     # The rule carried to each group it was not chosen on: every group once, under the pool's rule.
     carried = {c["group"]: c for c in report["policy_carry_over"]}
     assert set(carried) == {g for g, _ in GROUPS}

@@ -9,6 +9,7 @@ from streamguard.config import FusionSettings
 from streamguard.evaluation.selection import (
     Interval,
     Scored,
+    auc_by_group,
     balanced_auc,
     bootstrap_auc,
     choose_thresholds,
@@ -31,6 +32,30 @@ def test_balanced_auc_weighs_each_group_the_same() -> None:
     scores = np.array([0.1] * 90 + [0.9] * 10 + [0.5] * 100)
     assert balanced_auc(labels, groups, scores) == pytest.approx(0.5)
     assert balanced_auc(labels[:90], groups[:90], scores[:90]) is None
+
+
+def test_auc_by_group_names_the_groups_the_balanced_auc_loses_and_adds_up_to_it() -> None:
+    rng = np.random.default_rng(3)
+    # Two real sources and three generators of unequal sizes; "hard" real photos overlap "gan"'s scores.
+    spec = [("phones", 0, 40, -2.0), ("hard", 0, 7, 0.5), ("sd", 1, 30, 2.0), ("gan", 1, 12, 0.3), ("dalle", 1, 5, 3.0)]
+    labels = np.concatenate([np.full(n, label) for _, label, n, _ in spec])
+    groups = [g for g, _, n, _ in spec for _ in range(n)]
+    scores = np.concatenate([rng.normal(mu, 1.0, n) for _, _, n, mu in spec])
+    by_group = auc_by_group(labels, groups, scores)
+    assert set(by_group) == {"phones", "hard", "sd", "gan", "dalle"}
+    # Checked against the definition: one pair's AUC is the share of its (fake, real) orderings that are right.
+    def pair(real: str, fake: str) -> float:
+        r = scores[[g == real for g in groups]]
+        f = scores[[g == fake for g in groups]]
+        return float(np.mean((f[:, None] > r[None, :]) + 0.5 * (f[:, None] == r[None, :])))
+    assert by_group["hard"] == pytest.approx(np.mean([pair("hard", f) for f in ("sd", "gan", "dalle")]))
+    assert by_group["gan"] == pytest.approx(np.mean([pair(r, "gan") for r in ("phones", "hard")]))
+    # Each kind's groups average to the balanced AUC, so their costs add up to the whole shortfall.
+    whole = balanced_auc(labels, groups, scores)
+    assert np.mean([by_group["phones"], by_group["hard"]]) == pytest.approx(whole)
+    assert np.mean([by_group[g] for g in ("sd", "gan", "dalle")]) == pytest.approx(whole)
+    assert min(by_group, key=by_group.get) in {"hard", "gan"}
+    assert auc_by_group(labels[:47], groups[:47], scores[:47]) == {}
 
 
 def test_bootstrap_intervals_hold_the_estimate_and_pairing_tells_a_real_gain_from_noise() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from statistics import fmean
 from typing import Any
@@ -567,10 +568,17 @@ def render_loso(report: dict[str, Any]) -> str:
         accs = " | ".join(str(report["detectors"][n]["groups"][group]["accuracy_at_0.5"]) for n in names)
         lines.append(f"| {group} | {row['kind']} | {row['n']} | {accs} |")
     final = "fused" if "fused" in report["detectors"] else names[0]
-    lines += ["", f"Verdicts of {final} under the chosen policy:", "", "| group | ai_generated | uncertain | real |",
-              "|---|---|---|---|"]
-    for group, row in report["detectors"][final]["groups"].items():
-        lines.append(f"| {group} | {row['ai_generated']} | {row['uncertain']} | {row['real']} |")
+    rows = report["detectors"][final]["groups"]
+    per_class = Counter(row["kind"] for row in rows.values())
+    lines += ["", f"Verdicts of {final} under the chosen policy, and each group's balanced AUC against the other "
+              "class; its cost, (1 - AUC) / groups of its kind, is what it takes from the balanced AUC (a kind's "
+              "costs add up to the whole shortfall):", "",
+              "| group | ai_generated | uncertain | real | AUC against the other class | cost |", "|---" * 6 + "|"]
+    for group, row in rows.items():
+        auc = row.get("auc")  # reports written before it was recorded have none
+        cost = "" if auc is None else f"{(1 - auc) / per_class[row['kind']]:.4f}"
+        lines.append(f"| {group} | {row['ai_generated']} | {row['uncertain']} | {row['real']} | "
+                     f"{'' if auc is None else auc} | {cost} |")
     for name, compared in report.get("against", {}).items():
         d = compared["difference"]
         lines += ["", (f"Against {name} ({compared['images']} images): balanced AUC {compared['balanced_auc']} against "

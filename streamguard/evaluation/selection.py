@@ -62,6 +62,24 @@ def balanced_auc(labels: np.ndarray, groups: Sequence[str], scores: np.ndarray) 
     return float(roc_auc_score(labels, scores, sample_weight=group_weights(labels, groups)))
 
 
+def auc_by_group(labels: np.ndarray, groups: Sequence[str], scores: np.ndarray) -> dict[str, float]:
+    """Each group's balanced AUC against all of the other class's groups.
+
+    The balanced AUC is the mean, over every (real source, generator) pair, of that pair's AUC, so a class's
+    groups average to it exactly. ``(1 - auc) / (groups in its class)`` is then what one group costs the
+    balanced AUC, and a class's costs sum to the whole miss, ``1 - balanced AUC``. It names the sources that
+    hold a validation back, which a per-group accuracy at one threshold cannot: that moves with calibration."""
+    labels = np.asarray(labels)
+    if len(set(labels.tolist())) < 2:
+        return {}
+    names, weights = np.asarray(groups), group_weights(labels, groups)
+    out: dict[str, float] = {}
+    for label, group in sorted(set(zip(labels.tolist(), groups, strict=True))):
+        rows = ((names == group) & (labels == label)) | (labels != label)
+        out[group] = float(roc_auc_score(labels[rows], scores[rows], sample_weight=weights[rows]))
+    return out
+
+
 @dataclass(frozen=True)
 class Interval:
     value: float

@@ -31,6 +31,7 @@ from streamguard.evaluation.selection import (
     FusedCalibration,
     Scored,
     WeightChoice,
+    auc_by_group,
     balanced_auc,
     bootstrap_auc,
     choose_thresholds,
@@ -422,11 +423,13 @@ def summarise(scored: Scored, probs: np.ndarray, ai_threshold: float, real_thres
     reals = [r for r in rates.values() if r["kind"] == "real"]
     fakes = [r for r in rates.values() if r["kind"] == "ai"]
     auc = balanced_auc(scored.labels, scored.groups, probs)
+    against = auc_by_group(scored.labels, scored.groups, probs)
     return {
         "balanced_auc": None if auc is None else round(auc, 4),
         "worst_real_accuracy_at_0.5": min(float(r["accuracy_at_0.5"]) for r in reals),
         "mean_fake_accuracy_at_0.5": round(float(np.mean([float(r["accuracy_at_0.5"]) for r in fakes])), 4),
-        "groups": rates,
+        # Each group's AUC against the other class: a class's groups average to the balanced AUC.
+        "groups": {g: {**r, "auc": round(against[g], 4) if g in against else None} for g, r in rates.items()},
     }
 
 
