@@ -13,7 +13,8 @@ from streamguard.config import DetectorSettings, IntakeSettings
 from streamguard.detectors.runner import DetectorRunner
 from streamguard.detectors.spec import Calibration, DetectorInput, DetectorSpec
 from streamguard.intake import InputContract, aggregate_logits, decode_image, prepare, prepare_views
-from streamguard.intake.contract import crop_boxes, with_views
+from streamguard.intake.inset import INSET_VERSION
+from streamguard.intake.contract import JPEG_QUALITY, crop_boxes, view_tag, with_views
 from streamguard.scoring import _input
 
 
@@ -135,6 +136,54 @@ def test_flip_view_names() -> None:
     assert both.flip and both.inset and both.fit == "resize"
     assert not with_views(InputContract(), "resize-inset").flip
     assert with_views(InputContract(flip=True), "resize").flip  # a contract's own flip is kept
-    for name in ("resize-inset-flip", "resize-trimmed-flip", "flip"):  # -trimmed needs views, -inset comes last
+    for name in ("resize-inset-flip", "resize-trimmed-flip", "flip"):  # -trimmed needs views, -inset after -flip
         with pytest.raises(ValueError, match="views must be"):
             with_views(InputContract(), name)
+
+
+def _round_trip(pixels: np.ndarray, quality: int) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+
+
+def _pixels(views: np.ndarray, contract: InputContract) -> np.ndarray:
+    """Normalised views back to uint8 pixels (views, height, width, 3)."""
+    mean, std = np.asarray(contract.mean, np.float32), np.asarray(contract.std, np.float32)
+    return np.rint((views.transpose(0, 2, 3, 1) * std + mean) * 255).astype(np.uint8)
+
+
+def test_a_jpeg_contract_encodes_each_view_not_the_upload() -> None:
+    image = _decoded(600, 400, 5)
+    plain = with_views(InputContract(), "resize")
+    contract = with_views(InputContract(), "resize-jpeg")
+    assert contract.jpeg == JPEG_QUALITY and not contract.multiview
+    resized = _pixels(prepare(image, plain)[None], plain)[0]
+    got = _pixels(prepare(image, contract)[None], contract)[0]
+    # The 224-px view as a JPEG of the contract's quality, decoded again: nothing else is changed.
+    np.testing.assert_array_equal(got, _round_trip(resized, JPEG_QUALITY))
+    assert np.abs(got.astype(int) - resized).mean() > 5  # noise does not survive q75: the encode happened
+    # Each view of a multi-view contract, the mirror images flipping the encoded views.
+    many = with_views(InputContract(), "crops2+whole-flip-jpeg")
+    views = _pixels(prepare_views(image, many), many)
+    unencoded = _pixels(prepare_views(image, with_views(InputContract(), "crops2+whole")), plain)
+    assert len(views) == 6
+    for k in range(3):
+        np.testing.assert_array_equal(views[k], _round_trip(unencoded[k], JPEG_QUALITY))
+        np.testing.assert_array_equal(views[k + 3], views[k][:, ::-1])
+
+
+def test_jpeg_view_names_and_versions() -> None:
+    contract = with_views(InputContract(), "resize-flip-inset-jpeg")
+    assert contract.flip and contract.inset and contract.jpeg == JPEG_QUALITY
+    assert with_views(InputContract(), "resize-inset").jpeg is None
+    assert with_views(InputContract(jpeg=90), "resize").jpeg == 90  # a contract's own quality is kept
+    for name in ("resize-jpeg-inset", "resize-jpeg-flip", "jpeg"):  # -jpeg comes last
+        with pytest.raises(ValueError, match="views must be"):
+            with_views(InputContract(), name)
+    with pytest.raises(ValueError, match="quality from 1 to 95"):
+        InputContract(jpeg=100)
+    # The quality is in the version: verdicts judged at another one are not reused by dedupe.
+    assert view_tag("resize-jpeg") == f"resize-jpeg{JPEG_QUALITY}"
+    assert view_tag("resize-inset-jpeg") == f"resize-inset{INSET_VERSION}-jpeg{JPEG_QUALITY}"
+    assert view_tag("resize-inset") == f"resize-inset{INSET_VERSION}"

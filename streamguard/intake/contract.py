@@ -15,12 +15,18 @@ SPAI aggregate the same way). Views are placed deterministically, so a replayed 
 Any contract may ask for each view's mirror image too (``flip``), aggregated with the views, so a score does
 not hang on which way the picture faces; and for the ``inset`` first: when the image is a screenshot around a
 photo (`find_inset`), the views are cut from that photo, not from the screen, so the app's chrome does not
-speak for the picture.
+speak for the picture. ``jpeg`` re-encodes each view as a JPEG of that quality before it is normalised, so
+every upload is judged in the same format at the same scale whatever it arrived as: a lossless PNG cannot
+look generated for being lossless ("Fake or JPEG?", arXiv 2403.17608), as training's augmentation, which
+JPEG-encodes both classes at 160-512 px, meant it not to. The view, not the upload, is encoded: a JPEG
+arrives decoded at a reduced scale and a PNG whole, so encoding what arrived would mark the two formats
+differently, and a view is 224 px, a fraction of a millisecond to encode.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -54,6 +60,7 @@ class InputContract:
     small_image: Literal["pad", "resize"] = "pad"
     inset: bool = False  # judge the photo a screenshot shows, where `find_inset` finds one
     flip: bool = False  # each view's left-right mirror image beside it
+    jpeg: int | None = None  # each view re-encoded as a JPEG of this quality
 
     def __post_init__(self) -> None:
         if self.size <= 0:
@@ -68,6 +75,8 @@ class InputContract:
             raise ValueError(f"aggregate must be 'mean' or 'trimmed-mean', not {self.aggregate!r}")
         if self.small_image not in ("pad", "resize"):
             raise ValueError(f"small_image must be 'pad' or 'resize', not {self.small_image!r}")
+        if self.jpeg is not None and not 1 <= self.jpeg <= 95:
+            raise ValueError(f"jpeg must be a quality from 1 to 95, not {self.jpeg!r}")
 
     @property
     def multiview(self) -> bool:
@@ -77,20 +86,25 @@ class InputContract:
 
 RESIZE = "resize"  # the view name of the contract as a detector declares it
 INSET = "-inset"  # a view name's suffix for the photo inside a screenshot
+JPEG = "-jpeg"  # a view name's suffix for each view re-encoded as a JPEG
+# q75: the quality the robustness aim is measured at, and inside training's JPEG range (augment.py).
+JPEG_QUALITY = 75
 # -trimmed follows crops only: the one resized view (and its mirror) leaves nothing to trim.
-_VIEW = re.compile(r"^(resize|crops(\d+)(\+whole)?(-trimmed)?)(-flip)?(-inset)?$")
+_VIEW = re.compile(r"^(resize|crops(\d+)(\+whole)?(-trimmed)?)(-flip)?(-inset)?(-jpeg)?$")
 
 
 def with_views(base: InputContract, view: str) -> InputContract:
     """``base`` under a view name: ``resize`` (``base`` itself), ``cropsN`` (N native crops) or
     ``cropsN+whole`` (and the resized whole view), with ``-trimmed`` for a trimmed mean of their logits, then
     ``-flip`` for each view's mirror image too, then ``-inset`` to cut them from the photo a screenshot shows
-    (`find_inset`). The names `detectors.options.<name>.views` and `streamguard train loso-variants` use."""
+    (`find_inset`), then ``-jpeg`` to re-encode each view as a JPEG of `JPEG_QUALITY`. The names
+    `detectors.options.<name>.views` and `streamguard train loso-variants` use."""
     match = _VIEW.match(view)
     if match is None:
         raise ValueError(f"views must be resize, cropsN or cropsN+whole (crops optionally -trimmed), then "
-                         f"optionally -flip, then optionally -inset, not {view!r}")
-    contract = replace(base, flip=base.flip or bool(match.group(5)), inset=base.inset or bool(match.group(6)))
+                         f"optionally -flip, then optionally -inset, then optionally -jpeg, not {view!r}")
+    contract = replace(base, flip=base.flip or bool(match.group(5)), inset=base.inset or bool(match.group(6)),
+                       jpeg=JPEG_QUALITY if match.group(7) else base.jpeg)
     if match.group(1) == RESIZE:
         return contract
     return replace(contract, fit="crop", crops=int(match.group(2)), whole=bool(match.group(3)),
@@ -98,9 +112,13 @@ def with_views(base: InputContract, view: str) -> InputContract:
 
 
 def view_tag(view: str) -> str:
-    """``view`` as a model version names it: an inset view carries the rule's version, so a changed rule is
-    a changed version (and dedupe does not reuse verdicts the old rule made)."""
-    return f"{view}{INSET_VERSION}" if view.endswith(INSET) else view
+    """``view`` as a model version names it: an inset view carries the rule's version and a re-encoded one its
+    quality, so a changed rule or quality is a changed version (and dedupe does not reuse verdicts made
+    under the old one)."""
+    jpeg = view.endswith(JPEG)
+    view = view.removesuffix(JPEG)
+    view = f"{view}{INSET_VERSION}" if view.endswith(INSET) else view
+    return f"{view}{JPEG}{JPEG_QUALITY}" if jpeg else view
 
 
 def decode_side(contracts: Iterable[InputContract | None]) -> int | None:
@@ -127,7 +145,7 @@ def prepare(image: DecodedImage, contract: InputContract) -> np.ndarray:
         if image.reduced:
             raise ValueError("a crop contract needs native pixels but the image was decoded reduced")
         pixels = _center_crop_pad(rgb, contract.size)
-    return _normalized(np.asarray(pixels).transpose(2, 0, 1), contract)
+    return _normalized(as_jpeg(np.asarray(pixels), contract.jpeg).transpose(2, 0, 1), contract)
 
 
 def _shown(image: DecodedImage, contract: InputContract) -> Image.Image:
@@ -137,6 +155,18 @@ def _shown(image: DecodedImage, contract: InputContract) -> Image.Image:
         return image.rgb
     # A decode reduced for the whole screen may hold the photo under the contract's size: decoded again then.
     return decode_box(image, box, contract.size)
+
+
+def as_jpeg(pixels: np.ndarray, quality: int | None) -> np.ndarray:
+    """``pixels`` (uint8, height x width x 3) encoded as a JPEG of ``quality`` and decoded again (Pillow's
+    4:2:0 subsampling, as training's augmentation encodes); as they are for None."""
+    if quality is None:
+        return pixels
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    with Image.open(buffer) as img:
+        return np.asarray(img.convert("RGB"))
 
 
 def _resized_instead(rgb: Image.Image, contract: InputContract) -> bool:
@@ -159,6 +189,7 @@ def prepare_views(image: DecodedImage, contract: InputContract) -> np.ndarray:
                  for left, top in crop_boxes(w, h, contract.size, contract.crops)]
         if contract.whole:
             views.append(_resize_center_crop(rgb, contract.size))
+    views = [as_jpeg(np.asarray(view), contract.jpeg) for view in views]
     if contract.flip:
         views += [view[:, ::-1] for view in views]
     return _normalized(np.stack(views).transpose(0, 3, 1, 2), contract)
