@@ -36,7 +36,7 @@ from streamguard.builtin.univfd.plugin import DETECTOR as UNIVFD
 from streamguard.config import BackboneSettings, IntakeSettings, Settings, load_settings
 from streamguard.detectors.spec import CLASS_TOKENS, DetectorInput, LoadContext
 from streamguard.detectors.trunk import MAX_PENDING_BATCHES, SharedTrunk
-from streamguard.intake.contract import JPEG_QUALITY, as_jpeg, prepare, prepare_views, with_views
+from streamguard.intake.contract import JPEG_QUALITY, as_jpeg, prepare_views, with_views
 from streamguard.intake.inset import INSET_VERSION, find_inset
 from streamguard.intake.decode import decode_image
 from streamguard.plugins import build_plugin_manager
@@ -289,15 +289,12 @@ def test_a_detector_configured_for_the_inset_judges_the_photo_a_screenshot_shows
     np.testing.assert_allclose(got["univfd"][2], before["univfd"][2], rtol=0, atol=1e-5)
 
 
-def test_a_detector_configured_for_jpeg_views_judges_the_view_as_a_jpeg(tiny: dict[str, Path]) -> None:
-    """``views = "resize-jpeg"``: an upload gets the logit its resized view gets once encoded as a q75 JPEG
-    and decoded (uploaded as those very pixels, losslessly); its version names the view and the quality."""
-    upload = noise((448, 448), seed=11)  # square and twice the view: the resize leaves nothing to crop
-    contract = with_views(CONTRACT, "resize")
-    view = prepare(decode_image(encode(upload, "PNG"), IntakeSettings(), None), contract)
-    pixels = np.rint((view.transpose(1, 2, 0) * np.asarray(contract.std) + np.asarray(contract.mean)) * 255)
-    encoded = as_jpeg(pixels.astype(np.uint8), JPEG_QUALITY)
-    jobs = [ImageJob("upload", encode(upload, "PNG")), ImageJob("encoded", encode(Image.fromarray(encoded), "PNG"))]
+def test_a_detector_configured_for_jpeg_views_judges_the_upload_as_a_jpeg(tiny: dict[str, Path]) -> None:
+    """``views = "resize-jpeg"``: an upload gets the logit its pixels get once encoded as a q75 JPEG and
+    decoded (uploaded as those very pixels, losslessly); its version names the view and the quality."""
+    upload = noise((448, 336), seed=11)  # under the encoding's scale: encoded as it is
+    encoded = as_jpeg(upload, JPEG_QUALITY)
+    jobs = [ImageJob("upload", encode(upload, "PNG")), ImageJob("encoded", encode(encoded, "PNG"))]
     (got, versions), (before, plain_versions) = _univfd_viewed(tiny, jobs, "resize-jpeg")
     assert versions["univfd"] == f"{plain_versions['univfd']}@resize-jpeg{JPEG_QUALITY}"
     np.testing.assert_allclose(got["univfd"][0], before["univfd"][1], rtol=0, atol=1e-5)

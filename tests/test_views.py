@@ -14,7 +14,7 @@ from streamguard.detectors.runner import DetectorRunner
 from streamguard.detectors.spec import Calibration, DetectorInput, DetectorSpec
 from streamguard.intake import InputContract, aggregate_logits, decode_image, prepare, prepare_views
 from streamguard.intake.inset import INSET_VERSION
-from streamguard.intake.contract import JPEG_QUALITY, crop_boxes, view_tag, with_views
+from streamguard.intake.contract import JPEG_QUALITY, JPEG_SCALE, crop_boxes, decode_side, view_tag, with_views
 from streamguard.scoring import _input
 
 
@@ -141,36 +141,41 @@ def test_flip_view_names() -> None:
             with_views(InputContract(), name)
 
 
-def _round_trip(pixels: np.ndarray, quality: int) -> np.ndarray:
+def _round_trip(img: Image.Image, quality: int) -> Image.Image:
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
-    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    img.save(buf, format="JPEG", quality=quality)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
 
 
-def _pixels(views: np.ndarray, contract: InputContract) -> np.ndarray:
-    """Normalised views back to uint8 pixels (views, height, width, 3)."""
-    mean, std = np.asarray(contract.mean, np.float32), np.asarray(contract.std, np.float32)
-    return np.rint((views.transpose(0, 2, 3, 1) * std + mean) * 255).astype(np.uint8)
+def _png(img: Image.Image, min_side: int | None):  # type: ignore[no-untyped-def]
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return decode_image(buf.getvalue(), IntakeSettings(), min_side)
 
 
-def test_a_jpeg_contract_encodes_each_view_not_the_upload() -> None:
-    image = _decoded(600, 400, 5)
+def test_a_jpeg_contract_judges_the_shown_pixels_as_a_jpeg_at_one_scale() -> None:
+    rng = np.random.default_rng(5)
+    photo = Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)).resize((1200, 900), Image.BICUBIC)
     plain = with_views(InputContract(), "resize")
     contract = with_views(InputContract(), "resize-jpeg")
     assert contract.jpeg == JPEG_QUALITY and not contract.multiview
-    resized = _pixels(prepare(image, plain)[None], plain)[0]
-    got = _pixels(prepare(image, contract)[None], contract)[0]
-    # The 224-px view as a JPEG of the contract's quality, decoded again: nothing else is changed.
-    np.testing.assert_array_equal(got, _round_trip(resized, JPEG_QUALITY))
-    assert np.abs(got.astype(int) - resized).mean() > 5  # noise does not survive q75: the encode happened
-    # Each view of a multi-view contract, the mirror images flipping the encoded views.
-    many = with_views(InputContract(), "crops2+whole-flip-jpeg")
-    views = _pixels(prepare_views(image, many), many)
-    unencoded = _pixels(prepare_views(image, with_views(InputContract(), "crops2+whole")), plain)
-    assert len(views) == 6
-    for k in range(3):
-        np.testing.assert_array_equal(views[k], _round_trip(unencoded[k], JPEG_QUALITY))
-        np.testing.assert_array_equal(views[k + 3], views[k][:, ::-1])
+    side = JPEG_SCALE * contract.size
+    # The decode holds what the encode needs (a JPEG upload is drafted no smaller than this).
+    assert decode_side([contract]) == side and decode_side([plain]) == plain.size
+    image = _png(photo, decode_side([contract]))
+    # A large upload is brought to the one scale, encoded, decoded, and only then viewed.
+    at_scale = photo.resize((side * 4 // 3, side), Image.BICUBIC)
+    expected = prepare(_png(_round_trip(at_scale, JPEG_QUALITY), None), plain)
+    np.testing.assert_array_equal(prepare(image, contract), expected)
+    assert np.abs(prepare(image, contract) - prepare(image, plain)).mean() > 0.01  # the encode happened
+    # A smaller one is encoded as it is; a crop contract's native pixels are never rescaled for it.
+    small = photo.resize((400, 300), Image.BICUBIC)
+    np.testing.assert_array_equal(prepare(_png(small, side), contract),
+                                  prepare(_png(_round_trip(small, JPEG_QUALITY), None), plain))
+    crops = with_views(InputContract(), "crops2+whole-flip-jpeg")
+    np.testing.assert_array_equal(prepare_views(_png(photo, None), crops),
+                                  prepare_views(_png(_round_trip(photo, JPEG_QUALITY), None),
+                                                with_views(InputContract(), "crops2+whole-flip")))
 
 
 def test_jpeg_view_names_and_versions() -> None:

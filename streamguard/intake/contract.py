@@ -15,12 +15,13 @@ SPAI aggregate the same way). Views are placed deterministically, so a replayed 
 Any contract may ask for each view's mirror image too (``flip``), aggregated with the views, so a score does
 not hang on which way the picture faces; and for the ``inset`` first: when the image is a screenshot around a
 photo (`find_inset`), the views are cut from that photo, not from the screen, so the app's chrome does not
-speak for the picture. ``jpeg`` re-encodes each view as a JPEG of that quality before it is normalised, so
-every upload is judged in the same format at the same scale whatever it arrived as: a lossless PNG cannot
-look generated for being lossless ("Fake or JPEG?", arXiv 2403.17608), as training's augmentation, which
-JPEG-encodes both classes at 160-512 px, meant it not to. The view, not the upload, is encoded: a JPEG
-arrives decoded at a reduced scale and a PNG whole, so encoding what arrived would mark the two formats
-differently, and a view is 224 px, a fraction of a millisecond to encode.
+speak for the picture. ``jpeg`` re-encodes the pixels the views are cut from as a JPEG of that quality
+first, so every upload is judged in one format whatever it arrived as: a lossless PNG cannot look generated
+for being lossless ("Fake or JPEG?", arXiv 2403.17608). A resize contract encodes them at one scale for
+every format, `JPEG_SCALE` times its view's size on the short side (a JPEG upload is decoded at a reduced
+scale and a PNG whole, so encoding what each decode holds would mark the formats apart): artefacts at the
+view's own scale are what the detectors read as generated (each view encoded at 224 px cost univfd 0.049
+and pin-clip 0.031 of their held-out AUC, docs/validation.md step 39).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class InputContract:
     small_image: Literal["pad", "resize"] = "pad"
     inset: bool = False  # judge the photo a screenshot shows, where `find_inset` finds one
     flip: bool = False  # each view's left-right mirror image beside it
-    jpeg: int | None = None  # each view re-encoded as a JPEG of this quality
+    jpeg: int | None = None  # the shown pixels re-encoded as a JPEG of this quality before any view is cut
 
     def __post_init__(self) -> None:
         if self.size <= 0:
@@ -86,9 +87,11 @@ class InputContract:
 
 RESIZE = "resize"  # the view name of the contract as a detector declares it
 INSET = "-inset"  # a view name's suffix for the photo inside a screenshot
-JPEG = "-jpeg"  # a view name's suffix for each view re-encoded as a JPEG
-# q75: the quality the robustness aim is measured at, and inside training's JPEG range (augment.py).
+JPEG = "-jpeg"  # a view name's suffix for the shown pixels re-encoded as a JPEG first
+# q75: the quality the robustness aim is measured at, inside training's JPEG range (training/data.py).
 JPEG_QUALITY = 75
+# The decoding's own reducing gap (decode.py): a resize from there to the view averages the blocks away.
+JPEG_SCALE = 3
 # -trimmed follows crops only: the one resized view (and its mirror) leaves nothing to trim.
 _VIEW = re.compile(r"^(resize|crops(\d+)(\+whole)?(-trimmed)?)(-flip)?(-inset)?(-jpeg)?$")
 
@@ -97,7 +100,7 @@ def with_views(base: InputContract, view: str) -> InputContract:
     """``base`` under a view name: ``resize`` (``base`` itself), ``cropsN`` (N native crops) or
     ``cropsN+whole`` (and the resized whole view), with ``-trimmed`` for a trimmed mean of their logits, then
     ``-flip`` for each view's mirror image too, then ``-inset`` to cut them from the photo a screenshot shows
-    (`find_inset`), then ``-jpeg`` to re-encode each view as a JPEG of `JPEG_QUALITY`. The names
+    (`find_inset`), then ``-jpeg`` to re-encode what is shown as a JPEG of `JPEG_QUALITY` first. The names
     `detectors.options.<name>.views` and `streamguard train loso-variants` use."""
     match = _VIEW.match(view)
     if match is None:
@@ -129,8 +132,13 @@ def decode_side(contracts: Iterable[InputContract | None]) -> int | None:
             continue
         if contract.fit == "crop":
             return None
-        sides.append(contract.size)
+        sides.append(_held_side(contract))
     return max(sides) if sides else None
+
+
+def _held_side(contract: InputContract) -> int:
+    """The short side a resize contract needs the shown pixels held at."""
+    return contract.size * JPEG_SCALE if contract.jpeg is not None else contract.size
 
 
 def prepare(image: DecodedImage, contract: InputContract) -> np.ndarray:
@@ -145,28 +153,36 @@ def prepare(image: DecodedImage, contract: InputContract) -> np.ndarray:
         if image.reduced:
             raise ValueError("a crop contract needs native pixels but the image was decoded reduced")
         pixels = _center_crop_pad(rgb, contract.size)
-    return _normalized(as_jpeg(np.asarray(pixels), contract.jpeg).transpose(2, 0, 1), contract)
+    return _normalized(np.asarray(pixels).transpose(2, 0, 1), contract)
 
 
 def _shown(image: DecodedImage, contract: InputContract) -> Image.Image:
-    """The pixels the contract's views are cut from: the image, or the photo inside it (``inset``)."""
+    """The pixels the contract's views are cut from: the image, or the photo inside it (``inset``); under
+    ``jpeg``, as a JPEG of that quality (a resize contract's at `_held_side`, a crop contract's native)."""
     box = find_inset(image.rgb) if contract.inset else None
-    if box is None:
-        return image.rgb
     # A decode reduced for the whole screen may hold the photo under the contract's size: decoded again then.
-    return decode_box(image, box, contract.size)
+    rgb = image.rgb if box is None else decode_box(image, box, _held_side(contract))
+    if contract.jpeg is None:
+        return rgb
+    return as_jpeg(rgb if contract.fit == "crop" else _short_side_at_most(rgb, _held_side(contract)), contract.jpeg)
 
 
-def as_jpeg(pixels: np.ndarray, quality: int | None) -> np.ndarray:
-    """``pixels`` (uint8, height x width x 3) encoded as a JPEG of ``quality`` and decoded again (Pillow's
-    4:2:0 subsampling, as training's augmentation encodes); as they are for None."""
-    if quality is None:
-        return pixels
+def _short_side_at_most(rgb: Image.Image, side: int) -> Image.Image:
+    w, h = rgb.size
+    if min(w, h) <= side:
+        return rgb
+    scale = side / min(w, h)
+    return rgb.resize((max(side, round(w * scale)), max(side, round(h * scale))), Image.Resampling.BICUBIC)
+
+
+def as_jpeg(rgb: Image.Image, quality: int) -> Image.Image:
+    """``rgb`` encoded as a JPEG of ``quality`` and decoded again (Pillow's 4:2:0 subsampling, as training's
+    augmentation encodes)."""
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
+    rgb.save(buffer, format="JPEG", quality=quality)
     buffer.seek(0)
     with Image.open(buffer) as img:
-        return np.asarray(img.convert("RGB"))
+        return img.convert("RGB")
 
 
 def _resized_instead(rgb: Image.Image, contract: InputContract) -> bool:
@@ -189,7 +205,6 @@ def prepare_views(image: DecodedImage, contract: InputContract) -> np.ndarray:
                  for left, top in crop_boxes(w, h, contract.size, contract.crops)]
         if contract.whole:
             views.append(_resize_center_crop(rgb, contract.size))
-    views = [as_jpeg(np.asarray(view), contract.jpeg) for view in views]
     if contract.flip:
         views += [view[:, ::-1] for view in views]
     return _normalized(np.stack(views).transpose(0, 3, 1, 2), contract)
