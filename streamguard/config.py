@@ -84,7 +84,7 @@ class DetectorSettings(_Section):
         default_factory=dict, description="Per-detector options, keyed by detector name. The built-in CLIP "
         "detectors take weights_dir and views (resize, the default; cropsN or cropsN+whole: native crops whose "
         "logits are averaged, not what the default fusion was chosen on; -inset after any of them: the views are "
-        "cut from the photo a screenshot shows; -jpeg last: each view is judged as a q75 JPEG)."
+        "cut from the photo a screenshot shows; -jpeg last: what is shown is judged as a q75 JPEG)."
     )
     backend: Backend = Field(
         "inprocess", description="Where detectors run: in this process (torch) or on a Triton server (see [triton])."
