@@ -160,11 +160,12 @@ def _shown(image: DecodedImage, contract: InputContract) -> Image.Image:
     """The pixels the contract's views are cut from: the image, or the photo inside it (``inset``); under
     ``jpeg``, as a JPEG of that quality (a resize contract's at `_held_side`, a crop contract's native)."""
     box = find_inset(image.rgb) if contract.inset else None
+    side = _held_side(contract)
     # A decode reduced for the whole screen may hold the photo under the contract's size: decoded again then.
-    rgb = image.rgb if box is None else decode_box(image, box, _held_side(contract))
+    rgb = image.rgb if box is None else decode_box(image, box, side)
     if contract.jpeg is None:
         return rgb
-    return as_jpeg(rgb if contract.fit == "crop" else _short_side_at_most(rgb, _held_side(contract)), contract.jpeg)
+    return as_jpeg(rgb if contract.fit == "crop" else _short_side_at_most(rgb, side), contract.jpeg)
 
 
 def _short_side_at_most(rgb: Image.Image, side: int) -> Image.Image:
