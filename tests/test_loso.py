@@ -170,6 +170,10 @@ def test_loso_end_to_end(dataset: Path, backbone: Path, tmp_path: Path) -> None:
     assert set(carried) == {g for g, _ in GROUPS}
     assert {c["kind"] for c in carried.values()} == {"real", "ai"}
     assert "Chosen without each group in turn: real sources over 2% flagged:" in result.stdout
+    # The fused ranking with every group unseen by the fusion's choice too, printed beside the pool's.
+    assert 0.5 < report["carried_over_auc"] <= 1.0
+    assert (f"without both: {report['carried_over_auc']:.4f} (chosen with them: "
+            f"{report['detectors']['fused']['balanced_auc']})") in result.stdout
     # What each missed aim would cost the thresholds, beside the chosen policy they start from.
     points = report["operating_points"]
     assert set(points) == {"chosen", "flagged_aim", "uncertain_aim"}

@@ -16,6 +16,7 @@ from streamguard.evaluation.selection import (
     choose_weights,
     fuse,
     operating_points,
+    carried_over_auc,
     policy_carry_over,
     simplex,
     verdict_rates,
@@ -246,6 +247,34 @@ def test_carry_over_refits_what_else_was_chosen_without_the_group() -> None:
     assert carried["outlier"].ai_generated == pytest.approx(np.mean(probs[50:60] ** 2 >= squared.ai_threshold))
     plain = {c.group: c for c in policy_carry_over(labels, groups, probs, 0.02, 0.10)}
     assert carried["tame"] == plain["tame"] and carried["outlier"] != plain["outlier"]
+
+
+def test_carried_over_auc_ranks_each_pair_under_what_was_chosen_without_both() -> None:
+    """Each (real source, generator) pair is ranked under ``refit`` on the other groups' mask; a refit that
+    ignores the mask gives back the pooled balanced AUC (the mean of the pairs' AUCs)."""
+    rng = np.random.default_rng(5)
+    labels = np.repeat([0, 0, 1, 1, 1], 25)
+    groups = tuple(np.repeat(["r1", "r2", "g1", "g2", "g3"], 25).tolist())
+    probs = np.clip(0.35 + 0.3 * labels + rng.normal(0, 0.15, 125), 0.01, 0.99)
+    pooled = balanced_auc(labels, groups, probs)
+    assert carried_over_auc(labels, groups, lambda rest: probs) == pytest.approx(pooled)
+    seen: list[frozenset[str]] = []
+    # What a choice without r1 does: it ranks g1 as real as can be. The pair (r1, g1) pays; no other pair.
+    g1 = np.asarray(groups) == "g1"
+
+    def refit(rest: np.ndarray) -> np.ndarray:
+        seen.append(frozenset(np.asarray(groups)[rest].tolist()))
+        return probs if rest[0] else np.where(g1, 0.0, probs)
+    carried = carried_over_auc(labels, groups, refit)
+    pairs = [frozenset({r, g}) for r in ("r1", "r2") for g in ("g1", "g2", "g3")]
+    assert sorted(map(sorted, seen)) == sorted(sorted({"r1", "r2", "g1", "g2", "g3"} - pair) for pair in pairs)
+    r1_g1 = np.r_[0:25, 50:75]
+    before = balanced_auc(labels[r1_g1], [groups[k] for k in r1_g1], probs[r1_g1])
+    assert before is not None and before > 0.5
+    assert carried == pytest.approx(pooled - before / 6)  # that pair's AUC fell to 0: one sixth of the mean
+    # One generator group: leaving it out leaves nothing to choose on.
+    one = tuple("g" if g.startswith("g") else g for g in groups)
+    assert carried_over_auc(labels, one, lambda rest: probs) is None
 
 
 def test_an_unmeetable_target_takes_the_strictest_threshold_and_says_so() -> None:

@@ -555,6 +555,10 @@ def render_loso(report: dict[str, Any]) -> str:
         w = report["weights"]
         lines += [f"Fusion weights: {w['weights']} (balanced AUC {w['auc']:.4f}; equal weights {w['equal_auc']:.4f}).",
                   ""]
+    if (carried := report.get("carried_over_auc")) is not None:  # reports written before it was recorded lack it
+        lines += [f"Balanced AUC of the fused verdict with each (real source, generator) pair ranked under the fusion "
+                  f"chosen without both: {carried:.4f} (chosen with them: "
+                  f"{report['detectors']['fused']['balanced_auc']}).", ""]
     names = list(report["detectors"])
     lines += ["| detector | balanced AUC | worst real acc @0.5 | mean fake acc @0.5 |", "|---|---|---|---|"]
     for name in names:

@@ -343,3 +343,26 @@ def policy_carry_over(labels: np.ndarray, groups: Sequence[str], probs: np.ndarr
                              round(float(np.mean(own >= t.ai_threshold)), 4),
                              round(float(np.mean(own <= t.real_threshold)), 4)))
     return out
+
+
+def carried_over_auc(labels: np.ndarray, groups: Sequence[str],
+                     refit: Callable[[np.ndarray], np.ndarray]) -> float | None:
+    """The balanced AUC with no group having had a say in what was chosen on the pool (as in
+    `policy_carry_over`, ``refit`` scores every image under a choice made on a mask's images).
+
+    Fusion weights chosen on the pooled held-out scores are fitted to the very groups they are then judged
+    on, so the pooled balanced AUC is a little optimistic. The balanced AUC is the mean of the (real source,
+    generator) pairs' AUCs, so here each pair is ranked under what was chosen without both of its groups: one
+    choice a pair, as the product would meet two new sources, and no calibration shift between them (which
+    scoring each group under its own left-out choice would add). None when a class has a single group:
+    without it there is nothing to choose on."""
+    labels, index = np.asarray(labels), np.asarray(groups)
+    real, fake = (sorted(set(index[labels == label].tolist())) for label in (0, 1))
+    if len(real) < 2 or len(fake) < 2:
+        return None
+    aucs = []
+    for source, generator in itertools.product(real, fake):
+        pair = ((index == source) & (labels == 0)) | ((index == generator) & (labels == 1))
+        scores = refit(~((index == source) | (index == generator)))
+        aucs.append(roc_auc_score(labels[pair], scores[pair]))
+    return float(np.mean(aucs))

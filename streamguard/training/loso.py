@@ -34,6 +34,7 @@ from streamguard.evaluation.selection import (
     auc_by_group,
     balanced_auc,
     bootstrap_auc,
+    carried_over_auc,
     choose_thresholds,
     choose_weights,
     fit_fused_calibration,
@@ -522,6 +523,10 @@ def build_report(cfg: LosoConfig, folds: Sequence[Fold], pools: dict[str, str] |
     scored, ids = scored_together(pooled, pools)
     methods = list(pooled)
     weights, calibration, fused = choose_fusion(scored, cfg.weight_step)
+
+    def refit(rest: np.ndarray) -> np.ndarray:
+        return choose_fusion(scored, cfg.weight_step, rest)[2]
+
     thresholds = choose_thresholds(scored.labels, scored.groups, fused, cfg.max_false_flag, cfg.max_false_clear)
     detectors = {m: summarise(scored, sigmoid(scored.logits[m]), thresholds.ai_threshold, thresholds.real_threshold)
                  for m in methods}
@@ -557,8 +562,10 @@ def build_report(cfg: LosoConfig, folds: Sequence[Fold], pools: dict[str, str] |
             scored.labels, scored.groups, fused, thresholds, cfg.max_false_flag).items()},
         # The rule on sources it did not see: each group judged under a fusion and thresholds chosen without it.
         "policy_carry_over": [asdict(c) for c in policy_carry_over(
-            scored.labels, scored.groups, fused, cfg.max_false_flag, cfg.max_false_clear,
-            refit=lambda rest: choose_fusion(scored, cfg.weight_step, rest)[2])],
+            scored.labels, scored.groups, fused, cfg.max_false_flag, cfg.max_false_clear, refit=refit)],
+        # The fused ranking the same way: each (real source, generator) pair under the fusion chosen without both.
+        "carried_over_auc": None if (carried := carried_over_auc(scored.labels, scored.groups, refit)) is None
+        else round(carried, 4),
         "detectors": detectors,
         # Balanced AUCs and every pairwise difference, with 95% intervals from resampling images in their groups.
         "auc_intervals": {k: asdict(v) for k, v in bootstrap_auc(scored).items()},
