@@ -356,13 +356,11 @@ def carried_over_auc(labels: np.ndarray, groups: Sequence[str],
     choice a pair, as the product would meet two new sources, and no calibration shift between them (which
     scoring each group under its own left-out choice would add). None when a class has a single group:
     without it there is nothing to choose on."""
-    labels, index = np.asarray(labels), np.asarray(groups)
-    real, fake = (sorted(set(index[labels == label].tolist())) for label in (0, 1))
-    if len(real) < 2 or len(fake) < 2:
+    reals, fakes = _by_group(labels, groups, 0), _by_group(labels, groups, 1)
+    if len(reals) < 2 or len(fakes) < 2:
         return None
     aucs = []
-    for source, generator in itertools.product(real, fake):
-        pair = ((index == source) & (labels == 0)) | ((index == generator) & (labels == 1))
-        scores = refit(~((index == source) | (index == generator)))
-        aucs.append(roc_auc_score(labels[pair], scores[pair]))
+    for real, fake in itertools.product(reals.values(), fakes.values()):
+        pair = real | fake
+        aucs.append(roc_auc_score(labels[pair], refit(~pair)[pair]))
     return float(np.mean(aucs))
