@@ -200,6 +200,60 @@ def test_operating_points_keep_a_met_aim_where_it_is_and_stop_at_even_odds() -> 
     assert calm.real_threshold == 0.5 and calm.uncertain == 0.5  # the real photos between 0.5 and the flag
 
 
+def test_thresholds_hold_on_every_copy_the_stream_may_carry() -> None:
+    """Copies (rows: original bytes, then e.g. a downscale) each meet both targets: the worst real source of
+    any copy bounds ``ai_threshold``, the copy that clears most generated images bounds ``real_threshold``."""
+    photos = np.linspace(0.0, 0.9, 60)
+    gen_a, gen_b = np.linspace(0.2, 1.0, 50), np.linspace(0.4, 1.0, 50)
+    original = np.concatenate([photos, gen_a, gen_b])
+    labels = np.array([0] * 60 + [1] * 100)
+    groups = ["photos"] * 60 + ["a"] * 50 + ["b"] * 50
+    # The downscale lifts two real photos to 0.96 and clears less of a generator (its scores rise by 0.05).
+    downscaled = original.copy()
+    downscaled[:2] = 0.96
+    downscaled[60:] = np.minimum(original[60:] + 0.05, 1.0)
+    alone = choose_thresholds(labels, groups, original, 0.02, 0.10)
+    assert choose_thresholds(labels, groups, original[None], 0.02, 0.10) == alone  # one copy: the same choice
+    both = choose_thresholds(labels, groups, np.stack([original, downscaled]), 0.02, 0.10)
+    flagged_down = np.mean(downscaled[:60] >= alone.ai_threshold)
+    assert alone.ai_threshold == 0.89 and flagged_down > 0.02  # the original bytes' policy breaks after a downscale
+    assert both.ai_threshold == 0.97 and both.ai_target_met
+    assert both.worst_false_flag == pytest.approx(max(np.mean(downscaled[:60] >= 0.97), np.mean(photos >= 0.97)))
+    # The original bytes clear more generated images than the downscale does: they bound real_threshold.
+    assert both.real_threshold == alone.real_threshold
+    clear_down = np.mean([np.mean(downscaled[rows] <= both.real_threshold) for rows in (np.r_[60:110], np.r_[110:160])])
+    assert both.mean_false_clear == alone.mean_false_clear > clear_down
+    # With the copies the other way round the downscale clears more, and real_threshold falls to hold on it.
+    lowered = np.concatenate([original[:60], np.maximum(original[60:] - 0.1, 0.0)])
+    stricter = choose_thresholds(labels, groups, np.stack([original, lowered]), 0.02, 0.10)
+    assert stricter.real_threshold < alone.real_threshold
+    assert stricter.real_threshold == choose_thresholds(labels, groups, lowered, 0.02, 0.10).real_threshold
+
+
+def test_carry_over_judges_a_left_out_group_on_every_copy() -> None:
+    """With copies, each group's thresholds are chosen on the others' copies too, and its share flagged is
+    given on each copy: a real source flagged only once downscaled shows there, not on its original bytes."""
+    photos, portraits = np.linspace(0.0, 0.6, 50), np.full(10, 0.2)
+    gens = np.linspace(0.5, 1.0, 50)
+    original = np.concatenate([photos, portraits, gens])
+    downscaled = original.copy()
+    downscaled[55] = 0.97  # one portrait, downscaled
+    labels = np.array([0] * 60 + [1] * 50)
+    groups = ["photos"] * 50 + ["portraits"] * 10 + ["a"] * 50
+    copies = np.stack([original, downscaled])
+    carried = {c.group: c for c in policy_carry_over(labels, groups, copies, 0.02, 0.10)}
+    portrait = carried["portraits"]
+    assert portrait.ai_generated == 0.0 and portrait.copies_ai_generated == (0.1,)
+    assert portrait.ai_threshold == choose_thresholds(labels[np.r_[0:50, 60:110]], ["photos"] * 50 + ["a"] * 50,
+                                                      copies[:, np.r_[0:50, 60:110]], 0.02, 0.10).ai_threshold
+    # With the portraits in the choice their downscale holds ai_threshold over 0.97: the photos meet it.
+    assert carried["photos"].ai_threshold > 0.97 and carried["photos"].copies_ai_generated == (0.0,)
+    # Without copies the field is empty, and a refit's stacked answer is read the same way as the pool's.
+    assert policy_carry_over(labels, groups, original, 0.02, 0.10)[0].copies_ai_generated == ()
+    refitted = policy_carry_over(labels, groups, original, 0.02, 0.10, refit=lambda rest: copies)
+    assert {c.group: c for c in refitted} == carried
+
+
 def test_carry_over_judges_each_group_under_thresholds_chosen_without_it() -> None:
     # "outlier" has one photo at 0.97: with it in the pool the ai threshold sits over it, without it the
     # other real source ("tame", nothing over 0.6) lets the threshold fall, and the outlier is flagged.

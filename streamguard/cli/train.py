@@ -382,6 +382,11 @@ def train_nirnet_command(app: AppContext, branches: str, no_simulator: bool, pro
 @click.option("--pin-clip", "pin_clip", multiple=True, metavar="NAME=VALUE",
               help="pin-clip's recipe for its folds, over `train pin-clip`'s defaults: mode (learned, gaussian, "
                    "none), beta, noise_scale or attn_dim; repeatable. Tuned here, on groups left out.")
+@click.option("--policy-copies", "policy_copies", default="none", show_default=True, metavar="PERTURBATIONS",
+              help="Copies of the held-out images (a comma list as `eval --perturb` takes, e.g. jpeg75,downscale0.5) "
+                   "that the thresholds must meet both targets on too, each as if the whole stream were that copy: "
+                   "`train loso-variants --variant VIEW@NAME` scores them. The fusion is still chosen on the "
+                   "original bytes.")
 @_choose_on_option
 @_augment_seed_option
 @_augment_draws_option
@@ -399,11 +404,12 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
                        limit_per_group: int | None, epochs: int, max_false_flag: float, max_false_clear: float,
                        device: str, cache_dir: Path, progress: bool | None, unseen_scores: tuple[str, ...],
                        report_name: str, against: tuple[str, ...], view: str, train_view: str, choose_on: str,
-                       augment_seed: int | None, augment_draws: int, pin_clip: tuple[str, ...],
+                       augment_seed: int | None, augment_draws: int, pin_clip: tuple[str, ...], policy_copies: str,
                        matched_fakes: bool, native_jpeg: bool, mirror: bool, rendered_screens: int,
                        night_twins: int, feed_twins: int, feed_fake_twins: int, portrait_twins: int) -> None:
     """Leave-one-source-out validation: per-source results on unseen sources, fusion weights and thresholds."""
     require("`streamguard train loso`", "inprocess", "eval")
+    from streamguard.evaluation.perturb import parse_perturbations
     from streamguard.training.loso import DEFAULT_METHODS, LosoConfig, run_loso
 
     try:
@@ -417,7 +423,7 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
                          pin_clip=tuple(_name_value(v, "--pin-clip") for v in pin_clip), matched_fakes=matched_fakes,
                          native_jpeg=native_jpeg, mirror=mirror, rendered_screens=rendered_screens,
                          night_twins=night_twins, feed_twins=feed_twins, feed_fake_twins=feed_fake_twins,
-                         portrait_twins=portrait_twins)
+                         portrait_twins=portrait_twins, policy_copies=tuple(parse_perturbations(policy_copies)))
         report = run_loso(app.settings, cfg)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -510,13 +516,32 @@ def _name_value(value: str, option: str) -> tuple[str, str]:
 def carry_over_line(report: dict[str, Any]) -> str:
     """How the policy rule fares on each group when chosen without it (`policy_carry_over`)."""
     carried, most = report["policy_carry_over"], report["targets"]["max_false_flag"]
-    over = [f"{c['group']} {c['ai_generated']:.1%} (ai >= {c['ai_threshold']})" for c in carried
-            if c["kind"] == "real" and c["ai_generated"] > most]
+    names = list(report.get("policy_copies") or ["none"])
+    over = [f"{c['group']} {share:.1%}{'' if copy == 'none' else f' on {copy}'} (ai >= {c['ai_threshold']})"
+            for c in carried if c["kind"] == "real"
+            for copy, share in zip(names, [c["ai_generated"], *c.get("copies_ai_generated", ())], strict=True)
+            if share > most]
     fakes = [c for c in carried if c["kind"] == "ai"]
     generators = (f"generators flagged {fmean(c['ai_generated'] for c in fakes):.1%}, cleared "
                   f"{fmean(c['real'] for c in fakes):.1%} on average" if fakes else "one generator group: none judged")
     return (f"Chosen without each group in turn: real sources over {most:.0%} flagged: {', '.join(over) or 'none'}; "
             f"{generators}.")
+
+
+def policy_copies_table(report: dict[str, Any]) -> list[str]:
+    """The chosen policy on each copy it was chosen to hold on (`--policy-copies`); nothing without copies."""
+    copies = report.get("policy_copies")
+    if not copies:
+        return []
+    most = report["targets"]["max_false_flag"]
+    lines = ["The policy on each copy of the held-out images it was chosen on (none: the original bytes):", "",
+             f"| copy | balanced AUC | worst real source flagged | real sources over {most:.0%} | real cleared | "
+             "generators flagged | generators cleared | uncertain |", "|---" * 8 + "|"]
+    for name, p in copies.items():
+        lines.append(f"| {name} | {p['balanced_auc']} | {p['worst_false_flag']:.1%} | {p['real_sources_over']} | "
+                     f"{p['real_cleared']:.1%} | {p['generators_flagged']:.1%} | {p['generators_cleared']:.1%} | "
+                     f"{p['uncertain']:.1%} |")
+    return [*lines, ""]
 
 
 def operating_points_table(report: dict[str, Any]) -> list[str]:
@@ -549,8 +574,9 @@ def render_loso(report: dict[str, Any]) -> str:
     lines = [f"Folds: {', '.join(f['name'] for f in report['folds'])}; {report['images']} held-out images.",
              f"Policy chosen: ai >= {t['ai_threshold']}, real <= {t['real_threshold']} "
              f"(worst real source flagged {t['worst_false_flag']:.1%}, generators cleared {t['mean_false_clear']:.1%} "
-             "on average).", carry_over_line(report), ""]
-    lines += [*operating_points_table(report), ""]
+             f"on average{', on the copy that bounds each' if report.get('policy_copies') else ''}).",
+             carry_over_line(report), ""]
+    lines += [*policy_copies_table(report), *operating_points_table(report), ""]
     if report["weights"]:
         w = report["weights"]
         lines += [f"Fusion weights: {w['weights']} (balanced AUC {w['auc']:.4f}; equal weights {w['equal_auc']:.4f}).",

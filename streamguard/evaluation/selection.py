@@ -199,16 +199,23 @@ class ThresholdChoice:
 
 def choose_thresholds(labels: np.ndarray, groups: Sequence[str], probs: np.ndarray, max_false_flag: float = 0.05,
                       max_false_clear: float = 0.10) -> ThresholdChoice:
-    """See the module docstring. A target no threshold meets gets the strictest grid value, and says so."""
+    """See the module docstring. A target no threshold meets gets the strictest grid value, and says so.
+
+    ``probs`` is (images,) or (copies, images): the same images' probabilities as the stream may carry them
+    (the original bytes, a platform's JPEG re-encode, its downscale). Each target then holds on every copy,
+    as if the whole stream were that copy: a real source's photos resized on upload are still that source's,
+    and the 2% rule is theirs too. The choice's ``worst_false_flag`` and ``mean_false_clear`` are then those
+    of the copy that bounds it."""
     reals, fakes = _by_group(labels, groups, 0), _by_group(labels, groups, 1)
     if not reals or not fakes:
         raise ValueError("choosing thresholds needs real and generated images")
+    copies = np.atleast_2d(probs)
 
     def worst_flag(t: float) -> float:
-        return max(float(np.mean(probs[m] >= t)) for m in reals.values())
+        return max(float(np.mean(p[m] >= t)) for p in copies for m in reals.values())
 
     def mean_clear(t: float) -> float:
-        return float(np.mean([np.mean(probs[m] <= t) for m in fakes.values()]))
+        return max(float(np.mean([np.mean(p[m] <= t) for m in fakes.values()])) for p in copies)
 
     ai_ok = [t for t in THRESHOLD_GRID if t >= 0.5 and worst_flag(t) <= max_false_flag]
     ai = float(ai_ok[0]) if ai_ok else float(THRESHOLD_GRID[-1])
@@ -313,6 +320,7 @@ class CarryOver:
     real_threshold: float
     ai_generated: float  # the group's share at or over that ai_threshold
     real: float  # its share at or under that real_threshold
+    copies_ai_generated: tuple[float, ...] = ()  # its share flagged on each further copy (`choose_thresholds`)
 
 
 def policy_carry_over(labels: np.ndarray, groups: Sequence[str], probs: np.ndarray, max_false_flag: float = 0.05,
@@ -325,7 +333,10 @@ def policy_carry_over(labels: np.ndarray, groups: Sequence[str], probs: np.ndarr
     so a real source flagged over ``max_false_flag`` here is what the rule costs on one it never saw. The
     only group of its class is left out: without it there is no threshold to choose. ``refit``: the
     probabilities of every image under what else was chosen on the pool (fusion weights, calibration),
-    chosen again on the images of a mask (the other groups), so the left-out group has no say in any of it."""
+    chosen again on the images of a mask (the other groups), so the left-out group has no say in any of it.
+    With copies (``probs`` and ``refit``'s answer (copies, images), the original bytes first, as
+    `choose_thresholds` takes them) the thresholds hold on every copy of the other groups, and the group's
+    share flagged is given on each copy too."""
     index = np.asarray(groups)
     out = []
     for name in sorted(set(groups)):
@@ -336,12 +347,12 @@ def policy_carry_over(labels: np.ndarray, groups: Sequence[str], probs: np.ndarr
         kind = "real" if classes == {0} else "ai"
         if len(set(labels[rest].tolist())) < 2:  # the only group of its class: nothing to choose on without it
             continue
-        chosen = probs if refit is None else refit(rest)
-        own = chosen[~rest]
-        t = choose_thresholds(labels[rest], list(index[rest]), chosen[rest], max_false_flag, max_false_clear)
-        out.append(CarryOver(name, kind, t.ai_threshold, t.real_threshold,
-                             round(float(np.mean(own >= t.ai_threshold)), 4),
-                             round(float(np.mean(own <= t.real_threshold)), 4)))
+        chosen = np.atleast_2d(probs if refit is None else refit(rest))
+        own = chosen[:, ~rest]
+        t = choose_thresholds(labels[rest], list(index[rest]), chosen[:, rest], max_false_flag, max_false_clear)
+        flagged = [round(float(np.mean(p >= t.ai_threshold)), 4) for p in own]
+        out.append(CarryOver(name, kind, t.ai_threshold, t.real_threshold, flagged[0],
+                             round(float(np.mean(own[0] <= t.real_threshold)), 4), tuple(flagged[1:])))
     return out
 
 

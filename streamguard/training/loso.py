@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,9 +27,11 @@ import structlog
 from streamguard.config import Settings
 from streamguard.detectors.calibration import sigmoid
 from streamguard.evaluation.datasets import FAKE, Sample
+from streamguard.evaluation.perturb import PERTURBATIONS
 from streamguard.evaluation.selection import (
     FusedCalibration,
     Scored,
+    ThresholdChoice,
     WeightChoice,
     auc_by_group,
     balanced_auc,
@@ -39,6 +41,7 @@ from streamguard.evaluation.selection import (
     choose_weights,
     fit_fused_calibration,
     fuse,
+    operating_point,
     operating_points,
     policy_carry_over,
     verdict_rates,
@@ -208,6 +211,9 @@ class LosoConfig:
     feed_fake_twins: int = 0
     # ... and this many real training photos' portraits of the person in them (`TrainConfig.portrait_twins`).
     portrait_twins: int = 0
+    # Perturbations (jpeg75, downscale0.5) whose copies of the held-out images the thresholds must hold on too,
+    # as `train loso-variants --variant VIEW@NAME` scored them: the fusion is still chosen on the original bytes.
+    policy_copies: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in LOSO_METHODS + CANDIDATE_METHODS]
@@ -239,6 +245,10 @@ class LosoConfig:
             raise ValueError(f"rendered_screens must be 0 or more, not {self.rendered_screens}")
         asked_twins(night=self.night_twins, feed=self.feed_twins, feed_fake=self.feed_fake_twins,
                     portrait=self.portrait_twins)  # refuses < 0
+        unknown_copies = [c for c in self.policy_copies if c not in PERTURBATIONS]
+        if unknown_copies or len(set(self.policy_copies)) < len(self.policy_copies):
+            raise ValueError(f"policy copies must be distinct perturbations among {sorted(PERTURBATIONS)}, not "
+                             f"{list(self.policy_copies)}")
 
 
 PIN_CLIP_TUNABLE: dict[str, type] = {"mode": str, "beta": float, "noise_scale": float, "attn_dim": int}
@@ -376,8 +386,11 @@ def _resuming(recipe: Any) -> Any:
     return replace(recipe, resume=resumable(recipe.resolved_checkpoint_dir(), recipe.fingerprint()))
 
 
-def pooled_scores(cfg: LosoConfig, method: str, folds: Sequence[Fold]) -> list[HeldOutScore]:
-    """The method's held-out scores over every fold, outside the test split."""
+def pooled_scores(cfg: LosoConfig, method: str, folds: Sequence[Fold], variant: str | None = None,
+                  ) -> list[HeldOutScore]:
+    """The method's held-out scores over every fold, outside the test split, under ``cfg.view`` or under
+    ``variant`` (a `train loso-variants` variant name, ``VIEW@PERTURBATION``)."""
+    variant = variant or cfg.view
     out: list[HeldOutScore] = []
     for fold in folds:
         directory = fold_dir(cfg, method, fold)
@@ -385,8 +398,8 @@ def pooled_scores(cfg: LosoConfig, method: str, folds: Sequence[Fold]) -> list[H
         if scores is None:
             raise ValueError(f"{method} has no finished run for fold {fold.name} in {directory}")
         wanted = [s for s in scores if s.split != "test"]
-        if cfg.view != RESIZE:
-            wanted = _under_view(cfg.view, method, directory, wanted)
+        if variant != RESIZE:
+            wanted = _under_view(variant, method, directory, wanted)
         out.extend(wanted)
     return out
 
@@ -472,10 +485,12 @@ def read_unseen_scores(path: Path, view: str = RESIZE) -> list[HeldOutScore]:
     ``view`` as its own `train loso-variants` scored them (all of them, as for this run's methods). A
     method too slow to train on one fold per group (pin-clip: ~20 CPU minutes a fold) can then be packed
     into fewer folds and still be fused with the per-group ones; every image is still scored by a model that
-    never saw its group. A scores.csv is taken as it is: `eval` scored it under the detector's own views."""
+    never saw its group. A scores.csv is taken as it is: `eval` scored it under the detector's own views, and
+    ``view`` names only which perturbation's rows to read (``VIEW@PERTURBATION``; unperturbed without one)."""
     import csv
 
     out: list[HeldOutScore] = []
+    perturbation = view.partition("@")[2] or "none"
     if path.is_dir():
         for d in fold_folders(path):
             wanted = [s for s in load_held_out(d)[1] if s.split != "test"]
@@ -486,12 +501,12 @@ def read_unseen_scores(path: Path, view: str = RESIZE) -> list[HeldOutScore]:
         return out
     with path.open(newline="") as f:
         for row in csv.DictReader(f):
-            if row["perturbation"] != "none" or row["split"] == "test" or not row["score"]:
+            if row["perturbation"] != perturbation or row["split"] == "test" or not row["score"]:
                 continue
             out.append(HeldOutScore(row["id"], int(row["label"]), row["generator"], row["source"], row["split"],
                                     score_logit(row["score"])))
     if not out:
-        raise ValueError(f"{path}: no unperturbed scores outside the test split")
+        raise ValueError(f"{path}: no {perturbation} scores outside the test split")
     return out
 
 
@@ -507,13 +522,40 @@ def choose_fusion(scored: Scored, weight_step: float, rows: np.ndarray | None = 
     """The fusion weights (None for one detector) and the fused logit's calibration chosen on ``rows`` (a mask;
     None: every image), and every image's fused probability under them."""
     on = scored if rows is None else scored.only(rows)
-    methods = list(scored.logits)
-    weights = choose_weights(on, weight_step) if len(methods) > 1 else None
-    chosen = weights.weights if weights else {methods[0]: 1.0}
+    weights = choose_weights(on, weight_step) if len(scored.logits) > 1 else None
     # Each fold calibrated on the validation split of the sources it saw, which says little about sources it
     # did not: the pooled held-out scores recalibrate the fused logit, and the thresholds are chosen on that.
-    calibration = fit_fused_calibration(on.labels, on.groups, fuse(on.logits, chosen))
-    return weights, calibration, sigmoid(calibration.scale * fuse(scored.logits, chosen) + calibration.bias)
+    calibration = fit_fused_calibration(on.labels, on.groups, fuse(on.logits, _weighing(on.logits, weights)))
+    return weights, calibration, fused_probs(scored.logits, weights, calibration)
+
+
+def _weighing(logits: Mapping[str, np.ndarray], weights: WeightChoice | None) -> dict[str, float]:
+    return weights.weights if weights else {next(iter(logits)): 1.0}
+
+
+def fused_probs(logits: Mapping[str, np.ndarray], weights: WeightChoice | None,
+                calibration: FusedCalibration) -> np.ndarray:
+    """What the product publishes for these logits under a chosen fusion (None: the one detector alone)."""
+    return sigmoid(calibration.scale * fuse(logits, _weighing(logits, weights)) + calibration.bias)
+
+
+def copy_logits(cfg: LosoConfig, folds: Sequence[Fold], methods: Sequence[str], copy: str,
+                ids: Sequence[str]) -> dict[str, np.ndarray]:
+    """Each detector's logits of ``ids`` (the report's images, in its order) on their ``copy`` perturbed
+    copies, as `train loso-variants --variant VIEW@COPY` scored them (``cfg.view``'s view)."""
+    variant = f"{cfg.view}@{copy}"
+    pooled = {m: pooled_scores(cfg, m, folds, variant) for m in methods if m in cfg.methods}
+    for name, path in cfg.unseen_scores:
+        pooled[name] = read_unseen_scores(path, variant)
+    out = {}
+    for method in methods:
+        by_id = {s.id: s.logit for s in pooled[method]}
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise ValueError(f"{method} scored {len(ids) - len(missing)} of the report's {len(ids)} images under "
+                             f"{variant} (not {missing[0]}, ...): every image needs its {copy} copy scored")
+        out[method] = np.array([by_id[i] for i in ids])
+    return out
 
 
 def build_report(cfg: LosoConfig, folds: Sequence[Fold], pools: dict[str, str] | None = None) -> dict[str, Any]:
@@ -523,11 +565,18 @@ def build_report(cfg: LosoConfig, folds: Sequence[Fold], pools: dict[str, str] |
     scored, ids = scored_together(pooled, pools)
     methods = list(pooled)
     weights, calibration, fused = choose_fusion(scored, cfg.weight_step)
+    copies = {c: copy_logits(cfg, folds, methods, c, ids) for c in cfg.policy_copies}
 
     def refit(rest: np.ndarray) -> np.ndarray:
         return choose_fusion(scored, cfg.weight_step, rest)[2]
 
-    thresholds = choose_thresholds(scored.labels, scored.groups, fused, cfg.max_false_flag, cfg.max_false_clear)
+    def refit_copies(rest: np.ndarray) -> np.ndarray:
+        """Every copy's probabilities under the fusion chosen on ``rest``'s original bytes, originals first."""
+        chosen, cal, probs = choose_fusion(scored, cfg.weight_step, rest)
+        return np.stack([probs, *(fused_probs(logits, chosen, cal) for logits in copies.values())])
+
+    every_copy = np.stack([fused, *(fused_probs(logits, weights, calibration) for logits in copies.values())])
+    thresholds = choose_thresholds(scored.labels, scored.groups, every_copy, cfg.max_false_flag, cfg.max_false_clear)
     detectors = {m: summarise(scored, sigmoid(scored.logits[m]), thresholds.ai_threshold, thresholds.real_threshold)
                  for m in methods}
     if weights is not None:
@@ -560,9 +609,12 @@ def build_report(cfg: LosoConfig, folds: Sequence[Fold], pools: dict[str, str] |
         # What the aims the policy misses would cost if the thresholds alone were moved to meet them.
         "operating_points": {name: asdict(p) for name, p in operating_points(
             scored.labels, scored.groups, fused, thresholds, cfg.max_false_flag).items()},
+        # The policy on each copy it was chosen to hold on, the original bytes first.
+        "policy_copies": policy_on_copies(scored, ["none", *copies], every_copy, thresholds, cfg.max_false_flag)
+        if copies else {},
         # The rule on sources it did not see: each group judged under a fusion and thresholds chosen without it.
         "policy_carry_over": [asdict(c) for c in policy_carry_over(
-            scored.labels, scored.groups, fused, cfg.max_false_flag, cfg.max_false_clear, refit=refit)],
+            scored.labels, scored.groups, every_copy, cfg.max_false_flag, cfg.max_false_clear, refit=refit_copies)],
         # The fused ranking the same way: each (real source, generator) pair under the fusion chosen without both.
         "carried_over_auc": None if (carried := carried_over_auc(scored.labels, scored.groups, refit)) is None
         else round(carried, 4),
@@ -578,6 +630,18 @@ def build_report(cfg: LosoConfig, folds: Sequence[Fold], pools: dict[str, str] |
         # Per image, the probability the policy was applied to: what a later report is compared with, paired.
         "fused_scores": fused_scores,
     }
+
+
+def policy_on_copies(scored: Scored, names: Sequence[str], every_copy: np.ndarray, thresholds: ThresholdChoice,
+                     max_false_flag: float) -> dict[str, Any]:
+    """The chosen policy's operating point and the balanced AUC on each copy (``names``, original bytes first)."""
+    out = {}
+    for name, probs in zip(names, every_copy, strict=True):
+        auc = balanced_auc(scored.labels, scored.groups, probs)
+        point = operating_point(scored.labels, scored.groups, probs, thresholds.ai_threshold,
+                                thresholds.real_threshold, max_false_flag)
+        out[name] = {"balanced_auc": None if auc is None else round(auc, 4), **asdict(point)}
+    return out
 
 
 def compare_fused(cfg: LosoConfig, name: str, scored: Scored, fused: dict[str, float]) -> dict[str, Any]:
