@@ -44,7 +44,7 @@ LIBRARY = "c2pa-python"
 # weighted mean of calibrated logits, recalibrated as sigmoid(scale * mean + bias), with `credentials`
 # weighted 6 against the CLIP detectors' 2.0, and the shipped policy.
 # - Generated, +15: the mean is at least (6 * 15 - 2 * 12) / 8 = 8.25 (p 0.991 under the fusion of
-#   2026-12-06, over its 0.94 flag; 0.996 under 2026-12-05's) even when the CLIP detectors average -12 (p 5e-4
+#   2026-12-06, over its 0.95 flag; 0.996 under 2026-12-05's) even when the CLIP detectors average -12 (p 5e-4
 #   of AI): a trusted generator's word carries the verdict.
 # - Captured: real while the CLIP detectors' own verdict stays under CAPTURED_CLEARS_UNDER; above that
 #   uncertain, so a person looks (a trusted camera can still photograph a screen). Derived from the validated
