@@ -347,6 +347,9 @@ def test_loso_end_to_end(dataset: Path, backbone: Path, tmp_path: Path) -> None:
     assert carried["photos"]["ai_generated"] == 0.0 and carried["photos"]["copies_ai_generated"] == [
         pytest.approx(1 / (COUNTS["train"] + COUNTS["val"]), abs=1e-4)]
     assert f"photos {1 / 11:.1%} on jpeg75" in lifted_run.stdout
+    # An `eval` scores.csv gives a copy its perturbation's rows (here p 0.5 for each of its six images).
+    assert {s.id: s.logit for s in read_unseen_scores(tmp_path / "scores.csv", "resize@jpeg75")} == {
+        s.id: pytest.approx(0.0) for s in unseen}
     jpeg = unseen_logits({"packed": out / "univfd"}, ["resize@jpeg75"])["packed"]["resize@jpeg75"]
     assert jpeg == {r["id"]: r["logit"] for f in report["folds"] for r in json.loads(
         (out / "univfd" / f["name"] / "held_out.resize_jpeg75.json").read_text())["scores"] if r["split"] != "test"}
