@@ -539,17 +539,21 @@ def fused_probs(logits: Mapping[str, np.ndarray], weights: WeightChoice | None,
     return sigmoid(calibration.scale * fuse(logits, _weighing(logits, weights)) + calibration.bias)
 
 
-def copy_logits(cfg: LosoConfig, folds: Sequence[Fold], methods: Sequence[str], copy: str,
-                ids: Sequence[str]) -> dict[str, np.ndarray]:
+def every_detector(cfg: LosoConfig, folds: Sequence[Fold], variant: str) -> dict[str, list[HeldOutScore]]:
+    """The held-out scores under ``variant`` of each fold-trained method, then of each unseen detector."""
+    pooled = {m: pooled_scores(cfg, m, folds, variant) for m in cfg.methods}
+    for name, path in cfg.unseen_scores:
+        pooled[name] = read_unseen_scores(path, variant)
+    return pooled
+
+
+def copy_logits(cfg: LosoConfig, folds: Sequence[Fold], copy: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
     """Each detector's logits of ``ids`` (the report's images, in its order) on their ``copy`` perturbed
     copies, as `train loso-variants --variant VIEW@COPY` scored them (``cfg.view``'s view)."""
     variant = f"{cfg.view}@{copy}"
-    pooled = {m: pooled_scores(cfg, m, folds, variant) for m in methods if m in cfg.methods}
-    for name, path in cfg.unseen_scores:
-        pooled[name] = read_unseen_scores(path, variant)
     out = {}
-    for method in methods:
-        by_id = {s.id: s.logit for s in pooled[method]}
+    for method, scores in every_detector(cfg, folds, variant).items():
+        by_id = {s.id: s.logit for s in scores}
         missing = [i for i in ids if i not in by_id]
         if missing:
             raise ValueError(f"{method} scored {len(ids) - len(missing)} of the report's {len(ids)} images under "
@@ -559,18 +563,13 @@ def copy_logits(cfg: LosoConfig, folds: Sequence[Fold], methods: Sequence[str], 
 
 
 def build_report(cfg: LosoConfig, folds: Sequence[Fold], pools: dict[str, str] | None = None) -> dict[str, Any]:
-    pooled = {m: pooled_scores(cfg, m, folds) for m in cfg.methods}
-    for name, path in cfg.unseen_scores:
-        pooled[name] = read_unseen_scores(path, cfg.view)
+    pooled = every_detector(cfg, folds, cfg.view)
     scored, ids = scored_together(pooled, pools)
     methods = list(pooled)
     weights, calibration, fused = choose_fusion(scored, cfg.weight_step)
-    copies = {c: copy_logits(cfg, folds, methods, c, ids) for c in cfg.policy_copies}
+    copies = {c: copy_logits(cfg, folds, c, ids) for c in cfg.policy_copies}
 
     def refit(rest: np.ndarray) -> np.ndarray:
-        return choose_fusion(scored, cfg.weight_step, rest)[2]
-
-    def refit_copies(rest: np.ndarray) -> np.ndarray:
         """Every copy's probabilities under the fusion chosen on ``rest``'s original bytes, originals first."""
         chosen, cal, probs = choose_fusion(scored, cfg.weight_step, rest)
         return np.stack([probs, *(fused_probs(logits, chosen, cal) for logits in copies.values())])
@@ -614,10 +613,10 @@ def build_report(cfg: LosoConfig, folds: Sequence[Fold], pools: dict[str, str] |
         if copies else {},
         # The rule on sources it did not see: each group judged under a fusion and thresholds chosen without it.
         "policy_carry_over": [asdict(c) for c in policy_carry_over(
-            scored.labels, scored.groups, every_copy, cfg.max_false_flag, cfg.max_false_clear, refit=refit_copies)],
+            scored.labels, scored.groups, every_copy, cfg.max_false_flag, cfg.max_false_clear, refit=refit)],
         # The fused ranking the same way: each (real source, generator) pair under the fusion chosen without both.
-        "carried_over_auc": None if (carried := carried_over_auc(scored.labels, scored.groups, refit)) is None
-        else round(carried, 4),
+        "carried_over_auc": None if (carried := carried_over_auc(
+            scored.labels, scored.groups, lambda rest: refit(rest)[0])) is None else round(carried, 4),
         "detectors": detectors,
         # Balanced AUCs and every pairwise difference, with 95% intervals from resampling images in their groups.
         "auc_intervals": {k: asdict(v) for k, v in bootstrap_auc(scored).items()},
