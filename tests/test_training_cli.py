@@ -224,6 +224,22 @@ def test_train_pinclip_with_a_held_out_generator_then_scan(dataset: Path, backbo
         assert 1 / (1 + math.exp(-s.logit)) == pytest.approx(served[Path(s.id).name], abs=1e-4)
 
 
+def test_train_pinclip_with_renders_and_feed_twins_in_its_real_class(dataset: Path, backbone: Path,
+                                                                     tmp_path: Path) -> None:
+    """`--rendered-screens` and `--feed-twins` reach the fine-tuned detector's training as real samples; the
+    held-out scores are the data's images alone, and the recorded command trains the same again."""
+    out = tmp_path / "pin"
+    _ok(train("pin-clip", dataset, out, tmp_path / "cache", backbone, "--epochs", "1", "--mode", "none",
+              "--holdout-generator", "blockgen", "--rendered-screens", "2", "--feed-twins", "3"))
+    report = json.loads((out / TRAINING_FILE).read_text())
+    assert report["counts"] == {"train": 20 + 2 + 3, "val": 8, "test": 14, "held_out": 6}
+    assert "--rendered-screens 2 --feed-twins 3" in report["command"]
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["recipe"]["rendered_screens"][0] == 2 and meta["recipe"]["feed_twins"][0] == 3
+    _, held = load_held_out(out)
+    assert len(held) == 6 and {s.generator for s in held} == {"blockgen"}
+
+
 def test_plugins_register_nothing_until_weights_exist(tmp_path: Path) -> None:
     options = {name: {"weights_dir": str(tmp_path / name)} for name in ("mpft", "pin-clip")}
     settings = load_settings(plugins={"deny": ["builtin-univfd"], "enable": ["builtin-pinclip", "builtin-mpft"]},

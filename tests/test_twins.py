@@ -1,6 +1,7 @@
 """How twins join univfd's training (`streamguard.training.twins`): the images chosen are the same in every
 fold, a twin keeps its image's label and leaves with its group, and a held-out group's images never reach
-training as twins; with the renders, the one end-to-end training run of univfd's extra rows."""
+training as twins; with the renders, the one end-to-end training run of univfd's extra rows. The fine-tuned
+detectors take renders and feed twins as files (`twin_files`, `Recipe.extra_training`)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ import pytest
 
 from images import drawn_face, tiny_root
 from streamguard.config import load_settings
-from streamguard.evaluation.datasets import FAKE, REAL, Sample
+from streamguard.evaluation.datasets import FAKE, REAL, Sample, load_samples
 from streamguard.training.data import is_held_out
 from streamguard.training.loso import LosoConfig, run_settings
 from streamguard.training.night import NIGHT_VERSION, NightMode
 from streamguard.training.portraits import PORTRAIT_VERSION, PortraitCrop
 from streamguard.training.renders import FEED_VERSION, RENDER_VERSION, SOURCE as RENDERS, FeedPost
-from streamguard.training.twins import asked_twins, twin_of, twin_photos, twin_settings
+from streamguard.training.recipe import Recipe
+from streamguard.training.twins import asked_twins, twin_files, twin_of, twin_photos, twin_settings
 from streamguard.training.univfd import TrainConfig, train_univfd
 
 
@@ -94,10 +96,8 @@ def test_train_univfd_with_renders_and_twins_end_to_end(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("field", "version", "refusal"), [
     ("night_twins", NIGHT_VERSION, "night-mode twins are for the probe methods"),
-    ("feed_twins", FEED_VERSION, "feed twins are for the probe methods"),
     ("feed_fake_twins", FEED_VERSION, "generated feed twins are for the probe methods"),
     ("portrait_twins", PORTRAIT_VERSION, "portrait twins are for the probe methods"),
-    ("rendered_screens", RENDER_VERSION, "rendered screens are for the probe methods"),
 ])
 def test_loso_folds_record_extra_rows_and_only_probes_take_them(tmp_path: Path, field: str, version: int,
                                                                      refusal: str) -> None:
@@ -111,3 +111,54 @@ def test_loso_folds_record_extra_rows_and_only_probes_take_them(tmp_path: Path, 
         LosoConfig(**base, methods=("pin-clip",), **{field: 5})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="must be 0 or more"):
         LosoConfig(**base, methods=("univfd-blocks",), **{field: -1})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("field", "version"), [("rendered_screens", RENDER_VERSION), ("feed_twins", FEED_VERSION)])
+def test_loso_folds_of_the_fine_tuned_methods_take_renders_and_feed_twins(tmp_path: Path, field: str,
+                                                                          version: int) -> None:
+    base = {"data": ("d",), "loso_data": ("d",), "out": tmp_path}
+    for method in ("pin-clip", "mpft", "univfd-blocks"):
+        assert field not in run_settings(LosoConfig(**base, methods=(method,)), method)  # type: ignore[arg-type]
+        extra = LosoConfig(**base, methods=(method,), **{field: 50})  # type: ignore[arg-type]
+        assert run_settings(extra, method)[field] == [50, version]  # a changed recipe trains again
+    with pytest.raises(ValueError, match="for the probe and fine-tuned methods"):
+        LosoConfig(**base, methods=("nirnet",), **{field: 5})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="must be 0 or more"):
+        LosoConfig(**base, methods=("pin-clip",), **{field: -1})  # type: ignore[arg-type]
+
+
+def test_twin_files_are_written_once_and_leave_training_with_their_photo(tmp_path: Path) -> None:
+    """The fine-tuned detectors read twins from disk: each a file of its photo's label and group, made once,
+    drawn as a probe draws them (whatever is held out), and never held out itself."""
+    root = tiny_root(tmp_path / "d")
+    (root / "real1" / "2.png").write_bytes(b"not an image")  # no twin can be made of it: left out, logged
+    samples = load_samples([str(root)], seed=0)
+    cache = tmp_path / "cache"
+    twins = twin_files(asked_twins(feed=6), samples, seed=0, cache_dir=cache)
+    photos = {s.id: s for s in samples}
+    assert len(twins) == 5  # the six real train photos, less the unreadable one
+    assert [t.id.removesuffix(FeedPost.suffix) for t in twins] == [
+        s.id for s in twin_photos([s for s in samples if s.split == "train" and s.label == REAL], 6, 0)
+        if not s.id.endswith("real1/2.png")]
+    for twin in twins:
+        photo = photos[twin.id.removesuffix(FeedPost.suffix)]
+        assert (twin.label, twin.source, twin.split, twin.member) == (REAL, photo.source, "train", None)
+        assert Path(twin.path).parent == cache / f"twins-{FeedPost.version}"
+        assert Path(twin.path).read_bytes() == FeedPost()(Path(photo.path).read_bytes())
+    stamps = {t.path: Path(t.path).stat().st_mtime_ns for t in twins}
+    assert twin_files(asked_twins(feed=6), samples, seed=0, cache_dir=cache) == twins
+    assert {t.path: Path(t.path).stat().st_mtime_ns for t in twins} == stamps  # read back, not made again
+    recipe = Recipe(method="pin-clip", data=(str(root),), out=tmp_path / "w", cache_dir=cache, feed_twins=6,
+                    rendered_screens=2, holdout_sources=("real0",))
+    extra = recipe.extra_training(samples)
+    assert sorted(s.source for s in extra) == sorted([RENDERS] * 2 + ["real1"] * 2)  # real0's twins left with it
+    assert recipe.fingerprint()["feed_twins"] == [6, FEED_VERSION]
+    assert recipe.fingerprint()["rendered_screens"] == [2, RENDER_VERSION]
+    assert "--rendered-screens 2 --feed-twins 6" in recipe.command()
+    plain = Recipe(method="pin-clip", data=(str(root),), out=tmp_path / "w")
+    assert "feed_twins" not in plain.fingerprint() and "rendered_screens" not in plain.fingerprint()
+    assert plain.extra_training(samples) == []
+    with pytest.raises(ValueError, match="rendered_screens must be 0 or more"):
+        Recipe(method="pin-clip", data=(str(root),), out=tmp_path / "w", rendered_screens=-1)
+    with pytest.raises(ValueError, match="feed_twins must be 0 or more"):
+        Recipe(method="pin-clip", data=(str(root),), out=tmp_path / "w", feed_twins=-1)

@@ -66,6 +66,8 @@ DEFAULT_METHODS = ("univfd", "pin-clip", "mpft")
 CANDIDATE_METHODS = ("univfd-blocks", "univfd-tokens", "dinov2-probe", "dinov2-blocks", "rigid", *NIRNET_ABLATIONS)
 # Probes on frozen features: trained in one fit, so --epochs does not touch them.
 PROBE_METHODS = ("univfd", "univfd-blocks", "univfd-tokens", "dinov2-probe", "dinov2-blocks", "rigid")
+# Fine-tuned on the CLIP trunk by `training.recipe` (LoRA and a head).
+FINE_TUNED = ("pin-clip", "mpft")
 REPORT_FILE = "loso.json"
 # The settings a fold folder's run was trained under, beside its held_out.json.
 RUN_FILE = "loso_run.json"
@@ -234,13 +236,15 @@ class LosoConfig:
             pin_clip_config(self)  # refuses an unknown name or a value the recipe would refuse, before any fold
         # What only the probe methods' training has: set for none of the methods, it would silently do nothing.
         probe_only = {"matched fakes are": self.matched_fakes, "the native JPEG re-encode is": self.native_jpeg,
-                      "the mirror images are": self.mirror,
-                      "rendered screens are": self.rendered_screens, "night-mode twins are": self.night_twins,
-                      "feed twins are": self.feed_twins, "generated feed twins are": self.feed_fake_twins,
-                      "portrait twins are": self.portrait_twins}
+                      "the mirror images are": self.mirror, "night-mode twins are": self.night_twins,
+                      "generated feed twins are": self.feed_fake_twins, "portrait twins are": self.portrait_twins}
         for what, asked in probe_only.items():
             if asked and not any(m in PROBE_METHODS for m in self.methods):
                 raise ValueError(f"{what} for the probe methods {PROBE_METHODS}")
+        takers = PROBE_METHODS + FINE_TUNED
+        for what, asked in {"rendered screens are": self.rendered_screens, "feed twins are": self.feed_twins}.items():
+            if asked and not any(m in takers for m in self.methods):
+                raise ValueError(f"{what} for the probe and fine-tuned methods {takers}")
         if self.rendered_screens < 0:
             raise ValueError(f"rendered_screens must be 0 or more, not {self.rendered_screens}")
         asked_twins(night=self.night_twins, feed=self.feed_twins, feed_fake=self.feed_fake_twins,
@@ -300,10 +304,11 @@ def run_settings(cfg: LosoConfig, method: str) -> dict[str, Any]:
     settings |= {"matched_fakes": TWIN_FORMAT} if method in PROBE_METHODS and cfg.matched_fakes else {}
     settings |= {"native_jpeg": True} if method in PROBE_METHODS and cfg.native_jpeg else {}
     settings |= {"mirror": True} if method in PROBE_METHODS and cfg.mirror else {}
-    screens = method in PROBE_METHODS and cfg.rendered_screens
+    screens = method in PROBE_METHODS + FINE_TUNED and cfg.rendered_screens
     settings |= {"rendered_screens": [cfg.rendered_screens, RENDER_VERSION]} if screens else {}
     twins = asked_twins(cfg.night_twins, cfg.feed_twins, cfg.feed_fake_twins, cfg.portrait_twins)
     settings |= twin_settings(twins) if method in PROBE_METHODS else {}
+    settings |= twin_settings(asked_twins(feed=cfg.feed_twins)) if method in FINE_TUNED else {}
     return settings | ({"choose_on": cfg.choose_on} if method in PROBE_METHODS and cfg.choose_on != "val" else {})
 
 
@@ -371,7 +376,8 @@ def train_fold(settings: Settings, cfg: LosoConfig, method: str, fold: Fold) -> 
         train_detector(settings, _resuming(Recipe(
             method=method, data=cfg.data, out=directory, seed=cfg.seed, epochs=cfg.epochs,  # type: ignore[arg-type]
             limit_per_group=cfg.limit_per_group, holdout_generators=fold.generators, holdout_sources=fold.sources,
-            device=cfg.device, cache_dir=cfg.cache_dir, progress=cfg.progress, **tuned)))
+            device=cfg.device, cache_dir=cfg.cache_dir, progress=cfg.progress, rendered_screens=cfg.rendered_screens,
+            feed_twins=cfg.feed_twins, **tuned)))
     (directory / RUN_FILE).write_text(json.dumps(run_settings(cfg, method), indent=1) + "\n")
     return directory
 

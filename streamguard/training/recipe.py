@@ -13,7 +13,8 @@ import hashlib
 import json
 import shlex
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,15 +26,19 @@ from streamguard.backbone.lora import LoraConfig
 from streamguard.builtin.cliphead import CONTRACT, TRAINING_FILE, builtin_detectors
 from streamguard.config import Settings
 from streamguard.detectors.calibration import Calibration
+from streamguard.evaluation.datasets import Sample
 from streamguard.training.artifacts import save_detector
-from streamguard.training.data import NO_AUGMENTATION, Entry, Feed, Splits, augmentation_key, split_samples
+from streamguard.training.data import (NO_AUGMENTATION, Entry, Feed, Splits, augmentation_key, is_held_out,
+                                       split_samples)
 from streamguard.training.held_out import HELD_OUT_FILE, held_out_scores, save_held_out
 from streamguard.training.model import TunedClip, tuned_start
 from streamguard.training.mpft import MpftConfig, MpftObjective
 from streamguard.training.objective import Objective
 from streamguard.training.pinclip import PinClipConfig, PinClipObjective
 from streamguard.training.prefix_cache import PrefixCache
+from streamguard.training.renders import RENDER_VERSION, rendered_samples
 from streamguard.training.trainer import Bars, LoopConfig, fit, predict
+from streamguard.training.twins import asked_twins, twin_files, twin_settings
 
 log = structlog.get_logger(__name__)
 
@@ -68,12 +73,27 @@ class Recipe:
     progress: bool = False
     pinclip: PinClipConfig = field(default_factory=PinClipConfig)
     mpft: MpftConfig = field(default_factory=MpftConfig)
+    # The real class also holds this many procedural screenshots (`renders.rendered_samples`) and this many
+    # real training photos shown as a post in a feed's screenshot (`renders.FeedPost`), as univfd's probe does.
+    rendered_screens: int = 0
+    feed_twins: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, not {self.method!r}")
         if min(self.epochs, self.batch_size, self.patience, self.augment_variants) < 1:
             raise ValueError("epochs, batch_size, patience and augment_variants must be at least 1")
+        if self.rendered_screens < 0:
+            raise ValueError(f"rendered_screens must be 0 or more, not {self.rendered_screens}")
+        asked_twins(feed=self.feed_twins)  # refuses < 0
+
+    def extra_training(self, samples: Sequence[Sample]) -> list[Sample]:
+        """The rendered screenshots and feed twins asked for, as training samples. A twin is of its photo's
+        group and leaves with it: never a held-out image itself, whose scores are the data's images only. A
+        render is of a source no fold holds out."""
+        renders = rendered_samples(self.rendered_screens, self.seed, self.cache_dir) if self.rendered_screens else []
+        twins = twin_files(asked_twins(feed=self.feed_twins), samples, self.seed, self.cache_dir)
+        return [s for s in renders + twins if not is_held_out(s, self.holdout_generators, self.holdout_sources)]
 
     @property
     def resolved_head_lr(self) -> float:
@@ -100,6 +120,9 @@ class Recipe:
             "holdout_generators": list(self.holdout_generators), "holdout_sources": list(self.holdout_sources),
             "augment": self.augment, "augment_variants": self.augment_variants, "prefix_cache": self.prefix_cache,
             "config": self.method_config(),
+            # Only when asked, so that checkpoints of recipes from before them still resume.
+            **({"rendered_screens": [self.rendered_screens, RENDER_VERSION]} if self.rendered_screens else {}),
+            **twin_settings(asked_twins(feed=self.feed_twins)),
         }, default=str))
 
     def resolved_checkpoint_dir(self) -> Path:
@@ -130,6 +153,10 @@ class Recipe:
             args += ["--holdout-generator", generator]
         for source in self.holdout_sources:
             args += ["--holdout-source", source]
+        if self.rendered_screens:
+            args += ["--rendered-screens", str(self.rendered_screens)]
+        if self.feed_twins:
+            args += ["--feed-twins", str(self.feed_twins)]
         if not self.augment:
             args.append("--no-augment")
         if not self.prefix_cache:
@@ -168,6 +195,7 @@ def train_detector(settings: Settings, recipe: Recipe) -> dict[str, Any]:
     started = time.perf_counter()
     samples = load_samples(recipe.data, seed=recipe.seed, limit_per_group=recipe.limit_per_group)
     splits = split_samples(samples, recipe.holdout_generators, recipe.holdout_sources)
+    splits = replace(splits, train=splits.train + recipe.extra_training(samples))
     _check_splits(splits)
     encoder = load_backbone(settings.backbone, recipe.device, precision="fp32")
     start = tuned_start(encoder, recipe.tune_blocks)

@@ -5,16 +5,21 @@ or inner (`Embedded.without`, `choose_by_groups`)."""
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-from streamguard.evaluation.datasets import FAKE, REAL, Sample
+import structlog
+
+from streamguard.evaluation.datasets import FAKE, REAL, Sample, SampleReader
 from streamguard.training.night import NIGHT_VERSION, NightMode
 from streamguard.training.portraits import PORTRAIT_VERSION, PortraitCrop, with_faces
 from streamguard.training.renders import FEED_VERSION, FeedPost
+
+log = structlog.get_logger(__name__)
 
 
 class Twins(Protocol):
@@ -79,3 +84,37 @@ def asked_twins(night: int = 0, feed: int = 0, feed_fake: int = 0, portrait: int
 def twin_settings(asked: Sequence[Asked]) -> dict[str, list[int]]:
     """What a fold or a probe's meta records of its twins: a changed count or drawing must train again."""
     return {f"{kind.name}_twins": [kind.count, kind.recipe] for kind in asked}
+
+
+def twin_files(asked: Sequence[Asked], samples: Sequence[Sample], seed: int, cache_dir: Path) -> list[Sample]:
+    """Each asked kind's twins as files, for training that reads its samples from disk (the fine-tuned
+    detectors' prefix cache keys an input by its sample), where a probe makes them as it embeds.
+
+    Drawn as a probe draws them: among every training image of the kind's class, whatever a fold holds out,
+    so all folds share the files; a twin is a sample of its image's label, group and split, so `split_samples`
+    holds it out with its image. Written once under ``cache_dir`` (a twin depends only on its image's bytes
+    and its maker's version); an image no twin can be made of is logged and left out, as an unreadable
+    training image is."""
+    out: list[Sample] = []
+    reader = SampleReader()
+    try:
+        for kind in asked:
+            pool = [s for s in samples if s.split == "train" and s.label == kind.label]
+            pool = kind.among(pool, cache_dir) if kind.among is not None else pool
+            root = cache_dir / f"twins-{kind.maker.version}"
+            root.mkdir(parents=True, exist_ok=True)
+            for sample in twin_photos(pool, kind.count, seed):
+                path = root / f"{hashlib.sha256(sample.id.encode()).hexdigest()[:20]}.img"
+                if not path.is_file():
+                    try:
+                        data = kind.maker(reader.read(sample))
+                    except Exception as exc:  # noqa: BLE001 - one image without a twin is not fatal
+                        log.warning("twins.skipped", kind=kind.name, sample=sample.id, error=str(exc))
+                        continue
+                    tmp = path.with_suffix(".tmp")
+                    tmp.write_bytes(data)
+                    tmp.replace(path)
+                out.append(replace(twin_of(sample, kind.maker), path=str(path), member=None))
+    finally:
+        reader.close()
+    return out
