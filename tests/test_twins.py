@@ -152,6 +152,11 @@ def test_twin_files_are_written_once_and_leave_training_with_their_photo(tmp_pat
                     rendered_screens=2, holdout_sources=("real0",))
     extra = recipe.extra_training(samples)
     assert sorted(s.source for s in extra) == sorted([RENDERS] * 2 + ["real1"] * 2)  # real0's twins left with it
+    splits = recipe.splits(samples)
+    assert set(splits.train) >= set(extra)
+    data_ids = {s.id for s in samples}
+    assert {s.source for s in splits.held_out} == {"real0"} and {s.id for s in splits.held_out} <= data_ids
+    assert {s.id for s in splits.test} <= data_ids and {s.id for s in splits.val} <= data_ids
     assert recipe.fingerprint()["feed_twins"] == [6, FEED_VERSION]
     assert recipe.fingerprint()["rendered_screens"] == [2, RENDER_VERSION]
     assert "--rendered-screens 2 --feed-twins 6" in recipe.command()

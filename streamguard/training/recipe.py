@@ -87,6 +87,12 @@ class Recipe:
             raise ValueError(f"rendered_screens must be 0 or more, not {self.rendered_screens}")
         asked_twins(feed=self.feed_twins)  # refuses < 0
 
+    def splits(self, samples: Sequence[Sample]) -> Splits:
+        """The data's splits under the recipe's hold-outs, the renders and twins asked for in train: the held-out
+        and test images are the data's alone."""
+        splits = split_samples(samples, self.holdout_generators, self.holdout_sources)
+        return replace(splits, train=splits.train + self.extra_training(samples))
+
     def extra_training(self, samples: Sequence[Sample]) -> list[Sample]:
         """The rendered screenshots and feed twins asked for, as training samples. A twin is of its photo's
         group and leaves with it: never a held-out image itself, whose scores are the data's images only. A
@@ -194,8 +200,7 @@ def train_detector(settings: Settings, recipe: Recipe) -> dict[str, Any]:
 
     started = time.perf_counter()
     samples = load_samples(recipe.data, seed=recipe.seed, limit_per_group=recipe.limit_per_group)
-    splits = split_samples(samples, recipe.holdout_generators, recipe.holdout_sources)
-    splits = replace(splits, train=splits.train + recipe.extra_training(samples))
+    splits = recipe.splits(samples)
     _check_splits(splits)
     encoder = load_backbone(settings.backbone, recipe.device, precision="fp32")
     start = tuned_start(encoder, recipe.tune_blocks)
