@@ -13,8 +13,8 @@ import hashlib
 import json
 import shlex
 import time
-from dataclasses import asdict, dataclass, field, replace
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
