@@ -47,9 +47,9 @@ _mirror_option = click.option(
 
 _rendered_screens_option = click.option(
     "--rendered-screens", type=click.IntRange(min=0), default=0, show_default=True,
-    help="The probe's real class (in `train loso`, pin-clip's and mpft's too) also holds this many procedural "
-         "app and desktop screenshots, drawn from the seed (never held out: they are no data's group; the shipped "
-         "univfd weights hold 150).")
+    help="The real class (univfd's probe's; pin-clip's and mpft's when they train, in `train loso` too) also holds "
+         "this many procedural app and desktop screenshots, drawn from the seed (never held out: they are no data's "
+         "group; the shipped univfd weights hold 150).")
 
 _night_twins_option = click.option(
     "--night-twins", type=click.IntRange(min=0), default=0, show_default=True,
@@ -59,9 +59,9 @@ _night_twins_option = click.option(
 
 _feed_twins_option = click.option(
     "--feed-twins", type=click.IntRange(min=0), default=0, show_default=True,
-    help="The probe's real class (in `train loso`, pin-clip's and mpft's too) also holds this many real training "
-         "photos (seeded) shown as a post in a rendered screenshot of a social feed (each leaves with its photo's "
-         "source; the shipped univfd weights hold 150).")
+    help="The real class (univfd's probe's; pin-clip's and mpft's when they train, in `train loso` too) also holds "
+         "this many real training photos (seeded) shown as a post in a rendered screenshot of a social feed (each "
+         "leaves with its photo's source; the shipped univfd weights hold 150).")
 
 _feed_fake_twins_option = click.option(
     "--feed-fake-twins", type=click.IntRange(min=0), default=0, show_default=True,
@@ -177,12 +177,8 @@ def _finetune_options(modes: tuple[str, ...], default_mode: str):  # type: ignor
         click.option("--no-augment", is_flag=True, help="Train on images as they are (shortcut-prone; ablations)."),
         click.option("--augment-variants", type=int, default=2, show_default=True,
                      help="Augmented copies per image; epoch e trains on copy e mod N."),
-        click.option("--rendered-screens", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="The real class also holds this many procedural app and desktop screenshots, drawn from "
-                          "the seed, as univfd's probe's does."),
-        click.option("--feed-twins", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="The real class also holds this many real training photos (seeded) shown as a post in a "
-                          "rendered feed screenshot, as univfd's probe's does (each leaves with its photo's source)."),
+        _rendered_screens_option,
+        _feed_twins_option,
         click.option("--no-prefix-cache", is_flag=True,
                      help="Run the frozen blocks at every step instead of caching their output."),
         click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".cache/train"),

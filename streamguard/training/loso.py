@@ -575,12 +575,15 @@ def build_report(cfg: LosoConfig, folds: Sequence[Fold], pools: dict[str, str] |
     weights, calibration, fused = choose_fusion(scored, cfg.weight_step)
     copies = {c: copy_logits(cfg, folds, c, ids) for c in cfg.policy_copies}
 
-    def refit(rest: np.ndarray) -> np.ndarray:
-        """Every copy's probabilities under the fusion chosen on ``rest``'s original bytes, originals first."""
-        chosen, cal, probs = choose_fusion(scored, cfg.weight_step, rest)
+    def with_copies(chosen: WeightChoice | None, cal: FusedCalibration, probs: np.ndarray) -> np.ndarray:
+        """``probs`` (the original bytes') and every copy's probabilities under the same fusion, stacked."""
         return np.stack([probs, *(fused_probs(logits, chosen, cal) for logits in copies.values())])
 
-    every_copy = np.stack([fused, *(fused_probs(logits, weights, calibration) for logits in copies.values())])
+    def refit(rest: np.ndarray) -> np.ndarray:
+        """Every copy's probabilities under the fusion chosen on ``rest``'s original bytes, originals first."""
+        return with_copies(*choose_fusion(scored, cfg.weight_step, rest))
+
+    every_copy = with_copies(weights, calibration, fused)
     thresholds = choose_thresholds(scored.labels, scored.groups, every_copy, cfg.max_false_flag, cfg.max_false_clear)
     detectors = {m: summarise(scored, sigmoid(scored.logits[m]), thresholds.ai_threshold, thresholds.real_threshold)
                  for m in methods}
