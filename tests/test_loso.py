@@ -728,6 +728,34 @@ def test_loso_tunes_pin_clips_recipe_per_fold(dataset: Path, backbone: Path, tmp
         assert _events(result, "loso.fold_start") == []
 
 
+def test_loso_tunes_the_fine_tuned_methods_blocks_per_fold(dataset: Path, backbone: Path, tmp_path: Path) -> None:
+    out, cache, fold = tmp_path / "loso", tmp_path / "cache", "photos+blockgen"
+
+    def run(method: str, *blocks: str) -> Result:
+        args = ["train", "loso", "--data", str(dataset), "--loso-data", str(dataset), "--out", str(out),
+                "--cache-dir", str(cache), "--method", method, "--folds", "2", "--epochs", "1", "--fold", fold,
+                "--no-progress", *blocks]
+        return CliRunner().invoke(cli, args, env=_env(backbone, STREAMGUARD_LOG__LEVEL="info"))
+
+    def tuned(result: Result) -> list[int] | None:
+        """The fold's tuned blocks when this run trained it; None when it kept the fold."""
+        assert result.exit_code == 0, f"{result.output}\n{result.stderr}\n{result.exception!r}"
+        if not _events(result, "loso.fold_start"):
+            return None
+        return json.loads((out / "pin-clip" / fold / "meta.json").read_text())["tuned_blocks"]
+
+    default = tuned(run("pin-clip"))
+    assert default is not None and len(default) == 2  # `train pin-clip`'s own default
+    assert tuned(run("pin-clip", "--tune-blocks", "1")) == default[-1:]
+    assert json.loads((out / "pin-clip" / fold / "loso_run.json").read_text())["tune_blocks"] == 1
+    assert tuned(run("pin-clip", "--tune-blocks", "1")) is None  # the same recipe keeps the fold
+    assert tuned(run("pin-clip")) == default  # and the default trains it again
+    for method, blocks, said in (("pin-clip", "0", "0 is not in the range x>=1"),
+                                 ("nirnet", "1", "tuned blocks are for the fine-tuned methods")):
+        result = run(method, "--tune-blocks", blocks)
+        assert result.exit_code != 0 and said in result.output, result.output
+
+
 def test_the_fusion_chosen_on_some_groups_scores_every_image() -> None:
     """What the carry-over check refits without a group: weights and calibration from the mask's images alone,
     applied to all of them (the left-out group's too)."""

@@ -386,6 +386,9 @@ def train_nirnet_command(app: AppContext, branches: str, no_simulator: bool, pro
 @click.option("--pin-clip", "pin_clip", multiple=True, metavar="NAME=VALUE",
               help="pin-clip's recipe for its folds, over `train pin-clip`'s defaults: mode (learned, gaussian, "
                    "none), beta, noise_scale or attn_dim; repeatable. Tuned here, on groups left out.")
+@click.option("--tune-blocks", "tune_blocks", type=click.IntRange(min=1), default=None,
+              help="pin-clip's and mpft's folds put LoRA on their last N encoder blocks (default: `train pin-clip`'s "
+                   "2); the frozen prefix's cache is built once per N.")
 @click.option("--policy-copies", "policy_copies", default="none", show_default=True, metavar="PERTURBATIONS",
               help="Copies of the held-out images (a comma list as `eval --perturb` takes, e.g. jpeg75,downscale0.5) "
                    "that the thresholds must meet both targets on too, each as if the whole stream were that copy: "
@@ -410,7 +413,8 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
                        report_name: str, against: tuple[str, ...], view: str, train_view: str, choose_on: str,
                        augment_seed: int | None, augment_draws: int, pin_clip: tuple[str, ...], policy_copies: str,
                        matched_fakes: bool, native_jpeg: bool, mirror: bool, rendered_screens: int,
-                       night_twins: int, feed_twins: int, feed_fake_twins: int, portrait_twins: int) -> None:
+                       night_twins: int, feed_twins: int, feed_fake_twins: int, portrait_twins: int,
+                       tune_blocks: int | None) -> None:
     """Leave-one-source-out validation: per-source results on unseen sources, fusion weights and thresholds."""
     require("`streamguard train loso`", "inprocess", "eval")
     from streamguard.evaluation.perturb import parse_perturbations
@@ -427,7 +431,8 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
                          pin_clip=tuple(_name_value(v, "--pin-clip") for v in pin_clip), matched_fakes=matched_fakes,
                          native_jpeg=native_jpeg, mirror=mirror, rendered_screens=rendered_screens,
                          night_twins=night_twins, feed_twins=feed_twins, feed_fake_twins=feed_fake_twins,
-                         portrait_twins=portrait_twins, policy_copies=tuple(parse_perturbations(policy_copies)))
+                         portrait_twins=portrait_twins, tune_blocks=tune_blocks,
+                         policy_copies=tuple(parse_perturbations(policy_copies)))
         report = run_loso(app.settings, cfg)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None

@@ -213,6 +213,8 @@ class LosoConfig:
     feed_fake_twins: int = 0
     # ... and this many real training photos' portraits of the person in them (`TrainConfig.portrait_twins`).
     portrait_twins: int = 0
+    # The fine-tuned methods' LoRA'd last blocks (`Recipe.tune_blocks`); None keeps the recipe's own.
+    tune_blocks: int | None = None
     # Perturbations (jpeg75, downscale0.5) whose copies of the held-out images the thresholds must hold on too,
     # as `train loso-variants --variant VIEW@NAME` scored them: the fusion is still chosen on the original bytes.
     policy_copies: tuple[str, ...] = ()
@@ -245,6 +247,10 @@ class LosoConfig:
         for what, asked in {"rendered screens are": self.rendered_screens, "feed twins are": self.feed_twins}.items():
             if asked and not any(m in takers for m in self.methods):
                 raise ValueError(f"{what} for the probe and fine-tuned methods {takers}")
+        if self.tune_blocks is not None and not any(m in FINE_TUNED for m in self.methods):
+            raise ValueError(f"tuned blocks are for the fine-tuned methods {FINE_TUNED}")
+        if self.tune_blocks is not None and self.tune_blocks < 1:
+            raise ValueError(f"tune_blocks must be 1 or more, not {self.tune_blocks}")
         if self.rendered_screens < 0:
             raise ValueError(f"rendered_screens must be 0 or more, not {self.rendered_screens}")
         asked_twins(night=self.night_twins, feed=self.feed_twins, feed_fake=self.feed_fake_twins,
@@ -309,6 +315,7 @@ def run_settings(cfg: LosoConfig, method: str) -> dict[str, Any]:
     twins = asked_twins(cfg.night_twins, cfg.feed_twins, cfg.feed_fake_twins, cfg.portrait_twins)
     settings |= twin_settings(twins) if method in PROBE_METHODS else {}
     settings |= twin_settings(asked_twins(feed=cfg.feed_twins)) if method in FINE_TUNED else {}
+    settings |= {"tune_blocks": cfg.tune_blocks} if method in FINE_TUNED and cfg.tune_blocks is not None else {}
     return settings | ({"choose_on": cfg.choose_on} if method in PROBE_METHODS and cfg.choose_on != "val" else {})
 
 
@@ -373,11 +380,12 @@ def train_fold(settings: Settings, cfg: LosoConfig, method: str, fold: Fold) -> 
         from streamguard.training.recipe import Recipe, train_detector
 
         tuned = {"pinclip": pin_clip_config(cfg)} if method == "pin-clip" else {}
+        blocks = {"tune_blocks": cfg.tune_blocks} if cfg.tune_blocks is not None else {}
         train_detector(settings, _resuming(Recipe(
             method=method, data=cfg.data, out=directory, seed=cfg.seed, epochs=cfg.epochs,  # type: ignore[arg-type]
             limit_per_group=cfg.limit_per_group, holdout_generators=fold.generators, holdout_sources=fold.sources,
             device=cfg.device, cache_dir=cfg.cache_dir, progress=cfg.progress, rendered_screens=cfg.rendered_screens,
-            feed_twins=cfg.feed_twins, **tuned)))
+            feed_twins=cfg.feed_twins, **tuned, **blocks)))
     (directory / RUN_FILE).write_text(json.dumps(run_settings(cfg, method), indent=1) + "\n")
     return directory
 
@@ -608,6 +616,7 @@ def build_report(cfg: LosoConfig, folds: Sequence[Fold], pools: dict[str, str] |
         "limit_per_group": cfg.limit_per_group,
         "epochs": cfg.epochs,
         **({"pin_clip": changes} if (changes := pin_clip_changes(cfg)) else {}),
+        **({"tune_blocks": cfg.tune_blocks} if cfg.tune_blocks is not None else {}),
         "images": len(ids),
         "targets": {"max_false_flag": cfg.max_false_flag, "max_false_clear": cfg.max_false_clear},
         "weights": None if weights is None else asdict(weights),
