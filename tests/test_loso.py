@@ -327,6 +327,22 @@ def test_loso_end_to_end(dataset: Path, backbone: Path, tmp_path: Path) -> None:
     assert all(len(c["copies_ai_generated"]) == 1 for c in on_copies["policy_carry_over"])
     assert "The policy on each copy of the held-out images it was chosen on" in copied.stdout
     assert "| jpeg75 |" in copied.stdout and "on average, on the copy that bounds each)" in copied.stdout
+    # A run whose report was written under another name: loso-variants names the option and the reports there,
+    # then scores that report's folds with its fusion as the default.
+    alone = tmp_path / "alone"
+    for method in ("univfd", "mpft"):
+        shutil.copytree(out / method, alone / method)
+    shutil.copy(out / "copies.json", alone / "copies.json")
+    variants = ("--method", "univfd", "--method", "mpft", "--variant", "resize@jpeg75")
+    unnamed = CliRunner().invoke(cli, ["train", "loso-variants", "--data", str(dataset), "--loso-data", str(dataset),
+                                       "--out", str(alone), *variants], env=_env(backbone))
+    assert unnamed.exit_code != 0 and "--base-report (reports in" in unnamed.output
+    assert "copies.json" in unnamed.output
+    based = loso_variants(dataset, alone, backbone, *variants, "--base-report", "copies.json")
+    fused = json.loads((alone / "loso-variants.fused.json").read_text())["reports"]
+    assert list(fused) == ["copies.json"]
+    assert fused["copies.json"]["weights"] == on_copies["settings"]["fusion"]["weights"]
+    assert "Default fused verdict" in based.stdout
     # These images separate at 0.5 on both copies. A copy of the run where one photo's JPEG copy scores 0.9
     # (both detectors' logit set to what the fused calibration maps to 0.9): the rule holds on that copy too,
     # so ai_threshold rises over it; left out of the choice, the photos are flagged on that copy alone.

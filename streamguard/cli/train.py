@@ -467,12 +467,15 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
                    "weights and calibration) is then compared under each variant.")
 @click.option("--report", "reports", multiple=True, metavar="NAME",
               help="Another `train loso --report NAME` of the same folds (e.g. one without a detector) whose "
-                   "fusion is compared under each variant too, beside loso.json's (repeatable).")
+                   "fusion is compared under each variant too, beside --base-report's (repeatable).")
+@click.option("--base-report", "base", default="loso.json", show_default=True, metavar="NAME",
+              help="The run's `train loso` report in --out: its folds, sample and thresholds are scored, and its "
+                   "fusion is the default fused verdict compared.")
 @pass_app
 def train_loso_variants_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[str, ...], out: Path,
                                 methods: tuple[str, ...], variants: tuple[str, ...], folds: int | None, seed: int,
                                 limit_per_group: int | None, unseen_scores: tuple[str, ...],
-                                reports: tuple[str, ...]) -> None:
+                                reports: tuple[str, ...], base: str) -> None:
     """Score the LOSO fold models' held-out images under other views, perturbations or encoder servings,
     per group."""
     require("`streamguard train loso-variants`", "inprocess", "eval")
@@ -482,7 +485,7 @@ def train_loso_variants_command(app: AppContext, data: tuple[str, ...], loso_dat
     try:
         cfg = LosoConfig(data=data, loso_data=loso_data, out=out, methods=methods, folds=folds, seed=seed)
         result = run_variants(app.settings, cfg, methods, [parse_variant(v) for v in variants], limit_per_group,
-                              dict(_named_path(v) for v in unseen_scores), reports)
+                              dict(_named_path(v) for v in unseen_scores), reports, base)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -501,7 +504,7 @@ def train_loso_variants_command(app: AppContext, data: tuple[str, ...], loso_dat
     for method, compared in result["methods"].items():
         lines += table(f"{compared['images']} held-out images, {method}:", compared)
     for name, compared in result["fused"].items():
-        which = "Default fused verdict" if name == "loso.json" else f"Fused verdict of {name}"
+        which = "Default fused verdict" if name == base else f"Fused verdict of {name}"
         weights = ", ".join(f"{k} {v}" for k, v in compared["weights"].items())
         lines += table(f"{which} ({weights}; {compared['images']} images):", compared)
     click.echo("\n".join(lines).rstrip())

@@ -33,7 +33,7 @@ from streamguard.intake import InputContract
 from streamguard.intake.contract import RESIZE, with_views
 from streamguard.training.held_out import (HeldOutScore, fold_folders, load_held_out, load_variant_scores,
                                           variant_file)
-from streamguard.training.loso import Fold, LosoConfig, fold_dir, read_unseen_scores, score_logit
+from streamguard.training.loso import REPORT_FILE, Fold, LosoConfig, fold_dir, read_unseen_scores, score_logit
 from streamguard.training.nirnet.recipe import ABLATIONS as NIRNET_ABLATIONS
 
 log = structlog.get_logger(__name__)
@@ -279,17 +279,23 @@ def fused_variants(pooled: dict[str, dict[str, list[HeldOutScore]]],
 
 def run_variants(settings: Settings, cfg: LosoConfig, methods: Sequence[str], variants: Sequence[Variant],
                  limit_per_group: int | None = None, unseen: dict[str, Path] | None = None,
-                 reports: Sequence[str] = ()) -> dict[str, Any]:
+                 reports: Sequence[str] = (), base: str = REPORT_FILE) -> dict[str, Any]:
     """Score every fold's held-out images under each variant, for each of ``methods`` (the shipped view on
     original bytes first, as the reference), and compare them: written per method to
-    ``loso-variants.<method>.json`` beside ``loso.json``. The fused verdict under each variant is compared too
-    when there is something to fuse (``unseen``: name -> `eval` scores.csv with the same perturbations, or
-    several methods): for ``loso.json``'s fusion and each of ``reports`` (other `train loso --report` files
-    of the same folds, e.g. one made without a detector), in ``loso-variants.fused.json``, and for one
-    method also under ``fused`` in its own file."""
+    ``loso-variants.<method>.json`` beside ``base`` (the run's `train loso` report, ``loso.json`` unless it
+    was written with --report). The fused verdict under each variant is compared too when there is something
+    to fuse (``unseen``: name -> `eval` scores.csv with the same perturbations, or several methods): for
+    ``base``'s fusion and each of ``reports`` (other `train loso --report` files of the same folds, e.g. one
+    made without a detector), in ``loso-variants.fused.json``, and for one method also under ``fused`` in its
+    own file."""
     from streamguard.evaluation import load_samples
 
-    report = json.loads((cfg.out / "loso.json").read_text())
+    path = cfg.out / base
+    if not path.is_file():
+        written = sorted(p.name for p in cfg.out.glob("*.json") if not p.name.startswith("loso-variants."))
+        raise FileNotFoundError(f"{path} is not there: name the run's `train loso --report` with --base-report "
+                                f"(reports in {cfg.out}: {', '.join(written) or 'none'})")
+    report = json.loads(path.read_text())
     # The sample, folds and pools the LOSO run used, as its report recorded them: planned again here, a run
     # made with --limit-per-group would be looked for under fold names it never had.
     seed = report.get("seed", cfg.seed)
@@ -319,14 +325,14 @@ def run_variants(settings: Settings, cfg: LosoConfig, methods: Sequence[str], va
     fused: dict[str, Any] = {}
     if unseen or len(methods) > 1:
         logits = unseen_logits(unseen or {}, [v.name for v in variants])
-        for name in ("loso.json", *reports):
-            chosen = report if name == "loso.json" else json.loads((cfg.out / name).read_text())
+        for name in (base, *reports):
+            chosen = report if name == base else json.loads((cfg.out / name).read_text())
             fused[name] = {"weights": chosen["settings"]["fusion"]["weights"],
                            **fused_variants(pooled, logits, chosen, pools)}
         (cfg.out / "loso-variants.fused.json").write_text(json.dumps(
             {"methods": list(methods), "limit_per_group": limit_per_group, "reports": fused}, indent=2) + "\n")
     for method, result in results.items():
         if len(methods) == 1 and fused:
-            result["fused"] = fused["loso.json"]
+            result["fused"] = fused[base]
         (cfg.out / f"loso-variants.{method}.json").write_text(json.dumps(result, indent=2) + "\n")
     return {"methods": results, "fused": fused}
