@@ -68,6 +68,8 @@ CANDIDATE_METHODS = ("univfd-blocks", "univfd-tokens", "dinov2-probe", "dinov2-b
 PROBE_METHODS = ("univfd", "univfd-blocks", "univfd-tokens", "dinov2-probe", "dinov2-blocks", "rigid")
 # Fine-tuned on the CLIP trunk by `training.recipe` (LoRA and a head).
 FINE_TUNED = ("pin-clip", "mpft")
+# Whose real class also takes the rendered screenshots and the feed twins.
+SCREEN_TAKERS = PROBE_METHODS + FINE_TUNED
 REPORT_FILE = "loso.json"
 # The settings a fold folder's run was trained under, beside its held_out.json.
 RUN_FILE = "loso_run.json"
@@ -243,14 +245,14 @@ class LosoConfig:
         for what, asked in probe_only.items():
             if asked and not any(m in PROBE_METHODS for m in self.methods):
                 raise ValueError(f"{what} for the probe methods {PROBE_METHODS}")
-        takers = PROBE_METHODS + FINE_TUNED
         for what, asked in {"rendered screens are": self.rendered_screens, "feed twins are": self.feed_twins}.items():
-            if asked and not any(m in takers for m in self.methods):
-                raise ValueError(f"{what} for the probe and fine-tuned methods {takers}")
-        if self.tune_blocks is not None and not any(m in FINE_TUNED for m in self.methods):
-            raise ValueError(f"tuned blocks are for the fine-tuned methods {FINE_TUNED}")
-        if self.tune_blocks is not None and self.tune_blocks < 1:
-            raise ValueError(f"tune_blocks must be 1 or more, not {self.tune_blocks}")
+            if asked and not any(m in SCREEN_TAKERS for m in self.methods):
+                raise ValueError(f"{what} for the probe and fine-tuned methods {SCREEN_TAKERS}")
+        if self.tune_blocks is not None:
+            if not any(m in FINE_TUNED for m in self.methods):
+                raise ValueError(f"tuned blocks are for the fine-tuned methods {FINE_TUNED}")
+            if self.tune_blocks < 1:
+                raise ValueError(f"tune_blocks must be 1 or more, not {self.tune_blocks}")
         if self.rendered_screens < 0:
             raise ValueError(f"rendered_screens must be 0 or more, not {self.rendered_screens}")
         asked_twins(night=self.night_twins, feed=self.feed_twins, feed_fake=self.feed_fake_twins,
@@ -310,7 +312,7 @@ def run_settings(cfg: LosoConfig, method: str) -> dict[str, Any]:
     settings |= {"matched_fakes": TWIN_FORMAT} if method in PROBE_METHODS and cfg.matched_fakes else {}
     settings |= {"native_jpeg": True} if method in PROBE_METHODS and cfg.native_jpeg else {}
     settings |= {"mirror": True} if method in PROBE_METHODS and cfg.mirror else {}
-    screens = method in PROBE_METHODS + FINE_TUNED and cfg.rendered_screens
+    screens = method in SCREEN_TAKERS and cfg.rendered_screens
     settings |= {"rendered_screens": [cfg.rendered_screens, RENDER_VERSION]} if screens else {}
     twins = asked_twins(cfg.night_twins, cfg.feed_twins, cfg.feed_fake_twins, cfg.portrait_twins)
     settings |= twin_settings(twins) if method in PROBE_METHODS else {}
