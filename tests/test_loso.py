@@ -766,6 +766,8 @@ def test_loso_tunes_the_fine_tuned_methods_blocks_per_fold(dataset: Path, backbo
     assert json.loads((out / "pin-clip" / fold / "loso_run.json").read_text())["tune_blocks"] == 1
     assert tuned(run("pin-clip", "--tune-blocks", "1")) is None  # the same recipe keeps the fold
     assert tuned(run("pin-clip")) == default  # and the default trains it again
+    # The recipe's own number spelled out is the default's run: the fold stands.
+    assert tuned(run("pin-clip", "--tune-blocks", str(len(default)))) is None
     for method, blocks, said in (("pin-clip", "0", "0 is not in the range x>=1"),
                                  ("nirnet", "1", "tuned blocks are for the fine-tuned methods")):
         result = run(method, "--tune-blocks", blocks)

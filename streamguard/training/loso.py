@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -289,6 +289,17 @@ def pin_clip_changes(cfg: LosoConfig) -> dict[str, Any]:
     return {name: value for name, value in asdict(tuned).items() if value != default[name]}
 
 
+def tune_blocks_change(cfg: LosoConfig) -> int | None:
+    """The fine-tuned methods' tuned blocks where they differ from their recipe's own: the recipe's default
+    spelled out (--tune-blocks 2) is the same run, as a pin-clip default named is."""
+    if cfg.tune_blocks is None:
+        return None
+    from streamguard.training.recipe import Recipe
+
+    default = next(f.default for f in fields(Recipe) if f.name == "tune_blocks")
+    return None if cfg.tune_blocks == default else cfg.tune_blocks
+
+
 def fold_dir(cfg: LosoConfig, method: str, fold: Fold) -> Path:
     return cfg.out / method / fold.name
 
@@ -317,7 +328,8 @@ def run_settings(cfg: LosoConfig, method: str) -> dict[str, Any]:
     twins = asked_twins(cfg.night_twins, cfg.feed_twins, cfg.feed_fake_twins, cfg.portrait_twins)
     settings |= twin_settings(twins) if method in PROBE_METHODS else {}
     settings |= twin_settings(asked_twins(feed=cfg.feed_twins)) if method in FINE_TUNED else {}
-    settings |= {"tune_blocks": cfg.tune_blocks} if method in FINE_TUNED and cfg.tune_blocks is not None else {}
+    blocks = tune_blocks_change(cfg) if method in FINE_TUNED else None
+    settings |= {"tune_blocks": blocks} if blocks is not None else {}
     return settings | ({"choose_on": cfg.choose_on} if method in PROBE_METHODS and cfg.choose_on != "val" else {})
 
 
@@ -382,7 +394,7 @@ def train_fold(settings: Settings, cfg: LosoConfig, method: str, fold: Fold) -> 
         from streamguard.training.recipe import Recipe, train_detector
 
         tuned = {"pinclip": pin_clip_config(cfg)} if method == "pin-clip" else {}
-        blocks = {"tune_blocks": cfg.tune_blocks} if cfg.tune_blocks is not None else {}
+        blocks = {"tune_blocks": n} if (n := tune_blocks_change(cfg)) is not None else {}
         train_detector(settings, _resuming(Recipe(
             method=method, data=cfg.data, out=directory, seed=cfg.seed, epochs=cfg.epochs,  # type: ignore[arg-type]
             limit_per_group=cfg.limit_per_group, holdout_generators=fold.generators, holdout_sources=fold.sources,
@@ -618,7 +630,7 @@ def build_report(cfg: LosoConfig, folds: Sequence[Fold], pools: dict[str, str] |
         "limit_per_group": cfg.limit_per_group,
         "epochs": cfg.epochs,
         **({"pin_clip": changes} if (changes := pin_clip_changes(cfg)) else {}),
-        **({"tune_blocks": cfg.tune_blocks} if cfg.tune_blocks is not None else {}),
+        **({"tune_blocks": n} if (n := tune_blocks_change(cfg)) is not None else {}),
         "images": len(ids),
         "targets": {"max_false_flag": cfg.max_false_flag, "max_false_clear": cfg.max_false_clear},
         "weights": None if weights is None else asdict(weights),
