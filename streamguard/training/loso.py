@@ -394,7 +394,7 @@ def train_fold(settings: Settings, cfg: LosoConfig, method: str, fold: Fold) -> 
         from streamguard.training.recipe import Recipe, train_detector
 
         tuned = {"pinclip": pin_clip_config(cfg)} if method == "pin-clip" else {}
-        blocks = {"tune_blocks": n} if (n := tune_blocks_change(cfg)) is not None else {}
+        blocks = {"tune_blocks": cfg.tune_blocks} if cfg.tune_blocks is not None else {}
         train_detector(settings, _resuming(Recipe(
             method=method, data=cfg.data, out=directory, seed=cfg.seed, epochs=cfg.epochs,  # type: ignore[arg-type]
             limit_per_group=cfg.limit_per_group, holdout_generators=fold.generators, holdout_sources=fold.sources,
