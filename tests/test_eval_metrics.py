@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from sklearn.metrics import roc_auc_score
 
 from streamguard.evaluation.calibrate import fit_calibration, quality
 from streamguard.evaluation.metrics import (
@@ -11,12 +14,24 @@ from streamguard.evaluation.metrics import (
     expected_calibration_error,
     gap,
     grouped_metrics,
+    ranked_auc,
     source_metrics,
 )
 
 # The classic four-point example: AUC 3/4; AP = (1/2)(1) + (1/2)(2/3) = 5/6.
 Y = [0, 0, 1, 1]
 P = [0.1, 0.4, 0.35, 0.8]
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(-3, 3), st.floats(0.05, 5.0)), min_size=2, max_size=40))
+def test_ranked_auc_is_sklearns_area_with_ties_and_weights(rows: list[tuple[bool, int, float]]) -> None:
+    # Few distinct scores, so ties across and within the classes are the common case.
+    rows = [(True, 0, 1.0), (False, 0, 1.0), *rows]
+    labels = np.array([int(fake) for fake, _, _ in rows])
+    scores, weights = np.array([s / 2 for _, s, _ in rows]), np.array([w for _, _, w in rows])
+    assert ranked_auc(labels, scores, weights) == pytest.approx(roc_auc_score(labels, scores, sample_weight=weights),
+                                                                abs=1e-12)
+    assert ranked_auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
 
 
 def test_four_point_example_by_hand() -> None:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from streamguard.evaluation.metrics import ranked_auc
+
 # A finer tail at the top: with "no real source over 2% flagged" and sources of a few dozen photos, the
 # lowest threshold that holds can sit above 0.99, and the grid would otherwise say no threshold does.
 THRESHOLD_GRID = np.concatenate([np.round(np.arange(0.01, 1.0, 0.01), 2), [0.995, 0.998, 0.999]])
@@ -52,24 +54,6 @@ def group_weights(labels: np.ndarray, groups: Sequence[str]) -> np.ndarray:
     for label, group in zip(labels.tolist(), groups, strict=True):
         counts[(label, group)] = counts.get((label, group), 0) + 1
     return np.array([1.0 / counts[(label, group)] for label, group in zip(labels.tolist(), groups, strict=True)])
-
-
-def ranked_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None) -> float:
-    """ROC-AUC as the weighted share of (fake, real) pairs the scores rank fake first, ties counting half:
-    the area sklearn's ``roc_auc_score`` gives, for labels of both classes.
-
-    Why not sklearn's: scikit-learn 1.9 checks its inputs for dataframes (narwhals) on every call, ~2 ms on a
-    hundred images, and a bootstrap scores thousands of resamples a detector; those checks alone took most
-    of a `train loso-variants` run."""
-    labels, scores = np.asarray(labels), np.asarray(scores, dtype=float)
-    weights = np.ones(len(scores)) if weights is None else np.asarray(weights, dtype=float)
-    order = np.argsort(scores, kind="stable")
-    ranked, fake = scores[order], labels[order] == 1
-    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])  # one block per distinct score
-    w = weights[order]
-    fakes, reals = np.add.reduceat(np.where(fake, w, 0.0), starts), np.add.reduceat(np.where(fake, 0.0, w), starts)
-    below = np.cumsum(reals) - reals  # real weight under each block's score
-    return float(np.sum(fakes * (below + reals / 2)) / (fakes.sum() * reals.sum()))
 
 
 def balanced_auc(labels: np.ndarray, groups: Sequence[str], scores: np.ndarray) -> float | None:
