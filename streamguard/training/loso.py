@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -296,8 +296,7 @@ def tune_blocks_change(cfg: LosoConfig) -> int | None:
         return None
     from streamguard.training.recipe import Recipe
 
-    default = next(f.default for f in fields(Recipe) if f.name == "tune_blocks")
-    return None if cfg.tune_blocks == default else cfg.tune_blocks
+    return None if cfg.tune_blocks == Recipe.tune_blocks else cfg.tune_blocks
 
 
 def fold_dir(cfg: LosoConfig, method: str, fold: Fold) -> Path:
