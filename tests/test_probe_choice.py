@@ -12,8 +12,10 @@ from sklearn.linear_model import LogisticRegression
 from streamguard.builtin.cliphead.model import LinearProbe
 from streamguard.evaluation.datasets import Sample
 from streamguard.training.probe_choice import (
+    GROUP_C_GRID,
     Candidate,
     Embedded,
+    average_probes,
     candidates,
     choose_probe,
     columns,
@@ -108,6 +110,44 @@ def test_groups_left_out_choose_the_blocks_that_carry_over_to_new_groups() -> No
         return float(roc_auc_score(new.y, logits))
 
     assert auc(on_groups) > auc(on_val)
+
+
+def _fit(cand: Candidate, x: np.ndarray, y: np.ndarray) -> LogisticRegression:
+    return LogisticRegression(C=cand.c, max_iter=2000, class_weight="balanced").fit(x, y)
+
+
+def test_the_averaged_probe_is_served_exactly_by_one_head() -> None:
+    train, val = _shortcut_data()
+    choice = choose_probe("average", train, val, BLOCKS)
+    assert choice.candidate is None and choice.chosen_on == f"average ({len(candidates(GROUP_C_GRID, BLOCKS))} probes)"
+    probe = LinearProbe(train.x.shape[1])
+    with torch.no_grad():
+        probe.linear.weight.copy_(torch.from_numpy(choice.model.coef_).float())  # type: ignore[attr-defined]
+        probe.linear.bias.copy_(torch.from_numpy(choice.model.intercept_).float())  # type: ignore[attr-defined]
+        served = probe(torch.from_numpy(val.x).float()).numpy()
+    np.testing.assert_allclose(served, choice.model.decision_function(val.x), atol=1e-4)  # type: ignore[attr-defined]
+    # It is the candidates' mean: every window's probe reads some block, so no block is left unread.
+    coef = choice.model.coef_  # type: ignore[attr-defined]
+    assert all(coef[0, b * WIDTH:(b + 1) * WIDTH].any() for b in range(BLOCKS))
+
+
+def test_each_averaged_probe_weighs_the_same_whatever_its_logits_spread() -> None:
+    train, _ = _shortcut_data()
+    cands = candidates((1.0, 100.0), BLOCKS)
+
+    def louder(cand: Candidate, x: np.ndarray, y: np.ndarray) -> LogisticRegression:
+        model = _fit(cand, x, y)
+        if cand == cands[-1]:  # one candidate's logits ten times wider: the same ranking, a louder voice
+            model.coef_, model.intercept_ = model.coef_ * 10, model.intercept_ * 10
+        return model
+
+    def features(x: np.ndarray, cand: Candidate) -> np.ndarray:
+        return columns(x, cand, BLOCKS)
+
+    plain = average_probes(train, cands, features, _fit, BLOCKS, normalise=True)
+    loud = average_probes(train, cands, features, louder, BLOCKS, normalise=True)
+    np.testing.assert_allclose(loud.coef_, plain.coef_, rtol=1e-9)
+    np.testing.assert_allclose(loud.intercept_, plain.intercept_, rtol=1e-9)
 
 
 def test_groups_that_cannot_be_left_out_fall_back_to_the_val_split() -> None:

@@ -18,9 +18,10 @@ from streamguard.training.nirnet.recipe import ABLATIONS as NIRNET_ABLATIONS
 pass_app = click.make_pass_decorator(AppContext)
 
 _choose_on_option = click.option(
-    "--choose-on", type=click.Choice(["groups", "val"]), default="groups", show_default=True,
-    help="What the probe's C (and which blocks' class tokens it reads) is chosen on: training's groups left out "
-         "in turn, or the val split (the rule before 2026-12-04).")
+    "--choose-on", type=click.Choice(["average", "groups", "val"]), default="average", show_default=True,
+    help="What the probe's C (and which blocks' class tokens it reads) is chosen on: 'average', none chosen, every "
+         "candidate's probe averaged into one (the rule since 2026-12-07); training's groups left out in turn "
+         "(from 2026-12-04); or the val split (before).")
 _augment_seed_option = click.option(
     "--augment-seed", type=int, default=None,
     help="The probe's augmentation draw (each image's one random augmentation) apart from the split, which --seed "

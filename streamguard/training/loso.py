@@ -193,7 +193,7 @@ class LosoConfig:
     # and `view` set to the same crop view pools their scores under it.
     train_view: str = RESIZE
     # What the probe methods' C and class-token blocks are chosen on (`TrainConfig.choose_on`).
-    choose_on: Literal["groups", "val"] = "groups"
+    choose_on: Literal["groups", "val", "average"] = "average"
     # Other reports in ``out`` whose fused verdict this one's is compared with, paired on the images both scored.
     against: tuple[str, ...] = ()
     # pin-clip's recipe for its folds (`PinClipConfig` fields by name: mode, beta, noise_scale, attn_dim), so

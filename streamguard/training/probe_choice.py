@@ -9,6 +9,11 @@ left-out scores rank best (balanced AUC: each group weighs the same) is the one 
 On class tokens a candidate also reads a window of blocks: RINE (Koutlis & Papadopoulos 2024) found that
 the intermediate blocks carry a generator's traces and the last ones CLIP's semantics, which is what
 differs between sources.
+
+Or no candidate is chosen (``"average"``): every candidate's probe, fitted on all of training and scaled to
+the same spread of logits there, averaged into one linear head. Under LOSO the choice on groups picked a
+different candidate almost fold by fold (8 of the 24 in 26 folds) and ranked the unseen groups below most
+single candidates it chose among; the average of all of them ranked above (docs/validation.md, step 49).
 """
 
 from __future__ import annotations
@@ -182,19 +187,52 @@ def choose_by_groups(train: Embedded, val: Embedded, cands: Sequence[Candidate],
 
 
 @dataclass(frozen=True)
+class AveragedProbe:
+    """Linear probes averaged into one: ``coef_`` over every column of the served head's input."""
+
+    coef_: np.ndarray  # (1, features)
+    intercept_: np.ndarray  # (1,)
+    normalise: bool
+
+    def decision_function(self, x: np.ndarray) -> np.ndarray:
+        if self.normalise:
+            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return x @ self.coef_[0] + self.intercept_[0]
+
+
+def average_probes(train: Embedded, cands: Sequence[Candidate], features: Features, fit: Fit, n_blocks: int,
+                   normalise: bool) -> AveragedProbe:
+    """Every candidate fitted on ``train``'s rows, each divided by the spread (standard deviation) of its
+    logits on those rows, then averaged: C scales the logits (on CLIP's class tokens C = 3,000 and 30,000
+    spread them ~3x wider than C = 30), and undivided the loosest fits would be most of the average. Linear,
+    so served as one head."""
+    coefs, intercepts = [], []
+    for cand in cands:
+        x = features(train.x, cand)
+        model = fit(cand, x, train.row_y)
+        spread = float(np.std(model.decision_function(x))) or 1.0  # type: ignore[attr-defined]
+        coef = model.coef_ if cand.blocks is None else served_coefficients(  # type: ignore[attr-defined]
+            model.coef_, cand, train.x, n_blocks)  # type: ignore[attr-defined]
+        coefs.append(coef / spread)
+        intercepts.append(model.intercept_ / spread)  # type: ignore[attr-defined]
+    return AveragedProbe(np.mean(coefs, axis=0), np.mean(intercepts, axis=0), normalise)
+
+
+@dataclass(frozen=True)
 class Choice:
-    candidate: Candidate
-    model: object  # the sklearn LogisticRegression fitted on all of train
-    chosen_on: str  # "groups (N folds)" or "val"
-    scores: dict[str, float]  # each candidate's left-out balanced AUC, or val AUC
+    candidate: Candidate | None  # None: every candidate averaged (`average_probes`)
+    model: object  # the sklearn LogisticRegression fitted on all of train, or an `AveragedProbe`
+    chosen_on: str  # "groups (N folds)", "val" or "average (N probes)"
+    scores: dict[str, float]  # each candidate's left-out balanced AUC, or val AUC; none when averaged
 
 
 def choose_probe(choose_on: str, train: Embedded, val: Embedded, n_blocks: int, normalise: bool = True,
                  originals: Embedded | None = None, extra: Embedded | None = None) -> Choice:
     """The probe's candidate, chosen on training's groups left out in turn (``choose_on`` "groups"; on the
     val split when training has fewer than two groups or they leave one class only) or on the val split
-    ("val"), and fitted on all of train. ``normalise``: features are embeddings (unit length to the probe),
-    not a score. ``originals``: train's and val's images unaugmented, what a left-out group is scored on.
+    ("val"), and fitted on all of train; or every candidate averaged ("average", `average_probes`).
+    ``normalise``: features are embeddings (unit length to the probe), not a score. ``originals``: train's and
+    val's images unaugmented, what a left-out group is scored on.
     ``extra``: training rows beyond train's images (twins, renders), fitted on with train (`choose_by_groups`)."""
     from sklearn.linear_model import LogisticRegression
 
@@ -205,6 +243,12 @@ def choose_probe(choose_on: str, train: Embedded, val: Embedded, n_blocks: int, 
 
     def fit(cand: Candidate, x: np.ndarray, y: np.ndarray) -> LogisticRegression:
         return LogisticRegression(C=cand.c, max_iter=5000, class_weight="balanced").fit(x, y)
+
+    if choose_on == "average":
+        cands = candidates(GROUP_C_GRID, n_blocks)
+        log.info("train.averaged", probes=len(cands))
+        return Choice(None, average_probes(train.joined(extra), cands, features, fit, n_blocks, normalise),
+                      f"average ({len(cands)} probes)", {})
 
     if choose_on == "groups":
         dev = train.samples + val.samples
