@@ -43,14 +43,15 @@ LIBRARY = "c2pa-python"
 # Not fitted (no data set here holds trusted credentials): sized for the shipped fusion (config.py), the
 # weighted mean of calibrated logits, recalibrated as sigmoid(scale * mean + bias), with `credentials`
 # weighted 6 against the CLIP detectors' 2.0, and the shipped policy.
-# - Generated, +15: the mean is at least (6 * 15 - 2 * 12) / 8 = 8.25 (p 0.991 under the fusion of
-#   2026-12-06, over its 0.95 flag; 0.996 under 2026-12-05's) even when the CLIP detectors average -12 (p 5e-4
-#   of AI): a trusted generator's word carries the verdict.
+# - Generated, +15: the mean is at least (6 * 15 - 2 * 12) / 8 = 8.25 (p 0.993 under the fusion of
+#   2026-12-07, over its 0.95 flag; 0.991 under 2026-12-06's, 0.996 under 2026-12-05's) even when the CLIP
+#   detectors average -12 (p 5e-4 of AI): a trusted generator's word carries the verdict.
 # - Captured: real while the CLIP detectors' own verdict stays under CAPTURED_CLEARS_UNDER; above that
 #   uncertain, so a person looks (a trusted camera can still photograph a screen). Derived from the validated
 #   fusion rather than written down, because every new calibration or real threshold moved it (-2.5, sized by
 #   hand, under real 0.31; -1.8 under the learned-noise pin-clip's 0.59 / 0.04; -2.1 under 0.55 / 0.14;
-#   -2.4 under 0.62 / 0.17, real 0.33; -1.6 under 0.64 / 0.14, real 0.41; -2.5 under 0.57 / 0.08, real 0.33).
+#   -2.4 under 0.62 / 0.17, real 0.33; -1.6 under 0.64 / 0.14, real 0.41; -2.5 under 0.57 / 0.08, real 0.33;
+#   -2.2 under 0.58 / 0.14, real 0.36).
 GENERATED_LOGIT = 15.0
 CAPTURED_CLEARS_UNDER = 0.75
 
