@@ -64,21 +64,27 @@ def candidates(c_grid: Sequence[float], n_blocks: int) -> list[Candidate]:
     return [Candidate(c, w) for w in windows if w[1] > w[0] for c in c_grid]
 
 
+def unit_length(x: np.ndarray) -> np.ndarray:
+    """Each row scaled to unit length, as the served probe (`LinearProbe`) normalises its input."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 def columns(x: np.ndarray, candidate: Candidate, n_blocks: int) -> np.ndarray:
     """The features ``candidate`` reads, unit length as the served probe normalises its input."""
     if candidate.blocks is not None:
         width = x.shape[1] // n_blocks
         x = x[:, candidate.blocks[0] * width:candidate.blocks[1] * width]
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return unit_length(x)
 
 
-def served_coefficients(coef: np.ndarray, candidate: Candidate, x: np.ndarray, n_blocks: int) -> np.ndarray:
+def served_coefficients(coef: np.ndarray, candidate: Candidate | None, x: np.ndarray, n_blocks: int) -> np.ndarray:
     """The weights over all of ``x``'s columns that compute, on the served head's input (every block's unit
     class token, concatenated and normalised as one), what ``coef`` computes on the window it was fitted on.
+    ``candidate`` None: an averaged probe (`average_probes`), whose weights span every column already.
 
     Each block's token is unit length, so the served norm is sqrt(n_blocks) and the window's sqrt(k): the
     window's weights scaled by sqrt(n_blocks / k), the other blocks' 0."""
-    if candidate.blocks is None:
+    if candidate is None or candidate.blocks is None:
         return coef
     width = x.shape[1] // n_blocks
     norms = np.linalg.norm(x.reshape(len(x), n_blocks, width), axis=2)
@@ -195,9 +201,7 @@ class AveragedProbe:
     normalise: bool
 
     def decision_function(self, x: np.ndarray) -> np.ndarray:
-        if self.normalise:
-            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        return x @ self.coef_[0] + self.intercept_[0]
+        return (unit_length(x) if self.normalise else x) @ self.coef_[0] + self.intercept_[0]
 
 
 def average_probes(train: Embedded, cands: Sequence[Candidate], features: Features, fit: Fit, n_blocks: int,
@@ -211,9 +215,7 @@ def average_probes(train: Embedded, cands: Sequence[Candidate], features: Featur
         x = features(train.x, cand)
         model = fit(cand, x, train.row_y)
         spread = float(np.std(model.decision_function(x))) or 1.0  # type: ignore[attr-defined]
-        coef = model.coef_ if cand.blocks is None else served_coefficients(  # type: ignore[attr-defined]
-            model.coef_, cand, train.x, n_blocks)  # type: ignore[attr-defined]
-        coefs.append(coef / spread)
+        coefs.append(served_coefficients(model.coef_, cand, train.x, n_blocks) / spread)  # type: ignore[attr-defined]
         intercepts.append(model.intercept_ / spread)  # type: ignore[attr-defined]
     return AveragedProbe(np.mean(coefs, axis=0), np.mean(intercepts, axis=0), normalise)
 
@@ -224,6 +226,14 @@ class Choice:
     model: object  # the sklearn LogisticRegression fitted on all of train, or an `AveragedProbe`
     chosen_on: str  # "groups (N folds)", "val" or "average (N probes)"
     scores: dict[str, float]  # each candidate's left-out balanced AUC, or val AUC; none when averaged
+
+    @property
+    def c(self) -> float | None:
+        return None if self.candidate is None else self.candidate.c
+
+    @property
+    def blocks(self) -> tuple[int, int] | None:
+        return None if self.candidate is None else self.candidate.blocks
 
 
 def choose_probe(choose_on: str, train: Embedded, val: Embedded, n_blocks: int, normalise: bool = True,

@@ -332,8 +332,7 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
     model = choice.model
     train = train.joined(extra)
     probe = LinearProbe(train.x.shape[1])
-    coef = model.coef_ if choice.candidate is None else served_coefficients(  # type: ignore[attr-defined]
-        model.coef_, choice.candidate, train.x, encoder.blocks)  # type: ignore[attr-defined]
+    coef = served_coefficients(model.coef_, choice.candidate, train.x, encoder.blocks)  # type: ignore[attr-defined]
     with torch.no_grad():
         probe.linear.weight.copy_(torch.from_numpy(coef.astype(np.float32)))
         probe.linear.bias.copy_(torch.from_numpy(model.intercept_.astype(np.float32)))  # type: ignore[attr-defined]
@@ -347,8 +346,8 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
     calibration = fit_calibration(logits(val).tolist(), val.y.tolist(), method="temperature",
                                   fitted_on=f"val split of {', '.join(cfg.data)} (seed {cfg.seed})")
     report: dict[str, object] = {
-        "C": None if choice.candidate is None else choice.candidate.c,
-        "blocks": None if choice.candidate is None else choice.candidate.blocks,
+        "C": choice.c,
+        "blocks": choice.blocks,
         "chosen_on": choice.chosen_on,
         "candidates": choice.scores,
         "counts": {name: len(d.samples) for name, d in data.items()}
@@ -386,8 +385,8 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
         **({"mirror": True} if cfg.mirror else {}),
         **({"rendered_screens": [cfg.rendered_screens, RENDER_VERSION]} if cfg.rendered_screens else {}),
         **twin_settings(asked),
-        "C": None if choice.candidate is None else choice.candidate.c,
-        "blocks": None if choice.candidate is None else choice.candidate.blocks,
+        "C": choice.c,
+        "blocks": choice.blocks,
         "chosen_on": choice.chosen_on,
     }
     save_probe(probe, cfg.out, meta, reads=CLASS_TOKENS if cfg.backbone == "clip-blocks" else EMBEDDING)
