@@ -405,6 +405,13 @@ def test_a_rerun_under_other_settings_trains_the_fold_again(dataset: Path, backb
     assert (meta["augment_seed"], meta["augment_draws"]) == (1, 3)  # three draws a training image by default
     report = json.loads((out / "univfd" / fold / "training.json").read_text())
     assert report["train_rows"] == 3 * report["counts"]["train"]
+    # The averaged probe blind to the real sources' directions is another run of the probe only, and says so.
+    blind = ("--epochs", "2", "--limit-per-group", "12", "--augment-seed", "1", "--without-source-directions")
+    assert run(*blind) == ({"univfd"}, {"mpft"})
+    assert json.loads((out / "univfd" / fold / "meta.json").read_text())["without_source_directions"] is True
+    assert json.loads((out / "univfd" / fold / "loso_run.json").read_text())["without_source_directions"] is True
+    refused = loso(dataset, out, cache, backbone, "--fold", fold, *blind, "--choose-on", "groups")
+    assert refused.exit_code != 0 and "for the averaged probe" in refused.output
     # Two draws (1 and 2): another run of the probe, whose rows the run before embedded and cached.
     result = loso(dataset, out, cache, backbone, "--fold", fold, "--epochs", "2", "--limit-per-group", "12",
                   "--augment-seed", "1", "--augment-draws", "2")

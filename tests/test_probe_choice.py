@@ -20,7 +20,9 @@ from streamguard.training.probe_choice import (
     choose_probe,
     columns,
     served_coefficients,
+    source_directions,
     stack_draws,
+    unit_length,
 )
 
 BLOCKS, WIDTH = 4, 8
@@ -148,6 +150,61 @@ def test_each_averaged_probe_weighs_the_same_whatever_its_logits_spread() -> Non
     loud = average_probes(train, cands, features, louder, BLOCKS, normalise=True)
     np.testing.assert_allclose(loud.coef_, plain.coef_, rtol=1e-9)
     np.testing.assert_allclose(loud.intercept_, plain.intercept_, rtol=1e-9)
+
+
+def _sources_along(seed: int, reals: dict[str, float], fakes: dict[str, float], n: int = 30) -> Embedded:
+    """Real sources and generators placed along one axis, ``axis``, that says where an image comes from (its
+    offset the dict's value), and a weak sign of the class, ``sign``, that every group shares."""
+    rng = np.random.default_rng(seed)
+    axis, sign = (np.tile(np.eye(WIDTH)[k], BLOCKS) for k in (0, 1))  # in every block
+    rows, samples = [], []
+    for label, groups in ((0, reals), (1, fakes)):
+        for group, offset in groups.items():
+            for i in range(n):
+                rows.append(offset * axis + (0.4 if label else -0.4) * sign + rng.normal(0, 0.5, BLOCKS * WIDTH))
+                samples.append(_sample(i, group, label, "train"))
+    return Embedded(_unit_blocks(np.asarray(rows)), np.arange(len(samples)), samples)
+
+
+def test_without_the_real_sources_directions_an_unseen_source_is_not_judged_by_where_it_sits() -> None:
+    # The seen generators sit further along the source axis than the seen real sources on average: a probe
+    # that reads the axis learns "further along is generated", and a real source further along than any
+    # seen one is then called generated.
+    train = _sources_along(0, {"phone": -2.0, "camera": 0.0, "scans": 1.0}, {"gen-a": 1.5, "gen-b": 2.5})
+    unseen = _sources_along(1, {"press": 3.0}, {"gen-c": 1.0})
+    cands = candidates((1.0, 100.0), BLOCKS)
+
+    def features(x: np.ndarray, cand: Candidate) -> np.ndarray:
+        return columns(x, cand, BLOCKS)
+
+    def auc(probe: object) -> float:
+        from sklearn.metrics import roc_auc_score
+
+        return float(roc_auc_score(unseen.y, probe.decision_function(unseen.x)))  # type: ignore[attr-defined]
+
+    plain = average_probes(train, cands, features, _fit, BLOCKS, normalise=True)
+    blind = average_probes(train, cands, features, _fit, BLOCKS, normalise=True, without_sources=True)
+    assert auc(plain) < 0.75 and auc(blind) > 0.9, (auc(plain), auc(blind))
+
+
+def test_the_probe_without_the_sources_directions_gives_them_no_weight() -> None:
+    train = _sources_along(0, {"phone": -2.0, "camera": 0.0, "scans": 1.0}, {"gen-a": 1.5, "gen-b": 2.5})
+    x = unit_length(train.x)
+    groups = [s.group for s in train.samples]
+    basis = source_directions(x, train.y, groups)
+    assert basis.shape == (x.shape[1], 2)  # three sources' means differ in a plane; the generators' are not asked
+    np.testing.assert_allclose(basis.T @ basis, np.eye(2), atol=1e-9)
+    cands = candidates((1.0, 100.0), 0)  # one window, every column: the basis is in the served head's own space
+    blind = average_probes(train, cands, lambda x, _: unit_length(x), _fit, 0, normalise=True, without_sources=True)
+    plain = average_probes(train, cands, lambda x, _: unit_length(x), _fit, 0, normalise=True)
+    np.testing.assert_allclose(blind.coef_ @ basis, 0.0, atol=1e-9)
+    assert np.abs(plain.coef_ @ basis).max() > 0.1
+    # On the head's input, two real sources' mean rows get the same logit.
+    means = [x[[g == name for g in groups]].mean(axis=0) for name in ("phone", "scans")]
+    assert blind.coef_[0] @ means[0] == pytest.approx(blind.coef_[0] @ means[1], abs=1e-9)
+    assert abs(plain.coef_[0] @ (means[0] - means[1])) > 0.1
+    with pytest.raises(ValueError, match="averaged"):
+        choose_probe("groups", train, train, BLOCKS, without_sources=True)
 
 
 def test_groups_that_cannot_be_left_out_fall_back_to_the_val_split() -> None:

@@ -22,6 +22,10 @@ _choose_on_option = click.option(
     help="What the probe's C (and which blocks' class tokens it reads) is chosen on: 'average', none chosen, every "
          "candidate's probe averaged into one (the rule since 2026-12-07); training's groups left out in turn "
          "(from 2026-12-04); or the val split (before).")
+_without_source_directions_option = click.option(
+    "--without-source-directions", is_flag=True,
+    help="The averaged probe is fitted blind to the directions along which training's real sources' mean embeddings "
+         "differ (projected out; served as the same one head).")
 _augment_seed_option = click.option(
     "--augment-seed", type=int, default=None,
     help="The probe's augmentation draw (each image's one random augmentation) apart from the split, which --seed "
@@ -97,6 +101,7 @@ def train_group() -> None:
               help="What the probe reads: the class token of every CLIP block (the shipped univfd, RINE's reading), "
                    "or the encoder's output embedding (UnivFD's own, shipped before 2026-12).")
 @_choose_on_option
+@_without_source_directions_option
 @_augment_seed_option
 @_augment_draws_option
 @_matched_fakes_option
@@ -111,7 +116,8 @@ def train_group() -> None:
 def train_univfd_command(app: AppContext, data: tuple[str, ...], out: Path | None, seed: int,
                          limit_per_group: int | None, device: str, no_augment: bool,
                          holdout_generators: tuple[str, ...], holdout_sources: tuple[str, ...], reads: str,
-                         choose_on: str, augment_seed: int | None, augment_draws: int, matched_fakes: bool,
+                         choose_on: str, without_source_directions: bool, augment_seed: int | None,
+                         augment_draws: int, matched_fakes: bool,
                          native_jpeg: bool, mirror: bool, rendered_screens: int, night_twins: int,
                          feed_twins: int, feed_fake_twins: int, portrait_twins: int) -> None:
     """Fit the UnivFD linear probe on frozen CLIP features; writes head, calibration and a report."""
@@ -122,7 +128,8 @@ def train_univfd_command(app: AppContext, data: tuple[str, ...], out: Path | Non
     cfg = TrainConfig(data=data, out=out or WEIGHTS_DIR, seed=seed, limit_per_group=limit_per_group,
                       device=device, augment=not no_augment, holdout_generators=holdout_generators,
                       holdout_sources=holdout_sources, backbone="clip-blocks" if reads == "class-tokens" else "clip",
-                      choose_on=choose_on, augment_seed=augment_seed,
+                      choose_on=choose_on, without_source_directions=without_source_directions,
+                      augment_seed=augment_seed,
                       augment_draws=augment_draws, matched_fakes=matched_fakes,  # type: ignore[arg-type]
                       native_jpeg=native_jpeg, mirror=mirror, rendered_screens=rendered_screens,
                       night_twins=night_twins, feed_twins=feed_twins, feed_fake_twins=feed_fake_twins,
@@ -396,6 +403,7 @@ def train_nirnet_command(app: AppContext, branches: str, no_simulator: bool, pro
                    "`train loso-variants --variant VIEW@NAME` scores them. The fusion is still chosen on the "
                    "original bytes.")
 @_choose_on_option
+@_without_source_directions_option
 @_augment_seed_option
 @_augment_draws_option
 @_matched_fakes_option
@@ -412,7 +420,8 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
                        limit_per_group: int | None, epochs: int, max_false_flag: float, max_false_clear: float,
                        device: str, cache_dir: Path, progress: bool | None, unseen_scores: tuple[str, ...],
                        report_name: str, against: tuple[str, ...], view: str, train_view: str, choose_on: str,
-                       augment_seed: int | None, augment_draws: int, pin_clip: tuple[str, ...], policy_copies: str,
+                       without_source_directions: bool, augment_seed: int | None, augment_draws: int,
+                       pin_clip: tuple[str, ...], policy_copies: str,
                        matched_fakes: bool, native_jpeg: bool, mirror: bool, rendered_screens: int,
                        night_twins: int, feed_twins: int, feed_fake_twins: int, portrait_twins: int,
                        tune_blocks: int | None) -> None:
@@ -429,6 +438,7 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
                          max_false_flag=max_false_flag, max_false_clear=max_false_clear, fold_names=fold_names,
                          unseen_scores=tuple(_named_path(v) for v in unseen_scores), report_name=report_name,
                          view=view, train_view=train_view, against=against, choose_on=choose_on,  # type: ignore[arg-type]
+                         without_source_directions=without_source_directions,
                          pin_clip=tuple(_name_value(v, "--pin-clip") for v in pin_clip), matched_fakes=matched_fakes,
                          native_jpeg=native_jpeg, mirror=mirror, rendered_screens=rendered_screens,
                          night_twins=night_twins, feed_twins=feed_twins, feed_fake_twins=feed_fake_twins,

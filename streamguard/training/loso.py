@@ -194,6 +194,8 @@ class LosoConfig:
     train_view: str = RESIZE
     # What the probe methods' C and class-token blocks are chosen on (`TrainConfig.choose_on`).
     choose_on: Literal["groups", "val", "average"] = "average"
+    # ... fitted blind to the directions training's real sources differ along (`TrainConfig.without_source_directions`).
+    without_source_directions: bool = False
     # Other reports in ``out`` whose fused verdict this one's is compared with, paired on the images both scored.
     against: tuple[str, ...] = ()
     # pin-clip's recipe for its folds (`PinClipConfig` fields by name: mode, beta, noise_scale, attn_dim), so
@@ -234,6 +236,8 @@ class LosoConfig:
         with_views(InputContract(), self.train_view)
         if self.train_view != RESIZE and any(m not in PROBE_METHODS for m in self.methods):
             raise ValueError(f"a training view other than {RESIZE} is for the probe methods {PROBE_METHODS}")
+        if self.without_source_directions and self.choose_on != "average":
+            raise ValueError("without_source_directions is for the averaged probe (choose_on average)")
         if self.pin_clip:
             if "pin-clip" not in self.methods:
                 raise ValueError("pin-clip's recipe is set but pin-clip is not among the methods")
@@ -322,6 +326,7 @@ def run_settings(cfg: LosoConfig, method: str) -> dict[str, Any]:
     settings |= {"matched_fakes": TWIN_FORMAT} if method in PROBE_METHODS and cfg.matched_fakes else {}
     settings |= {"native_jpeg": True} if method in PROBE_METHODS and cfg.native_jpeg else {}
     settings |= {"mirror": True} if method in PROBE_METHODS and cfg.mirror else {}
+    settings |= {"without_source_directions": True} if method in PROBE_METHODS and cfg.without_source_directions else {}
     screens = method in SCREEN_TAKERS and cfg.rendered_screens
     settings |= {"rendered_screens": [cfg.rendered_screens, RENDER_VERSION]} if screens else {}
     twins = asked_twins(cfg.night_twins, cfg.feed_twins, cfg.feed_fake_twins, cfg.portrait_twins)
@@ -376,6 +381,7 @@ def train_fold(settings: Settings, cfg: LosoConfig, method: str, fold: Fold) -> 
                       "univfd-tokens": "clip-tokens", "dinov2-probe": "dinov2",
                       "dinov2-blocks": "dinov2-blocks",
                       "rigid": "rigid"}[method], view=cfg.train_view, choose_on=cfg.choose_on,  # type: ignore[arg-type]
+            without_source_directions=cfg.without_source_directions,
             matched_fakes=cfg.matched_fakes, native_jpeg=cfg.native_jpeg, mirror=cfg.mirror,
             rendered_screens=cfg.rendered_screens,
             night_twins=cfg.night_twins, feed_twins=cfg.feed_twins, feed_fake_twins=cfg.feed_fake_twins,

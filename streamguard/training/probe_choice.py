@@ -27,6 +27,7 @@ import structlog
 
 from streamguard.detectors.calibration import Calibration
 from streamguard.evaluation.calibrate import fit_calibration
+from streamguard.evaluation.datasets import REAL
 from streamguard.evaluation.selection import balanced_auc
 from streamguard.training.data import is_held_out
 from streamguard.training.loso import Fold, groups_of, plan_folds, pool_groups
@@ -204,18 +205,42 @@ class AveragedProbe:
         return (unit_length(x) if self.normalise else x) @ self.coef_[0] + self.intercept_[0]
 
 
+def source_directions(x: np.ndarray, y: np.ndarray, groups: Sequence[str]) -> np.ndarray:
+    """An orthonormal basis (columns) of the directions along which the mean rows of ``x``'s real sources
+    differ: each source's mean, less the mean of those means (each source weighs the same), and the span they
+    make. None of them says whether an image was generated; a probe that reads them tells the sources it saw
+    apart and meets an unseen one somewhere along them (nuisance attribute projection, as speaker
+    verification removes the channel; Solomonoff et al., 2005)."""
+    real = y == REAL
+    names = sorted({g for g, r in zip(groups, real, strict=True) if r})
+    if len(names) < 2:
+        return np.zeros((x.shape[1], 0), x.dtype)
+    at = np.asarray(groups)
+    means = np.stack([x[real & (at == name)].mean(axis=0) for name in names])
+    _, sizes, directions = np.linalg.svd(means - means.mean(axis=0), full_matrices=False)
+    return directions[sizes > sizes[0] * 1e-6].T
+
+
 def average_probes(train: Embedded, cands: Sequence[Candidate], features: Features, fit: Fit, n_blocks: int,
-                   normalise: bool) -> AveragedProbe:
+                   normalise: bool, without_sources: bool = False) -> AveragedProbe:
     """Every candidate fitted on ``train``'s rows, each divided by the spread (standard deviation) of its
     logits on those rows, then averaged: C scales the logits (on CLIP's class tokens C = 3,000 and 30,000
     spread them ~3x wider than C = 30), and undivided the loosest fits would be most of the average. Linear,
-    so served as one head."""
+    so served as one head. ``without_sources``: each candidate fitted and served blind to the directions its
+    features' real sources differ along (`source_directions`), still one linear head."""
     coefs, intercepts = [], []
+    groups = [train.samples[i].group for i in train.owner] if without_sources else []
     for cand in cands:
         x = features(train.x, cand)
+        basis = source_directions(x, train.row_y, groups) if without_sources else None
+        if basis is not None:
+            x = x - (x @ basis) @ basis.T
         model = fit(cand, x, train.row_y)
         spread = float(np.std(model.decision_function(x))) or 1.0  # type: ignore[attr-defined]
-        coefs.append(served_coefficients(model.coef_, cand, train.x, n_blocks) / spread)  # type: ignore[attr-defined]
+        coef = model.coef_  # type: ignore[attr-defined]
+        if basis is not None:
+            coef = coef - (coef @ basis) @ basis.T  # w.(x - B B'x) = (w - w B B').x: one head still
+        coefs.append(served_coefficients(coef, cand, train.x, n_blocks) / spread)
         intercepts.append(model.intercept_ / spread)  # type: ignore[attr-defined]
     return AveragedProbe(np.mean(coefs, axis=0), np.mean(intercepts, axis=0), normalise)
 
@@ -237,13 +262,15 @@ class Choice:
 
 
 def choose_probe(choose_on: str, train: Embedded, val: Embedded, n_blocks: int, normalise: bool = True,
-                 originals: Embedded | None = None, extra: Embedded | None = None) -> Choice:
+                 originals: Embedded | None = None, extra: Embedded | None = None,
+                 without_sources: bool = False) -> Choice:
     """The probe's candidate, chosen on training's groups left out in turn (``choose_on`` "groups"; on the
     val split when training has fewer than two groups or they leave one class only) or on the val split
     ("val"), and fitted on all of train; or every candidate averaged ("average", `average_probes`).
     ``normalise``: features are embeddings (unit length to the probe), not a score. ``originals``: train's and
     val's images unaugmented, what a left-out group is scored on.
-    ``extra``: training rows beyond train's images (twins, renders), fitted on with train (`choose_by_groups`)."""
+    ``extra``: training rows beyond train's images (twins, renders), fitted on with train (`choose_by_groups`).
+    ``without_sources``: the averaged probes blind to what tells training's real sources apart (`average_probes`)."""
     from sklearn.linear_model import LogisticRegression
 
     from streamguard.evaluation.metrics import binary_metrics
@@ -257,8 +284,10 @@ def choose_probe(choose_on: str, train: Embedded, val: Embedded, n_blocks: int, 
     if choose_on == "average":
         cands = candidates(GROUP_C_GRID, n_blocks)
         log.info("train.averaged", probes=len(cands))
-        return Choice(None, average_probes(train.joined(extra), cands, features, fit, n_blocks, normalise),
-                      f"average ({len(cands)} probes)", {})
+        averaged = average_probes(train.joined(extra), cands, features, fit, n_blocks, normalise, without_sources)
+        return Choice(None, averaged, f"average ({len(cands)} probes)", {})
+    if without_sources:
+        raise ValueError("only the averaged probe is fitted without the real sources' directions (choose_on average)")
 
     if choose_on == "groups":
         dev = train.samples + val.samples

@@ -78,6 +78,10 @@ class TrainConfig:
     # training's groups left out a few at a time and scored on their original bytes (`probe_choice`, from
     # 2026-12-04); or "val", the val split (before, which chose C = 30, the top of its grid, in every LOSO fold).
     choose_on: Literal["groups", "val", "average"] = "average"
+    # The averaged probes fitted blind to the directions along which training's real sources differ
+    # (`probe_choice.source_directions`): what tells a phone photo from a press portrait says nothing of
+    # whether either was generated.
+    without_source_directions: bool = False
     # The augmentation draw (each image's one random augmentation) apart from the split, which `seed` also
     # decides; None: `seed`'s. Under LOSO the same recipe on three draws measured 0.869-0.914 in balanced AUC
     # (docs/validation.md), so a draw is part of what a number measures.
@@ -103,6 +107,10 @@ class TrainConfig:
     feed_fake_twins: int = 0
     # This many real training photos with a face also as a portrait of it (`portraits`), in the real class.
     portrait_twins: int = 0
+
+    def __post_init__(self) -> None:
+        if self.without_source_directions and self.choose_on != "average":
+            raise ValueError("without_source_directions is for the averaged probe (choose_on average)")
 
     @property
     def draw(self) -> int:
@@ -328,7 +336,8 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
         dev = splits["train"] + splits["val"]
         dev_originals = embed(dev, settings, cfg, encoder, "original", augmented=False, view=cfg.view)
         originals = dev_originals.without(held_ids)
-    choice = choose_probe(cfg.choose_on, train, val, encoder.blocks, encoder.normalise, originals, extra)
+    choice = choose_probe(cfg.choose_on, train, val, encoder.blocks, encoder.normalise, originals, extra,
+                          cfg.without_source_directions)
     model = choice.model
     train = train.joined(extra)
     probe = LinearProbe(train.x.shape[1])
@@ -385,6 +394,7 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
         **({"mirror": True} if cfg.mirror else {}),
         **({"rendered_screens": [cfg.rendered_screens, RENDER_VERSION]} if cfg.rendered_screens else {}),
         **twin_settings(asked),
+        **({"without_source_directions": True} if cfg.without_source_directions else {}),
         "C": choice.c,
         "blocks": choice.blocks,
         "chosen_on": choice.chosen_on,
