@@ -207,6 +207,26 @@ def test_the_probe_without_the_sources_directions_gives_them_no_weight() -> None
         choose_probe("groups", train, train, BLOCKS, without_sources=True)
 
 
+def test_the_procedural_screenshots_are_no_source_to_be_blind_to() -> None:
+    from dataclasses import replace
+
+    from streamguard.training.renders import SOURCE
+
+    # Two photo sources and, far along another axis, the renders: only the photos' difference is removed.
+    train = _sources_along(0, {"phone": -1.0, "camera": 1.0}, {"gen-a": 0.0})
+    screens = _sources_along(1, {"screens": 0.0}, {})
+    screens = Embedded(_unit_blocks(screens.x + 3 * np.tile(np.eye(WIDTH)[2], BLOCKS)), screens.owner,
+                       [replace(s, source=SOURCE) for s in screens.samples])
+    both = train.joined(screens)
+    cands = candidates((1.0,), 0)
+    blind = average_probes(both, cands, lambda x, _: unit_length(x), _fit, 0, normalise=True, without_sources=True)
+    x, groups = unit_length(both.x), [s.group for s in both.samples]
+    photos = [x[[g == name for g in groups]].mean(axis=0) for name in ("phone", "camera")]
+    assert blind.coef_[0] @ photos[0] == pytest.approx(blind.coef_[0] @ photos[1], abs=1e-9)
+    rendered = x[[g == SOURCE for g in groups]].mean(axis=0)
+    assert abs(blind.coef_[0] @ (rendered - photos[0])) > 0.1  # the renders' own direction is kept
+
+
 def test_groups_that_cannot_be_left_out_fall_back_to_the_val_split() -> None:
     train, val = _shortcut_data()
     other = {s.id for s in train.samples + val.samples if s.group not in ("real-0", "gen-0")}

@@ -31,6 +31,7 @@ from streamguard.evaluation.datasets import REAL
 from streamguard.evaluation.selection import balanced_auc
 from streamguard.training.data import is_held_out
 from streamguard.training.loso import Fold, groups_of, plan_folds, pool_groups
+from streamguard.training.renders import SOURCE as RENDERED
 
 log = structlog.get_logger(__name__)
 
@@ -205,14 +206,14 @@ class AveragedProbe:
         return (unit_length(x) if self.normalise else x) @ self.coef_[0] + self.intercept_[0]
 
 
-def source_directions(x: np.ndarray, y: np.ndarray, groups: Sequence[str]) -> np.ndarray:
+def source_directions(x: np.ndarray, y: np.ndarray, groups: Sequence[str | None]) -> np.ndarray:
     """An orthonormal basis (columns) of the directions along which the mean rows of ``x``'s real sources
     differ: each source's mean, less the mean of those means (each source weighs the same), and the span they
-    make. None of them says whether an image was generated; a probe that reads them tells the sources it saw
-    apart and meets an unseen one somewhere along them (nuisance attribute projection, as speaker
-    verification removes the channel; Solomonoff et al., 2005)."""
+    make; rows of group None are no source's. None of them says whether an image was generated; a probe that
+    reads them tells the sources it saw apart and meets an unseen one somewhere along them (nuisance
+    attribute projection, as speaker verification removes the channel; Solomonoff et al., 2005)."""
     real = y == REAL
-    names = sorted({g for g, r in zip(groups, real, strict=True) if r})
+    names = sorted({g for g, r in zip(groups, real, strict=True) if r and g is not None})
     if len(names) < 2:
         return np.zeros((x.shape[1], 0), x.dtype)
     at = np.asarray(groups)
@@ -229,7 +230,10 @@ def average_probes(train: Embedded, cands: Sequence[Candidate], features: Featur
     so served as one head. ``without_sources``: each candidate fitted and served blind to the directions its
     features' real sources differ along (`source_directions`), still one linear head."""
     coefs, intercepts = [], []
-    groups = [train.samples[i].group for i in train.owner] if without_sources else []
+    # The procedural screenshots are a kind of image the real class is given on purpose, not a source whose
+    # look is a nuisance: the direction from photos to them is one the probe should keep.
+    groups = [None if train.samples[i].source == RENDERED else train.samples[i].group
+              for i in train.owner] if without_sources else []
     for cand in cands:
         x = features(train.x, cand)
         basis = source_directions(x, train.row_y, groups) if without_sources else None
