@@ -494,6 +494,16 @@ def test_loso_measures_univfd_on_every_blocks_class_token(dataset: Path, backbon
     assert difference["low"] <= difference["value"] <= difference["high"]
     assert difference["value"] == pytest.approx(against["balanced_auc"] - against["other_balanced_auc"], abs=2e-4)
     assert "Against loso.json" in result.stdout
+    # What each policy decides, chosen again on the same images: chosen without copies, it is the report's own.
+    policy = against["policy"]
+    for measure in ("generators_flagged", "uncertain", "real_cleared"):
+        assert policy[f"this {measure}"]["value"] == crops["operating_points"]["chosen"][measure]
+        assert policy[f"other {measure}"]["value"] == report["operating_points"]["chosen"][measure]
+        change = policy[f"this - other {measure}"]
+        assert change["low"] <= change["high"]
+        assert change["value"] == pytest.approx(policy[f"this {measure}"]["value"] - policy[f"other {measure}"]["value"],
+                                                abs=2e-4)
+    assert "Each policy chosen again on the original bytes" in result.stdout
     # A detector joined from another run's folder is pooled under the same view, or refused: univfd's folds
     # never scored crops2, univfd-blocks' did.
     plain = under("crops2", "--unseen-scores", f"plain={tmp_path / 'loso' / 'univfd'}")

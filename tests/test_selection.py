@@ -12,10 +12,12 @@ from streamguard.evaluation.selection import (
     auc_by_group,
     balanced_auc,
     bootstrap_auc,
+    bootstrap_policy,
     carried_over_auc,
     choose_thresholds,
     choose_weights,
     fuse,
+    operating_point,
     operating_points,
     policy_carry_over,
     simplex,
@@ -361,3 +363,39 @@ def test_fused_calibration_recentres_scores_that_unseen_sources_shift() -> None:
     # Even odds now sit between the classes (logit 3), not at raw 0 where every image was "fake".
     assert -cal.bias / cal.scale == pytest.approx(3.0, abs=0.3)
     assert np.mean(p[:600] < 0.5) > 0.9 and np.mean(p[600:] > 0.5) > 0.9
+
+
+def _policy_pool(seed: int = 5) -> tuple[np.ndarray, list[str], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    spec = [("big", 0, 200, -2.0), ("small", 0, 10, -1.5), ("sd", 1, 60, 1.5), ("gan", 1, 30, 0.5), ("dit", 1, 40, 2.0)]
+    labels = np.concatenate([[y] * n for _, y, n, _ in spec])
+    groups = [g for g, _, n, _ in spec for _ in range(n)]
+    logits = np.concatenate([rng.normal(mu, 1.2, n) for _, _, n, mu in spec])
+    return labels, groups, logits
+
+
+def test_the_policy_bootstrap_prices_what_a_tail_decides() -> None:
+    labels, groups, z = _policy_pool()
+    other = 1 / (1 + np.exp(-z))
+    # The same verdict but for the big source's six most generated-looking photos, lowered: it ranks almost
+    # as before, and the lowest ai_threshold that keeps every real source within 2% falls.
+    big = np.flatnonzero(np.asarray(groups) == "big")
+    top = big[np.argsort(z[big])[-6:]]
+    lowered = z.copy()
+    lowered[top] -= 3.0
+    this = 1 / (1 + np.exp(-lowered))
+    out = bootstrap_policy(labels, groups, {"this": this, "other": other}, 0.02, 0.10, draws=200, seed=2)
+    for name, probs in (("this", this), ("other", other)):
+        chosen = choose_thresholds(labels, groups, probs, 0.02, 0.10)
+        point = operating_point(labels, groups, probs, chosen.ai_threshold, chosen.real_threshold, 0.02)
+        assert out[f"{name} generators_flagged"].value == point.generators_flagged
+        assert out[f"{name} uncertain"].value == point.uncertain
+    flagged = out["this - other generators_flagged"]
+    assert flagged.value > 0.05 and flagged.low < flagged.value  # more flagged here, less on some resamples
+    assert out == bootstrap_policy(labels, groups, {"this": this, "other": other}, 0.02, 0.10, draws=200, seed=2)
+    # One verdict against itself: no difference on any resample.
+    same = bootstrap_policy(labels, groups, {"this": other, "other": other}, 0.02, 0.10, draws=50)
+    assert all(same[f"this - other {m}"] == Interval(0.0, 0.0, 0.0) for m in ("generators_flagged", "uncertain",
+                                                                               "real_cleared"))
+    with pytest.raises(ValueError, match="two verdicts"):
+        bootstrap_policy(labels, groups, {"this": this}, 0.02, 0.10)

@@ -637,4 +637,22 @@ def render_loso(report: dict[str, Any]) -> str:
         lines += ["", (f"Against {name} ({compared['images']} images): balanced AUC {compared['balanced_auc']} against "
                        f"{compared['other_balanced_auc']}, {d['value']:+.4f} [paired 95%: {d['low']:+.4f}, "
                        f"{d['high']:+.4f}].")]
+        lines += policy_against_lines(compared.get("policy"))
     return "\n".join(lines)
+
+
+def policy_against_lines(policy: dict[str, Any] | None) -> list[str]:
+    """What each verdict's policy decides, paired (`bootstrap_policy`); none for reports written before
+    2026-12-07, which compared the ranking alone."""
+    from streamguard.evaluation.selection import DECISION_MEASURES
+
+    if not policy:
+        return []
+
+    def said(m: str) -> str:
+        this, other, d = (policy[f"{who} {m}"] for who in ("this", "other", "this - other"))
+        return (f"{m.replace('_', ' ')} {this['value']:.1%} against {other['value']:.1%}, "
+                f"{d['value']:+.1%} [paired 95%: {d['low']:+.1%}, {d['high']:+.1%}]")
+
+    return ["Each policy chosen again on the original bytes, and on each resample: "
+            + "; ".join(said(m) for m in DECISION_MEASURES) + "."]

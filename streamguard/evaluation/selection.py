@@ -16,7 +16,7 @@ Thresholds follow the costs a platform has:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,17 +99,12 @@ def bootstrap_auc(scored: Scored, draws: int = 1000, seed: int = 0) -> dict[str,
     point = {n: balanced_auc(scored.labels, scored.groups, scored.logits[n]) for n in names}
     if any(v is None for v in point.values()):
         return {}
-    groups = np.asarray(scored.groups)
-    cells = [np.flatnonzero((groups == g) & (scored.labels == y)) for g, y in sorted(set(zip(scored.groups,
-                                                                                             scored.labels.tolist())))]
     # Resampling within (group, label) cells keeps every cell's size, so a draw's group weights are the
     # original ones, drawn along: computed once, not once per draw and detector.
     weights = group_weights(scored.labels, scored.groups)
     pairs = list(itertools.combinations(names, 2))
-    rng = np.random.default_rng(seed)
     samples: dict[str, list[float]] = {key: [] for key in [*names, *(f"{a} - {b}" for a, b in pairs)]}
-    for _ in range(draws):
-        index = np.concatenate([rng.choice(cell, len(cell)) for cell in cells])
+    for index in resampled_cells(scored.labels, scored.groups, draws, seed):
         auc = {n: ranked_auc(scored.labels[index], scored.logits[n][index], weights[index]) for n in names}
         for n in names:
             samples[n].append(auc[n])
@@ -118,6 +113,17 @@ def bootstrap_auc(scored: Scored, draws: int = 1000, seed: int = 0) -> dict[str,
     values = {**point, **{f"{a} - {b}": point[a] - point[b] for a, b in pairs}}  # type: ignore[operator]
     return {key: Interval(round(float(values[key]), 4), round(float(np.percentile(v, 2.5)), 4),
                           round(float(np.percentile(v, 97.5)), 4)) for key, v in samples.items()}
+
+
+def resampled_cells(labels: np.ndarray, groups: Sequence[str], draws: int, seed: int) -> Iterator[np.ndarray]:
+    """``draws`` resamples of the images, each drawn with replacement within its (group, label) cell: every
+    group keeps its size and its equal weight, so an interval is the noise of the images a group happened to
+    hold, not of which groups exist."""
+    names = np.asarray(groups)
+    cells = [np.flatnonzero((names == g) & (labels == y)) for g, y in sorted(set(zip(groups, labels.tolist())))]
+    rng = np.random.default_rng(seed)
+    for _ in range(draws):
+        yield np.concatenate([rng.choice(cell, len(cell)) for cell in cells])
 
 
 def fuse(logits: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
@@ -308,6 +314,43 @@ def operating_points(labels: np.ndarray, groups: Sequence[str], probs: np.ndarra
                     reals[-1] if reals else chosen.real_threshold)
         uncertain_point = point(chosen.ai_threshold, real)
     return {"chosen": here, "flagged_aim": flag_point, "uncertain_aim": uncertain_point}
+
+
+# What a policy decides, compared between two verdicts by `bootstrap_policy`.
+DECISION_MEASURES = ("generators_flagged", "uncertain", "real_cleared")
+
+
+def bootstrap_policy(labels: np.ndarray, groups: Sequence[str], probs: Mapping[str, np.ndarray],
+                     max_false_flag: float = 0.05, max_false_clear: float = 0.10, draws: int = 1000,
+                     seed: int = 0) -> dict[str, Interval]:
+    """What the policy `choose_thresholds` picks decides (`DECISION_MEASURES`) for each of two verdicts on the
+    same images (``probs``: two names), and the differences (``"a - b"``), with paired 95% intervals: each
+    resample (`resampled_cells`, one for both) has its thresholds chosen again, as a platform's own images
+    would have had them chosen.
+
+    `ai_threshold` is set by a few images, the most generated-looking photos of the worst real source, so
+    a verdict can flag several points more of every generator's images without ranking any better, and on
+    another draw of the same sources not. A point estimate of the decision is no evidence of a change; this
+    interval is."""
+    if len(probs) != 2:
+        raise ValueError("the policy is compared between two verdicts")
+    names = np.asarray(groups)
+    (a, pa), (b, pb) = probs.items()
+
+    def decided(index: np.ndarray) -> dict[str, float]:
+        out = {}
+        for name, p in ((a, pa), (b, pb)):
+            chosen = choose_thresholds(labels[index], names[index].tolist(), p[index], max_false_flag, max_false_clear)
+            point = operating_point(labels[index], names[index].tolist(), p[index], chosen.ai_threshold,
+                                    chosen.real_threshold, max_false_flag)
+            out |= {f"{name} {m}": getattr(point, m) for m in DECISION_MEASURES}
+        return out | {f"{a} - {b} {m}": out[f"{a} {m}"] - out[f"{b} {m}"] for m in DECISION_MEASURES}
+
+    point = decided(np.arange(len(labels)))
+    samples = [decided(index) for index in resampled_cells(labels, groups, draws, seed)]
+    return {key: Interval(round(value, 4), round(float(np.percentile([d[key] for d in samples], 2.5)), 4),
+                          round(float(np.percentile([d[key] for d in samples], 97.5)), 4))
+            for key, value in point.items()}
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from streamguard.evaluation.selection import (
     auc_by_group,
     balanced_auc,
     bootstrap_auc,
+    bootstrap_policy,
     carried_over_auc,
     choose_thresholds,
     choose_weights,
@@ -682,7 +683,9 @@ def policy_on_copies(scored: Scored, names: Sequence[str], every_copy: np.ndarra
 
 def compare_fused(cfg: LosoConfig, name: str, scored: Scored, fused: dict[str, float]) -> dict[str, Any]:
     """This report's fused verdict against report ``name``'s (another view, other detectors or weights) on the
-    images both scored: each balanced AUC and the difference, with a paired bootstrap interval."""
+    images both scored: each balanced AUC and the difference, with a paired bootstrap interval; and what each
+    one's policy decides, with the thresholds chosen again on each resample of the original bytes
+    (`bootstrap_policy`: the copies' scores of the other report are not recorded)."""
     path = cfg.out / name
     other = json.loads(path.read_text()).get("fused_scores")
     if other is None:
@@ -697,5 +700,7 @@ def compare_fused(cfg: LosoConfig, name: str, scored: Scored, fused: dict[str, f
     paired = Scored(scored.labels[rows], tuple(scored.groups[k] for k in rows),
                     {"this": np.array([fused[i] for i in common]), "other": np.array([other[i] for i in common])})
     intervals = bootstrap_auc(paired)
+    policy = bootstrap_policy(paired.labels, paired.groups, paired.logits, cfg.max_false_flag, cfg.max_false_clear)
     return {"images": len(common), "balanced_auc": intervals["this"].value, "other_balanced_auc":
-            intervals["other"].value, "difference": asdict(intervals["this - other"])}
+            intervals["other"].value, "difference": asdict(intervals["this - other"]),
+            "policy": {key: asdict(value) for key, value in policy.items()}}
