@@ -88,6 +88,17 @@ class Interval:
     high: float
 
 
+def resampled_cells(labels: np.ndarray, groups: Sequence[str], draws: int, seed: int) -> Iterator[np.ndarray]:
+    """``draws`` resamples of the images, each drawn with replacement within its (group, label) cell: every
+    group keeps its size and its equal weight, so an interval is the noise of the images a group happened to
+    hold, not of which groups exist."""
+    names = np.asarray(groups)
+    cells = [np.flatnonzero((names == g) & (labels == y)) for g, y in sorted(set(zip(groups, labels.tolist())))]
+    rng = np.random.default_rng(seed)
+    for _ in range(draws):
+        yield np.concatenate([rng.choice(cell, len(cell)) for cell in cells])
+
+
 def bootstrap_auc(scored: Scored, draws: int = 1000, seed: int = 0) -> dict[str, Interval]:
     """Each detector's balanced AUC and each pair's difference (``"a - b"``), with 95% bootstrap intervals.
 
@@ -113,17 +124,6 @@ def bootstrap_auc(scored: Scored, draws: int = 1000, seed: int = 0) -> dict[str,
     values = {**point, **{f"{a} - {b}": point[a] - point[b] for a, b in pairs}}  # type: ignore[operator]
     return {key: Interval(round(float(values[key]), 4), round(float(np.percentile(v, 2.5)), 4),
                           round(float(np.percentile(v, 97.5)), 4)) for key, v in samples.items()}
-
-
-def resampled_cells(labels: np.ndarray, groups: Sequence[str], draws: int, seed: int) -> Iterator[np.ndarray]:
-    """``draws`` resamples of the images, each drawn with replacement within its (group, label) cell: every
-    group keeps its size and its equal weight, so an interval is the noise of the images a group happened to
-    hold, not of which groups exist."""
-    names = np.asarray(groups)
-    cells = [np.flatnonzero((names == g) & (labels == y)) for g, y in sorted(set(zip(groups, labels.tolist())))]
-    rng = np.random.default_rng(seed)
-    for _ in range(draws):
-        yield np.concatenate([rng.choice(cell, len(cell)) for cell in cells])
 
 
 def fuse(logits: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
