@@ -383,7 +383,9 @@ def train_nirnet_command(app: AppContext, branches: str, no_simulator: bool, pro
 @click.option("--report", "report_name", default="loso.json", show_default=True, help="Report file name in --out.")
 @click.option("--against", "against", multiple=True, metavar="REPORT",
               help="Another report in --out (e.g. loso.json) whose fused verdict this one's is compared with on the "
-                   "images both scored: balanced AUCs and their difference with a paired 95% interval.")
+                   "images both scored: balanced AUCs and their difference with a paired 95% interval, and what "
+                   "each one's policy decides (generators flagged, uncertain, real photos cleared), the thresholds "
+                   "chosen again on each paired resample.")
 @click.option("--train-view", default="resize", show_default=True,
               help="The view the probe methods learn from (cropsN, cropsN+whole): each view of an augmented image "
                    "is a training row, and validation scores an image by the mean logit of its views.")
