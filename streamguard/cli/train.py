@@ -24,8 +24,8 @@ _choose_on_option = click.option(
          "(from 2026-12-04); or the val split (before).")
 _without_source_directions_option = click.option(
     "--without-source-directions", is_flag=True,
-    help="The averaged probe is fitted blind to the directions along which training's real sources' mean embeddings "
-         "differ (projected out; served as the same one head).")
+    help="The averaged probe is fitted blind to the directions along which training's real photo sources' mean "
+         "embeddings differ (projected out; served as the same one head; measured, not shipped).")
 _augment_seed_option = click.option(
     "--augment-seed", type=int, default=None,
     help="The probe's augmentation draw (each image's one random augmentation) apart from the split, which --seed "

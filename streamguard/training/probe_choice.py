@@ -293,7 +293,7 @@ def choose_probe(choose_on: str, train: Embedded, val: Embedded, n_blocks: int, 
         averaged = average_probes(train.joined(extra), cands, features, fit, n_blocks, normalise, without_sources)
         return Choice(None, averaged, f"average ({len(cands)} probes)", {})
     if without_sources:
-        raise ValueError("only the averaged probe is fitted without the real sources' directions (choose_on average)")
+        raise ValueError("without_source_directions is for the averaged probe (choose_on average)")
 
     if choose_on == "groups":
         dev = train.samples + val.samples

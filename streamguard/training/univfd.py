@@ -80,7 +80,7 @@ class TrainConfig:
     choose_on: Literal["groups", "val", "average"] = "average"
     # The averaged probes fitted blind to the directions along which training's real sources differ
     # (`probe_choice.source_directions`): what tells a phone photo from a press portrait says nothing of
-    # whether either was generated.
+    # whether either was generated. Measured, not shipped: it ranked as before (docs/validation.md, step 50).
     without_source_directions: bool = False
     # The augmentation draw (each image's one random augmentation) apart from the split, which `seed` also
     # decides; None: `seed`'s. Under LOSO the same recipe on three draws measured 0.869-0.914 in balanced AUC
