@@ -338,18 +338,17 @@ def bootstrap_policy(labels: np.ndarray, groups: Sequence[str], probs: Mapping[s
     (a, pa), (b, pb) = probs.items()
 
     def decided(index: np.ndarray) -> dict[str, float]:
-        out = {}
-        for name, p in ((a, pa), (b, pb)):
-            chosen = choose_thresholds(labels[index], names[index].tolist(), p[index], max_false_flag, max_false_clear)
-            point = operating_point(labels[index], names[index].tolist(), p[index], chosen.ai_threshold,
-                                    chosen.real_threshold, max_false_flag)
+        y, g, out = labels[index], names[index].tolist(), {}
+        for name, p in ((a, pa[index]), (b, pb[index])):
+            chosen = choose_thresholds(y, g, p, max_false_flag, max_false_clear)
+            point = operating_point(y, g, p, chosen.ai_threshold, chosen.real_threshold, max_false_flag)
             out |= {f"{name} {m}": getattr(point, m) for m in DECISION_MEASURES}
         return out | {f"{a} - {b} {m}": out[f"{a} {m}"] - out[f"{b} {m}"] for m in DECISION_MEASURES}
 
     point = decided(np.arange(len(labels)))
     samples = [decided(index) for index in resampled_cells(labels, groups, draws, seed)]
-    return {key: Interval(round(value, 4), round(float(np.percentile([d[key] for d in samples], 2.5)), 4),
-                          round(float(np.percentile([d[key] for d in samples], 97.5)), 4))
+    bounds = {key: np.percentile([d[key] for d in samples], [2.5, 97.5]) for key in point}
+    return {key: Interval(round(value, 4), round(float(bounds[key][0]), 4), round(float(bounds[key][1]), 4))
             for key, value in point.items()}
 
 

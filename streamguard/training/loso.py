@@ -237,8 +237,9 @@ class LosoConfig:
         with_views(InputContract(), self.train_view)
         if self.train_view != RESIZE and any(m not in PROBE_METHODS for m in self.methods):
             raise ValueError(f"a training view other than {RESIZE} is for the probe methods {PROBE_METHODS}")
-        if self.without_source_directions and self.choose_on != "average":
-            raise ValueError("without_source_directions is for the averaged probe (choose_on average)")
+        from streamguard.training.probe_choice import refuse_unaveraged_blindness  # it imports this module
+
+        refuse_unaveraged_blindness(self.choose_on, self.without_source_directions)
         if self.pin_clip:
             if "pin-clip" not in self.methods:
                 raise ValueError("pin-clip's recipe is set but pin-clip is not among the methods")

@@ -224,6 +224,13 @@ def source_directions(x: np.ndarray, y: np.ndarray, groups: Sequence[str | None]
     return directions[sizes > sizes[0] * 1e-6].T
 
 
+def refuse_unaveraged_blindness(choose_on: str, without_sources: bool) -> None:
+    """Only the averaged probe is fitted blind to the real sources' directions: a probe chosen on groups or on
+    val would be chosen among candidates that read them."""
+    if without_sources and choose_on != "average":
+        raise ValueError("without_source_directions is for the averaged probe (choose_on average)")
+
+
 def average_probes(train: Embedded, cands: Sequence[Candidate], features: Features, fit: Fit, n_blocks: int,
                    normalise: bool, without_sources: bool = False) -> AveragedProbe:
     """Every candidate fitted on ``train``'s rows, each divided by the spread (standard deviation) of its
@@ -292,8 +299,7 @@ def choose_probe(choose_on: str, train: Embedded, val: Embedded, n_blocks: int, 
         log.info("train.averaged", probes=len(cands))
         averaged = average_probes(train.joined(extra), cands, features, fit, n_blocks, normalise, without_sources)
         return Choice(None, averaged, f"average ({len(cands)} probes)", {})
-    if without_sources:
-        raise ValueError("without_source_directions is for the averaged probe (choose_on average)")
+    refuse_unaveraged_blindness(choose_on, without_sources)
 
     if choose_on == "groups":
         dev = train.samples + val.samples

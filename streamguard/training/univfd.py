@@ -38,7 +38,13 @@ from streamguard.training.artifacts import save_probe
 from streamguard.training.data import AUGMENT_VERSION, augment, split_samples
 from streamguard.training.held_out import HELD_OUT_FILE, held_out_scores, save_held_out, variant_file
 from streamguard.training.matched import matched, train_matcher
-from streamguard.training.probe_choice import Embedded, choose_probe, served_coefficients, stack_draws
+from streamguard.training.probe_choice import (
+    Embedded,
+    choose_probe,
+    refuse_unaveraged_blindness,
+    served_coefficients,
+    stack_draws,
+)
 from streamguard.training.renders import RENDER_VERSION, rendered_samples
 from streamguard.training.twins import Twins, asked_twins, twin_of, twin_photos, twin_settings
 
@@ -109,8 +115,7 @@ class TrainConfig:
     portrait_twins: int = 0
 
     def __post_init__(self) -> None:
-        if self.without_source_directions and self.choose_on != "average":
-            raise ValueError("without_source_directions is for the averaged probe (choose_on average)")
+        refuse_unaveraged_blindness(self.choose_on, self.without_source_directions)
 
     @property
     def draw(self) -> int:
