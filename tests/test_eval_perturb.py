@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from streamguard.errors import CorruptImage
-from streamguard.evaluation.perturb import (FEED_POST, NORMALIZED, PERTURBATIONS, SWEEP, cache_tag,
+from streamguard.evaluation.perturb import (FEED_POST, MEME, NORMALIZED, PERTURBATIONS, SWEEP, cache_tag,
                                             parse_perturbations, perturb)
+from streamguard.training.memes import MEME_VERSION, Meme
 from streamguard.training.renders import FEED_VERSION, SCREENS, FeedPost
 from test_eval_datasets import BRIGHT, encoded
 
@@ -68,7 +69,8 @@ def test_parse_perturbations() -> None:
     assert parse_perturbations("blur2,jpeg") == ["jpeg95", "jpeg75", "jpeg50", "jpeg30", "blur2"]
     assert parse_perturbations("social, downscale") == ["downscale0.5", "downscale0.25", "social"]
     assert parse_perturbations("feedpost,jpeg75") == ["jpeg75", FEED_POST]  # asked by name only
-    assert FEED_POST not in parse_perturbations("all")
+    assert parse_perturbations("meme, feedpost") == [FEED_POST, MEME]
+    assert FEED_POST not in parse_perturbations("all") and MEME not in parse_perturbations("all")
     with pytest.raises(ValueError, match="unknown perturbation 'sepia'"):
         parse_perturbations("jpeg,sepia")
 
@@ -84,3 +86,14 @@ def test_feed_post_shows_the_decoded_image_in_a_screenshot() -> None:
     opened(jpeg).convert("RGB").save(decoded, format="PNG", compress_level=1)
     assert out == FeedPost()(decoded.getvalue())
     assert cache_tag(FEED_POST).endswith(f".{FEED_VERSION}")  # a redrawn post is scored again
+
+
+def test_meme_captions_the_decoded_image() -> None:
+    jpeg = encoded(BRIGHT, "JPEG", size=(300, 200), quality=92)
+    out = perturb(MEME, jpeg)
+    meme = opened(out)
+    assert meme.format == "JPEG" and meme.width == 300 and meme.height >= 200  # a band may sit above
+    decoded = io.BytesIO()
+    opened(jpeg).convert("RGB").save(decoded, format="PNG", compress_level=1)
+    assert out == Meme()(decoded.getvalue())  # drawn from the intake's decode, as the feed post is
+    assert cache_tag(MEME).endswith(f".{MEME_VERSION}")  # a redrawn meme is scored again

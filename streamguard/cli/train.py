@@ -469,7 +469,8 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
                    "trimmed mean of crops, then -flip for each view's mirror image too, then -inset to cut the "
                    "views from the photo a screenshot shows, then -jpeg to judge what is shown as a q75 JPEG); "
                    "SERVING is fp32 (the default), int8, int8-mixed or those with ort- (ONNX Runtime), on the "
-                   "shared trunk; e.g. crops4+whole, resize@jpeg75, resize-inset@feedpost, resize:ort-int8-mixed.")
+                   "shared trunk; e.g. crops4+whole, resize@jpeg75, resize-inset@feedpost, resize-inset@meme, "
+                   "resize:ort-int8-mixed.")
 @click.option("--folds", type=int, default=None, help="Unused: the folds, pools and sample are those loso.json recorded.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--limit-per-group", type=int, default=None,

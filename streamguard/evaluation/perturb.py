@@ -10,7 +10,8 @@ save would turn every real photo into a PNG and hand detectors the format shortc
 PNG. ``normalized`` is the shortcut check: every image as JPEG q=90, shortest side 256, centre crop 256.
 ``feedpost`` is no robustness perturbation but a re-presentation: the image as a post in a screenshot of a
 social feed (`FeedPost`, the training twins' drawing), the commonest way a platform meets an image again. A
-generated image screenshotted in a feed is still generated content; it is scored apart from the sweep.
+generated image screenshotted in a feed is still generated content; it is scored apart from the sweep. So is
+``meme``: the image with a meme's caption over it or in a band above it, re-saved as JPEG (`Meme`).
 """
 
 from __future__ import annotations
@@ -23,11 +24,15 @@ from PIL import Image, ImageFilter
 
 from streamguard.config import IntakeSettings
 from streamguard.intake import decode_image
+from streamguard.training.memes import MEME_VERSION, Meme
 from streamguard.training.renders import FEED_VERSION, FeedPost
 
 NONE = "none"
 NORMALIZED = "normalized"
 FEED_POST = "feedpost"
+MEME = "meme"
+# Asked by name only, scored apart from the sweep: what a platform re-presents an image as, not a degradation.
+REPRESENTATIONS = (FEED_POST, MEME)
 # Part of every cached score of a perturbed image: bump it when a perturbation's output changes.
 PERTURB_VERSION = "2"
 _KEEP_JPEG_QUALITY = 95
@@ -92,6 +97,10 @@ def _feed_post(img: Image.Image, _fmt: str) -> bytes:
     return FeedPost()(_encode(img, "PNG", compress_level=1))
 
 
+def _meme(img: Image.Image, _fmt: str) -> bytes:
+    return Meme()(_encode(img, "PNG", compress_level=1))
+
+
 def _normalized(img: Image.Image, _fmt: str) -> bytes:
     w, h = img.size
     scale = _NORMALIZED_SIDE / min(w, h)
@@ -118,16 +127,17 @@ PERTURBATIONS: dict[str, Perturbation] = {
         Perturbation("social", "social", 0, _social),
         Perturbation(NORMALIZED, NORMALIZED, 0, _normalized),
         Perturbation(FEED_POST, FEED_POST, 0, _feed_post, f"{PERTURB_VERSION}.{FEED_VERSION}"),
+        Perturbation(MEME, MEME, 0, _meme, f"{PERTURB_VERSION}.{MEME_VERSION}"),
     )
 }
-# The robustness sweep: the same content, degraded. The shortcut check and the feed screenshot are asked by name.
-SWEEP = tuple(name for name, p in PERTURBATIONS.items() if p.group not in (NORMALIZED, FEED_POST))
+# The robustness sweep: the same content, degraded. The shortcut check and the re-presentations are asked by name.
+SWEEP = tuple(name for name, p in PERTURBATIONS.items() if p.group not in (NORMALIZED, *REPRESENTATIONS))
 GROUPS = tuple(dict.fromkeys(PERTURBATIONS[name].group for name in SWEEP))
 
 
 def parse_perturbations(spec: str) -> list[str]:
-    """``none``, ``all``, or a comma list of groups (jpeg, blur, downscale, social) and names (jpeg75,
-    feedpost: never in ``all``, a re-presentation rather than a degradation).
+    """``none``, ``all``, or a comma list of groups (jpeg, blur, downscale, social) and names (jpeg75;
+    feedpost and meme: never in ``all``, re-presentations rather than degradations).
 
     Returns the perturbations to run, in canonical order; raises ValueError on an unknown name.
     """
@@ -139,12 +149,12 @@ def parse_perturbations(spec: str) -> list[str]:
             wanted.update(SWEEP)
         elif token in GROUPS:
             wanted.update(n for n in SWEEP if PERTURBATIONS[n].group == token)
-        elif token in SWEEP or token == FEED_POST:
+        elif token in SWEEP or token in REPRESENTATIONS:
             wanted.add(token)
         else:
             raise ValueError(f"unknown perturbation {token!r}; choose from none, all, "
-                             f"{', '.join(GROUPS + SWEEP + (FEED_POST,))}")
-    return [name for name in (*SWEEP, FEED_POST) if name in wanted]
+                             f"{', '.join(GROUPS + SWEEP + REPRESENTATIONS)}")
+    return [name for name in (*SWEEP, *REPRESENTATIONS) if name in wanted]
 
 
 def perturb(name: str, data: bytes, limits: IntakeSettings | None = None) -> bytes:
