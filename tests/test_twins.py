@@ -15,6 +15,7 @@ from streamguard.config import load_settings
 from streamguard.evaluation.datasets import FAKE, REAL, Sample, load_samples
 from streamguard.training.data import is_held_out
 from streamguard.training.loso import LosoConfig, run_settings
+from streamguard.training.memes import MEME_VERSION, Meme
 from streamguard.training.night import NIGHT_VERSION, NightMode
 from streamguard.training.portraits import PORTRAIT_VERSION, PortraitCrop
 from streamguard.training.renders import FEED_VERSION, RENDER_VERSION, SOURCE as RENDERS, FeedPost
@@ -60,15 +61,21 @@ def test_the_twins_asked_for_are_recorded_with_their_recipes() -> None:
     assert twin_settings(asked) == {"night_twins": [4, NIGHT_VERSION], "feed_twins": [2, FEED_VERSION],
                                     "feed_fake_twins": [1, FEED_VERSION]}
     assert twin_settings(asked_twins(feed=3)) == {"feed_twins": [3, FEED_VERSION]}  # none asked, none recorded
+    # Memes come in both classes at once: a caption must be a cue to neither.
+    memes = asked_twins(meme=5)
+    assert [(kind.name, kind.count, kind.label) for kind in memes] == [("meme", 5, REAL), ("meme_fake", 5, FAKE)]
+    assert twin_settings(memes) == {"meme_twins": [5, MEME_VERSION], "meme_fake_twins": [5, MEME_VERSION]}
     with pytest.raises(ValueError, match="feed_twins must be 0 or more"):
         asked_twins(feed=-1)
     with pytest.raises(ValueError, match="feed_fake_twins must be 0 or more"):
         asked_twins(feed_fake=-1)
+    with pytest.raises(ValueError, match="meme_twins must be 0 or more"):
+        asked_twins(meme=-1)
 
 
 def test_train_univfd_with_renders_and_twins_end_to_end(tmp_path: Path) -> None:
     """Real training code and backbone on a tiny root: renders, night, feed and portrait twins join the real
-    class together and generated feed posts the generated class, none of the twins is made of a held-out
+    class together, generated feed posts the generated class and memes each class, none of the twins is made of a held-out
     group's images, all are recorded in the weights' meta, and the held-out scores hold none of them."""
     tiny_root(tmp_path / "d")
     for source in ("real0", "real1"):  # one train photo of each real source shows a face: the portraits' only
@@ -76,21 +83,23 @@ def test_train_univfd_with_renders_and_twins_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "weights"
     report = train_univfd(load_settings(), TrainConfig(
         data=(str(tmp_path / "d"),), out=out, holdout_sources=("real0",), holdout_generators=("ai0",),
-        rendered_screens=3, night_twins=6, feed_twins=6, feed_fake_twins=6, portrait_twins=2, augment_draws=1,
-        cache_dir=tmp_path / "cache"))
+        rendered_screens=3, night_twins=6, feed_twins=6, feed_fake_twins=6, portrait_twins=2, meme_twins=6,
+        augment_draws=1, cache_dir=tmp_path / "cache"))
     counts = report["counts"]
     assert counts["rendered"] == 3  # type: ignore[index]
     # All six train images of a class chosen; the held-out group's three left, with their twins of every kind.
     assert counts["night"] == 3 and counts["feed"] == 3 and counts["feed_fake"] == 3  # type: ignore[index]
     assert counts["portrait"] == 1  # type: ignore[index]  # both faces chosen (no other photo), real0's left
+    assert counts["meme"] == 3 and counts["meme_fake"] == 3  # type: ignore[index]
     assert counts["train"] == 6  # type: ignore[index]  # real1's and ai1's three
-    assert report["train_rows"] == 6 + 3 + 3 + 3 + 3 + 1  # fitted on, one row each
+    assert report["train_rows"] == 6 + 3 + 3 + 3 + 3 + 1 + 3 + 3  # fitted on, one row each
     meta = json.loads((out / "meta.json").read_text())
     assert meta["rendered_screens"] == [3, RENDER_VERSION]
     assert meta["night_twins"] == [6, NIGHT_VERSION] and meta["feed_twins"] == [6, FEED_VERSION]
     assert meta["feed_fake_twins"] == [6, FEED_VERSION] and meta["portrait_twins"] == [2, PORTRAIT_VERSION]
+    assert meta["meme_twins"] == [6, MEME_VERSION] and meta["meme_fake_twins"] == [6, MEME_VERSION]
     held = json.loads((out / "held_out.json").read_text())
-    twins = (NightMode.suffix, FeedPost.suffix, PortraitCrop.suffix, RENDERS)
+    twins = (NightMode.suffix, FeedPost.suffix, PortraitCrop.suffix, Meme.suffix, RENDERS)
     assert held["scores"] and not any(mark in str(s) for s in held["scores"] for mark in twins)
 
 
@@ -98,6 +107,7 @@ def test_train_univfd_with_renders_and_twins_end_to_end(tmp_path: Path) -> None:
     ("night_twins", NIGHT_VERSION, "night-mode twins are for the probe methods"),
     ("feed_fake_twins", FEED_VERSION, "generated feed twins are for the probe methods"),
     ("portrait_twins", PORTRAIT_VERSION, "portrait twins are for the probe methods"),
+    ("meme_twins", MEME_VERSION, "meme twins are for the probe methods"),
 ])
 def test_loso_folds_record_extra_rows_and_only_probes_take_them(tmp_path: Path, field: str, version: int,
                                                                      refusal: str) -> None:

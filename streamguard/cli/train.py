@@ -73,6 +73,11 @@ _feed_fake_twins_option = click.option(
     help="The probe's generated class also holds this many generated training images (seeded) shown as such "
          "posts, so that a feed's chrome is no cue to the real class (each leaves with its generator).")
 
+_meme_twins_option = click.option(
+    "--meme-twins", type=click.IntRange(min=0), default=0, show_default=True,
+    help="The probe also learns from this many training images of each class (seeded) made into memes, each "
+         "in its own class, so that a caption is a cue to neither (each leaves with its group).")
+
 _portrait_twins_option = click.option(
     "--portrait-twins", type=click.IntRange(min=0), default=0, show_default=True,
     help="The probe's real class also holds up to this many real training photos with a face (seeded), each "
@@ -112,6 +117,7 @@ def train_group() -> None:
 @_feed_twins_option
 @_feed_fake_twins_option
 @_portrait_twins_option
+@_meme_twins_option
 @pass_app
 def train_univfd_command(app: AppContext, data: tuple[str, ...], out: Path | None, seed: int,
                          limit_per_group: int | None, device: str, no_augment: bool,
@@ -119,7 +125,7 @@ def train_univfd_command(app: AppContext, data: tuple[str, ...], out: Path | Non
                          choose_on: str, without_source_directions: bool, augment_seed: int | None,
                          augment_draws: int, matched_fakes: bool,
                          native_jpeg: bool, mirror: bool, rendered_screens: int, night_twins: int,
-                         feed_twins: int, feed_fake_twins: int, portrait_twins: int) -> None:
+                         feed_twins: int, feed_fake_twins: int, portrait_twins: int, meme_twins: int) -> None:
     """Fit the UnivFD linear probe on frozen CLIP features; writes head, calibration and a report."""
     require("`streamguard train univfd`", "inprocess", "eval")
     from streamguard.builtin.univfd.plugin import WEIGHTS_DIR
@@ -133,7 +139,7 @@ def train_univfd_command(app: AppContext, data: tuple[str, ...], out: Path | Non
                       augment_draws=augment_draws, matched_fakes=matched_fakes,  # type: ignore[arg-type]
                       native_jpeg=native_jpeg, mirror=mirror, rendered_screens=rendered_screens,
                       night_twins=night_twins, feed_twins=feed_twins, feed_fake_twins=feed_fake_twins,
-                      portrait_twins=portrait_twins)
+                      portrait_twins=portrait_twins, meme_twins=meme_twins)
     try:
         report = train_univfd(app.settings, cfg)
     except ValueError as exc:
@@ -416,6 +422,7 @@ def train_nirnet_command(app: AppContext, branches: str, no_simulator: bool, pro
 @_feed_twins_option
 @_feed_fake_twins_option
 @_portrait_twins_option
+@_meme_twins_option
 @pass_app
 def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[str, ...], out: Path,
                        methods: tuple[str, ...], folds: int | None, fold_names: tuple[str, ...], seed: int,
@@ -426,7 +433,7 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
                        pin_clip: tuple[str, ...], policy_copies: str,
                        matched_fakes: bool, native_jpeg: bool, mirror: bool, rendered_screens: int,
                        night_twins: int, feed_twins: int, feed_fake_twins: int, portrait_twins: int,
-                       tune_blocks: int | None) -> None:
+                       meme_twins: int, tune_blocks: int | None) -> None:
     """Leave-one-source-out validation: per-source results on unseen sources, fusion weights and thresholds."""
     require("`streamguard train loso`", "inprocess", "eval")
     from streamguard.evaluation.perturb import parse_perturbations
@@ -444,7 +451,7 @@ def train_loso_command(app: AppContext, data: tuple[str, ...], loso_data: tuple[
                          pin_clip=tuple(_name_value(v, "--pin-clip") for v in pin_clip), matched_fakes=matched_fakes,
                          native_jpeg=native_jpeg, mirror=mirror, rendered_screens=rendered_screens,
                          night_twins=night_twins, feed_twins=feed_twins, feed_fake_twins=feed_fake_twins,
-                         portrait_twins=portrait_twins, tune_blocks=tune_blocks,
+                         portrait_twins=portrait_twins, meme_twins=meme_twins, tune_blocks=tune_blocks,
                          policy_copies=tuple(parse_perturbations(policy_copies)))
         report = run_loso(app.settings, cfg)
     except (ValueError, FileNotFoundError) as exc:

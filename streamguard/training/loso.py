@@ -218,6 +218,8 @@ class LosoConfig:
     feed_fake_twins: int = 0
     # ... and this many real training photos' portraits of the person in them (`TrainConfig.portrait_twins`).
     portrait_twins: int = 0
+    # ... and this many training images of each class made into memes, each in its class (`TrainConfig.meme_twins`).
+    meme_twins: int = 0
     # The fine-tuned methods' LoRA'd last blocks (`Recipe.tune_blocks`); None keeps the recipe's own.
     tune_blocks: int | None = None
     # Perturbations (jpeg75, downscale0.5) whose copies of the held-out images the thresholds must hold on too,
@@ -247,7 +249,8 @@ class LosoConfig:
         # What only the probe methods' training has: set for none of the methods, it would silently do nothing.
         probe_only = {"matched fakes are": self.matched_fakes, "the native JPEG re-encode is": self.native_jpeg,
                       "the mirror images are": self.mirror, "night-mode twins are": self.night_twins,
-                      "generated feed twins are": self.feed_fake_twins, "portrait twins are": self.portrait_twins}
+                      "generated feed twins are": self.feed_fake_twins, "portrait twins are": self.portrait_twins,
+                      "meme twins are": self.meme_twins}
         for what, asked in probe_only.items():
             if asked and not any(m in PROBE_METHODS for m in self.methods):
                 raise ValueError(f"{what} for the probe methods {PROBE_METHODS}")
@@ -262,7 +265,7 @@ class LosoConfig:
         if self.rendered_screens < 0:
             raise ValueError(f"rendered_screens must be 0 or more, not {self.rendered_screens}")
         asked_twins(night=self.night_twins, feed=self.feed_twins, feed_fake=self.feed_fake_twins,
-                    portrait=self.portrait_twins)  # refuses < 0
+                    portrait=self.portrait_twins, meme=self.meme_twins)  # refuses < 0
         unknown_copies = [c for c in self.policy_copies if c not in PERTURBATIONS]
         if unknown_copies or len(set(self.policy_copies)) < len(self.policy_copies):
             raise ValueError(f"policy copies must be distinct perturbations among {sorted(PERTURBATIONS)}, not "
@@ -331,7 +334,7 @@ def run_settings(cfg: LosoConfig, method: str) -> dict[str, Any]:
     settings |= {"without_source_directions": True} if method in PROBE_METHODS and cfg.without_source_directions else {}
     screens = method in SCREEN_TAKERS and cfg.rendered_screens
     settings |= {"rendered_screens": [cfg.rendered_screens, RENDER_VERSION]} if screens else {}
-    twins = asked_twins(cfg.night_twins, cfg.feed_twins, cfg.feed_fake_twins, cfg.portrait_twins)
+    twins = asked_twins(cfg.night_twins, cfg.feed_twins, cfg.feed_fake_twins, cfg.portrait_twins, cfg.meme_twins)
     settings |= twin_settings(twins) if method in PROBE_METHODS else {}
     settings |= twin_settings(asked_twins(feed=cfg.feed_twins)) if method in FINE_TUNED else {}
     blocks = tune_blocks_change(cfg) if method in FINE_TUNED else None
@@ -387,7 +390,7 @@ def train_fold(settings: Settings, cfg: LosoConfig, method: str, fold: Fold) -> 
             matched_fakes=cfg.matched_fakes, native_jpeg=cfg.native_jpeg, mirror=cfg.mirror,
             rendered_screens=cfg.rendered_screens,
             night_twins=cfg.night_twins, feed_twins=cfg.feed_twins, feed_fake_twins=cfg.feed_fake_twins,
-            portrait_twins=cfg.portrait_twins))
+            portrait_twins=cfg.portrait_twins, meme_twins=cfg.meme_twins))
     elif method == "nirnet" or method in NIRNET_ABLATIONS:
         from streamguard.training.nirnet.recipe import NirnetRecipe
         from streamguard.training.nirnet.train import train_nirnet

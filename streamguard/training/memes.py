@@ -4,7 +4,8 @@ Memes are much of what a social platform ingests, and neither class of the train
 probe may read heavy captions over a photo as "not a camera" (flagging real photos) or, having been given
 screenshots and feed posts with text as real, as "real" (clearing generations). `Meme` draws the two common
 layouts so the LOSO folds can score every held-out image as a meme (`perturb`'s ``meme``,
-docs/validation.md step 52): classic (white capitals with a black outline across the top, the bottom or
+docs/validation.md step 52) and a probe can learn from training images of both classes made into memes
+(`twins`' ``meme`` and ``meme_fake``): classic (white capitals with a black outline across the top, the bottom or
 both) and a band (black text on a white band above the picture, as newer meme apps make them). Both
 classes get the same drawing, seeded by the image's bytes, so every fold meets the same meme.
 """
@@ -30,6 +31,7 @@ class Meme:
     """Image bytes -> JPEG bytes of the image as a meme (module docstring)."""
 
     version = f"meme-{MEME_VERSION}"
+    suffix = "#meme"
 
     def __call__(self, data: bytes) -> bytes:
         rng = random.Random(f"meme:{MEME_VERSION}:{hashlib.sha256(data).hexdigest()}")

@@ -1,6 +1,6 @@
 """Twins: training images made again as a platform also meets them (`night`'s night mode of a real photo,
 `renders`' feed screenshot of a real photo or of a generated image, `portraits`' portrait of a real photo's
-person). A twin keeps its image's label and group, so it leaves training with that group in every fold, outer
+person, `memes`' meme of an image of either class). A twin keeps its image's label and group, so it leaves training with that group in every fold, outer
 or inner (`Embedded.without`, `choose_by_groups`)."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Protocol
 import structlog
 
 from streamguard.evaluation.datasets import FAKE, REAL, Sample, SampleReader
+from streamguard.training.memes import MEME_VERSION, Meme
 from streamguard.training.night import NIGHT_VERSION, NightMode
 from streamguard.training.portraits import PORTRAIT_VERSION, PortraitCrop, with_faces
 from streamguard.training.renders import FEED_VERSION, FeedPost
@@ -66,15 +67,18 @@ class Asked:
     among: Callable[[Sequence[Sample], Path], list[Sample]] | None = None
 
 
-def asked_twins(night: int = 0, feed: int = 0, feed_fake: int = 0, portrait: int = 0) -> list[Asked]:
+def asked_twins(night: int = 0, feed: int = 0, feed_fake: int = 0, portrait: int = 0, meme: int = 0) -> list[Asked]:
     """The twins asked for, in the order their rows join training (the embedding order depends on it).
     ``feed_fake``: generated training images shown as feed posts, so that a feed's chrome is no cue to the
     real class and a screenshotted generation is still judged by its pixels. ``portrait``: real photos with a
-    face, each cropped as a portrait of it."""
+    face, each cropped as a portrait of it. ``meme``: as many images of each class made into memes, so that a
+    caption is a cue to neither class (step 31: posts of one class only opened a hole for the other)."""
     kinds = (Asked("night", night, REAL, NightMode(), NIGHT_VERSION),
              Asked("feed", feed, REAL, FeedPost(), FEED_VERSION),
              Asked("feed_fake", feed_fake, FAKE, FeedPost(), FEED_VERSION),
-             Asked("portrait", portrait, REAL, PortraitCrop(), PORTRAIT_VERSION, with_faces))
+             Asked("portrait", portrait, REAL, PortraitCrop(), PORTRAIT_VERSION, with_faces),
+             Asked("meme", meme, REAL, Meme(), MEME_VERSION),
+             Asked("meme_fake", meme, FAKE, Meme(), MEME_VERSION))
     for kind in kinds:
         if kind.count < 0:
             raise ValueError(f"{kind.name}_twins must be 0 or more, not {kind.count}")

@@ -113,6 +113,8 @@ class TrainConfig:
     feed_fake_twins: int = 0
     # This many real training photos with a face also as a portrait of it (`portraits`), in the real class.
     portrait_twins: int = 0
+    # This many training images of each class also made into memes (`memes`), each in its own class.
+    meme_twins: int = 0
 
     def __post_init__(self) -> None:
         refuse_unaveraged_blindness(self.choose_on, self.without_source_directions)
@@ -322,7 +324,7 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
         renders = rows("train", rendered_samples(cfg.rendered_screens, cfg.seed, cfg.cache_dir))
     twins: dict[str, Embedded] = {}
     asked = asked_twins(night=cfg.night_twins, feed=cfg.feed_twins, feed_fake=cfg.feed_fake_twins,
-                        portrait=cfg.portrait_twins)
+                        portrait=cfg.portrait_twins, meme=cfg.meme_twins)
     for kind in asked:
         # Chosen among all training images of the class, so that every fold shares one cache; a held-out
         # image's twin leaves.
