@@ -75,8 +75,8 @@ def test_the_twins_asked_for_are_recorded_with_their_recipes() -> None:
 
 def test_train_univfd_with_renders_and_twins_end_to_end(tmp_path: Path) -> None:
     """Real training code and backbone on a tiny root: renders, night, feed and portrait twins join the real
-    class together, generated feed posts the generated class and memes each class, none of the twins is made of a held-out
-    group's images, all are recorded in the weights' meta, and the held-out scores hold none of them."""
+    class together, generated feed posts the generated class and memes each class, none of the twins is made of
+    a held-out group's images, all are recorded in the weights' meta, and the held-out scores hold none of them."""
     tiny_root(tmp_path / "d")
     for source in ("real0", "real1"):  # one train photo of each real source shows a face: the portraits' only
         drawn_face().save(tmp_path / "d" / source / "1.png")

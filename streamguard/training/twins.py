@@ -1,7 +1,7 @@
 """Twins: training images made again as a platform also meets them (`night`'s night mode of a real photo,
 `renders`' feed screenshot of a real photo or of a generated image, `portraits`' portrait of a real photo's
-person, `memes`' meme of an image of either class). A twin keeps its image's label and group, so it leaves training with that group in every fold, outer
-or inner (`Embedded.without`, `choose_by_groups`)."""
+person, `memes`' meme of an image of either class). A twin keeps its image's label and group, so it leaves
+training with that group in every fold, outer or inner (`Embedded.without`, `choose_by_groups`)."""
 
 from __future__ import annotations
 
