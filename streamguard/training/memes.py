@@ -3,10 +3,10 @@
 Memes are much of what a social platform ingests, and neither class of the training data holds one: a
 probe may read heavy captions over a photo as "not a camera" (flagging real photos) or, having been given
 screenshots and feed posts with text as real, as "real" (clearing generations). `Meme` draws the two common
-layouts so the LOSO folds can score every held-out image as a meme (`perturb`'s ``meme``,
-docs/validation.md step 52) and a probe can learn from training images of both classes made into memes
-(`twins`' ``meme`` and ``meme_fake``): classic (white capitals with a black outline across the top, the bottom or
-both) and a band (black text on a white band above the picture, as newer meme apps make them). Both
+layouts: classic (white capitals with a black outline across the top, the bottom or both) and a band
+(black text on a white band above the picture, as newer meme apps make them). The LOSO folds score every
+held-out image as a meme with it (`perturb`'s ``meme``, docs/validation.md step 52), and a probe can learn
+from training images of both classes made into memes (`twins`' ``meme`` and ``meme_fake``, step 53). Both
 classes get the same drawing, seeded by the image's bytes, so every fold meets the same meme.
 """
 
@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from streamguard.training.renders import words
 
-# In every cached score of a meme (`perturb`): a changed drawing must never read an old one.
+# In every cached score of a meme (`perturb`) and the twins' cache keys: a changed drawing never reads an old one.
 MEME_VERSION = 1
 # Meme makers save JPEG in this range; the caption's edges then carry the ringing a real meme's do.
 JPEG_QUALITY = (70, 92)
