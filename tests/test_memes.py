@@ -5,9 +5,9 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
-from streamguard.training.memes import Meme
+from streamguard.training.memes import Meme, fitted_lines
 
 GREY = 128
 
@@ -51,9 +51,14 @@ def test_a_meme_is_a_reproducible_jpeg_of_the_picture_with_a_caption() -> None:
     assert layouts == {"classic", "band"}
 
 
-def test_a_long_caption_shrinks_to_fit_a_narrow_picture() -> None:
-    out = Meme()(png(3, size=(60, 400)))
-    image = Image.open(io.BytesIO(out))
-    assert image.width == 60  # never widened for the text
-    levels = grey_levels(out)
-    assert (np.abs(levels - GREY) > 60).any()
+def test_a_long_caption_shrinks_to_two_lines_that_fit() -> None:
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text = "WHEN THE MODERATION QUEUE IS LONGER THAN THE WEEKEND"
+    font, lines = fitted_lines(draw, text, width=200, size=60, stroke=4)
+    assert len(lines) <= 2 and " ".join(lines) == text
+    assert all(draw.textlength(line, font=font) + 8 <= 200 for line in lines)
+    assert font.size < 60  # shrunk: at 60 px it took more than two lines
+    # A picture too narrow for any size keeps the smallest font rather than looping.
+    tiny, _ = fitted_lines(draw, text, width=10, size=60, stroke=1)
+    assert tiny.size == 8
+    assert Image.open(io.BytesIO(Meme()(png(3, size=(60, 400))))).width == 60  # never widened for the text
