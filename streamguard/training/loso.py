@@ -53,7 +53,7 @@ from streamguard.training.held_out import (HELD_OUT_FILE, HeldOutScore, fold_fol
 from streamguard.training.matched import TWIN_FORMAT
 from streamguard.training.nirnet.recipe import ABLATIONS as NIRNET_ABLATIONS
 from streamguard.training.renders import RENDER_VERSION
-from streamguard.training.twins import asked_twins, twin_settings
+from streamguard.training.twins import asked_of, asked_twins, twin_settings
 
 log = structlog.get_logger(__name__)
 
@@ -264,8 +264,7 @@ class LosoConfig:
                 raise ValueError(f"tune_blocks must be 1 or more, not {self.tune_blocks}")
         if self.rendered_screens < 0:
             raise ValueError(f"rendered_screens must be 0 or more, not {self.rendered_screens}")
-        asked_twins(night=self.night_twins, feed=self.feed_twins, feed_fake=self.feed_fake_twins,
-                    portrait=self.portrait_twins, meme=self.meme_twins)  # refuses < 0
+        asked_of(self)  # refuses < 0
         unknown_copies = [c for c in self.policy_copies if c not in PERTURBATIONS]
         if unknown_copies or len(set(self.policy_copies)) < len(self.policy_copies):
             raise ValueError(f"policy copies must be distinct perturbations among {sorted(PERTURBATIONS)}, not "
@@ -334,8 +333,7 @@ def run_settings(cfg: LosoConfig, method: str) -> dict[str, Any]:
     settings |= {"without_source_directions": True} if method in PROBE_METHODS and cfg.without_source_directions else {}
     screens = method in SCREEN_TAKERS and cfg.rendered_screens
     settings |= {"rendered_screens": [cfg.rendered_screens, RENDER_VERSION]} if screens else {}
-    twins = asked_twins(cfg.night_twins, cfg.feed_twins, cfg.feed_fake_twins, cfg.portrait_twins, cfg.meme_twins)
-    settings |= twin_settings(twins) if method in PROBE_METHODS else {}
+    settings |= twin_settings(asked_of(cfg)) if method in PROBE_METHODS else {}
     settings |= twin_settings(asked_twins(feed=cfg.feed_twins)) if method in FINE_TUNED else {}
     blocks = tune_blocks_change(cfg) if method in FINE_TUNED else None
     settings |= {"tune_blocks": blocks} if blocks is not None else {}

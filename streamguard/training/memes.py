@@ -71,10 +71,11 @@ def line_height(font: ImageFont.FreeTypeFont | ImageFont.ImageFont) -> float:
     return font.size * 1.15 if isinstance(font, ImageFont.FreeTypeFont) else 12  # the bitmap fallback's 11 px
 
 
-def draw_block(draw: ImageDraw.ImageDraw, text: str, width: int, top: float, size: int, fill: tuple[int, int, int],
-               stroke: int, stroke_fill: tuple[int, int, int] | None, from_bottom: bool = False) -> None:
-    """``text`` centred in lines from ``top`` down (or ending at ``top`` when ``from_bottom``)."""
-    font, lines = fitted_lines(draw, text, width * _WIDTH_USED, size, stroke)
+def draw_block(draw: ImageDraw.ImageDraw, fitted: tuple[ImageFont.FreeTypeFont | ImageFont.ImageFont, list[str]],
+               width: int, top: float, fill: tuple[int, int, int], stroke: int,
+               stroke_fill: tuple[int, int, int] | None, from_bottom: bool = False) -> None:
+    """``fitted``'s lines (`fitted_lines`) centred from ``top`` down (or ending at ``top`` when ``from_bottom``)."""
+    font, lines = fitted
     step = line_height(font)
     height = step * len(lines)
     y = top - height if from_bottom else top
@@ -94,10 +95,11 @@ def classic(picture: Image.Image, rng: random.Random) -> Image.Image:
     margin = height * 0.02
     where = rng.choice(("top", "bottom", "both"))
     if where in ("top", "both"):
-        draw_block(draw, caption(rng).upper(), width, margin, size, (255, 255, 255), stroke, (0, 0, 0))
+        top = fitted_lines(draw, caption(rng).upper(), width * _WIDTH_USED, size, stroke)
+        draw_block(draw, top, width, margin, (255, 255, 255), stroke, (0, 0, 0))
     if where in ("bottom", "both"):
-        draw_block(draw, caption(rng).upper(), width, height - margin, size, (255, 255, 255), stroke, (0, 0, 0),
-                   from_bottom=True)
+        bottom = fitted_lines(draw, caption(rng).upper(), width * _WIDTH_USED, size, stroke)
+        draw_block(draw, bottom, width, height - margin, (255, 255, 255), stroke, (0, 0, 0), from_bottom=True)
     return meme
 
 
@@ -105,11 +107,10 @@ def banded(picture: Image.Image, rng: random.Random) -> Image.Image:
     """Black sentence-case text on a white band above the picture."""
     width, height = picture.size
     size = max(10, round(width / 16))
-    text = caption(rng)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    font, lines = fitted_lines(probe, text, width * _WIDTH_USED, size, 0)
+    font, lines = fitted = fitted_lines(probe, caption(rng), width * _WIDTH_USED, size, 0)
     band = round(line_height(font) * len(lines) + size)
     meme = Image.new("RGB", (width, height + band), (255, 255, 255))
     meme.paste(picture, (0, band))
-    draw_block(ImageDraw.Draw(meme), text, width, size / 2, size, (0, 0, 0), 0, None)
+    draw_block(ImageDraw.Draw(meme), fitted, width, size / 2, (0, 0, 0), 0, None)
     return meme

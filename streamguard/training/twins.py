@@ -85,6 +85,22 @@ def asked_twins(night: int = 0, feed: int = 0, feed_fake: int = 0, portrait: int
     return [kind for kind in kinds if kind.count]
 
 
+class TwinCounts(Protocol):
+    """A training or LOSO config's twin counts, by the names `TrainConfig` and `LosoConfig` both give them."""
+
+    night_twins: int
+    feed_twins: int
+    feed_fake_twins: int
+    portrait_twins: int
+    meme_twins: int
+
+
+def asked_of(cfg: TwinCounts) -> list[Asked]:
+    """The twins ``cfg`` asks its probe for (`asked_twins`)."""
+    return asked_twins(night=cfg.night_twins, feed=cfg.feed_twins, feed_fake=cfg.feed_fake_twins,
+                       portrait=cfg.portrait_twins, meme=cfg.meme_twins)
+
+
 def twin_settings(asked: Sequence[Asked]) -> dict[str, list[int]]:
     """What a fold or a probe's meta records of its twins: a changed count or drawing must train again."""
     return {f"{kind.name}_twins": [kind.count, kind.recipe] for kind in asked}

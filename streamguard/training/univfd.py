@@ -46,7 +46,7 @@ from streamguard.training.probe_choice import (
     stack_draws,
 )
 from streamguard.training.renders import RENDER_VERSION, rendered_samples
-from streamguard.training.twins import Twins, asked_twins, twin_of, twin_photos, twin_settings
+from streamguard.training.twins import Twins, asked_of, twin_of, twin_photos, twin_settings
 
 if TYPE_CHECKING:  # the DINOv2 backbone is imported only when a run asks for it
     from streamguard.backbone.dinov2 import Dinov2Encoder
@@ -323,8 +323,7 @@ def train_univfd(settings: Settings, cfg: TrainConfig) -> dict[str, object]:
         # Training rows of no data group: no fold, outer or inner, ever holds them out.
         renders = rows("train", rendered_samples(cfg.rendered_screens, cfg.seed, cfg.cache_dir))
     twins: dict[str, Embedded] = {}
-    asked = asked_twins(night=cfg.night_twins, feed=cfg.feed_twins, feed_fake=cfg.feed_fake_twins,
-                        portrait=cfg.portrait_twins, meme=cfg.meme_twins)
+    asked = asked_of(cfg)
     for kind in asked:
         # Chosen among all training images of the class, so that every fold shares one cache; a held-out
         # image's twin leaves.
